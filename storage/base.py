@@ -1,0 +1,87 @@
+"""The object-store interface: one ABC, interchangeable local-folder and S3 implementations.
+
+Keys are relative, '/'-separated paths (``assets/abc.png``); a store is rooted at a folder or
+an S3 prefix and :meth:`ObjectStore.child` gives a store rooted deeper.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+
+__all__ = ["NotFound", "ObjectStore", "check_key"]
+
+
+class NotFound(KeyError):
+    """No object under the requested key; the message names the full URI."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.uri = uri
+
+    def __str__(self) -> str:  # KeyError would repr() the argument
+        return f"no object at {self.uri}"
+
+
+def check_key(key: str, *, allow_empty: bool = False) -> str:
+    """Return `key` if it is a safe relative '/'-separated key, else raise ``ValueError``.
+
+    Rejected: absolute keys, backslashes, '.' or '..' segments, empty segments ('a//b'),
+    control characters. ``allow_empty`` admits '' (the store's root, for prefixes).
+    """
+    if not isinstance(key, str):
+        raise ValueError(f"object key must be a string, got {key!r}")
+    if key == "":
+        if allow_empty:
+            return key
+        raise ValueError("object key must not be empty")
+    if key.startswith("/") or "\\" in key:
+        raise ValueError(f"object key must be relative and use '/', got {key!r}")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key):
+        raise ValueError(f"object key must not contain control characters, got {key!r}")
+    parts = key.split("/")
+    if key.endswith("/"):  # a prefix such as 'runs/abc/' is fine; its last part is empty
+        parts = parts[:-1]
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise ValueError(f"object key has an empty, '.' or '..' segment: {key!r}")
+    return key
+
+
+class ObjectStore(abc.ABC):
+    """Bytes under keys. Implementations differ only in where the bytes go."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes:
+        """The object's bytes; raises :class:`NotFound` (naming the URI) when absent."""
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """Write `data` under `key`; returns True when written.
+
+        With ``if_absent`` nothing is written and False is returned when the key already
+        exists (the idempotent write: of two racing writers exactly one wins).
+        """
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored under `key`."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Keys starting with `prefix` (a plain string prefix, recursive), in sorted order."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object under `key`; deleting an absent key is not an error."""
+
+    @abc.abstractmethod
+    def uri(self, key: str = "") -> str:
+        """The full URI of `key` (``s3://bucket/prefix/key`` or an absolute local path)."""
+
+    @abc.abstractmethod
+    def child(self, prefix: str) -> ObjectStore:
+        """A store rooted at `prefix` below this one."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri()!r})"

@@ -1,0 +1,210 @@
+"""The deterministic key layout, in one place: assets, run files, inversion and feature caches.
+
+Every key here is a pure function of its inputs, so reruns and racing workers agree on where
+an output belongs (and conditional puts make the first writer win).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "EDIT_ID_MAX_LEN",
+    "UNSAFE_ID_PATTERN",
+    "sha256_hex",
+    "canonical_json",
+    "digest",
+    "check_id",
+    "derive_edit_id",
+    "asset_key",
+    "sidecar_key",
+    "new_run_id",
+    "run_prefix",
+    "run_file_key",
+    "plan_key",
+    "summary_key",
+    "shard_plan_key",
+    "shard_results_key",
+    "inversion_key",
+    "inversion_object_key",
+    "features_object_key",
+]
+
+EDIT_ID_MAX_LEN = 200  # edit ids become file names; S3 keys may be 1024 bytes, file names 255
+# Characters/sequences an id must not contain (it becomes one path segment): '/', '\', '..',
+# control characters. Shared with the vectorised manifest check.
+UNSAFE_ID_PATTERN = r"[/\\\x00-\x1f\x7f]|\.\."
+_UNSAFE_ID_RE = re.compile(UNSAFE_ID_PATTERN)
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+_EXT_RE = re.compile(r"^[a-z0-9]{1,10}$")
+EDIT_ID_HEX_LEN = 32  # derived edit ids: 128 bits of sha256, ample against collisions
+
+
+def sha256_hex(data: bytes) -> str:
+    """The sha256 of `data` as 64 lowercase hex digits."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal values always give equal text.
+
+    Tuples become lists; NaN/inf and values JSON cannot hold raise ``ValueError``.
+    Note that ``50`` and ``50.0`` stay different (callers normalise numeric types).
+    """
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not canonical-JSON serialisable: {exc}") from exc
+
+
+def digest(obj: Any, *, length: int = 64) -> str:
+    """sha256 hex of the canonical JSON of `obj`, cut to `length` digits."""
+    return sha256_hex(canonical_json(obj).encode("utf-8"))[:length]
+
+
+def check_id(value: str, *, what: str = "edit_id") -> str:
+    """Return `value` if it can be one path segment of a key; else ``ValueError`` naming `what`."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+    if len(value) > EDIT_ID_MAX_LEN:
+        raise ValueError(f"{what} is longer than {EDIT_ID_MAX_LEN} characters: {value[:40]!r}...")
+    if _UNSAFE_ID_RE.search(value) or value == ".":
+        raise ValueError(f"{what} {value!r} is not key-safe (no '/', '\\', '..' or control characters)")
+    return value
+
+
+def derive_edit_id(
+    image_uri: str,
+    source_prompt: str,
+    target_prompt: str,
+    method: str,
+    settings: Mapping[str, Any],
+    seed: int,
+    num_steps: int,
+    guidance_scale: float,
+    negative_prompt: str = "",
+) -> str:
+    """A deterministic edit id: 32 hex digits of the sha256 of everything that shapes the edit.
+
+    Pass resolved values (defaults filled); `settings` is hashed as canonical JSON, so key
+    order does not matter. Passthrough columns are not part of the identity.
+    """
+    guidance = float(guidance_scale)
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+    identity = [
+        "edit-v1",
+        image_uri,
+        source_prompt,
+        target_prompt,
+        method,
+        dict(settings),
+        int(seed),
+        int(num_steps),
+        guidance,
+        negative_prompt,
+    ]
+    return digest(identity, length=EDIT_ID_HEX_LEN)
+
+
+def _ext(ext: str) -> str:
+    ext = ext.lower().lstrip(".")
+    if not _EXT_RE.match(ext):
+        raise ValueError(f"bad file extension {ext!r}")
+    return ext
+
+
+def asset_key(edit_id: str, ext: str) -> str:
+    """``assets/{edit_id}.{ext}``: the edited image."""
+    return f"assets/{check_id(edit_id)}.{_ext(ext)}"
+
+
+def sidecar_key(edit_id: str) -> str:
+    """``assets/{edit_id}.json``: the metadata sidecar, written last (the "finished" marker)."""
+    return f"assets/{check_id(edit_id)}.json"
+
+
+def new_run_id() -> str:
+    """A fresh, sortable run id: UTC time plus 6 random hex digits (``20250101T120000Z-1a2b3c``)."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def run_prefix(run_id: str) -> str:
+    """``runs/{run_id}/``: everything one run writes besides assets."""
+    return f"runs/{check_id(run_id, what='run_id')}/"
+
+
+def run_file_key(run_id: str, name: str) -> str:
+    """``runs/{run_id}/{name}``."""
+    return run_prefix(run_id) + name
+
+
+def plan_key(run_id: str) -> str:
+    """``runs/{run_id}/plan.json``: the run's plan."""
+    return run_file_key(run_id, "plan.json")
+
+
+def summary_key(run_id: str) -> str:
+    """``runs/{run_id}/summary.json``: the run's final counts."""
+    return run_file_key(run_id, "summary.json")
+
+
+def _shard(shard_index: int) -> str:
+    if not isinstance(shard_index, int) or isinstance(shard_index, bool) or shard_index < 0:
+        raise ValueError(f"shard_index must be a non-negative int, got {shard_index!r}")
+    return f"shard-{shard_index:05d}.parquet"
+
+
+def shard_plan_key(run_id: str, shard_index: int) -> str:
+    """``runs/{run_id}/shards/shard-{i:05d}.parquet``: the rows of one shard."""
+    return run_file_key(run_id, "shards/" + _shard(shard_index))
+
+
+def shard_results_key(run_id: str, shard_index: int) -> str:
+    """``runs/{run_id}/results/shard-{i:05d}.parquet``: one shard's results."""
+    return run_file_key(run_id, "results/" + _shard(shard_index))
+
+
+def inversion_key(content_sha256: str, facts: Mapping[str, Any]) -> str:
+    """The inversion cache key: sha256 over the image content hash and the canonical JSON of `facts`.
+
+    `facts` (from the engine) holds everything that shapes an inversion: model id and revision,
+    scheduler config, steps, guidance, size policy, source prompt, format version. A changed
+    image (new content hash) or any changed fact gives a new key.
+    """
+    if not isinstance(content_sha256, str) or not _HEX64_RE.match(content_sha256):
+        raise ValueError(f"content_sha256 must be 64 lowercase hex digits, got {content_sha256!r}")
+    if not isinstance(facts, Mapping):
+        raise ValueError(f"facts must be a mapping, got {type(facts).__name__}")
+    try:
+        facts_json = canonical_json(dict(facts))
+    except ValueError as exc:
+        raise ValueError(f"inversion facts {dict(facts)!r}: {exc}") from None
+    return sha256_hex(f"inversion-v1\n{content_sha256}\n{facts_json}".encode())
+
+
+def _check_hex_key(key: str) -> str:
+    if not isinstance(key, str) or not _HEX64_RE.match(key):
+        raise ValueError(f"cache key must be 64 lowercase hex digits, got {key!r}")
+    return key
+
+
+def inversion_object_key(key: str) -> str:
+    """``inversions/{key[:2]}/{key}.safetensors``."""
+    key = _check_hex_key(key)
+    return f"inversions/{key[:2]}/{key}.safetensors"
+
+
+def features_object_key(key: str, layers_digest: str) -> str:
+    """``features/{key[:2]}/{key}-{layers_digest}.safetensors``: cached PnP injection features."""
+    key = _check_hex_key(key)
+    if not re.match(r"^[0-9a-zA-Z_-]{1,64}$", layers_digest or ""):
+        raise ValueError(f"layers_digest must be 1-64 characters of [0-9a-zA-Z_-], got {layers_digest!r}")
+    return f"features/{key[:2]}/{key}-{layers_digest}.safetensors"
