@@ -113,9 +113,7 @@ def to_jsonable(value: Any) -> Any:
         return os.fspath(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_jsonable(dataclasses.asdict(value))
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return to_jsonable(value.item())
-    if hasattr(value, "tolist") and callable(value.tolist):  # small arrays
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy/torch scalars and small arrays
         return to_jsonable(value.tolist())
     return str(value)
 
