@@ -1,0 +1,109 @@
+"""Manifest builders: a catalog (image URI + caption) times a list of styles -> a restyle manifest."""
+
+from __future__ import annotations
+
+import io
+import os
+import string
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from manifests.schema import KNOWN_COLUMNS, METHODS
+from storage.uri import read_uri
+
+__all__ = ["read_catalog", "restyle_manifest"]
+
+DEFAULT_TEMPLATE = "{caption}, {style}"
+
+
+def read_catalog(catalog: str | os.PathLike[str], *, s3_endpoint: str | None = None) -> pa.Table:
+    """A catalog file (``.parquet`` or ``.csv``, local path or URI) as a table."""
+    uri = os.fspath(catalog)
+    data = read_uri(uri, s3_endpoint=s3_endpoint)
+    suffix = Path(uri.split("?")[0]).suffix.lower()
+    if suffix == ".parquet":
+        return pq.read_table(pa.BufferReader(data))
+    if suffix == ".csv":
+        return pacsv.read_csv(io.BytesIO(data))
+    raise ValueError(f"catalog must be a .parquet or .csv file, got {uri!r}")
+
+
+def restyle_manifest(
+    catalog: pa.Table | str | os.PathLike[str],
+    styles: Sequence[str],
+    *,
+    template: str = DEFAULT_TEMPLATE,
+    method: str = "pnp",
+    image_column: str = "image_uri",
+    caption_column: str = "caption",
+    s3_endpoint: str | None = None,
+) -> pa.Table:
+    """Catalog x styles -> a manifest: one row per (catalog row, style), catalog order then style order.
+
+    ``source_prompt`` is the caption; ``target_prompt`` is ``template`` formatted with
+    ``caption``, ``style`` and any other catalog column (e.g. ``"{caption} in {style}"``).
+    The other catalog columns are kept as passthrough, plus a ``style`` column.
+    """
+    # 1. Validate the arguments
+    if isinstance(styles, str):
+        raise ValueError("styles must be a list of strings, not one string")
+    styles = list(styles)
+    if not styles:
+        raise ValueError("need at least one style")
+    bad = [s for s in styles if not isinstance(s, str) or not s.strip()]
+    if bad:
+        raise ValueError(f"styles must be non-empty strings, got {bad!r}")
+    dupes = sorted({s for s in styles if styles.count(s) > 1})
+    if dupes:
+        raise ValueError(f"duplicate styles {dupes}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    table = catalog if isinstance(catalog, pa.Table) else read_catalog(catalog, s3_endpoint=s3_endpoint)
+    names = table.column_names
+    for col, what in ((image_column, "image"), (caption_column, "caption")):
+        if col not in names:
+            raise ValueError(f"catalog has no {what} column {col!r}; columns: {names}")
+    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    allowed = {"caption", "style", *names}
+    unknown = sorted(fields - allowed)
+    if unknown or "" in fields:
+        raise ValueError(f"template {template!r} uses unknown field(s) {unknown or ['{}']}; use {sorted(allowed)}")
+    extras = [c for c in names if c not in (image_column, caption_column)]
+    clash = [c for c in extras if c in ("source_prompt", "target_prompt", "method", "style", "image_uri", "edit_id")]
+    if clash:
+        raise ValueError(f"catalog column(s) {clash} would clash with the manifest's own; rename them")
+    if table.num_rows == 0:
+        raise ValueError("catalog has no rows")
+
+    # 2. Expand: each catalog row once per style
+    n, k = table.num_rows, len(styles)
+    repeat = pa.array(np.repeat(np.arange(n, dtype=np.int64), k))
+    expanded = table.take(repeat)
+    style_col = pa.array(styles * n, pa.string())
+    captions = expanded.column(caption_column).to_pylist()
+    context_cols = {c: expanded.column(c).to_pylist() for c in fields if c in names and c != caption_column}
+    targets = []
+    for i, (cap, style) in enumerate(zip(captions, style_col.to_pylist(), strict=True)):
+        if cap is None or not str(cap).strip():
+            raise ValueError(f"catalog row {i // k} has an empty caption in column {caption_column!r}")
+        values = {c: v[i] for c, v in context_cols.items()}
+        targets.append(template.format(**{**values, "caption": cap, "style": style}))
+
+    # 3. Assemble the manifest: known columns first, then passthrough
+    columns: dict[str, pa.Array | pa.ChunkedArray] = {
+        "image_uri": pc.cast(expanded.column(image_column), pa.string()),
+        "source_prompt": pc.cast(expanded.column(caption_column), pa.string()),
+        "target_prompt": pa.array(targets, pa.string()),
+        "method": pa.array([method] * (n * k), pa.string()),
+    }
+    for c in extras:
+        columns[c] = expanded.column(c)
+    columns["style"] = style_col
+    known_first = [c for c in KNOWN_COLUMNS if c in columns] + [c for c in columns if c not in KNOWN_COLUMNS]
+    return pa.table({c: columns[c] for c in known_first})

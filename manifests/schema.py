@@ -1,0 +1,150 @@
+"""The manifest format: one row per edit; known columns, their types and defaults, and `EditRow`.
+
+Required: ``image_uri``, ``source_prompt``, ``target_prompt``. Optional: ``edit_id``,
+``method`` ("pnp" or "p2p"), ``seed``, ``num_steps``, ``guidance_scale``, ``negative_prompt``
+and ``settings`` (a JSON object of method settings, see ``editing.configs``). Every other
+column is passthrough: carried untouched into metadata and results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from editing.configs import METHOD_CONFIGS, P2PConfig, PnPConfig, config_from_settings
+
+__all__ = [
+    "REQUIRED_COLUMNS",
+    "OPTIONAL_COLUMNS",
+    "KNOWN_COLUMNS",
+    "RESERVED_COLUMNS",
+    "METHODS",
+    "DEFAULT_METHOD",
+    "DEFAULT_SEED",
+    "DEFAULT_NUM_STEPS",
+    "NUM_STEPS_RANGE",
+    "GUIDANCE_RANGE",
+    "MANIFEST_SCHEMA",
+    "NORMALIZED_SCHEMA",
+    "default_guidance",
+    "EditRow",
+]
+
+REQUIRED_COLUMNS: tuple[str, ...] = ("image_uri", "source_prompt", "target_prompt")
+OPTIONAL_COLUMNS: tuple[str, ...] = (
+    "edit_id",
+    "method",
+    "seed",
+    "num_steps",
+    "guidance_scale",
+    "negative_prompt",
+    "settings",
+)
+KNOWN_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+# Names the results table uses for its own columns: a passthrough column may not take them.
+RESERVED_COLUMNS: tuple[str, ...] = (
+    "row",
+    "status",
+    "output_uri",
+    "metadata_uri",
+    "error",
+    "cache_hit",
+    "unet_evals",
+    "seconds",
+)
+
+METHODS: tuple[str, ...] = tuple(METHOD_CONFIGS)  # ("pnp", "p2p")
+DEFAULT_METHOD = "pnp"  # Plug-and-Play: the method that needs no word alignment between prompts
+DEFAULT_SEED = 0  # seeds only matter for stochastic parts; a fixed default keeps reruns identical
+DEFAULT_NUM_STEPS = 50  # DDIM steps of inversion and editing; both papers use 50
+NUM_STEPS_RANGE = (1, 1000)  # inclusive; 1000 = the training schedule's length
+GUIDANCE_RANGE = (1.0, 30.0)  # inclusive; the configs' own bounds
+
+# The types of the known columns as a writer should produce them (readers accept any
+# compatible type: large strings, dictionary strings, narrower ints, ints for floats).
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("source_prompt", pa.string(), nullable=False),
+        pa.field("target_prompt", pa.string(), nullable=False),
+        pa.field("edit_id", pa.string()),
+        pa.field("method", pa.string()),
+        pa.field("seed", pa.int64()),
+        pa.field("num_steps", pa.int64()),
+        pa.field("guidance_scale", pa.float64()),
+        pa.field("negative_prompt", pa.string()),
+        pa.field("settings", pa.string()),
+    ]
+)
+
+# What `normalize` returns before the passthrough columns: every value filled.
+# `settings` is the canonical JSON of the row's method settings without guidance_scale and
+# negative_prompt (those are resolved into their own columns).
+NORMALIZED_SCHEMA = pa.schema(
+    [
+        pa.field("row", pa.int64(), nullable=False),
+        pa.field("edit_id", pa.string(), nullable=False),
+        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("source_prompt", pa.string(), nullable=False),
+        pa.field("target_prompt", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("num_steps", pa.int64(), nullable=False),
+        pa.field("guidance_scale", pa.float64(), nullable=False),
+        pa.field("negative_prompt", pa.string(), nullable=False),
+        pa.field("settings", pa.string(), nullable=False),
+    ]
+)
+
+
+def default_guidance(method: str) -> float:
+    """The method config's default ``guidance_scale`` (7.5 for both PnP and P2P)."""
+    for f in dataclasses.fields(METHOD_CONFIGS[method]):
+        if f.name == "guidance_scale":
+            return float(f.default)
+    raise ValueError(f"method {method!r} has no guidance_scale")  # pragma: no cover
+
+
+@dataclass(frozen=True, slots=True)
+class EditRow:
+    """One validated manifest row with defaults filled: what the planner and shard tasks consume."""
+
+    row: int  # 0-based position in the (concatenated) manifest
+    edit_id: str  # user-given (key-safe) or derived by storage.keys.derive_edit_id
+    image_uri: str  # as in the manifest: s3://..., file:///... or a path (relative = to the working dir)
+    source_prompt: str
+    target_prompt: str
+    method: str  # one of METHODS
+    seed: int  # int64
+    num_steps: int  # in NUM_STEPS_RANGE
+    guidance_scale: float  # in GUIDANCE_RANGE
+    negative_prompt: str
+    # Everything config_from_settings(method, ...) needs, guidance_scale and negative_prompt included.
+    settings: dict[str, Any] = field(default_factory=dict)
+    passthrough: dict[str, Any] = field(default_factory=dict)  # the manifest's other columns
+
+    def config(self) -> PnPConfig | P2PConfig:
+        """The method config of this edit (``editing.configs.config_from_settings``)."""
+        return config_from_settings(self.method, self.settings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (JSON-ready when the passthrough values are)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EditRow:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown EditRow field(s) {unknown}")
+        return cls(**data)
+
+    def settings_json(self) -> str:
+        """The settings as canonical JSON (sorted keys)."""
+        return json.dumps(self.settings, sort_keys=True, separators=(",", ":"))
