@@ -33,6 +33,11 @@ def _check_fraction(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a fraction of the steps in [0, 1], got {value!r}")
 
 
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 def _check_guidance(value: float) -> None:
     if (
         not isinstance(value, (int, float))
@@ -62,9 +67,19 @@ class PnPConfig:
     # None = the model's default (SD: decoder layers 4-11).
     attn_layers: tuple[str, ...] | None = None
     negative_prompt: str = ""  # text for the unconditional branch of the target rows
+    # Add the source's Direct Inversion correction to the target rows too (True): a target equal to the
+    # source then reproduces the source exactly and unchanged regions follow it. False = the published
+    # procedure (corrections on the source branch only). Default chosen by the reference-model evaluation.
+    target_correction: bool = True
+    # Also inject into the unconditional target rows, as the reference code does (True). Default False:
+    # with target_correction the unconditional row already follows the source trajectory, and injecting
+    # only the conditional row lets an unchanged prompt reproduce the source exactly.
+    inject_uncond: bool = False
 
     def __post_init__(self) -> None:
         _check_guidance(self.guidance_scale)
+        _check_bool("target_correction", self.target_correction)
+        _check_bool("inject_uncond", self.inject_uncond)
         _check_fraction("feature_t", self.feature_t)
         _check_fraction("attn_t", self.attn_t)
         if self.feature_layers is not None:
@@ -104,9 +119,11 @@ class P2PConfig:
     # (SD: 16x16 of 64x64 = 1/16). None = the model's default from editflow.json, else 1/16.
     blend_fraction: float | None = None
     negative_prompt: str = ""  # text for the unconditional branch of the target rows
+    target_correction: bool = True  # as PnPConfig.target_correction
 
     def __post_init__(self) -> None:
         _check_guidance(self.guidance_scale)
+        _check_bool("target_correction", self.target_correction)
         if self.kind not in P2P_KINDS:
             raise ValueError(f"kind must be one of {P2P_KINDS}, got {self.kind!r}")
         if isinstance(self.cross_replace_steps, Mapping):

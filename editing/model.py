@@ -1,0 +1,283 @@
+"""Loading a Stable Diffusion 1.x/2.x checkpoint once, and the small model-level helpers the methods share.
+
+`load_model` takes a local diffusers folder or a hub id (from the local cache; nothing downloads unless the
+caller allows it), refuses pickle-only weights unless asked, and picks device and dtype sensibly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+SIZE_POLICIES = ("fit", "square", "exact")
+_COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+class PickleWeightsRefused(ValueError):
+    """The checkpoint only has pickle (.bin/.ckpt) weights and the caller did not opt in."""
+
+
+@dataclass
+class EditModel:
+    """A loaded SD pipeline's parts plus identity facts. Load once with :func:`load_model`; reuse it."""
+
+    vae: Any
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any  # a DDIMScheduler; only its schedule is used, the step math is ours
+    device: torch.device
+    dtype: torch.dtype
+    model_id: str
+    revision: str
+    defaults: dict[str, Any] = field(default_factory=dict)  # from the folder's editflow.json, if any
+    _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        """Pixel side the UNet was trained at (SD 1.x: 512, SD 2.x-v: 768)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (SD: 8 for the VAE x 8 for the UNet's 3 downsamples = 64)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.prediction_type)
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def scheduler_facts(self) -> dict[str, Any]:
+        """The scheduler settings an inversion depends on (part of its cache key)."""
+        cfg = self.scheduler.config
+        keys = (
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "prediction_type",
+            "set_alpha_to_one",
+            "steps_offset",
+            "timestep_spacing",
+            "rescale_betas_zero_snr",
+        )
+        return {k: cfg.get(k) for k in keys}
+
+    # ---- text ----
+    def tokenize(self, prompt: str) -> torch.Tensor:
+        """Token ids (1, L) padded to the tokenizer's length; a prompt that does not fit is refused."""
+        ids = self.tokenizer(prompt, padding="max_length", truncation=False, return_tensors="pt").input_ids
+        if ids.shape[1] > self.max_tokens:
+            raise ValueError(
+                f"prompt is too long: {ids.shape[1]} tokens, the model takes {self.max_tokens}: {prompt!r}"
+            )
+        return ids
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings (N, L, D) in the model's dtype; each distinct prompt is encoded once."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            ids = torch.cat([self.tokenize(p) for p in missing]).to(self.device)
+            emb = self.text_encoder(ids)[0].to(self.dtype)
+            if len(self._prompt_cache) > 4096:  # bound the memo on long runs
+                self._prompt_cache.clear()
+            for p, e in zip(missing, emb):
+                self._prompt_cache[p] = e
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    # ---- images ----
+    def target_size(self, width: int, height: int, size_policy: str = "fit") -> tuple[int, int]:
+        """(width, height) an image of this size is brought to; see :meth:`prepare_image`."""
+        m = self.size_multiple
+        if size_policy == "exact":
+            if width % m or height % m:
+                raise ValueError(f"image is {width}x{height}; size_policy 'exact' needs multiples of {m}")
+            return width, height
+        if size_policy == "square":
+            return self.native_size, self.native_size
+        if size_policy == "fit":
+            scale = self.native_size / (width * height) ** 0.5
+            w = max(m, int(round(width * scale / m)) * m)
+            h = max(m, int(round(height * scale / m)) * m)
+            return w, h
+        raise ValueError(f"size_policy must be one of {SIZE_POLICIES}, got {size_policy!r}")
+
+    def prepare_image(self, image: Image.Image, size_policy: str = "fit") -> torch.Tensor:
+        """An RGB image as a (1, 3, H, W) tensor in [-1, 1].
+
+        The one rule: 'fit' (default) keeps the aspect ratio, scales the area to the model's native
+        resolution squared and rounds each side to a multiple of `size_multiple`, resizing (Lanczos) then
+        centre-cropping the rounding remainder; 'square' resizes the shorter side to the native size and
+        centre-crops a square; 'exact' takes the image as it is (sides must already be multiples).
+        An image already at its target size is not resampled.
+        """
+        image = image.convert("RGB")
+        w, h = self.target_size(image.width, image.height, size_policy)
+        if (image.width, image.height) != (w, h):
+            scale = max(w / image.width, h / image.height)
+            rw, rh = max(w, round(image.width * scale)), max(h, round(image.height * scale))
+            image = image.resize((rw, rh), Image.Resampling.LANCZOS)
+            left, top = (rw - w) // 2, (rh - h) // 2
+            image = image.crop((left, top, left + w, top + h))
+        arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE-encode (B, 3, H, W) pixels in [-1, 1] to scaled latents (fp32 or wider; posterior mean)."""
+        vae_dtype = self._vae_dtype()
+        dist = self.vae.encode(pixels.to(self.device, vae_dtype)).latent_dist
+        return dist.mean.to(self.latent_dtype) * float(self.vae.config.scaling_factor)
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """Latents and their arithmetic: fp32, or fp64 for an fp64 model (used by exactness tests)."""
+        return torch.promote_types(self.dtype, torch.float32)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Decode scaled latents (B, C, h, w) to PIL images."""
+        vae_dtype = self._vae_dtype()
+        images = []
+        for z in latents.split(8):
+            x = self.vae.decode(z.to(self.device, vae_dtype) / float(self.vae.config.scaling_factor)).sample
+            x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            images.extend(Image.fromarray(a) for a in x)
+        return images
+
+    def _vae_dtype(self) -> torch.dtype:
+        # SD VAEs overflow in fp16 (NaNs); their config asks for an fp32 upcast.
+        if self.dtype == torch.float16 and self.vae.config.get("force_upcast", True):
+            self.vae.to(torch.float32)
+            return torch.float32
+        return self.vae.dtype
+
+
+def _default_device_dtype(device: str | torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    return dev, dtype
+
+
+def _local_fingerprint(folder: Path) -> str:
+    """A revision for a local folder: configs plus each weight file's name, size, head and tail."""
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        rel = path.relative_to(folder).as_posix()
+        h.update(rel.encode())
+        if path.suffix in (".json", ".txt"):
+            h.update(path.read_bytes())
+        elif path.suffix in (".safetensors", ".bin", ".ckpt", ".pt"):
+            size = path.stat().st_size
+            h.update(str(size).encode())
+            with path.open("rb") as f:
+                h.update(f.read(1 << 16))
+                f.seek(max(0, size - (1 << 16)))
+                h.update(f.read(1 << 16))
+    return "local-" + h.hexdigest()[:16]
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> None:
+    for comp in _COMPONENTS:
+        sub = folder / comp
+        if not sub.is_dir():
+            raise ValueError(f"{folder} is not a diffusers Stable Diffusion folder: no {comp}/ subfolder")
+        if any(sub.glob("*.safetensors")):
+            continue
+        pickles = sorted(p.name for p in sub.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
+        if not pickles:
+            raise ValueError(f"{sub} has no weights (.safetensors)")
+        if not allow_pickle:
+            raise PickleWeightsRefused(
+                f"{sub} has only pickle weights ({', '.join(pickles)}); pickle files can run code when "
+                "loaded. Convert them to safetensors, or opt in with allow_pickle=True (--allow-pickle)."
+            )
+
+
+def load_model(
+    source: str | os.PathLike[str],
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    local_files_only: bool = True,
+) -> EditModel:
+    """Load an SD 1.x/2.x diffusers checkpoint (local folder or hub id) for editing.
+
+    Defaults: CUDA + fp16 when available, else CPU + fp32. Hub ids resolve from the local Hugging Face
+    cache unless ``local_files_only=False``. Safetensors only unless ``allow_pickle``.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    dev, dt = _default_device_dtype(device, dtype)
+    path = Path(source)
+    if path.is_dir():
+        folder = path.resolve()
+        model_id = str(source)
+        rev = revision or _local_fingerprint(folder)
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(str(source), revision=revision, local_files_only=local_files_only))
+        except Exception as exc:  # noqa: BLE001 - rephrase hub errors for the user
+            raise ValueError(
+                f"model {str(source)!r} is neither a local folder nor in the local Hugging Face cache "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        model_id, rev = str(source), folder.name
+    _check_weights(folder, allow_pickle)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder,
+        dtype=dt,
+        use_safetensors=not allow_pickle,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        local_files_only=True,
+    )
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.to(dev)
+        module.eval()
+        module.requires_grad_(False)
+    defaults: dict[str, Any] = {}
+    if (folder / "editflow.json").is_file():
+        defaults = json.loads((folder / "editflow.json").read_text())
+    logger.info("loaded %s (%s) on %s/%s", model_id, rev, dev, dt)
+    return EditModel(
+        vae=pipe.vae,
+        unet=pipe.unet,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=scheduler,
+        device=dev,
+        dtype=dt,
+        model_id=model_id,
+        revision=rev,
+        defaults=defaults,
+    )
