@@ -64,7 +64,9 @@ def restyle_manifest(
         raise ValueError(f"duplicate styles {dupes}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    table = catalog if isinstance(catalog, pa.Table) else read_catalog(catalog, s3_endpoint=s3_endpoint)
+    table = (
+        catalog if isinstance(catalog, pa.Table) else read_catalog(catalog, s3_endpoint=s3_endpoint)
+    )
     names = table.column_names
     for col, what in ((image_column, "image"), (caption_column, "caption")):
         if col not in names:
@@ -73,11 +75,19 @@ def restyle_manifest(
     allowed = {"caption", "style", *names}
     unknown = sorted(fields - allowed)
     if unknown or "" in fields:
-        raise ValueError(f"template {template!r} uses unknown field(s) {unknown or ['{}']}; use {sorted(allowed)}")
+        raise ValueError(
+            f"template {template!r} uses unknown field(s) {unknown or ['{}']}; use {sorted(allowed)}"
+        )
     extras = [c for c in names if c not in (image_column, caption_column)]
-    clash = [c for c in extras if c in ("source_prompt", "target_prompt", "method", "style", "image_uri", "edit_id")]
+    clash = [
+        c
+        for c in extras
+        if c in ("source_prompt", "target_prompt", "method", "style", "image_uri", "edit_id")
+    ]
     if clash:
-        raise ValueError(f"catalog column(s) {clash} would clash with the manifest's own; rename them")
+        raise ValueError(
+            f"catalog column(s) {clash} would clash with the manifest's own; rename them"
+        )
     if table.num_rows == 0:
         raise ValueError("catalog has no rows")
 
@@ -87,11 +97,15 @@ def restyle_manifest(
     expanded = table.take(repeat)
     style_col = pa.array(styles * n, pa.string())
     captions = expanded.column(caption_column).to_pylist()
-    context_cols = {c: expanded.column(c).to_pylist() for c in fields if c in names and c != caption_column}
+    context_cols = {
+        c: expanded.column(c).to_pylist() for c in fields if c in names and c != caption_column
+    }
     targets = []
     for i, (cap, style) in enumerate(zip(captions, style_col.to_pylist(), strict=True)):
         if cap is None or not str(cap).strip():
-            raise ValueError(f"catalog row {i // k} has an empty caption in column {caption_column!r}")
+            raise ValueError(
+                f"catalog row {i // k} has an empty caption in column {caption_column!r}"
+            )
         values = {c: v[i] for c, v in context_cols.items()}
         targets.append(template.format(**{**values, "caption": cap, "style": style}))
 
@@ -105,5 +119,7 @@ def restyle_manifest(
     for c in extras:
         columns[c] = expanded.column(c)
     columns["style"] = style_col
-    known_first = [c for c in KNOWN_COLUMNS if c in columns] + [c for c in columns if c not in KNOWN_COLUMNS]
+    known_first = [c for c in KNOWN_COLUMNS if c in columns] + [
+        c for c in columns if c not in KNOWN_COLUMNS
+    ]
     return pa.table({c: columns[c] for c in known_first})

@@ -116,7 +116,9 @@ class EditRow:
 
     row: int  # 0-based position in the (concatenated) manifest
     edit_id: str  # user-given (key-safe) or derived by storage.keys.derive_edit_id
-    image_uri: str  # as in the manifest: s3://..., file:///... or a path (relative = to the working dir)
+    image_uri: (
+        str  # as in the manifest: s3://..., file:///... or a path (relative = to the working dir)
+    )
     source_prompt: str
     target_prompt: str
     method: str  # one of METHODS

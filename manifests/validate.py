@@ -55,7 +55,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_STRING_COLUMNS = ("image_uri", "source_prompt", "target_prompt", "edit_id", "method", "negative_prompt", "settings")
+_STRING_COLUMNS = (
+    "image_uri",
+    "source_prompt",
+    "target_prompt",
+    "edit_id",
+    "method",
+    "negative_prompt",
+    "settings",
+)
 _INT_COLUMNS = ("seed", "num_steps")
 _FLOAT_COLUMNS = ("guidance_scale",)
 _INT64_MAX = 2**63 - 1
@@ -93,7 +101,9 @@ def format_problems(problems: list[Problem], *, limit: int = 50) -> str:
     """A readable report: a count, up to `limit` problems, and counts per column beyond that."""
     if not problems:
         return "manifest is valid"
-    lines = [f"{len(problems)} problem(s) in the manifest (rows are 0-based positions in the manifest):"]
+    lines = [
+        f"{len(problems)} problem(s) in the manifest (rows are 0-based positions in the manifest):"
+    ]
     lines += [f"  {p}" for p in problems[:limit]]
     if len(problems) > limit:
         rest = Counter(p.column or "(manifest)" for p in problems[limit:])
@@ -111,7 +121,9 @@ def _rows_text(rows: list[int]) -> str:
     """'row 3' or 'rows 3, 7 and 12 more'."""
     shown = ", ".join(str(r) for r in rows[:_OTHERS_SHOWN])
     more = len(rows) - _OTHERS_SHOWN
-    return ("row " if len(rows) == 1 else "rows ") + shown + (f" and {more} more" if more > 0 else "")
+    return (
+        ("row " if len(rows) == 1 else "rows ") + shown + (f" and {more} more" if more > 0 else "")
+    )
 
 
 # ----------------------------------------------------------------------------- column helpers
@@ -160,7 +172,9 @@ def _mask(arr: pa.Array) -> np.ndarray:
 
 def _floats(arr: pa.Array) -> np.ndarray:
     """Numbers as float64 with NaN for nulls."""
-    return np.asarray(arr.cast(pa.float64()).fill_null(math.nan).to_numpy(zero_copy_only=False), dtype=np.float64)
+    return np.asarray(
+        arr.cast(pa.float64()).fill_null(math.nan).to_numpy(zero_copy_only=False), dtype=np.float64
+    )
 
 
 def _codes(arr: pa.Array) -> tuple[np.ndarray, list[Any]]:
@@ -200,7 +214,13 @@ class _Checker:
     def add(self, row: int | None, column: str | None, reason: str) -> None:
         self.problems.append(Problem(row, column, reason))
 
-    def add_rows(self, mask: np.ndarray, column: str | None, reason: str | Any, values: pa.Array | None = None) -> None:
+    def add_rows(
+        self,
+        mask: np.ndarray,
+        column: str | None,
+        reason: str | Any,
+        values: pa.Array | None = None,
+    ) -> None:
         """A problem for every row in `mask`; `reason` is text or a function of the row's value."""
         rows = np.flatnonzero(mask)
         if len(rows) == 0:
@@ -209,7 +229,9 @@ class _Checker:
             self.problems.extend(Problem(int(r), column, reason) for r in rows)
         else:
             picked = values.take(pa.array(rows)).to_pylist()
-            self.problems.extend(Problem(int(r), column, reason(v)) for r, v in zip(rows, picked, strict=True))
+            self.problems.extend(
+                Problem(int(r), column, reason(v)) for r, v in zip(rows, picked, strict=True)
+            )
 
     # -- manifest and column level
     def columns(self) -> None:
@@ -242,7 +264,11 @@ class _Checker:
             if arr is None:
                 continue
             self.add_rows(_mask(arr.is_null()), name, "is null (a value is required)")
-            self.add_rows(_mask(pc.equal(pc.utf8_trim_whitespace(arr), "")), name, "is empty (a value is required)")
+            self.add_rows(
+                _mask(pc.equal(pc.utf8_trim_whitespace(arr), "")),
+                name,
+                "is empty (a value is required)",
+            )
 
     def uris(self) -> None:
         arr = self.arrays.get("image_uri")
@@ -268,13 +294,25 @@ class _Checker:
         self.missing_id = _mask(arr.is_null()) | _mask(pc.equal(arr, ""))  # derived for these rows
         unsafe = _mask(pc.match_substring_regex(arr, UNSAFE_ID_PATTERN)) | _mask(pc.equal(arr, "."))
         self.add_rows(
-            unsafe, "edit_id", lambda v: f"edit_id {_show(v)} is not key-safe (no '/', '\\', '..' or control characters)", arr
+            unsafe,
+            "edit_id",
+            lambda v: (
+                f"edit_id {_show(v)} is not key-safe (no '/', '\\', '..' or control characters)"
+            ),
+            arr,
         )
         too_long = _mask(pc.greater(pc.utf8_length(arr), EDIT_ID_MAX_LEN))
-        self.add_rows(too_long & ~unsafe, "edit_id", f"edit_id is longer than {EDIT_ID_MAX_LEN} characters")
+        self.add_rows(
+            too_long & ~unsafe, "edit_id", f"edit_id is longer than {EDIT_ID_MAX_LEN} characters"
+        )
         codes, values = _codes(arr)
         codes = np.where(self.missing_id, -1, codes)
-        self._duplicates(codes, values, "edit_id", lambda v, others: f"duplicate edit_id {_show(v)} (also in {others})")
+        self._duplicates(
+            codes,
+            values,
+            "edit_id",
+            lambda v, others: f"duplicate edit_id {_show(v)} (also in {others})",
+        )
 
     def _duplicates(self, codes: np.ndarray, values: list[Any], column: str, reason: Any) -> None:
         """Report every row whose code (>= 0) occurs more than once, naming the other rows."""
@@ -300,8 +338,15 @@ class _Checker:
             self.method_arr = pa.array(np.full(self.n, DEFAULT_METHOD, dtype=object), pa.string())
             return
         self.method_arr = arr.fill_null(DEFAULT_METHOD)
-        known = _mask(pc.is_in(self.method_arr, value_set=pa.array(METHODS, type=self.method_arr.type)))
-        self.add_rows(~known, "method", lambda v: f"unknown method {_show(v)}; known: {', '.join(METHODS)}", self.method_arr)
+        known = _mask(
+            pc.is_in(self.method_arr, value_set=pa.array(METHODS, type=self.method_arr.type))
+        )
+        self.add_rows(
+            ~known,
+            "method",
+            lambda v: f"unknown method {_show(v)}; known: {', '.join(METHODS)}",
+            self.method_arr,
+        )
         self.method_ok = known
 
     def integers(self, name: str, lo: int | None, hi: int | None, default: int) -> np.ndarray:
@@ -316,19 +361,27 @@ class _Checker:
             x = _floats(arr)
             with np.errstate(invalid="ignore"):
                 integral = np.isfinite(x) & (np.floor(x) == x) & (np.abs(x) < 2.0**63)
-            self.add_rows(valid & ~integral, name, lambda v: f"{name} must be an integer, got {_show(v)}", arr)
+            self.add_rows(
+                valid & ~integral, name, lambda v: f"{name} must be an integer, got {_show(v)}", arr
+            )
             bad |= valid & ~integral
             ints = np.where(valid & integral, x, default).astype(np.int64)
         else:
-            if pa.types.is_unsigned_integer(arr.type):
-                over = _mask(pc.greater(arr, _INT64_MAX))
+            if arr.type == pa.uint64():  # the only integer type that can exceed int64
+                limit = pa.scalar(_INT64_MAX, arr.type)
+                over = _mask(pc.greater(arr, limit))
                 self.add_rows(over, name, lambda v: f"{name} {v} does not fit in int64", arr)
                 bad |= over
-                arr = pc.if_else(pc.greater(arr, _INT64_MAX), 0, arr)
-            ints = np.asarray(arr.cast(pa.int64()).fill_null(default).to_numpy(zero_copy_only=False), dtype=np.int64)
+                arr = pc.if_else(pc.greater(arr, limit), pa.scalar(0, arr.type), arr)
+            ints = np.asarray(
+                arr.cast(pa.int64()).fill_null(default).to_numpy(zero_copy_only=False),
+                dtype=np.int64,
+            )
         if lo is not None and hi is not None:
             out_of_range = valid & ~bad & ((ints < lo) | (ints > hi))
-            self.add_rows(out_of_range, name, lambda v: f"{name} must be in [{lo}, {hi}], got {_show(v)}", arr)
+            self.add_rows(
+                out_of_range, name, lambda v: f"{name} must be in [{lo}, {hi}], got {_show(v)}", arr
+            )
             bad |= out_of_range
         out[valid & ~bad] = ints[valid & ~bad]
         return out
@@ -343,7 +396,12 @@ class _Checker:
         lo, hi = GUIDANCE_RANGE
         with np.errstate(invalid="ignore"):
             ok = np.isfinite(x) & (x >= lo) & (x <= hi)
-        self.add_rows(valid & ~ok, "guidance_scale", lambda v: f"guidance_scale must be a number in [{lo:g}, {hi:g}], got {_show(v)}", arr)
+        self.add_rows(
+            valid & ~ok,
+            "guidance_scale",
+            lambda v: f"guidance_scale must be a number in [{lo:g}, {hi:g}], got {_show(v)}",
+            arr,
+        )
         return np.where(valid & ok, x, math.nan)
 
     def settings(self) -> None:
@@ -368,7 +426,9 @@ class _Checker:
                 continue
             if not isinstance(value, dict):
                 parsed.append(None)
-                parse_errors.append(f"settings must be a JSON object, got {type(value).__name__}: {_show(text)}")
+                parse_errors.append(
+                    f"settings must be a JSON object, got {type(value).__name__}: {_show(text)}"
+                )
                 continue
             parsed.append(value)
             parse_errors.append(None)
@@ -409,14 +469,18 @@ class _Checker:
             neg = value.get("negative_prompt")
             if isinstance(neg, str):
                 settings_negative[i] = neg
-            rest = {k: v for k, v in value.items() if k not in ("guidance_scale", "negative_prompt")}
+            rest = {
+                k: v for k, v in value.items() if k not in ("guidance_scale", "negative_prompt")
+            }
             try:
                 identity.append(canonical_json(rest))
             except ValueError:  # NaN inside settings: already reported by the config check
                 identity.append("{}")
         identity.append("{}")  # for rows without settings
         code_of: dict[str, int] = {}
-        self.identity_codes = np.array([code_of.setdefault(t, len(code_of)) for t in identity], dtype=np.int64)
+        self.identity_codes = np.array(
+            [code_of.setdefault(t, len(code_of)) for t in identity], dtype=np.int64
+        )
         self.settings_codes = np.where(codes >= 0, codes, len(texts))
         self.settings_identity = identity
         self.settings_negative = pa.array(settings_negative, pa.string())
@@ -436,16 +500,29 @@ class _Checker:
         missing = np.isnan(guidance)
         if missing.any():  # each method's config default
             m_codes, m_values = _codes(self.method_arr)
-            per_value = np.array([default_guidance(m if m in METHODS else DEFAULT_METHOD) for m in m_values])
+            per_value = np.array(
+                [default_guidance(m if m in METHODS else DEFAULT_METHOD) for m in m_values]
+            )
             guidance[missing] = per_value[m_codes[missing]]
         self.guidance = guidance
 
         row_settings_negative = self.settings_negative.take(pa.array(self.settings_codes))
         arr = self.arrays.get("negative_prompt")
         if arr is not None:
-            clash_neg = _mask(pc.and_(pc.and_(arr.is_valid(), row_settings_negative.is_valid()), pc.not_equal(arr, row_settings_negative)))
-            self.add_rows(clash_neg, "negative_prompt", "negative_prompt disagrees with settings' negative_prompt")
-            negative = pc.coalesce(arr.cast(pa.large_string()), row_settings_negative.cast(pa.large_string()), "")
+            clash_neg = _mask(
+                pc.and_(
+                    pc.and_(arr.is_valid(), row_settings_negative.is_valid()),
+                    pc.not_equal(arr, row_settings_negative),
+                )
+            )
+            self.add_rows(
+                clash_neg,
+                "negative_prompt",
+                "negative_prompt disagrees with settings' negative_prompt",
+            )
+            negative = pc.coalesce(
+                arr.cast(pa.large_string()), row_settings_negative.cast(pa.large_string()), ""
+            )
         else:
             negative = pc.coalesce(row_settings_negative.cast(pa.large_string()), "")
         self.negative = negative
@@ -473,7 +550,9 @@ class _Checker:
         if not dup.any():
             return
         dup_rows = rows[dup]
-        group_ids = frame[dup].groupby(list(frame.columns), sort=False, dropna=False).ngroup().to_numpy()
+        group_ids = (
+            frame[dup].groupby(list(frame.columns), sort=False, dropna=False).ngroup().to_numpy()
+        )
         groups: dict[int, list[int]] = {}
         for g, r in zip(group_ids.tolist(), dup_rows.tolist(), strict=True):
             groups.setdefault(g, []).append(r)
@@ -551,7 +630,9 @@ def normalize(table: pa.Table) -> pa.Table:
     derived: list[str] = []
     if len(derived_rows):
         take = pa.array(derived_rows)
-        identity = np.array(a.settings_identity, dtype=object)[a.settings_codes[derived_rows]].tolist()
+        identity = np.array(a.settings_identity, dtype=object)[
+            a.settings_codes[derived_rows]
+        ].tolist()
         derived = [
             derive_edit_id_json(*values)
             for values in zip(
@@ -569,7 +650,11 @@ def normalize(table: pa.Table) -> pa.Table:
         ]
     if "edit_id" in a.arrays and len(derived_rows) < n:
         given = a.arrays["edit_id"].cast(pa.string())
-        edit_id = pc.replace_with_mask(given, pa.array(missing), pa.array(derived, pa.string())) if derived else given
+        edit_id = (
+            pc.replace_with_mask(given, pa.array(missing), pa.array(derived, pa.string()))
+            if derived
+            else given
+        )
     else:
         edit_id = pa.array(derived, pa.string())
 
@@ -597,7 +682,11 @@ def normalize(table: pa.Table) -> pa.Table:
 
 def passthrough_columns(table: pa.Table) -> list[str]:
     """The manifest's passthrough column names (not known columns, not pandas index columns)."""
-    return [c for c in table.column_names if c not in KNOWN_COLUMNS and c != "row" and not _PANDAS_INDEX_RE.match(c)]
+    return [
+        c
+        for c in table.column_names
+        if c not in KNOWN_COLUMNS and c != "row" and not _PANDAS_INDEX_RE.match(c)
+    ]
 
 
 def edit_rows(normalized: pa.Table, *, batch_size: int = 8192) -> Iterator[EditRow]:
@@ -626,7 +715,11 @@ def edit_rows(normalized: pa.Table, *, batch_size: int = 8192) -> Iterator[EditR
                 num_steps=cols["num_steps"][i],
                 guidance_scale=cols["guidance_scale"][i],
                 negative_prompt=cols["negative_prompt"][i],
-                settings={**base, "guidance_scale": cols["guidance_scale"][i], "negative_prompt": cols["negative_prompt"][i]},
+                settings={
+                    **base,
+                    "guidance_scale": cols["guidance_scale"][i],
+                    "negative_prompt": cols["negative_prompt"][i],
+                },
                 passthrough={name: cols[name][i] for name in extra},
             )
 
@@ -649,8 +742,15 @@ def _manifest_sources(uri: str, s3_endpoint: str | None) -> list[tuple[str, Any]
             keys = [path]
         else:
             prefix = path if not path or path.endswith("/") else path + "/"
-            keys = [k for k in store.list(prefix) if k.endswith(".parquet") and not _hidden(k[len(prefix) :])]
-        return [(store.uri(k), lambda k=k: pq.ParquetFile(pa.BufferReader(store.get(k))).read()) for k in keys]
+            keys = [
+                k
+                for k in store.list(prefix)
+                if k.endswith(".parquet") and not _hidden(k[len(prefix) :])
+            ]
+        return [
+            (store.uri(k), lambda k=k: pq.ParquetFile(pa.BufferReader(store.get(k))).read())
+            for k in keys
+        ]
     from pathlib import Path
 
     root = Path(path)
@@ -658,7 +758,10 @@ def _manifest_sources(uri: str, s3_endpoint: str | None) -> list[tuple[str, Any]
         files = [root]
     elif root.is_dir():
         found = [p for p in root.rglob("*.parquet") if p.is_file()]
-        files = sorted((p for p in found if not _hidden(p.relative_to(root).as_posix())), key=lambda p: p.relative_to(root).as_posix())
+        files = sorted(
+            (p for p in found if not _hidden(p.relative_to(root).as_posix())),
+            key=lambda p: p.relative_to(root).as_posix(),
+        )
     else:
         raise ManifestError([Problem(None, None, f"no manifest file or folder at {path}")])
     return [(str(p), lambda p=p: pq.ParquetFile(p).read()) for p in files]
@@ -699,20 +802,29 @@ def load_manifest(uri: str, *, s3_endpoint: str | None = None) -> pa.Table:
                     )
                     if part
                 )
-                problems.append(Problem(None, None, f"manifest files disagree on columns: {name} {detail}"))
+                problems.append(
+                    Problem(None, None, f"manifest files disagree on columns: {name} {detail}")
+                )
                 continue
             for col in ref:
                 t1, t2 = first.schema.field(col).type, t.schema.field(col).type
                 if t1 == t2:
                     continue
                 try:
-                    pa.unify_schemas([pa.schema([(col, t1)]), pa.schema([(col, t2)])], promote_options="permissive")
+                    pa.unify_schemas(
+                        [pa.schema([(col, t1)]), pa.schema([(col, t2)])],
+                        promote_options="permissive",
+                    )
                 except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-                    problems.append(Problem(None, col, f"{name} has type {t2} but {first_name} has {t1}"))
+                    problems.append(
+                        Problem(None, col, f"{name} has type {t2} but {first_name} has {t1}")
+                    )
     if problems:
         raise ManifestError(problems)
     ordered = [t.select(ref) for _, t in readable]
-    table = ordered[0] if len(ordered) == 1 else pa.concat_tables(ordered, promote_options="permissive")
+    table = (
+        ordered[0] if len(ordered) == 1 else pa.concat_tables(ordered, promote_options="permissive")
+    )
     files = json.dumps([[name, t.num_rows] for name, t in readable]).encode()
     metadata = dict(table.schema.metadata or {})
     metadata[_FILES_METADATA_KEY] = files
@@ -726,7 +838,9 @@ def manifest_files(table: pa.Table) -> list[tuple[str, int]]:
     return [(name, int(rows)) for name, rows in json.loads(raw)] if raw else []
 
 
-def check_manifest(uri: str, *, s3_endpoint: str | None = None) -> tuple[pa.Table | None, list[Problem]]:
+def check_manifest(
+    uri: str, *, s3_endpoint: str | None = None
+) -> tuple[pa.Table | None, list[Problem]]:
     """Load and validate the manifest at `uri`: ``(table, problems)``; table is None if unloadable."""
     try:
         table = load_manifest(uri, s3_endpoint=s3_endpoint)

@@ -52,7 +52,12 @@ def _classify(exc: BaseException) -> bool | None:
             return False  # 403, 404, 400 validation, 412...: retrying gives the same answer
         if isinstance(
             exc,
-            (bce.ConnectionError, bce.HTTPClientError, bce.IncompleteReadError, bce.ResponseStreamingError),
+            (
+                bce.ConnectionError,
+                bce.HTTPClientError,
+                bce.IncompleteReadError,
+                bce.ResponseStreamingError,
+            ),
         ):
             return True  # endpoint unreachable, connection reset, read/connect timeouts
         if isinstance(exc, bce.BotoCoreError):

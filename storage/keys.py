@@ -43,7 +43,9 @@ EDIT_ID_MAX_LEN = 200  # edit ids become file names; S3 keys may be 1024 bytes, 
 # control characters. Shared with the vectorised manifest check.
 UNSAFE_ID_PATTERN = r"[/\\\x00-\x1f\x7f]|\.\."
 _UNSAFE_ID_RE = re.compile(UNSAFE_ID_PATTERN)
-_json_str = json.encoder.encode_basestring  # JSON string literal, non-ASCII kept (as canonical_json)
+_json_str = (
+    json.encoder.encode_basestring
+)  # JSON string literal, non-ASCII kept (as canonical_json)
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 _EXT_RE = re.compile(r"^[a-z0-9]{1,10}$")
 EDIT_ID_HEX_LEN = 32  # derived edit ids: 128 bits of sha256, ample against collisions
@@ -61,7 +63,9 @@ def canonical_json(obj: Any) -> str:
     Note that ``50`` and ``50.0`` stay different (callers normalise numeric types).
     """
     try:
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"not canonical-JSON serialisable: {exc}") from exc
 
@@ -78,7 +82,9 @@ def check_id(value: str, *, what: str = "edit_id") -> str:
     if len(value) > EDIT_ID_MAX_LEN:
         raise ValueError(f"{what} is longer than {EDIT_ID_MAX_LEN} characters: {value[:40]!r}...")
     if _UNSAFE_ID_RE.search(value) or value == ".":
-        raise ValueError(f"{what} {value!r} is not key-safe (no '/', '\\', '..' or control characters)")
+        raise ValueError(
+            f"{what} {value!r} is not key-safe (no '/', '\\', '..' or control characters)"
+        )
     return value
 
 
@@ -229,5 +235,7 @@ def features_object_key(key: str, layers_digest: str) -> str:
     """``features/{key[:2]}/{key}-{layers_digest}.safetensors``: cached PnP injection features."""
     key = _check_hex_key(key)
     if not re.match(r"^[0-9a-zA-Z_-]{1,64}$", layers_digest or ""):
-        raise ValueError(f"layers_digest must be 1-64 characters of [0-9a-zA-Z_-], got {layers_digest!r}")
+        raise ValueError(
+            f"layers_digest must be 1-64 characters of [0-9a-zA-Z_-], got {layers_digest!r}"
+        )
     return f"features/{key[:2]}/{key}-{layers_digest}.safetensors"

@@ -21,7 +21,14 @@ from botocore.exceptions import ClientError
 
 from storage.base import NotFound, ObjectStore, check_key
 
-__all__ = ["S3Store", "read_s3_object", "get_s3_client", "make_s3_client", "resolve_endpoint", "clear_client_cache"]
+__all__ = [
+    "S3Store",
+    "read_s3_object",
+    "get_s3_client",
+    "make_s3_client",
+    "resolve_endpoint",
+    "clear_client_cache",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +44,11 @@ _clients_lock = threading.Lock()
 
 def resolve_endpoint(endpoint: str | None = None) -> str | None:
     """The S3 endpoint: explicit, else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``, else None."""
-    for value in (endpoint, os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_ENDPOINT_URL")):
+    for value in (
+        endpoint,
+        os.environ.get("AWS_ENDPOINT_URL_S3"),
+        os.environ.get("AWS_ENDPOINT_URL"),
+    ):
         if value:
             return value
     return None
@@ -155,10 +166,16 @@ class S3Store(ObjectStore):
                 if if_absent and (code in _PRECONDITION_CODES or status == 412):
                     logger.debug("not overwriting existing %s", self.uri(key))
                     return False
-                if if_absent and (code in _CONFLICT_CODES or status == 409) and attempt < CONFLICT_RETRIES:
+                if (
+                    if_absent
+                    and (code in _CONFLICT_CODES or status == 409)
+                    and attempt < CONFLICT_RETRIES
+                ):
                     # a concurrent conditional write to the same key is in flight: try again
                     delay = 0.05 * 2**attempt
-                    logger.info("conditional write conflict on %s; retrying in %.2fs", self.uri(key), delay)
+                    logger.info(
+                        "conditional write conflict on %s; retrying in %.2fs", self.uri(key), delay
+                    )
                     time.sleep(delay)
                     continue
                 raise

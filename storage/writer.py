@@ -120,7 +120,9 @@ def to_jsonable(value: Any) -> Any:
 
 def json_bytes(obj: Any) -> bytes:
     """Pretty, key-sorted UTF-8 JSON of :func:`to_jsonable` (`obj`)."""
-    text = json.dumps(to_jsonable(obj), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False)
+    text = json.dumps(
+        to_jsonable(obj), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False
+    )
     return (text + "\n").encode("utf-8")
 
 
@@ -138,7 +140,9 @@ def read_json(store: ObjectStore, key: str) -> Any:
         raise ValueError(f"{store.uri(key)} is not valid JSON: {exc}") from None
 
 
-def write_parquet(store: ObjectStore, key: str, table: pa.Table, *, if_absent: bool = False) -> bool:
+def write_parquet(
+    store: ObjectStore, key: str, table: pa.Table, *, if_absent: bool = False
+) -> bool:
     """Write `table` as one Parquet object (zstd); returns whether it was written."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")

@@ -61,7 +61,11 @@ def test_write_asset_idempotent(store: ObjectStore) -> None:
     assert again == (asset_uri, sidecar_uri, False)
     assert store.get("assets/e1.png") == first
     sidecar = read_json(store, "assets/e1.json")
-    assert sidecar == {"target_prompt": "x", "output_uri": asset_uri, "output_sha256": sha256_hex(first)}
+    assert sidecar == {
+        "target_prompt": "x",
+        "output_uri": asset_uri,
+        "output_sha256": sha256_hex(first),
+    }
 
 
 def test_write_asset_after_crash_keeps_existing_image(store: ObjectStore) -> None:
@@ -79,7 +83,9 @@ def test_write_asset_rejects_unsafe_id(store: ObjectStore) -> None:
 
 
 def test_png_text_chunks_readable() -> None:
-    data = png_bytes(_image(), {"prompt": "a red circle", "unicode": "café ✓", "editflow": '{"a": 1}'})
+    data = png_bytes(
+        _image(), {"prompt": "a red circle", "unicode": "café ✓", "editflow": '{"a": 1}'}
+    )
     with Image.open(io.BytesIO(data)) as im:
         im.load()
         assert im.text == {"prompt": "a red circle", "unicode": "café ✓", "editflow": '{"a": 1}'}
@@ -112,7 +118,12 @@ def test_parquet_round_trip(store: ObjectStore) -> None:
     table = pa.table({"edit_id": ["a", "b"], "seconds": [1.5, None], "sku": [1, 2]})
     assert write_parquet(store, "runs/r/results/shard-00000.parquet", table) is True
     assert read_parquet(store, "runs/r/results/shard-00000.parquet").equals(table)
-    assert write_parquet(store, "runs/r/results/shard-00000.parquet", table.slice(0, 1), if_absent=True) is False
+    assert (
+        write_parquet(
+            store, "runs/r/results/shard-00000.parquet", table.slice(0, 1), if_absent=True
+        )
+        is False
+    )
     assert read_parquet(store, "runs/r/results/shard-00000.parquet").num_rows == 2
 
 

@@ -20,7 +20,9 @@ FACTS = {
 
 
 def test_sha256_hex() -> None:
-    assert keys.sha256_hex(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    assert (
+        keys.sha256_hex(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    )
 
 
 def test_inversion_key_deterministic_and_order_free() -> None:
@@ -49,7 +51,9 @@ def test_inversion_key_changes_with_any_fact(change: dict) -> None:
 
 
 def test_inversion_key_changes_with_content() -> None:
-    assert keys.inversion_key(keys.sha256_hex(b"other"), FACTS) != keys.inversion_key(CONTENT, FACTS)
+    assert keys.inversion_key(keys.sha256_hex(b"other"), FACTS) != keys.inversion_key(
+        CONTENT, FACTS
+    )
 
 
 @pytest.mark.parametrize(
@@ -92,7 +96,9 @@ def test_derive_edit_id_deterministic() -> None:
     assert len(eid) == 32 and eid == keys.derive_edit_id(**EDIT)
     reordered = {**EDIT, "settings": {"attn_t": 0.5, "feature_t": 0.8}}
     assert keys.derive_edit_id(**reordered) == eid
-    assert keys.derive_edit_id(**{**EDIT, "guidance_scale": 7.5}) == keys.derive_edit_id(**{**EDIT, "guidance_scale": 7.50})
+    assert keys.derive_edit_id(**{**EDIT, "guidance_scale": 7.5}) == keys.derive_edit_id(
+        **{**EDIT, "guidance_scale": 7.50}
+    )
     assert keys.derive_edit_id(**{**EDIT, "num_steps": 50.0}) == eid  # numeric types normalised
 
 
@@ -127,7 +133,9 @@ def test_layout() -> None:
     assert keys.run_prefix(run_id).startswith("runs/2")
 
 
-@pytest.mark.parametrize("bad", ["a/b", "..", "a..b", "x\ny", "tab\there", "", "x" * 201, "back\\slash"])
+@pytest.mark.parametrize(
+    "bad", ["a/b", "..", "a..b", "x\ny", "tab\there", "", "x" * 201, "back\\slash"]
+)
 def test_unsafe_ids_rejected(bad: str) -> None:
     with pytest.raises(ValueError, match="edit_id"):
         keys.check_id(bad)
@@ -144,3 +152,16 @@ def test_safe_ids_accepted(good: str) -> None:
 def test_bad_shard_index(bad) -> None:
     with pytest.raises(ValueError, match="shard_index"):
         keys.shard_results_key("r1", bad)
+
+
+def test_derive_edit_id_fast_path_matches_canonical_json() -> None:
+    """derive_edit_id_json spells out canonical_json; the two must never drift apart."""
+    values = ['s3://b/"q".png', "café ✓", "tab\there", "pnp", 2**62, 7, 7.25, "ünï\\"]
+    settings = {"b": [1, 2], "a": "x"}
+    text = (
+        f"edit-v1\n{keys.canonical_json(values[:4] + values[4:])}\n{keys.canonical_json(settings)}"
+    )
+    expected = keys.sha256_hex(text.encode())[:32]
+    assert keys.derive_edit_id(*values[:4], settings, *values[4:]) == expected
+    with pytest.raises(ValueError, match="finite"):
+        keys.derive_edit_id(*values[:4], settings, 1, 50, float("inf"))

@@ -93,7 +93,9 @@ def test_local_racing_writers_one_winner(local_root) -> None:
             a, b = pool.map(write, [b"A" * 100_000, b"B" * 100_000])
         assert sorted([a, b]) == [False, True]
         assert store.get(key) == (b"A" if a else b"B") * 100_000
-    assert not [p for p in (local_root / "race").iterdir() if p.name.startswith(".")]  # no temp files left
+    assert not [
+        p for p in (local_root / "race").iterdir() if p.name.startswith(".")
+    ]  # no temp files left
 
 
 def test_local_never_lists_temp_files(local_root) -> None:

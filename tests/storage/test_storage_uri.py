@@ -50,8 +50,14 @@ def test_split_uri_errors(uri: str, match: str) -> None:
 
 @pytest.mark.parametrize(
     ("uri", "ok"),
-    [("s3://b/k", True), ("s3://b/", False), ("file:///x", True), ("rel/x.png", True),
-     ("https://x/y", False), ("", False)],
+    [
+        ("s3://b/k", True),
+        ("s3://b/", False),
+        ("file:///x", True),
+        ("rel/x.png", True),
+        ("https://x/y", False),
+        ("", False),
+    ],
 )
 def test_is_supported_uri(uri: str, ok: bool) -> None:
     assert is_supported_uri(uri) is ok
@@ -63,8 +69,9 @@ def test_open_store_s3(s3_bucket: str, s3_server: str) -> None:
     assert store.uri("x") == s3_bucket + "/x"
 
 
-def test_read_uri_all_schemes(tmp_path: Path, s3_bucket: str, s3_server: str,
-                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_uri_all_schemes(
+    tmp_path: Path, s3_bucket: str, s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "a.bin").write_bytes(b"local")
     assert read_uri(str(tmp_path / "a.bin")) == b"local"
     assert read_uri(f"file://{tmp_path}/a.bin") == b"local"
@@ -98,7 +105,9 @@ def test_endpoint_resolution_order(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_endpoint("http://explicit:3") == "http://explicit:3"
 
 
-def test_endpoint_from_env_var(s3_bucket: str, s3_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_endpoint_from_env_var(
+    s3_bucket: str, s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With only AWS_ENDPOINT_URL_S3 set, open_store/read_uri reach the moto endpoint."""
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
     store = open_store(s3_bucket)
