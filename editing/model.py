@@ -254,7 +254,7 @@ def load_model(
     pipe = StableDiffusionPipeline.from_pretrained(
         folder,
         dtype=dt,
-        use_safetensors=not allow_pickle,
+        use_safetensors=None if allow_pickle else True,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
