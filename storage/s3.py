@@ -38,7 +38,9 @@ _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _PRECONDITION_CODES = {"PreconditionFailed", "412"}
 _CONFLICT_CODES = {"ConditionalRequestConflict", "409"}
 
-_clients: dict[str | None, Any] = {}
+_clients: dict[
+    tuple[int, str | None], Any
+] = {}  # (pid, endpoint): never share a client across fork
 _clients_lock = threading.Lock()
 
 
@@ -71,11 +73,11 @@ def make_s3_client(endpoint: str | None = None) -> Any:
 
 def get_s3_client(endpoint: str | None = None) -> Any:
     """The process-wide cached client for `endpoint` (boto3 clients are thread-safe)."""
-    endpoint = resolve_endpoint(endpoint)
+    key = (os.getpid(), resolve_endpoint(endpoint))
     with _clients_lock:
-        client = _clients.get(endpoint)
+        client = _clients.get(key)
         if client is None:
-            client = _clients[endpoint] = make_s3_client(endpoint)
+            client = _clients[key] = make_s3_client(key[1])
         return client
 
 

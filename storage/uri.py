@@ -14,7 +14,7 @@ SUPPORTED_SCHEMES = ("s3://", "file://", "plain paths")  # for messages
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 # The same rules as regular expressions, for vectorised checks of a whole manifest column.
 SCHEME_PATTERN = r"^[A-Za-z][A-Za-z0-9+.\-]*://"
-SUPPORTED_URI_PATTERN = r"^(s3://[^/]+/.+|file://(localhost)?/.*)$"
+SUPPORTED_URI_PATTERN = r"^((?i:s3)://[^/]+/.+|(?i:file)://(localhost)?/.*)$"
 
 
 def split_uri(uri: str) -> tuple[str, str, str]:

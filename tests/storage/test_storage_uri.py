@@ -53,6 +53,8 @@ def test_split_uri_errors(uri: str, match: str) -> None:
     [
         ("s3://b/k", True),
         ("s3://b/", False),
+        ("S3://b/k", True),
+        ("FILE:///x", True),
         ("file:///x", True),
         ("rel/x.png", True),
         ("https://x/y", False),

@@ -394,3 +394,23 @@ def test_load_s3_prefix_and_object(s3_bucket: str, s3_server: str) -> None:
     assert problems == []
     with pytest.raises(ManifestError, match="no Parquet files"):
         load_manifest(f"{s3_bucket}/manifests/none/", s3_endpoint=s3_server)
+
+
+def test_duplicate_column_names_and_all_null_optional_columns() -> None:
+    base = manifest(method=pa.nulls(3), settings=pa.nulls(3), edit_id=pa.nulls(3))
+    assert validate_table(base) == []  # all-null optional columns = defaults
+    doubled = pa.Table.from_arrays(
+        [*base.columns, base.column("seed")], names=[*base.column_names, "seed"]
+    )
+    assert [(p.row, p.column, p.reason) for p in validate_table(doubled)] == [
+        (None, "seed", "column appears 2 times")
+    ]
+
+
+def test_empty_manifest_reports_columns_too() -> None:
+    empty = pa.table({"image_uri": pa.array([], pa.string())})
+    assert [(p.row, p.column) for p in validate_table(empty)] == [
+        (None, None),
+        (None, "source_prompt"),
+        (None, "target_prompt"),
+    ]
