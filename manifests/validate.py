@@ -7,6 +7,8 @@ Row numbers are 0-based positions in the manifest (files of a folder concatenate
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import math
@@ -611,6 +613,39 @@ def validate_table(table: pa.Table) -> list[Problem]:
 # ----------------------------------------------------------------------------- normalising
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector (for bulk creation of acyclic objects)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _derive_ids(a: _Analysis, rows: np.ndarray) -> list[str]:
+    """Derived edit ids of `rows` (resolved values, settings hashed as canonical JSON)."""
+    take = pa.array(rows)
+    identity = np.array(a.settings_identity, dtype=object)[a.settings_codes[rows]].tolist()
+    return [
+        derive_edit_id_json(*values)
+        for values in zip(
+            a.arrays["image_uri"].take(take).to_pylist(),
+            a.arrays["source_prompt"].take(take).to_pylist(),
+            a.arrays["target_prompt"].take(take).to_pylist(),
+            a.method.take(take).to_pylist(),
+            identity,
+            a.seed[rows].tolist(),
+            a.num_steps[rows].tolist(),
+            a.guidance[rows].tolist(),
+            a.negative.take(take).to_pylist(),
+            strict=True,
+        )
+    ]
+
+
 def normalize(table: pa.Table) -> pa.Table:
     """The manifest with every value resolved, ready for planning; raises :class:`ManifestError`.
 
@@ -629,25 +664,10 @@ def normalize(table: pa.Table) -> pa.Table:
     derived_rows = np.flatnonzero(missing)
     derived: list[str] = []
     if len(derived_rows):
-        take = pa.array(derived_rows)
-        identity = np.array(a.settings_identity, dtype=object)[
-            a.settings_codes[derived_rows]
-        ].tolist()
-        derived = [
-            derive_edit_id_json(*values)
-            for values in zip(
-                a.arrays["image_uri"].take(take).to_pylist(),
-                a.arrays["source_prompt"].take(take).to_pylist(),
-                a.arrays["target_prompt"].take(take).to_pylist(),
-                a.method.take(take).to_pylist(),
-                identity,
-                a.seed[derived_rows].tolist(),
-                a.num_steps[derived_rows].tolist(),
-                a.guidance[derived_rows].tolist(),
-                a.negative.take(take).to_pylist(),
-                strict=True,
-            )
-        ]
+        with (
+            _gc_paused()
+        ):  # millions of short-lived strings, no cycles: skip the collector's passes
+            derived = _derive_ids(a, derived_rows)
     if "edit_id" in a.arrays and len(derived_rows) < n:
         given = a.arrays["edit_id"].cast(pa.string())
         edit_id = (
