@@ -1,0 +1,685 @@
+"""Train the shapes reference model from scratch on CPU, export it, and probe prompt following.
+
+Recipe (all seeded; ``--minutes`` is the total training-time budget, summed over resumes):
+
+1. VAE (``diffusers.AutoencoderKL``, 32x32x3 -> 16x16x4): MSE + 1e-6 KL on freshly rendered
+   scenes, AdamW, lr 1e-3 with warm-up and cosine decay over ``--vae-minutes``. Its round-trip
+   PSNR on 256 held-out scenes is logged; ``scaling_factor`` is set to 1/std of the latents.
+2. UNet + CLIP text encoder jointly, SD's noise schedule (scaled-linear betas, 1000 steps,
+   epsilon prediction), min-SNR-5 loss weighting, AdamW lr 6e-4, batch 16, 500 warm-up steps, cosine
+   decay to 5% over the remaining budget (by elapsed time, or by ``--unet-steps`` for a
+   step-exact schedule), gradient clipping 1.0, EMA 0.999 of both networks (exported).
+   Captions drop the colour / background with some probability and are "" 10% of the time
+   (classifier-free guidance). Latents come from a buffer that grows by 8 fresh scenes per
+   step up to 20,000 (encoding every sample would cost as much as the UNet step).
+3. Export (EMA weights, fp32, safetensors) as a ``StableDiffusionPipeline`` with a DDIM
+   scheduler, plus ``editflow.json``; then probe: DDIM 50 steps, guidance 7.5, classify the
+   generated images' colour / shape / background with the domain scorers.
+
+Checkpoints (model, optimiser, EMA, RNG states, step, elapsed time) are written atomically to
+``OUT/checkpoint.pt`` every few minutes. Resuming restores them; the latent buffer is refilled,
+so a resumed run is statistically, not bitwise, identical.
+
+    python -m refmodel.train --out refmodel/checkpoints/run1 --minutes 110
+    python -m refmodel.train --out refmodel/checkpoints/run1 --minutes 110 --resume
+    python -m refmodel.train --export-from refmodel/checkpoints/run1/checkpoint.pt --to refmodel/shapes-v1
+    python -m refmodel.train --probe refmodel/shapes-v1 --probe-n 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+
+from refmodel.domain import (
+    BACKGROUNDS,
+    COLOURS,
+    IMAGE_SIZE,
+    SHAPES,
+    Scene,
+    caption,
+    classify_background,
+    classify_colour,
+    classify_shape,
+    psnr,
+    render_array,
+    sample_scene,
+    segment,
+)
+from refmodel.models import (
+    ModelConfig,
+    build_sample_scheduler,
+    build_text_encoder,
+    build_train_scheduler,
+    build_unet,
+    build_vae,
+)
+from refmodel.tokenizer import build_tokenizer
+
+logger = logging.getLogger("refmodel.train")
+
+# PnP defaults (paper's decoder layer 4 features, self-attention of decoder layers 4-11).
+PNP_FEATURE_LAYERS = ["up_blocks.1.resnets.1"]
+PNP_ATTN_LAYERS = [
+    "up_blocks.1.attentions.1.transformer_blocks.0.attn1",
+    "up_blocks.1.attentions.2.transformer_blocks.0.attn1",
+    "up_blocks.2.attentions.0.transformer_blocks.0.attn1",
+    "up_blocks.2.attentions.1.transformer_blocks.0.attn1",
+    "up_blocks.2.attentions.2.transformer_blocks.0.attn1",
+    "up_blocks.3.attentions.0.transformer_blocks.0.attn1",
+    "up_blocks.3.attentions.1.transformer_blocks.0.attn1",
+    "up_blocks.3.attentions.2.transformer_blocks.0.attn1",
+]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters (defaults are the recipe in the module docstring)."""
+
+    seed: int = 0  # seeds numpy (scenes, captions) and torch (init, noise, timesteps)
+    minutes: float = 110.0  # total training budget in minutes, VAE + UNet, across resumes
+    vae_minutes: float = 12.0  # part of the budget for the VAE
+    vae_batch: int = 16  # images per VAE step
+    vae_lr: float = 1e-3  # peak AdamW lr for the VAE
+    vae_kl_weight: float = 1e-6  # tiny: keeps latents bounded, reconstruction dominates
+    vae_target_psnr: float = 45.0  # dB; stop the VAE phase early once reached
+    unet_batch: int = 16  # latents per UNet step; small: more updates per CPU-second
+    unet_lr: float = 6e-4  # peak AdamW lr; small nets trained briefly like a high lr
+    unet_warmup: int = 500  # steps of linear warm-up
+    unet_steps: int = 0  # if > 0, a step-exact cosine schedule of this length; else by time
+    min_lr_ratio: float = 0.05  # cosine floor as a fraction of the peak lr
+    weight_decay: float = 0.01  # AdamW weight decay
+    ema_decay: float = 0.999  # EMA of UNet + text encoder weights (~1000-step horizon)
+    snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023); 0 disables
+    uncond_prob: float = 0.1  # caption -> "" for classifier-free guidance
+    drop_probs: tuple[float, float, float, float] = (0.6, 0.13, 0.13, 0.14)  # full/-col/-bg/-both
+    buffer_start: int = 1024  # latents encoded before the first UNet step
+    buffer_max: int = 20_000  # latent buffer capacity
+    buffer_refresh: int = 8  # fresh scenes encoded per UNet step
+    checkpoint_minutes: float = 5.0  # how often to write OUT/checkpoint.pt
+    probe_minutes: float = 20.0  # how often to log a quick prompt-following probe
+    reserve_minutes: float = 3.0  # budget kept for the final export and probe
+    threads: int = 2  # torch intra-op threads (the machine is shared)
+
+    def __post_init__(self) -> None:
+        if self.vae_minutes >= self.minutes:
+            raise ValueError(f"vae_minutes={self.vae_minutes} must be < minutes={self.minutes}")
+        if abs(sum(self.drop_probs) - 1.0) > 1e-6:
+            raise ValueError(f"drop_probs must sum to 1, got {self.drop_probs}")
+
+
+DROPS = (
+    frozenset(),
+    frozenset({"colour"}),
+    frozenset({"background"}),
+    frozenset({"colour", "background"}),
+)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def scene_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[Scene]]:
+    """Render n random scenes: ((n, 3, 32, 32) float in [-1, 1], scenes)."""
+    scenes = [sample_scene(rng) for _ in range(n)]
+    images = np.stack([render_array(s)[0] for s in scenes])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, scenes
+
+
+class CaptionIds:
+    """Token ids of captions, cached (the caption set is small)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if missing:
+            ids = self.tokenizer(
+                missing,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            self.cache.update(zip(missing, ids, strict=True))
+        return torch.stack([self.cache[t] for t in texts])
+
+
+def training_caption(scene: Scene, rng: np.random.Generator, cfg: TrainConfig) -> str:
+    """Caption for training: "" with uncond_prob, else a full or partial caption."""
+    if rng.random() < cfg.uncond_prob:
+        return ""
+    return caption(scene, DROPS[int(rng.choice(4, p=cfg.drop_probs))])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file, then rename over `path` (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ckpt-", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def lr_factor(progress: float, step: int, warmup: int, floor: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from 1 to `floor` as progress goes 0->1."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    progress = min(max(progress, 0.0), 1.0)
+    return warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------- VAE phase
+
+
+@torch.no_grad()
+def vae_psnr(vae, n: int = 256, seed: int = 12345) -> float:
+    """Mean round-trip PSNR (dB, uint8 images) of the VAE on n held-out scenes (posterior mean)."""
+    vae.eval()
+    rng = np.random.default_rng(seed)
+    values = []
+    for start in range(0, n, 64):
+        x, _ = scene_batch(rng, min(64, n - start))
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+        a = ((x + 1) * 127.5).round().clamp(0, 255).permute(0, 2, 3, 1).numpy()
+        b = ((recon + 1) * 127.5).round().clamp(0, 255).permute(0, 2, 3, 1).numpy()
+        values += [min(psnr(u, v), 99.0) for u, v in zip(a, b, strict=True)]
+    vae.train()
+    return float(np.mean(values))
+
+
+@torch.no_grad()
+def latent_std(vae, n: int = 2048, seed: int = 54321) -> float:
+    """Standard deviation of the VAE posterior means over n scenes."""
+    rng = np.random.default_rng(seed)
+    latents = [vae.encode(scene_batch(rng, 128)[0]).latent_dist.mean for _ in range(n // 128)]
+    return float(torch.cat(latents).std())
+
+
+def train_vae(state: dict, cfg: TrainConfig, out: Path, clock: Clock) -> None:
+    """Phase 1: train the VAE until its budget is spent or the PSNR target is reached."""
+    vae = state["vae_model"]
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    if state.get("vae_opt") is not None:
+        opt.load_state_dict(state["vae_opt"])
+    rng = state["np_rng"]
+    budget = cfg.vae_minutes * 60
+    step = state.get("vae_step", 0)
+    step0, t_start = step, clock.phase_elapsed("vae")
+    last_log = last_ckpt = time.time()
+    vae.train()
+    while True:
+        elapsed = clock.phase_elapsed("vae")
+        if elapsed >= budget:
+            break
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * lr_factor(elapsed / budget, step, 100, cfg.min_lr_ratio)
+        x, _ = scene_batch(rng, cfg.vae_batch)
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample(generator=state["torch_gen"])).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + cfg.vae_kl_weight * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        now = time.time()
+        if now - last_log > 60 or step == 20:
+            p = vae_psnr(vae, 128)
+            print(
+                f"[vae] step {step} mse {mse.item():.5f} psnr {p:.2f} dB "
+                f"{(elapsed - t_start) / max(step - step0, 1):.3f} s/step "
+                f"elapsed {elapsed / 60:.1f} min",
+                flush=True,
+            )
+            last_log = now
+            if p >= cfg.vae_target_psnr:
+                print(f"[vae] reached {p:.2f} dB >= target, stopping early", flush=True)
+                break
+        if now - last_ckpt > cfg.checkpoint_minutes * 60:
+            state.update(vae_step=step, vae_opt=opt.state_dict())
+            save_checkpoint(out / "checkpoint.pt", pack_state(state, clock))
+            last_ckpt = now
+    state["vae_step"] = step
+    state["vae_psnr"] = vae_psnr(vae, 256)
+    std = latent_std(vae)
+    vae.register_to_config(scaling_factor=1.0 / std)
+    state["phase"] = "unet"
+    state["vae_opt"] = None
+    print(
+        f"[vae] done: {step} steps, round-trip PSNR {state['vae_psnr']:.2f} dB, "
+        f"latent std {std:.4f} -> scaling_factor {1.0 / std:.4f}",
+        flush=True,
+    )
+    save_checkpoint(out / "checkpoint.pt", pack_state(state, clock))
+    shutil.copyfile(out / "checkpoint.pt", out / "vae_done.pt")
+
+
+# ----------------------------------------------------------------------------- UNet phase
+
+
+class LatentBuffer:
+    """Ring buffer of (scaled latent, scene) pairs, refreshed with a few fresh scenes per step."""
+
+    def __init__(self, vae, capacity: int, latent_shape: tuple[int, int, int]) -> None:
+        self.vae = vae
+        self.capacity = capacity
+        self.latents = torch.empty((capacity, *latent_shape))  # (capacity, 4, 16, 16)
+        self.scenes: list[Scene] = []
+        self.cursor = 0  # next slot to overwrite once full
+
+    @torch.no_grad()
+    def add(self, rng: np.random.Generator, n: int) -> None:
+        for start in range(0, n, 128):
+            x, scenes = scene_batch(rng, min(128, n - start))
+            z = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+            for zi, s in zip(z, scenes, strict=True):
+                if len(self.scenes) < self.capacity:
+                    self.latents[len(self.scenes)] = zi
+                    self.scenes.append(s)
+                else:
+                    self.latents[self.cursor] = zi
+                    self.scenes[self.cursor] = s
+                    self.cursor = (self.cursor + 1) % self.capacity
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[Scene]]:
+        idx = rng.integers(len(self.scenes), size=n)
+        return self.latents[torch.from_numpy(idx)], [self.scenes[i] for i in idx]
+
+
+def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR, gamma) / SNR per sample (epsilon prediction); ones when gamma <= 0."""
+    if gamma <= 0:
+        return torch.ones(len(timesteps))
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def train_unet(state: dict, cfg: TrainConfig, out: Path, clock: Clock) -> None:
+    """Phase 2: train UNet + text encoder jointly on buffered latents, with EMA."""
+    vae, unet, text = state["vae_model"], state["unet_model"], state["text_model"]
+    vae.eval().requires_grad_(False)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=cfg.weight_decay)
+    if state.get("unet_opt") is not None:
+        opt.load_state_dict(state["unet_opt"])
+    ema_params = list(state["ema_unet"].parameters()) + list(state["ema_text"].parameters())
+    scheduler = build_train_scheduler()
+    ids_of = CaptionIds(state["tokenizer"])
+    rng, gen = state["np_rng"], state["torch_gen"]
+    mcfg = state["model_config"]
+    latent_shape = (mcfg.latent_channels, mcfg.latent_size, mcfg.latent_size)
+    buffer = LatentBuffer(vae, cfg.buffer_max, latent_shape)
+    buffer.add(rng, cfg.buffer_start)
+    reserve = min(cfg.reserve_minutes, 0.1 * cfg.minutes)
+    budget = (cfg.minutes - cfg.vae_minutes - reserve) * 60
+    step = state.get("unet_step", 0)
+    step0, t_start = step, clock.phase_elapsed("unet")
+    last_log = last_ckpt = last_probe = time.time()
+    losses: list[float] = []
+    unet.train()
+    text.train()
+    while True:
+        elapsed = clock.phase_elapsed("unet")
+        if cfg.unet_steps > 0:
+            if step >= cfg.unet_steps:
+                break
+            progress = step / cfg.unet_steps
+        else:
+            progress = elapsed / budget
+        if elapsed >= budget:
+            break
+        for g in opt.param_groups:
+            g["lr"] = cfg.unet_lr * lr_factor(progress, step, cfg.unet_warmup, cfg.min_lr_ratio)
+        buffer.add(rng, cfg.buffer_refresh)
+        latents, scenes = buffer.sample(rng, cfg.unet_batch)
+        ids = ids_of([training_caption(s, rng, cfg) for s in scenes])
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+        noisy = scheduler.add_noise(latents, noise, t)
+        hidden = text(ids)[0]  # (B, 77, text_hidden)
+        pred = unet(noisy, t, hidden).sample  # (B, 4, 16, 16)
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * snr_weights(scheduler, t, cfg.snr_gamma)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        losses.append(per_sample.mean().item())
+        now = time.time()
+        if now - last_log > 60 or step == step0 + 20:
+            rate = (elapsed - t_start) / max(step - step0, 1)
+            print(
+                f"[unet] step {step} loss {np.mean(losses):.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{rate:.3f} s/step ({1 / rate:.2f} it/s) progress {progress:.3f} "
+                f"elapsed {elapsed / 60:.1f} min buffer {len(buffer.scenes)}",
+                flush=True,
+            )
+            losses.clear()
+            last_log = now
+        if now - last_ckpt > cfg.checkpoint_minutes * 60:
+            state.update(unet_step=step, unet_opt=opt.state_dict())
+            save_checkpoint(out / "checkpoint.pt", pack_state(state, clock))
+            last_ckpt = now
+        if now - last_probe > cfg.probe_minutes * 60:
+            pipe = make_pipeline(vae, state["ema_text"], state["tokenizer"], state["ema_unet"])
+            acc = probe(pipe, n=30, steps=25)
+            print(f"[probe] step {step} (EMA, 30 samples, 25 DDIM steps): {acc}", flush=True)
+            last_probe = time.time()
+    state.update(unet_step=step, unet_opt=opt.state_dict(), phase="done")
+    save_checkpoint(out / "checkpoint.pt", pack_state(state, clock))
+    print(f"[unet] done: {step} steps", flush=True)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+class Clock:
+    """Training time per phase, carried across resumes."""
+
+    def __init__(self, elapsed: dict[str, float] | None = None) -> None:
+        self.before = dict(elapsed or {})
+        self.phase: str | None = None
+        self.started = 0.0
+
+    def start(self, phase: str) -> None:
+        self.phase, self.started = phase, time.time()
+
+    def phase_elapsed(self, phase: str) -> float:
+        extra = time.time() - self.started if phase == self.phase else 0.0
+        return self.before.get(phase, 0.0) + extra
+
+    def snapshot(self) -> dict[str, float]:
+        phases = set(self.before) | ({self.phase} if self.phase else set())
+        return {p: self.phase_elapsed(p) for p in phases}
+
+
+def pack_state(state: dict, clock: Clock) -> dict:
+    """The serialisable part of the training state."""
+    return {
+        "phase": state["phase"],
+        "train_config": dataclasses.asdict(state["train_config"]),
+        "model_config": dataclasses.asdict(state["model_config"]),
+        "vae_config": dict(state["vae_model"].config),
+        "vae": state["vae_model"].state_dict(),
+        "unet": state["unet_model"].state_dict(),
+        "text": state["text_model"].state_dict(),
+        "ema_unet": state["ema_unet"].state_dict(),
+        "ema_text": state["ema_text"].state_dict(),
+        "vae_opt": state.get("vae_opt"),
+        "unet_opt": state.get("unet_opt"),
+        "vae_step": state.get("vae_step", 0),
+        "unet_step": state.get("unet_step", 0),
+        "vae_psnr": state.get("vae_psnr"),
+        "np_rng": state["np_rng"].bit_generator.state,
+        "torch_gen": state["torch_gen"].get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "elapsed": clock.snapshot(),
+    }
+
+
+def new_state(cfg: TrainConfig, mcfg: ModelConfig, tokenizer_dir: Path) -> dict:
+    """Freshly initialised models and RNGs."""
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer(tokenizer_dir)
+    unet = build_unet(mcfg)
+    text = build_text_encoder(mcfg, tokenizer)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return {
+        "phase": "vae",
+        "train_config": cfg,
+        "model_config": mcfg,
+        "tokenizer": tokenizer,
+        "vae_model": build_vae(mcfg),
+        "unet_model": unet,
+        "text_model": text,
+        "ema_unet": copy.deepcopy(unet).requires_grad_(False),
+        "ema_text": copy.deepcopy(text).requires_grad_(False),
+        "np_rng": np.random.default_rng(cfg.seed),
+        "torch_gen": gen,
+    }
+
+
+def load_state(path: Path, tokenizer_dir: Path) -> tuple[dict, Clock]:
+    """Rebuild the models and RNGs from a checkpoint file."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    mcfg = ModelConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in ck["model_config"].items()}
+    )
+    tcfg = TrainConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in ck["train_config"].items()}
+    )
+    state = new_state(tcfg, mcfg, tokenizer_dir)
+    state["vae_model"].register_to_config(scaling_factor=ck["vae_config"]["scaling_factor"])
+    for key in ("vae", "unet", "text", "ema_unet", "ema_text"):
+        target = state[key if key.startswith("ema") else f"{key}_model"]
+        target.load_state_dict(ck[key])
+    state["np_rng"].bit_generator.state = ck["np_rng"]
+    state["torch_gen"].set_state(ck["torch_gen"])
+    torch.set_rng_state(ck["torch_rng"])
+    for key in ("phase", "vae_opt", "unet_opt", "vae_step", "unet_step", "vae_psnr"):
+        state[key] = ck[key]
+    return state, Clock(ck["elapsed"])
+
+
+# ----------------------------------------------------------------------------- export / probe
+
+
+def make_pipeline(vae, text, tokenizer, unet) -> StableDiffusionPipeline:
+    """Assemble an SD pipeline (DDIM scheduler, no safety checker) from the parts."""
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=build_sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def editflow_facts(extra: dict | None = None) -> dict:
+    """Contents of editflow.json: the domain and the default editing-layer facts."""
+    facts = {
+        "name": "shapes-v1",
+        "native_resolution": IMAGE_SIZE,
+        "latent_shape": [4, IMAGE_SIZE // 2, IMAGE_SIZE // 2],
+        "domain": {
+            "description": "one flat-coloured object on a flat background, 32x32 RGB",
+            "shapes": list(SHAPES),
+            "colours": {k: list(v) for k, v in COLOURS.items()},
+            "backgrounds": {k: list(v) for k, v in BACKGROUNDS.items()},
+            "caption_template": "a {colour} {shape} on a {background} background",
+            "partial_captions": [
+                "a {shape} on a {background} background",
+                "a {colour} {shape}",
+                "a {shape}",
+            ],
+            "two_token_words": {"turquoise": ["turqu", "oise</w>"]},
+        },
+        "pnp_feature_layers": PNP_FEATURE_LAYERS,
+        "pnp_attn_layers": PNP_ATTN_LAYERS,
+        "cross_attention_map_resolutions": [16, 8, 4],
+        "defaults": {"num_inference_steps": 50, "guidance_scale": 7.5},
+    }
+    facts.update(extra or {})
+    return facts
+
+
+def export_checkpoint(checkpoint: Path, to: Path, use_ema: bool = True) -> Path:
+    """Export a training checkpoint as a safetensors StableDiffusionPipeline folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        state, _ = load_state(checkpoint, Path(tmp) / "tokenizer")
+        unet = state["ema_unet"] if use_ema else state["unet_model"]
+        text = state["ema_text"] if use_ema else state["text_model"]
+        pipe = make_pipeline(state["vae_model"], text, state["tokenizer"], unet)
+        if to.exists():
+            shutil.rmtree(to)
+        pipe.save_pretrained(str(to), safe_serialization=True)
+    facts = editflow_facts(
+        {
+            "trained_from_checkpoint": {
+                "phase": state["phase"],
+                "unet_steps": state.get("unet_step", 0),
+                "vae_steps": state.get("vae_step", 0),
+                "vae_round_trip_psnr_db": state.get("vae_psnr"),
+                "weights": "ema" if use_ema else "raw",
+            }
+        }
+    )
+    (to / "editflow.json").write_text(json.dumps(facts, indent=2) + "\n")
+    return to
+
+
+@torch.no_grad()
+def probe(
+    pipe: StableDiffusionPipeline,
+    n: int = 60,
+    steps: int = 50,
+    guidance: float = 7.5,
+    seed: int = 7,
+    batch: int = 30,
+) -> dict[str, float]:
+    """Prompt-following accuracy on n full captions of random scenes (domain scorers)."""
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng) for _ in range(n)]
+    hits = {"colour": 0, "shape": 0, "background": 0, "all": 0}
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, n, batch):
+        chunk = scenes[start : start + batch]
+        images = pipe(
+            [caption(s) for s in chunk],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gen,
+            output_type="np",
+        ).images
+        for s, img in zip(chunk, images, strict=True):
+            arr = (img * 255).round().clip(0, 255).astype(np.uint8)
+            mask = segment(arr)
+            ok = {
+                "colour": classify_colour(arr, mask) == s.colour,
+                "shape": classify_shape(mask) == s.shape,
+                "background": classify_background(arr) == s.background,
+            }
+            ok["all"] = all(ok.values())
+            for k, v in ok.items():
+                hits[k] += int(v)
+    return {k: round(v / n, 3) for k, v in hits.items()}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def train(out: Path, cfg: TrainConfig, resume: bool) -> None:
+    """Run (or resume) the whole recipe, then export to OUT/export and probe it."""
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint.pt"
+    tok_dir = out / "tokenizer"
+    if resume and ckpt.exists():
+        state, clock = load_state(ckpt, tok_dir)
+        print(f"resumed from {ckpt}: phase {state['phase']} elapsed {clock.snapshot()}", flush=True)
+    else:
+        if ckpt.exists() and not resume:
+            raise ValueError(f"{ckpt} exists; pass --resume or choose another --out")
+        state, clock = new_state(cfg, ModelConfig(), tok_dir), Clock()
+    n_unet = sum(p.numel() for p in state["unet_model"].parameters())
+    n_vae = sum(p.numel() for p in state["vae_model"].parameters())
+    n_text = sum(p.numel() for p in state["text_model"].parameters())
+    print(
+        f"params: unet {n_unet / 1e6:.2f}M vae {n_vae / 1e6:.2f}M text {n_text / 1e6:.2f}M",
+        flush=True,
+    )
+    print(f"config: {state['train_config']}\nmodel: {state['model_config']}", flush=True)
+    cfg = state["train_config"]
+    if state["phase"] == "vae":
+        clock.start("vae")
+        train_vae(state, cfg, out, clock)
+    if state["phase"] == "unet":
+        clock.start("unet")
+        train_unet(state, cfg, out, clock)
+    clock.start("export")
+    export_dir = export_checkpoint(ckpt, out / "export")
+    print(f"exported to {export_dir}", flush=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(export_dir))
+    pipe.set_progress_bar_config(disable=True)
+    print(
+        f"[probe] final (EMA, 60 samples, 50 DDIM steps, cfg 7.5): {probe(pipe, n=60)}", flush=True
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, help="run folder (checkpoint.pt, log, export/)")
+    parser.add_argument("--minutes", type=float, default=TrainConfig.minutes)
+    parser.add_argument("--vae-minutes", type=float, default=TrainConfig.vae_minutes)
+    parser.add_argument("--unet-steps", type=int, default=0, help="step-exact schedule length")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--export-from", type=Path, help="checkpoint.pt to export")
+    parser.add_argument("--to", type=Path, help="export folder (with --export-from)")
+    parser.add_argument("--raw", action="store_true", help="export raw instead of EMA weights")
+    parser.add_argument("--probe", type=Path, help="exported pipeline folder to probe")
+    parser.add_argument("--probe-n", type=int, default=60)
+    parser.add_argument("--probe-steps", type=int, default=50)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(TrainConfig.threads)
+    if args.export_from is not None:
+        if args.to is None:
+            parser.error("--export-from needs --to")
+        print(f"exported to {export_checkpoint(args.export_from, args.to, use_ema=not args.raw)}")
+        return
+    if args.probe is not None:
+        pipe = StableDiffusionPipeline.from_pretrained(str(args.probe))
+        pipe.set_progress_bar_config(disable=True)
+        print(probe(pipe, n=args.probe_n, steps=args.probe_steps))
+        return
+    if args.out is None:
+        parser.error("--out is required for training")
+    cfg = TrainConfig(
+        seed=args.seed,
+        minutes=args.minutes,
+        vae_minutes=args.vae_minutes,
+        unet_steps=args.unet_steps,
+    )
+    train(args.out, cfg, args.resume)
+
+
+if __name__ == "__main__":
+    main()
