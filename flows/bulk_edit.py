@@ -1,0 +1,212 @@
+"""The bulk-edit flows: validate -> plan -> fan out shards -> collect -> summarise; rerun; restyle.
+
+Orchestration only: the work lives in :mod:`tasks` (plain functions wrapped as Prefect tasks). One task
+per shard, never per image (Prefect's per-task overhead is large). The task runner is chosen by the
+caller (:func:`flows.runners.make_task_runner`): a bounded thread pool by default, Dask for clusters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyarrow.compute as pc
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import as_completed
+
+from manifests.build import DEFAULT_TEMPLATE, restyle_manifest
+from storage import keys
+from storage.uri import open_store
+from storage.writer import read_json, read_parquet, write_json, write_parquet
+from tasks.options import RunOptions
+from tasks.shard import read_run_results
+from tasks.units import plan_task, shard_task
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[dict[str, Any]], None]
+_progress: list[ProgressFn] = []  # set by the CLI (a callable is no flow parameter: parameters are stored)
+
+
+def set_progress_callback(fn: ProgressFn | None) -> None:
+    """Call `fn` with each finished shard's stats (and once with the plan) during flows in this process."""
+    _progress.clear()
+    if fn is not None:
+        _progress.append(fn)
+
+
+def _notify(event: dict[str, Any]) -> None:
+    for fn in _progress:
+        fn(event)
+
+
+def _fan_out(options: RunOptions, run_id: str, shards: Sequence[int], gpu_resources: bool) -> tuple[list[dict], list[str]]:
+    """Submit one task per shard; collect their stats as they finish."""
+    opts = options.to_dict()
+    if gpu_resources:
+        import dask
+
+        with dask.annotate(resources={"GPU": 1}):
+            futures = [shard_task.submit(opts, run_id, i) for i in shards]
+    else:
+        futures = [shard_task.submit(opts, run_id, i) for i in shards]
+    index_of = {f.task_run_id: i for f, i in zip(futures, shards)}
+    progress_id = create_progress_artifact(0.0, key=f"progress-{run_id.lower()}"[:100], description=f"shards of run {run_id}") if shards else None
+    stats, failed = [], []
+    for done, fut in enumerate(as_completed(futures), start=1):
+        try:
+            s = fut.result()
+            stats.append(s)
+        except Exception as exc:  # noqa: BLE001 - a failed shard is recorded; `rerun` picks it up
+            shard = index_of.get(fut.task_run_id)
+            logger.error("shard %s failed: %s: %s", shard, type(exc).__name__, exc)
+            failed.append(f"shard {shard}: {type(exc).__name__}: {exc}")
+            s = {"shard": shard, "error": str(exc)}
+        _notify(s)
+        if progress_id is not None:
+            update_progress_artifact(progress_id, 100.0 * done / len(futures))
+    return stats, failed
+
+
+def _summarise(options: RunOptions, run_id: str, plan: dict, stats: list[dict], failed_shards: list[str], wall: float) -> dict[str, Any]:
+    out = open_store(options.out, s3_endpoint=options.s3_endpoint)
+    results = read_run_results(options, run_id)
+    counts = {s: 0 for s in ("succeeded", "failed", "skipped")}
+    cache_hits = 0
+    if results.num_rows:
+        for s in counts:
+            counts[s] = int(pc.sum(pc.equal(results.column("status"), s)).as_py() or 0)
+        cache_hits = int(pc.sum(pc.fill_null(results.column("cache_hit"), False)).as_py() or 0)
+    unplanned = plan["rows"] - results.num_rows  # rows of shards that failed as a whole
+    counts["failed"] += max(0, unplanned)
+    seconds: dict[str, float] = {"wall": wall, **plan.get("seconds", {})}
+    for s in stats:
+        for k, v in s.get("seconds", {}).items():
+            seconds[f"shards_{k}"] = seconds.get(f"shards_{k}", 0.0) + v
+    summary = {
+        "run_id": run_id,
+        "out": options.out,
+        "rows": plan["rows"],
+        "counts": counts,
+        "inversions_computed": sum(s.get("inversions_computed", 0) for s in stats),
+        "inversion_cache_hits": sum(s.get("inversion_cache_hits", 0) for s in stats),
+        "edit_cache_hits": cache_hits,
+        "unet_evals": sum(s.get("unet_evals", 0.0) for s in stats),
+        "failed_shards": failed_shards,
+        "seconds": seconds,
+        "results_uri": out.uri(keys.run_prefix(run_id) + "results/"),
+    }
+    write_json(out, keys.summary_key(run_id), summary)
+    if results.num_rows:
+        cols = [c for c in ("edit_id", "status", "output_uri", "error", "cache_hit", "unet_evals", "seconds") if c in results.column_names]
+        create_table_artifact(results.select(cols).slice(0, 500).to_pylist(), key=f"results-{run_id.lower()}"[:100], description="first 500 results")
+    create_markdown_artifact(
+        f"# editflow run {run_id}\n\n| status | edits |\n|---|---|\n"
+        + "".join(f"| {k} | {v} |\n" for k, v in counts.items())
+        + f"\nresults: `{summary['results_uri']}`\n",
+        key=f"summary-{run_id.lower()}"[:100],
+    )
+    return summary
+
+
+@flow(name="bulk-edit", log_prints=False)
+def bulk_edit(
+    manifest: str,
+    out: str,
+    model: str = "",
+    cache: str = "",
+    shard_size: int = 64,
+    s3_endpoint: str | None = None,
+    run_id: str | None = None,
+    image_format: str = "png",
+    max_batch: int = 8,
+    cache_features: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    gpu_resources: bool = False,
+) -> dict[str, Any]:
+    """Edit every row of `manifest` into `out`: validate, plan, one task per shard, summarise."""
+    t0 = time.perf_counter()
+    options = RunOptions(
+        out=out, model=model, cache=cache, s3_endpoint=s3_endpoint, image_format=image_format,
+        max_batch=max_batch, cache_features=cache_features, device=device, dtype=dtype,
+    )  # fmt: skip
+    run_id = run_id or keys.new_run_id()
+    planned = plan_task(manifest, options.to_dict(), run_id, shard_size)
+    plan = read_json(open_store(out, s3_endpoint=s3_endpoint), keys.plan_key(run_id))
+    _notify({"planned": planned})
+    stats, failed = _fan_out(options, run_id, range(planned["shards"]), gpu_resources)
+    return _summarise(options, run_id, plan, stats, failed, time.perf_counter() - t0)
+
+
+def shards_to_rerun(options: RunOptions, run_id: str, plan: dict) -> list[int]:
+    """Shards without a results file, or whose results hold failed rows."""
+    out = open_store(options.out, s3_endpoint=options.s3_endpoint)
+    todo = []
+    for shard in plan["shards"]:
+        key = keys.shard_results_key(run_id, shard["index"])
+        if not out.exists(key):
+            todo.append(shard["index"])
+            continue
+        status = read_parquet(out, key).column("status")
+        if pc.any(pc.equal(status, "failed")).as_py():
+            todo.append(shard["index"])
+    return todo
+
+
+@flow(name="bulk-edit-rerun", log_prints=False)
+def rerun(
+    run_id: str,
+    out: str,
+    s3_endpoint: str | None = None,
+    gpu_resources: bool = False,
+) -> dict[str, Any]:
+    """Finish run `run_id`: redo only shards without results and rows that failed; keep the rest."""
+    t0 = time.perf_counter()
+    store = open_store(out, s3_endpoint=s3_endpoint)
+    plan = read_json(store, keys.plan_key(run_id))
+    options = RunOptions.from_dict({**plan["options"], "out": out, "s3_endpoint": s3_endpoint or plan["options"].get("s3_endpoint")})
+    todo = shards_to_rerun(options, run_id, plan)
+    _notify({"planned": {"shards": len(todo), "pending": sum(s["edits"] for s in plan["shards"] if s["index"] in todo)}})
+    stats, failed = _fan_out(options, run_id, todo, gpu_resources)
+    return _summarise(options, run_id, plan, stats, failed, time.perf_counter() - t0)
+
+
+@flow(name="restyle", log_prints=False)
+def restyle(
+    catalog: str,
+    styles: list[str],
+    out: str,
+    template: str = DEFAULT_TEMPLATE,
+    method: str = "pnp",
+    image_column: str = "image_uri",
+    caption_column: str = "caption",
+    model: str = "",
+    cache: str = "",
+    shard_size: int = 64,
+    s3_endpoint: str | None = None,
+    run_id: str | None = None,
+    image_format: str = "png",
+    max_batch: int = 8,
+    cache_features: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    gpu_resources: bool = False,
+) -> dict[str, Any]:
+    """Catalog x styles -> a manifest (written under the run), then a bulk edit of it."""
+    table = restyle_manifest(
+        catalog, styles, template=template, method=method, image_column=image_column,
+        caption_column=caption_column, s3_endpoint=s3_endpoint,
+    )  # fmt: skip
+    run_id = run_id or keys.new_run_id()
+    store = open_store(out, s3_endpoint=s3_endpoint)
+    key = keys.run_file_key(run_id, "manifest.parquet")
+    write_parquet(store, key, table)
+    return bulk_edit.fn(
+        store.uri(key), out, model=model, cache=cache, shard_size=shard_size, s3_endpoint=s3_endpoint,
+        run_id=run_id, image_format=image_format, max_batch=max_batch, cache_features=cache_features,
+        device=device, dtype=dtype, gpu_resources=gpu_resources,
+    )  # fmt: skip

@@ -1,0 +1,188 @@
+"""The `editflow` command line: validate, run, rerun, restyle, serve.
+
+    editflow validate MANIFEST
+    editflow run MANIFEST --out URI [--model M] [--cache URI] [--shard-size N] [--runner local|dask]
+    editflow rerun RUN_ID --out URI
+    editflow restyle CATALOG --style "in watercolor style" [--style ...] --out URI
+    editflow serve MANIFEST --out URI --cron "0 2 * * *"
+
+Exit status: 0 when every edit succeeded (or was already finished), 1 when any failed, 2 for an invalid
+manifest or bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+
+def _quiet_prefect_defaults() -> None:
+    """Without a Prefect server configured, Prefect starts a temporary one: keep its exit clean
+    (its task-run recorder logs flush errors at shutdown) and its logs to warnings; users may override."""
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time notes about optional packages
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output root: folder, file://... or s3://bucket/prefix")
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    p.add_argument("--runner", choices=("local", "dask"), default="local", help="shard fan-out (default: local, one worker per GPU)")
+    p.add_argument("--dask-address", default=None, help="scheduler address of an existing Dask cluster")
+    p.add_argument("--dask-workers", type=int, default=2, help="worker processes of a new local Dask cluster")
+
+
+def _edit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="", help="diffusers SD 1.x/2.x folder or hub id (default: the bundled reference model)")
+    p.add_argument("--cache", default="", help="inversion cache root (default: {out}/cache)")
+    p.add_argument("--shard-size", type=int, default=64, help="edits per shard task (default 64)")
+    p.add_argument("--format", dest="image_format", choices=("png", "jpeg", "webp"), default="png")
+    p.add_argument("--max-batch", type=int, default=8, help="targets per UNet batch (default 8)")
+    p.add_argument("--cache-features", action="store_true", help="also cache PnP source features (see README: Performance)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"), help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--run-id", default=None, help="run id (default: time + random suffix)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="editflow", description="Bulk text-guided image editing (Prompt-to-Prompt, Plug-and-Play).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check a manifest; report every problem with row, column and reason")
+    v.add_argument("manifest")
+    v.add_argument("--s3-endpoint", default=None)
+    r = sub.add_parser("run", help="validate and run a manifest")
+    r.add_argument("manifest")
+    _common(r)
+    _edit_args(r)
+    rr = sub.add_parser("rerun", help="finish a run: redo shards without results and failed rows only")
+    rr.add_argument("run_id")
+    _common(rr)
+    rs = sub.add_parser("restyle", help="a catalog (image_uri, caption) x styles as one bulk edit")
+    rs.add_argument("catalog")
+    rs.add_argument("--style", action="append", required=True, help="a style; repeat for several")
+    rs.add_argument("--template", default="{caption}, {style}", help='target prompt template (default "{caption}, {style}")')
+    rs.add_argument("--method", choices=("pnp", "p2p"), default="pnp")
+    rs.add_argument("--image-column", default="image_uri")
+    rs.add_argument("--caption-column", default="caption")
+    _common(rs)
+    _edit_args(rs)
+    sv = sub.add_parser("serve", help="serve the bulk-edit flow on a cron schedule from this machine")
+    sv.add_argument("manifest")
+    sv.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *"')
+    sv.add_argument("--name", default="editflow-bulk-edit")
+    _common(sv)
+    _edit_args(sv)
+    return parser
+
+
+class _Progress:
+    """A progress bar of edits done / total and failures, fed by finished shards."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar, self.failed = enabled, None, 0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if "planned" in event:
+            self.bar = tqdm(total=event["planned"].get("pending", 0), unit="edit", desc="editing", file=sys.stderr)
+            return
+        if self.bar is not None:
+            self.failed += event.get("failed", 0)
+            self.bar.update(event.get("edits", 0))
+            self.bar.set_postfix(failed=self.failed)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    c = summary["counts"]
+    secs = summary["seconds"]
+    print(f"run {summary['run_id']}: {c['succeeded']} succeeded, {c['failed']} failed, {c['skipped']} skipped (of {summary['rows']})")
+    print(f"inversions: {summary['inversions_computed']} computed, {summary['inversion_cache_hits']} from cache; UNet evaluations: {summary['unet_evals']:.0f}")
+    print(f"time: {secs['wall']:.1f}s; results: {summary['results_uri']}")
+    for s in summary.get("failed_shards", []):
+        print(f"failed {s}")
+
+
+def _bulk_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        model=args.model, cache=args.cache, shard_size=args.shard_size, s3_endpoint=args.s3_endpoint,
+        run_id=args.run_id, image_format=args.image_format, max_batch=args.max_batch,
+        cache_features=args.cache_features, device=args.device, dtype=args.dtype,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_prefect_defaults()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "validate":
+        from manifests.validate import check_manifest, format_problems
+
+        table, problems = check_manifest(args.manifest, s3_endpoint=args.s3_endpoint)
+        if problems:
+            print(format_problems(problems, limit=1000))
+            print(f"{args.manifest}: INVALID ({len(problems)} problem(s))")
+            return 2
+        print(f"{args.manifest}: valid ({table.num_rows} rows)")
+        return 0
+
+    from flows import bulk_edit as flows_mod
+    from flows.runners import make_task_runner
+    from manifests.validate import ManifestError, check_manifest, format_problems
+
+    if args.command in ("run", "serve"):
+        _, problems = check_manifest(args.manifest, s3_endpoint=args.s3_endpoint)
+        if problems:
+            print(format_problems(problems, limit=1000))
+            print(f"{args.manifest}: INVALID ({len(problems)} problem(s)); nothing was run")
+            return 2
+    runner, gpu = make_task_runner(args.runner, dask_address=args.dask_address, dask_workers=args.dask_workers)
+    if args.command == "serve":
+        kwargs = {"manifest": args.manifest, "out": args.out, "gpu_resources": gpu, **_bulk_kwargs(args)}
+        kwargs.pop("run_id")
+        flows_mod.bulk_edit.with_options(task_runner=runner).serve(name=args.name, cron=args.cron, parameters=kwargs)
+        return 0
+    progress = _Progress(enabled=sys.stderr.isatty() or os.environ.get("EDITFLOW_PROGRESS") == "1")
+    flows_mod.set_progress_callback(progress)
+    t0 = time.perf_counter()
+    try:
+        if args.command == "run":
+            summary = flows_mod.bulk_edit.with_options(task_runner=runner)(args.manifest, args.out, gpu_resources=gpu, **_bulk_kwargs(args))
+        elif args.command == "rerun":
+            summary = flows_mod.rerun.with_options(task_runner=runner)(args.run_id, args.out, s3_endpoint=args.s3_endpoint, gpu_resources=gpu)
+        else:
+            summary = flows_mod.restyle.with_options(task_runner=runner)(
+                args.catalog, args.style, args.out, template=args.template, method=args.method,
+                image_column=args.image_column, caption_column=args.caption_column, gpu_resources=gpu, **_bulk_kwargs(args),
+            )  # fmt: skip
+    except ManifestError as exc:
+        progress.close()
+        print(format_problems(exc.problems, limit=1000))
+        return 2
+    finally:
+        flows_mod.set_progress_callback(None)
+    progress.close()
+    _print_summary(summary)
+    if args.verbose:
+        print(json.dumps(summary, indent=2, default=str))
+    logging.getLogger(__name__).debug("cli finished in %.1fs", time.perf_counter() - t0)
+    return 0 if summary["counts"]["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

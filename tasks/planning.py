@@ -1,0 +1,123 @@
+"""Planning a bulk edit: validate the manifest, skip finished edits, group rows by source, pack shards.
+
+Rows are grouped by (image_uri, source_prompt, num_steps) so that each source image is inverted once per
+run and all its targets are edited in one batch; groups are packed, in manifest order, into shards of at
+most `shard_size` edits (a group larger than a shard is split, and its later shards find the inversion in
+the cache). The plan is written under ``{out}/runs/{run_id}/``: ``plan.json`` and one Parquet file of
+normalised rows per shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from manifests.validate import ManifestError, load_manifest, normalize, passthrough_columns, validate_table
+from storage import keys
+from storage.uri import open_store
+from storage.writer import read_json, write_json, write_parquet
+from tasks.options import RunOptions
+from tasks.results import results_table
+
+logger = logging.getLogger(__name__)
+
+GROUP_COLUMNS = ("image_uri", "source_prompt", "num_steps")
+
+
+def finished_edit_ids(store) -> set[str]:
+    """Edit ids whose sidecar exists under ``assets/`` (one listing, not one request per edit)."""
+    done = set()
+    for key in store.list("assets/"):
+        if key.endswith(".json"):
+            done.add(key[len("assets/") : -len(".json")])
+    return done
+
+
+def pack_shards(group_codes: np.ndarray, shard_size: int) -> np.ndarray:
+    """Shard index per row: groups (in order of first appearance) packed into shards of <= shard_size rows."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    n = len(group_codes)
+    shard_of = np.empty(n, dtype=np.int64)
+    if n == 0:
+        return shard_of
+    order = np.argsort(group_codes, kind="stable")
+    sizes = np.bincount(group_codes)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    shard, used = 0, 0
+    for g in range(len(sizes)):  # group codes are numbered by first appearance
+        size, start = int(sizes[g]), int(starts[g])
+        if used and used + min(size, shard_size) > shard_size:
+            shard, used = shard + 1, 0
+        offset = 0
+        while offset < size:
+            take = min(size - offset, shard_size - used)
+            shard_of[order[start + offset : start + offset + take]] = shard
+            offset += take
+            used += take
+            if used == shard_size:
+                shard, used = shard + 1, 0
+    return shard_of
+
+
+def plan_run(manifest_uri: str, options: RunOptions, *, run_id: str, shard_size: int = 64) -> dict[str, Any]:
+    """Validate, plan and write the plan of one run; returns a small summary dict."""
+    t0 = time.perf_counter()
+    table = load_manifest(manifest_uri, s3_endpoint=options.s3_endpoint)
+    problems = validate_table(table)
+    if problems:
+        raise ManifestError(problems)
+    norm = normalize(table)
+    t_validate = time.perf_counter() - t0
+    out = open_store(options.out, s3_endpoint=options.s3_endpoint)
+    done = finished_edit_ids(out)
+    edit_ids = norm.column("edit_id").to_numpy(zero_copy_only=False)
+    finished = np.fromiter((e in done for e in edit_ids), dtype=bool, count=len(edit_ids)) if done else np.zeros(len(edit_ids), bool)
+    pending = norm.filter(pa.array(~finished))
+    skipped = norm.filter(pa.array(finished))
+    frame = pd.DataFrame({c: pending.column(c).to_numpy(zero_copy_only=False) for c in GROUP_COLUMNS})
+    codes = frame.groupby(list(GROUP_COLUMNS), sort=False).ngroup().to_numpy() if len(frame) else np.zeros(0, np.int64)
+    shard_of = pack_shards(codes, shard_size)
+    num_shards = int(shard_of.max()) + 1 if len(shard_of) else 0
+    order = np.argsort(shard_of, kind="stable")
+    bounds = np.searchsorted(shard_of[order], np.arange(num_shards + 1))
+    shards = []
+    for s in range(num_shards):
+        idx = order[bounds[s] : bounds[s + 1]]
+        part = pending.take(pa.array(idx))
+        write_parquet(out, keys.shard_plan_key(run_id, s), part)
+        shards.append({"index": s, "edits": len(idx), "sources": int(len(np.unique(codes[idx])))})
+    if skipped.num_rows:
+        rows = [
+            {"edit_id": e, "status": "skipped", "output_uri": None, "metadata_uri": out.uri(keys.sidecar_key(e)), "error": "finished in an earlier run"}
+            for e in skipped.column("edit_id").to_pylist()
+        ]
+        write_parquet(out, keys.run_file_key(run_id, "results/skipped.parquet"), results_table(rows, skipped))
+    plan = {
+        "run_id": run_id,
+        "manifest": manifest_uri,
+        "created": datetime.now(timezone.utc).isoformat(),
+        "options": options.to_dict(),
+        "shard_size": shard_size,
+        "rows": norm.num_rows,
+        "pending": pending.num_rows,
+        "skipped": skipped.num_rows,
+        "sources": int(codes.max()) + 1 if len(codes) else 0,
+        "passthrough": passthrough_columns(table),
+        "shards": shards,
+        "seconds": {"validate": t_validate, "plan": time.perf_counter() - t0 - t_validate},
+    }
+    write_json(out, keys.plan_key(run_id), plan)
+    logger.info("planned run %s: %d edits (%d skipped) in %d shards", run_id, norm.num_rows, skipped.num_rows, num_shards)
+    return {k: plan[k] for k in ("run_id", "rows", "pending", "skipped", "sources", "seconds")} | {"shards": num_shards}
+
+
+def load_plan(options: RunOptions, run_id: str) -> dict[str, Any]:
+    out = open_store(options.out, s3_endpoint=options.s3_endpoint)
+    return read_json(out, keys.plan_key(run_id))
