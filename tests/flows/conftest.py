@@ -1,0 +1,103 @@
+"""Fixtures for flow tests: Prefect's own test server, a tiny model, and source images in real S3 (moto)."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from refmodel.toy import TINY, build_toy_pipeline
+
+STEPS = 4  # denoising steps of the test manifests: the flows, not the model, are under test here
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> Iterator[str]:
+    """One Prefect test server for the session; its URL is exported so Dask worker processes use it too."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        from prefect.settings import get_current_settings
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=120):
+            url = str(get_current_settings().api.url)
+            mp.setenv("PREFECT_API_URL", url)
+            yield url
+
+
+@pytest.fixture(scope="session")
+def flow_model(tmp_path_factory) -> str:
+    return str(build_toy_pipeline(tmp_path_factory.mktemp("flow-model"), TINY, seed=1))
+
+
+def scene_png(seed: int) -> bytes:
+    from refmodel import domain
+
+    scene = domain.sample_scene(np.random.default_rng(seed))
+    image, _ = domain.render(scene)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def put(s3_client, uri: str, data: bytes) -> None:
+    bucket, key = uri[len("s3://") :].split("/", 1)
+    s3_client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def get(s3_client, uri: str) -> bytes:
+    bucket, key = uri[len("s3://") :].split("/", 1)
+    return s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def keys_under(s3_client, uri: str) -> dict[str, str]:
+    """key -> ETag of every object under an s3:// prefix."""
+    bucket, prefix = uri[len("s3://") :].split("/", 1)
+    out = {}
+    for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            out[obj["Key"]] = obj["ETag"]
+    return out
+
+
+def write_manifest(s3_client, uri: str, rows: list[dict]) -> None:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    put(s3_client, uri, buf.getvalue())
+
+
+def demo_rows(images: list[str], steps: int = STEPS) -> list[dict]:
+    """9 edits over 3 sources (3, 4 and 2 targets), both methods, a passthrough `sku`."""
+    src = ["a red circle on a gray background", "a blue square on a black background", "a green triangle on a white background"]
+    targets = [
+        ["a blue circle on a gray background", "a red square on a gray background", "a red circle on a white background"],
+        ["a red square on a black background", "a blue circle on a black background", "a yellow square on a black background", "a blue square on a gray background"],
+        ["a purple triangle on a white background", "a green circle on a white background"],
+    ]
+    rows = []
+    for i, (uri, s, ts) in enumerate(zip(images, src, targets)):
+        for j, t in enumerate(ts):
+            rows.append({"image_uri": uri, "source_prompt": s, "target_prompt": t, "method": "p2p" if j == 1 else "pnp",
+                         "num_steps": steps, "sku": f"SKU-{i}-{j}"})  # fmt: skip
+    return rows
+
+
+@pytest.fixture
+def env_clean() -> Iterator[None]:
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
