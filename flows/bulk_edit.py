@@ -14,7 +14,12 @@ from typing import Any
 
 import pyarrow.compute as pc
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import as_completed
 
 from manifests.build import DEFAULT_TEMPLATE, restyle_manifest

@@ -18,7 +18,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from manifests.validate import ManifestError, load_manifest, normalize, passthrough_columns, validate_table
+from manifests.validate import (
+    ManifestError,
+    load_manifest,
+    normalize,
+    passthrough_columns,
+    validate_table,
+)
 from storage import keys
 from storage.uri import open_store
 from storage.writer import read_json, write_json, write_parquet

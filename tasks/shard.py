@@ -21,8 +21,16 @@ import pyarrow as pa
 from PIL import Image
 
 from editing.configs import PnPConfig, config_to_settings
-from editing.inversion import Inversion, InversionMismatch, invert, inversion_facts
-from editing.methods import METHOD_OF_CONFIG, EditResult, PnPFeatures, SourceGroup, Target, edit, pnp_feature_facts
+from editing.inversion import Inversion, InversionMismatch, inversion_facts, invert
+from editing.methods import (
+    METHOD_OF_CONFIG,
+    EditResult,
+    PnPFeatures,
+    SourceGroup,
+    Target,
+    edit,
+    pnp_feature_facts,
+)
 from editing.model import EditModel
 from manifests.schema import EditRow
 from manifests.validate import edit_rows

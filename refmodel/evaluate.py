@@ -1,0 +1,232 @@
+"""Edit fidelity of a model on the shapes domain, scored automatically against the generator's ground truth.
+
+    python -m refmodel.evaluate [--model refmodel/shapes-v1] [--sources 100] [--steps 50] [--out refmodel/eval]
+
+Measures (on procedurally drawn source images, never on images sampled from the model):
+1. text-to-image prompt following: colour, shape and background accuracy of generated images;
+2. reconstruction through inversion: PSNR of the VAE round trip, of plain DDIM inversion + reconstruction
+   (guidance 1 and 7.5), and of Direct Inversion (an edit whose target is the source prompt);
+3. colour swaps and shape swaps with each method: edit success (the target attribute is present), structure
+   (mask IoU between the source's ground-truth mask and the edit's segmented mask, colour swaps), background
+   PSNR outside the object, and UNet evaluations per edit;
+4. a contact sheet (source, then each method's edit) for people to look at.
+Prints a table and writes ``metrics.json`` and ``contact_sheet.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from editing.configs import P2PConfig, PnPConfig
+from editing.inversion import invert
+from editing.methods import SourceGroup, Target, edit
+from editing.model import EditModel, load_model
+from editing.sampling import denoise, generate
+from refmodel import REFERENCE_MODEL_DIR, domain
+
+logger = logging.getLogger(__name__)
+
+
+def _methods() -> dict[str, Any]:
+    """Method name -> config factory (source word, target word). "none" (inversion + target prompt,
+    no control) is scored beside them. *_published: corrections on the source branch only (and PnP
+    injecting into the unconditional row too), as in the published procedures."""
+    return {
+        "p2p_swap": lambda old, new: P2PConfig(kind="replace"),
+        "p2p_refine": lambda old, new: P2PConfig(kind="refine"),
+        "p2p_reweight": lambda old, new: P2PConfig(kind="replace", equalizer={new: 2.0}),
+        "p2p_swap_blend": lambda old, new: P2PConfig(kind="replace", blend_source_words=(old,), blend_target_words=(new,)),
+        "pnp": lambda old, new: PnPConfig(),
+        "pnp_published": lambda old, new: PnPConfig(target_correction=False, inject_uncond=True),
+        "p2p_published": lambda old, new: P2PConfig(kind="replace", target_correction=False),
+    }
+
+
+@dataclass
+class _Scores:
+    success: list[bool] = field(default_factory=list)
+    iou: list[float] = field(default_factory=list)
+    bg_psnr: list[float] = field(default_factory=list)
+    evals: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        out = {"n": len(self.success), "success": float(np.mean(self.success)) if self.success else float("nan")}
+        out["iou"] = float(np.mean(self.iou)) if self.iou else float("nan")
+        finite = [p for p in self.bg_psnr if np.isfinite(p)]
+        out["bg_psnr"] = float(np.mean(finite)) if finite else float("inf")
+        out["unet_evals"] = float(np.mean(self.evals)) if self.evals else float("nan")
+        return out
+
+
+def prompt_following(model: EditModel, n: int, steps: int, seed: int = 1000) -> dict[str, float]:
+    """Accuracy of colour, shape and background of images generated from full captions."""
+    rng = np.random.default_rng(seed)
+    scenes = [domain.sample_scene(rng) for _ in range(n)]
+    hits = {"colour": 0, "shape": 0, "background": 0}
+    for start in range(0, n, 16):
+        batch = scenes[start : start + 16]
+        size = (domain.IMAGE_SIZE, domain.IMAGE_SIZE)
+        images = generate(model, [domain.caption(s) for s in batch], num_steps=steps, seed=seed + start, size=size)
+        for s, img in zip(batch, images):
+            mask = domain.segment(img)
+            hits["colour"] += domain.classify_colour(img, mask) == s.colour
+            hits["shape"] += domain.classify_shape(mask) == s.shape
+            hits["background"] += domain.classify_background(img) == s.background
+    return {k: v / n for k, v in hits.items()}
+
+
+def _outside(*masks: np.ndarray) -> np.ndarray:
+    """Background region: outside every mask, dilated by one pixel (anti-aliased edges excluded)."""
+    m = np.zeros_like(masks[0], bool)
+    for x in masks:
+        m |= x
+    grown = m.copy()
+    grown[1:] |= m[:-1]
+    grown[:-1] |= m[1:]
+    grown[:, 1:] |= m[:, :-1]
+    grown[:, :-1] |= m[:, 1:]
+    return ~grown
+
+
+def _swap(scene: domain.Scene, kind: str, rng: np.random.Generator) -> tuple[domain.Scene, str, str]:
+    """The edited scene, the source word and the target word of a colour or shape swap."""
+    from dataclasses import replace
+
+    if kind == "colour":
+        new = str(rng.choice([c for c in domain.COLOURS if c != scene.colour]))
+        return replace(scene, colour=new), scene.colour, new
+    new = str(rng.choice([s for s in domain.SHAPES if s != scene.shape]))
+    return replace(scene, shape=new), scene.shape, new
+
+
+def evaluate_edits(
+    model: EditModel, n_sources: int, steps: int, *, methods: list[str] | None = None, seed: int = 7, sheet_rows: int = 6
+) -> tuple[dict[str, Any], Image.Image]:
+    """Reconstruction and swap-edit scores over `n_sources` drawn scenes; returns (metrics, contact sheet)."""
+    all_methods = _methods()
+    names = methods or list(all_methods)
+    rng = np.random.default_rng(seed)
+    recon = {"vae": [], "ddim_g1": [], "ddim_g7.5": [], "direct_inversion": []}
+    scores = {(m, k): _Scores() for m in ["none", *names] for k in ("colour", "shape")}
+    sheet: list[list[Image.Image]] = []
+    for i in range(n_sources):
+        scene = domain.sample_scene(rng)
+        src_img, src_mask = domain.render(scene)
+        prompt = domain.caption(scene)
+        inv = invert(model, src_img, prompt, num_steps=steps, size_policy="exact")
+        recon["vae"].append(domain.psnr(src_img, model.decode_latents(inv.latents[:1])[0]))
+        for g, key in ((1.0, "ddim_g1"), (7.5, "ddim_g7.5")):
+            z = denoise(model, inv.latents[-1:], [prompt], num_steps=steps, guidance_scale=g)
+            recon[key].append(domain.psnr(src_img, model.decode_latents(z)[0]))
+        swaps = {k: _swap(scene, k, rng) for k in ("colour", "shape")}
+        targets, keys = [Target(prompt, PnPConfig())], [("recon", None)]
+        for kind, (new_scene, old_word, new_word) in swaps.items():
+            tgt_prompt = domain.caption(new_scene)
+            for m in names:
+                cfg = all_methods[m](old_word, new_word)
+                targets.append(Target(tgt_prompt, cfg))
+                keys.append((m, kind))
+        results = edit(model, [SourceGroup(inv, targets)], max_batch=16)[0]
+        recon["direct_inversion"].append(domain.psnr(src_img, results[0].image))
+        row = {"source": src_img}
+        for kind, (new_scene, _, _) in swaps.items():  # the no-control baseline
+            z = denoise(model, inv.latents[-1:], [domain.caption(new_scene)], num_steps=steps)
+            img = model.decode_latents(z)[0]
+            _score(scores[("none", kind)], img, src_img, src_mask, new_scene, kind, 2.0 * steps + inv.unet_evals)
+            if kind == "colour":
+                row["none"] = img
+        for (m, kind), res in zip(keys[1:], results[1:]):
+            new_scene = swaps[kind][0]
+            evals = res.unet_evals["source"] + res.unet_evals["target"] + inv.unet_evals / (len(targets) - 1)
+            _score(scores[(m, kind)], res.image, src_img, src_mask, new_scene, kind, evals)
+            if kind == "colour":
+                row[m] = res.image
+        if i < sheet_rows:
+            sheet.append([row["source"], row["none"], *[row[m] for m in names]])
+        logger.info("source %d/%d done", i + 1, n_sources)
+    metrics = {
+        "reconstruction_psnr": {k: float(np.mean([p for p in v if np.isfinite(p)] or [float("inf")])) for k, v in recon.items()},
+        "edits": {f"{m}/{k}": s.summary() for (m, k), s in scores.items()},
+    }
+    return metrics, contact_sheet(sheet, ["source", "none", *names])
+
+
+def _score(s: _Scores, img: Image.Image, src: Image.Image, src_mask: np.ndarray, want: domain.Scene, kind: str, evals: float) -> None:
+    mask = domain.segment(img)
+    if kind == "colour":
+        s.success.append(domain.classify_colour(img, mask) == want.colour)
+        s.iou.append(domain.mask_iou(src_mask, mask))
+    else:
+        s.success.append(domain.classify_shape(mask) == want.shape)
+    region = _outside(src_mask, mask)
+    s.bg_psnr.append(domain.psnr(src, img, region) if region.any() else float("nan"))
+    s.evals.append(evals)
+
+
+def contact_sheet(rows: list[list[Image.Image]], labels: list[str], scale: int = 4) -> Image.Image:
+    """A grid: one row per source, columns = source then each method's colour-swap edit, labelled."""
+    if not rows:
+        return Image.new("RGB", (1, 1))
+    cell = rows[0][0].width * scale
+    label_h = 14
+    sheet = Image.new("RGB", (cell * len(labels), label_h + cell * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for j, name in enumerate(labels):
+        draw.text((j * cell + 2, 1), name[:18], fill=(0, 0, 0))
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            sheet.paste(img.resize((cell, cell), Image.Resampling.NEAREST), (j * cell, label_h + i * cell))
+    return sheet
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    lines = []
+    pf = metrics.get("prompt_following")
+    if pf:
+        lines.append("prompt following: " + ", ".join(f"{k} {v:.0%}" for k, v in pf.items()))
+    lines.append("reconstruction PSNR (dB): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["reconstruction_psnr"].items()))
+    lines.append(f"{'method/swap':<28}{'n':>5}{'success':>9}{'IoU':>7}{'bg PSNR':>9}{'UNet evals':>12}")
+    for name, s in metrics["edits"].items():
+        iou = f"{s['iou']:.3f}" if np.isfinite(s["iou"]) else "-"
+        lines.append(f"{name:<28}{s['n']:>5}{s['success']:>9.0%}{iou:>7}{s['bg_psnr']:>9.2f}{s['unet_evals']:>12.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(REFERENCE_MODEL_DIR))
+    p.add_argument("--sources", type=int, default=100, help="drawn source images (each gets a colour and a shape swap)")
+    p.add_argument("--generate", type=int, default=300, help="images generated for prompt following")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--out", default="refmodel/eval")
+    p.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(_methods())}")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.manual_seed(0)
+    model = load_model(args.model)
+    t0 = time.perf_counter()
+    metrics: dict[str, Any] = {"model": args.model, "revision": model.revision, "steps": args.steps, "sources": args.sources}
+    metrics["prompt_following"] = prompt_following(model, args.generate, args.steps) if args.generate else {}
+    edits, sheet = evaluate_edits(model, args.sources, args.steps, methods=args.methods)
+    metrics.update(edits)
+    metrics["seconds"] = time.perf_counter() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    sheet.save(out / "contact_sheet.png")
+    print(format_table(metrics))
+    print(f"wrote {out / 'metrics.json'} and {out / 'contact_sheet.png'} in {metrics['seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
