@@ -21,7 +21,9 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.runners import device_count
 from manifests.build import DEFAULT_TEMPLATE, restyle_manifest
 from storage import keys
 from storage.uri import open_store
@@ -117,7 +119,11 @@ def _summarise(options: RunOptions, run_id: str, plan: dict, stats: list[dict], 
     return summary
 
 
-@flow(name="bulk-edit", log_prints=False)
+# Deployments (infra/prefect.yaml) use these defaults: one shard at a time per GPU (one on CPU).
+_DEFAULT_RUNNER = ThreadPoolTaskRunner(max_workers=max(1, device_count()))
+
+
+@flow(name="bulk-edit", log_prints=False, task_runner=_DEFAULT_RUNNER)
 def bulk_edit(
     manifest: str,
     out: str,
@@ -131,13 +137,14 @@ def bulk_edit(
     cache_features: bool = False,
     device: str | None = None,
     dtype: str | None = None,
+    allow_pickle: bool = False,
     gpu_resources: bool = False,
 ) -> dict[str, Any]:
     """Edit every row of `manifest` into `out`: validate, plan, one task per shard, summarise."""
     t0 = time.perf_counter()
     options = RunOptions(
         out=out, model=model, cache=cache, s3_endpoint=s3_endpoint, image_format=image_format,
-        max_batch=max_batch, cache_features=cache_features, device=device, dtype=dtype,
+        max_batch=max_batch, cache_features=cache_features, device=device, dtype=dtype, allow_pickle=allow_pickle,
     )  # fmt: skip
     run_id = run_id or keys.new_run_id()
     planned = plan_task(manifest, options.to_dict(), run_id, shard_size)
@@ -162,7 +169,7 @@ def shards_to_rerun(options: RunOptions, run_id: str, plan: dict) -> list[int]:
     return todo
 
 
-@flow(name="bulk-edit-rerun", log_prints=False)
+@flow(name="bulk-edit-rerun", log_prints=False, task_runner=_DEFAULT_RUNNER)
 def rerun(
     run_id: str,
     out: str,
@@ -180,7 +187,7 @@ def rerun(
     return _summarise(options, run_id, plan, stats, failed, time.perf_counter() - t0)
 
 
-@flow(name="restyle", log_prints=False)
+@flow(name="restyle", log_prints=False, task_runner=_DEFAULT_RUNNER)
 def restyle(
     catalog: str,
     styles: list[str],
@@ -199,6 +206,7 @@ def restyle(
     cache_features: bool = False,
     device: str | None = None,
     dtype: str | None = None,
+    allow_pickle: bool = False,
     gpu_resources: bool = False,
 ) -> dict[str, Any]:
     """Catalog x styles -> a manifest (written under the run), then a bulk edit of it."""
@@ -213,5 +221,5 @@ def restyle(
     return bulk_edit.fn(
         store.uri(key), out, model=model, cache=cache, shard_size=shard_size, s3_endpoint=s3_endpoint,
         run_id=run_id, image_format=image_format, max_batch=max_batch, cache_features=cache_features,
-        device=device, dtype=dtype, gpu_resources=gpu_resources,
+        device=device, dtype=dtype, allow_pickle=allow_pickle, gpu_resources=gpu_resources,
     )  # fmt: skip

@@ -38,6 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runner", choices=("local", "dask"), default="local", help="shard fan-out (default: local, one worker per GPU)")
     p.add_argument("--dask-address", default=None, help="scheduler address of an existing Dask cluster")
     p.add_argument("--dask-workers", type=int, default=2, help="worker processes of a new local Dask cluster")
+    p.add_argument("--dask-gpu", action="store_true", help="with --dask-address: each shard task asks for one GPU resource")
 
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
@@ -50,6 +51,7 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"), help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--run-id", default=None, help="run id (default: time + random suffix)")
+    p.add_argument("--allow-pickle", action="store_true", help="load a checkpoint that only has pickle weights (they can run code)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +124,7 @@ def _bulk_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         model=args.model, cache=args.cache, shard_size=args.shard_size, s3_endpoint=args.s3_endpoint,
         run_id=args.run_id, image_format=args.image_format, max_batch=args.max_batch,
-        cache_features=args.cache_features, device=args.device, dtype=args.dtype,
+        cache_features=args.cache_features, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
     )  # fmt: skip
 
 
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_problems(problems, limit=1000))
             print(f"{args.manifest}: INVALID ({len(problems)} problem(s)); nothing was run")
             return 2
-    runner, gpu = make_task_runner(args.runner, dask_address=args.dask_address, dask_workers=args.dask_workers)
+    runner, gpu = make_task_runner(args.runner, dask_address=args.dask_address, dask_workers=args.dask_workers, dask_gpu=args.dask_gpu)
     if args.command == "serve":
         kwargs = {"manifest": args.manifest, "out": args.out, "gpu_resources": gpu, **_bulk_kwargs(args)}
         kwargs.pop("run_id")

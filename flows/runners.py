@@ -13,10 +13,13 @@ def device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def make_task_runner(kind: str = "local", *, dask_address: str | None = None, dask_workers: int = 2, max_workers: int | None = None):
+def make_task_runner(
+    kind: str = "local", *, dask_address: str | None = None, dask_workers: int = 2, max_workers: int | None = None, dask_gpu: bool = False
+):
     """`local`: ThreadPoolTaskRunner bounded to one worker per GPU (one on CPU: torch uses every core).
-    `dask`: prefect-dask's DaskTaskRunner on `dask_address`, or on a new local cluster of `dask_workers`
-    single-threaded worker processes (each loads the model once). Returns (runner, gpu_resources)."""
+    `dask`: prefect-dask's DaskTaskRunner on `dask_address` (with `dask_gpu`, shard tasks ask for one
+    "GPU" resource each), or on a new local cluster of `dask_workers` single-threaded worker processes, one
+    per GPU when there are GPUs (each loads the model once, on its own GPU). Returns (runner, gpu_resources)."""
     if kind == "local":
         from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -25,8 +28,9 @@ def make_task_runner(kind: str = "local", *, dask_address: str | None = None, da
         from prefect_dask import DaskTaskRunner
 
         if dask_address:
-            # GPU annotations only where the cluster's workers declare GPU resources (dask-worker --resources GPU=1)
-            return DaskTaskRunner(address=dask_address), False
+            # annotate tasks with GPU resources only when asked: the cluster's workers must declare them
+            # (dask worker --resources GPU=1), or annotated tasks never start
+            return DaskTaskRunner(address=dask_address), dask_gpu
         gpus = device_count()
         kwargs = {"n_workers": gpus or dask_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
         if gpus:

@@ -218,7 +218,7 @@ def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, A
             todo.append(row)
     if todo:
         model = get_model(options.model_ref, device=options.device, dtype=options.dtype, allow_pickle=options.allow_pickle)
-        with model_lock():
+        with model_lock(model):
             _run_rows(model, todo, options, run_id, out, cache, stats, results)
     for r in results.values():
         stats.succeeded += r["status"] == "succeeded"

@@ -16,8 +16,34 @@ _LOCK = threading.Lock()
 LOADS = {"count": 0}  # how many times this process loaded a model (tests and reports read it)
 
 
+_THREAD = threading.local()
+_NEXT_GPU = {"i": 0}
+
+
+def worker_device() -> str | None:
+    """This worker's GPU when a machine has several: a Dask worker named N takes cuda:N mod count, a
+    thread of the local runner the next one round-robin; None (the default device) otherwise."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count <= 1:
+        return None
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+        if isinstance(name, int):
+            return f"cuda:{name % count}"
+    except (ImportError, ValueError):
+        pass
+    if not hasattr(_THREAD, "device"):
+        with _LOCK:
+            _THREAD.device = f"cuda:{_NEXT_GPU['i'] % count}"
+            _NEXT_GPU["i"] += 1
+    return _THREAD.device
+
+
 def get_model(model_ref: str, *, device: str | None = None, dtype: str | None = None, allow_pickle: bool = False) -> EditModel:
-    """The process's model for these settings, loaded on first use."""
+    """The process's model for these settings (and this worker's GPU), loaded on first use."""
+    device = device or worker_device()
     key = (model_ref, device, dtype, allow_pickle)
     with _LOCK:
         model = _MODELS.get(key)
@@ -41,9 +67,10 @@ def _quiet_loading() -> None:
     tlog.set_verbosity_error()
 
 
-def model_lock() -> threading.Lock:
-    """Held while a shard uses the model: one shard at a time per process and device."""
-    return _DEVICE_LOCK
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
 
 
-_DEVICE_LOCK = threading.Lock()
+def model_lock(model: EditModel) -> threading.Lock:
+    """Held while a shard uses `model`'s device: one shard at a time per device in a process."""
+    with _LOCK:
+        return _DEVICE_LOCKS.setdefault(str(model.device), threading.Lock())
