@@ -45,7 +45,9 @@ def _methods() -> dict[str, Any]:
         "p2p_swap": lambda old, new: P2PConfig(kind="replace"),
         "p2p_refine": lambda old, new: P2PConfig(kind="refine"),
         "p2p_reweight": lambda old, new: P2PConfig(kind="replace", equalizer={new: 2.0}),
-        "p2p_swap_blend": lambda old, new: P2PConfig(kind="replace", blend_source_words=(old,), blend_target_words=(new,)),
+        "p2p_swap_blend": lambda old, new: P2PConfig(
+            kind="replace", blend_source_words=(old,), blend_target_words=(new,)
+        ),
         "pnp": lambda old, new: PnPConfig(),
         "pnp_published": lambda old, new: PnPConfig(target_correction=False, inject_uncond=True),
         "p2p_published": lambda old, new: P2PConfig(kind="replace", target_correction=False),
@@ -60,7 +62,10 @@ class _Scores:
     evals: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
-        out = {"n": len(self.success), "success": float(np.mean(self.success)) if self.success else float("nan")}
+        out = {
+            "n": len(self.success),
+            "success": float(np.mean(self.success)) if self.success else float("nan"),
+        }
         out["iou"] = float(np.mean(self.iou)) if self.iou else float("nan")
         finite = [p for p in self.bg_psnr if np.isfinite(p)]
         out["bg_psnr"] = float(np.mean(finite)) if finite else float("inf")
@@ -76,7 +81,9 @@ def prompt_following(model: EditModel, n: int, steps: int, seed: int = 1000) -> 
     for start in range(0, n, 16):
         batch = scenes[start : start + 16]
         size = (domain.IMAGE_SIZE, domain.IMAGE_SIZE)
-        images = generate(model, [domain.caption(s) for s in batch], num_steps=steps, seed=seed + start, size=size)
+        images = generate(
+            model, [domain.caption(s) for s in batch], num_steps=steps, seed=seed + start, size=size
+        )
         for s, img in zip(batch, images):
             mask = domain.segment(img)
             hits["colour"] += domain.classify_colour(img, mask) == s.colour
@@ -98,7 +105,9 @@ def _outside(*masks: np.ndarray) -> np.ndarray:
     return ~grown
 
 
-def _swap(scene: domain.Scene, kind: str, rng: np.random.Generator) -> tuple[domain.Scene, str, str]:
+def _swap(
+    scene: domain.Scene, kind: str, rng: np.random.Generator
+) -> tuple[domain.Scene, str, str]:
     """The edited scene, the source word and the target word of a colour or shape swap."""
     from dataclasses import replace
 
@@ -110,7 +119,13 @@ def _swap(scene: domain.Scene, kind: str, rng: np.random.Generator) -> tuple[dom
 
 
 def evaluate_edits(
-    model: EditModel, n_sources: int, steps: int, *, methods: list[str] | None = None, seed: int = 7, sheet_rows: int = 6
+    model: EditModel,
+    n_sources: int,
+    steps: int,
+    *,
+    methods: list[str] | None = None,
+    seed: int = 7,
+    sheet_rows: int = 6,
 ) -> tuple[dict[str, Any], Image.Image]:
     """Reconstruction and swap-edit scores over `n_sources` drawn scenes; returns (metrics, contact sheet)."""
     all_methods = _methods()
@@ -142,12 +157,24 @@ def evaluate_edits(
         for kind, (new_scene, _, _) in swaps.items():  # the no-control baseline
             z = denoise(model, inv.latents[-1:], [domain.caption(new_scene)], num_steps=steps)
             img = model.decode_latents(z)[0]
-            _score(scores[("none", kind)], img, src_img, src_mask, new_scene, kind, 2.0 * steps + inv.unet_evals)
+            _score(
+                scores[("none", kind)],
+                img,
+                src_img,
+                src_mask,
+                new_scene,
+                kind,
+                2.0 * steps + inv.unet_evals,
+            )
             if kind == "colour":
                 row["none"] = img
         for (m, kind), res in zip(keys[1:], results[1:]):
             new_scene = swaps[kind][0]
-            evals = res.unet_evals["source"] + res.unet_evals["target"] + inv.unet_evals / (len(targets) - 1)
+            evals = (
+                res.unet_evals["source"]
+                + res.unet_evals["target"]
+                + inv.unet_evals / (len(targets) - 1)
+            )
             _score(scores[(m, kind)], res.image, src_img, src_mask, new_scene, kind, evals)
             if kind == "colour":
                 row[m] = res.image
@@ -155,13 +182,24 @@ def evaluate_edits(
             sheet.append([row["source"], row["none"], *[row[m] for m in names]])
         logger.info("source %d/%d done", i + 1, n_sources)
     metrics = {
-        "reconstruction_psnr": {k: float(np.mean([p for p in v if np.isfinite(p)] or [float("inf")])) for k, v in recon.items()},
+        "reconstruction_psnr": {
+            k: float(np.mean([p for p in v if np.isfinite(p)] or [float("inf")]))
+            for k, v in recon.items()
+        },
         "edits": {f"{m}/{k}": s.summary() for (m, k), s in scores.items()},
     }
     return metrics, contact_sheet(sheet, ["source", "none", *names])
 
 
-def _score(s: _Scores, img: Image.Image, src: Image.Image, src_mask: np.ndarray, want: domain.Scene, kind: str, evals: float) -> None:
+def _score(
+    s: _Scores,
+    img: Image.Image,
+    src: Image.Image,
+    src_mask: np.ndarray,
+    want: domain.Scene,
+    kind: str,
+    evals: float,
+) -> None:
     mask = domain.segment(img)
     if kind == "colour":
         s.success.append(domain.classify_colour(img, mask) == want.colour)
@@ -185,7 +223,9 @@ def contact_sheet(rows: list[list[Image.Image]], labels: list[str], scale: int =
         draw.text((j * cell + 2, 1), name[:18], fill=(0, 0, 0))
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
-            sheet.paste(img.resize((cell, cell), Image.Resampling.NEAREST), (j * cell, label_h + i * cell))
+            sheet.paste(
+                img.resize((cell, cell), Image.Resampling.NEAREST), (j * cell, label_h + i * cell)
+            )
     return sheet
 
 
@@ -194,19 +234,33 @@ def format_table(metrics: dict[str, Any]) -> str:
     pf = metrics.get("prompt_following")
     if pf:
         lines.append("prompt following: " + ", ".join(f"{k} {v:.0%}" for k, v in pf.items()))
-    lines.append("reconstruction PSNR (dB): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["reconstruction_psnr"].items()))
-    lines.append(f"{'method/swap':<28}{'n':>5}{'success':>9}{'IoU':>7}{'bg PSNR':>9}{'UNet evals':>12}")
+    lines.append(
+        "reconstruction PSNR (dB): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in metrics["reconstruction_psnr"].items())
+    )
+    lines.append(
+        f"{'method/swap':<28}{'n':>5}{'success':>9}{'IoU':>7}{'bg PSNR':>9}{'UNet evals':>12}"
+    )
     for name, s in metrics["edits"].items():
         iou = f"{s['iou']:.3f}" if np.isfinite(s["iou"]) else "-"
-        lines.append(f"{name:<28}{s['n']:>5}{s['success']:>9.0%}{iou:>7}{s['bg_psnr']:>9.2f}{s['unet_evals']:>12.1f}")
+        lines.append(
+            f"{name:<28}{s['n']:>5}{s['success']:>9.0%}{iou:>7}{s['bg_psnr']:>9.2f}{s['unet_evals']:>12.1f}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(REFERENCE_MODEL_DIR))
-    p.add_argument("--sources", type=int, default=100, help="drawn source images (each gets a colour and a shape swap)")
-    p.add_argument("--generate", type=int, default=300, help="images generated for prompt following")
+    p.add_argument(
+        "--sources",
+        type=int,
+        default=100,
+        help="drawn source images (each gets a colour and a shape swap)",
+    )
+    p.add_argument(
+        "--generate", type=int, default=300, help="images generated for prompt following"
+    )
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--out", default="refmodel/eval")
     p.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(_methods())}")
@@ -215,8 +269,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model = load_model(args.model)
     t0 = time.perf_counter()
-    metrics: dict[str, Any] = {"model": args.model, "revision": model.revision, "steps": args.steps, "sources": args.sources}
-    metrics["prompt_following"] = prompt_following(model, args.generate, args.steps) if args.generate else {}
+    metrics: dict[str, Any] = {
+        "model": args.model,
+        "revision": model.revision,
+        "steps": args.steps,
+        "sources": args.sources,
+    }
+    metrics["prompt_following"] = (
+        prompt_following(model, args.generate, args.steps) if args.generate else {}
+    )
     edits, sheet = evaluate_edits(model, args.sources, args.steps, methods=args.methods)
     metrics.update(edits)
     metrics["seconds"] = time.perf_counter() - t0
@@ -225,7 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     sheet.save(out / "contact_sheet.png")
     print(format_table(metrics))
-    print(f"wrote {out / 'metrics.json'} and {out / 'contact_sheet.png'} in {metrics['seconds']:.0f}s")
+    print(
+        f"wrote {out / 'metrics.json'} and {out / 'contact_sheet.png'} in {metrics['seconds']:.0f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Recipe (all seeded; ``--minutes`` is the total training-time budget, summed over
    epsilon prediction), min-SNR-5 loss weighting, AdamW lr 6e-4, batch 16, 500 warm-up steps, cosine
    decay to 5% over the remaining budget (by elapsed time, or by ``--unet-steps`` for a
    step-exact schedule), gradient clipping 1.0, EMA 0.999 of both networks (exported).
+   Then the VAE decoder alone is fine-tuned for ``decoder_minutes`` on frozen-encoder latents
+   (the latent space the UNet learned does not move; the round trip gets sharper).
    Captions drop the colour / background with some probability and are "" 10% of the time
    (classifier-free guidance). Latents come from a buffer that grows by 8 fresh scenes per
    step up to 20,000 (encoding every sample would cost as much as the UNet step).
@@ -113,6 +115,8 @@ class TrainConfig:
     buffer_refresh: int = 8  # fresh scenes encoded per UNet step
     checkpoint_minutes: float = 5.0  # how often to write OUT/checkpoint.pt
     probe_minutes: float = 20.0  # how often to log a quick prompt-following probe
+    decoder_minutes: float = 10.0  # VAE decoder fine-tune (encoder frozen) after the UNet
+    decoder_lr: float = 5e-4  # peak AdamW lr of the decoder fine-tune
     reserve_minutes: float = 3.0  # budget kept for the final export and probe
     threads: int = 2  # torch intra-op threads (the machine is shared)
 
@@ -338,7 +342,7 @@ def train_unet(state: dict, cfg: TrainConfig, out: Path, clock: Clock) -> None:
     buffer = LatentBuffer(vae, cfg.buffer_max, latent_shape)
     buffer.add(rng, cfg.buffer_start)
     reserve = min(cfg.reserve_minutes, 0.1 * cfg.minutes)
-    budget = (cfg.minutes - cfg.vae_minutes - reserve) * 60
+    budget = (cfg.minutes - cfg.vae_minutes - cfg.decoder_minutes - reserve) * 60
     step = state.get("unet_step", 0)
     step0, t_start = step, clock.phase_elapsed("unet")
     last_log = last_ckpt = last_probe = time.time()
@@ -396,9 +400,49 @@ def train_unet(state: dict, cfg: TrainConfig, out: Path, clock: Clock) -> None:
             acc = probe(pipe, n=30, steps=25)
             print(f"[probe] step {step} (EMA, 30 samples, 25 DDIM steps): {acc}", flush=True)
             last_probe = time.time()
-    state.update(unet_step=step, unet_opt=opt.state_dict(), phase="done")
+    state.update(unet_step=step, unet_opt=opt.state_dict(), phase="decoder")
     save_checkpoint(out / "checkpoint.pt", pack_state(state, clock))
     print(f"[unet] done: {step} steps", flush=True)
+
+
+def train_decoder(state: dict, cfg: TrainConfig, out: Path, clock: Clock) -> None:
+    """Phase 3: fine-tune the VAE decoder on frozen-encoder latents (the UNet's latent space
+    does not move, so this only sharpens the round trip)."""
+    vae = state["vae_model"]
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    if vae.post_quant_conv is not None:
+        vae.post_quant_conv.requires_grad_(True)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    rng = state["np_rng"]
+    budget = cfg.decoder_minutes * 60
+    step, last_log = 0, time.time()
+    print(f"[decoder] start: round-trip PSNR {vae_psnr(vae, 256):.2f} dB", flush=True)
+    vae.train()
+    while (elapsed := clock.phase_elapsed("decoder")) < budget:
+        for g in opt.param_groups:
+            g["lr"] = cfg.decoder_lr * lr_factor(elapsed / budget, step, 50, cfg.min_lr_ratio)
+        x, _ = scene_batch(rng, cfg.vae_batch)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        mse = F.mse_loss(vae.decode(z).sample, x)
+        opt.zero_grad(set_to_none=True)
+        mse.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if time.time() - last_log > 60:
+            print(
+                f"[decoder] step {step} mse {mse.item():.5f} psnr {vae_psnr(vae, 128):.2f} dB",
+                flush=True,
+            )
+            last_log = time.time()
+    vae.requires_grad_(False)
+    state["vae_psnr"] = vae_psnr(vae, 256)
+    state["phase"] = "done"
+    print(f"[decoder] done: {step} steps, round-trip PSNR {state['vae_psnr']:.2f} dB", flush=True)
+    save_checkpoint(out / "checkpoint.pt", pack_state(state, clock))
 
 
 # ----------------------------------------------------------------------------- state
@@ -413,6 +457,8 @@ class Clock:
         self.started = 0.0
 
     def start(self, phase: str) -> None:
+        if self.phase is not None:  # bank the time of the phase that ends
+            self.before[self.phase] = self.phase_elapsed(self.phase)
         self.phase, self.started = phase, time.time()
 
     def phase_elapsed(self, phase: str) -> float:
@@ -631,6 +677,9 @@ def train(out: Path, cfg: TrainConfig, resume: bool) -> None:
     if state["phase"] == "unet":
         clock.start("unet")
         train_unet(state, cfg, out, clock)
+    if state["phase"] == "decoder":
+        clock.start("decoder")
+        train_decoder(state, cfg, out, clock)
     clock.start("export")
     export_dir = export_checkpoint(ckpt, out / "export")
     print(f"exported to {export_dir}", flush=True)
@@ -648,6 +697,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="run folder (checkpoint.pt, log, export/)")
     parser.add_argument("--minutes", type=float, default=TrainConfig.minutes)
     parser.add_argument("--vae-minutes", type=float, default=TrainConfig.vae_minutes)
+    parser.add_argument("--decoder-minutes", type=float, default=TrainConfig.decoder_minutes)
     parser.add_argument("--unet-steps", type=int, default=0, help="step-exact schedule length")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
