@@ -28,7 +28,9 @@ def heldout_psnr(vae, images: torch.Tensor) -> float:
     return 10 * float(np.log10(1 / mse))
 
 
-def finetune(folder: Path, minutes: float, *, batch: int = 32, lr: float = 3e-4, seed: int = 0) -> tuple[float, float]:
+def finetune(
+    folder: Path, minutes: float, *, batch: int = 32, lr: float = 3e-4, seed: int = 0
+) -> tuple[float, float]:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -58,7 +60,10 @@ def finetune(folder: Path, minutes: float, *, batch: int = 32, lr: float = 3e-4,
             last = time.monotonic()
             for g in opt.param_groups:  # halve the rate every minute: a short, settling schedule
                 g["lr"] *= 0.7
-            print(f"step {step} loss {loss.item():.5f} held-out PSNR {heldout_psnr(vae, held):.2f} dB", flush=True)
+            print(
+                f"step {step} loss {loss.item():.5f} held-out PSNR {heldout_psnr(vae, held):.2f} dB",
+                flush=True,
+            )
     after = heldout_psnr(vae, held)
     print(f"held-out round-trip PSNR after {step} steps: {after:.2f} dB", flush=True)
     if after > before:

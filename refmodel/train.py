@@ -71,7 +71,7 @@ from refmodel.models import (
     build_unet,
     build_vae,
 )
-from refmodel.tokenizer import build_tokenizer
+from refmodel.tokenizer import build_tokenizer, write_tokenizer_files
 
 logger = logging.getLogger("refmodel.train")
 
@@ -595,6 +595,8 @@ def export_checkpoint(checkpoint: Path, to: Path, use_ema: bool = True) -> Path:
         if to.exists():
             shutil.rmtree(to)
         pipe.save_pretrained(str(to), safe_serialization=True)
+    # vocab.json + merges.txt too, so slow-tokenizer loaders (transformers 4.x) work as well
+    write_tokenizer_files(to / "tokenizer")
     facts = editflow_facts(
         {
             "trained_from_checkpoint": {
