@@ -197,11 +197,12 @@ def attention_layer_names(unet) -> list[str]:
 
 
 def self_attention_names(unet, parents: tuple[str, ...]) -> list[str]:
-    """The attn1 layers inside each of `parents` (e.g. 'up_blocks.2.attentions.0'); a missing one is an error."""
+    """The attn1 layers inside each of `parents` (e.g. 'up_blocks.2.attentions.0', or an attn1 path itself);
+    a path matching none is an error."""
     names = attention_layer_names(unet)
     out = []
     for parent in parents:
-        found = [n for n in names if n.startswith(parent + ".") and n.endswith(".attn1")]
+        found = [n for n in names if (n == parent or n.startswith(parent + ".")) and n.endswith(".attn1")]
         if not found:
             raise ValueError(f"no self-attention layer under {parent!r} in this UNet")
         out.extend(found)

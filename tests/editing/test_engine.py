@@ -252,3 +252,13 @@ def test_invariants_in_fp16_on_gpu(tiny_dir):
         assert _max_err(same.latent, inv.latents[0].cpu()) < 5e-2  # fp16 UNet, fp32 latent math
         [[other]] = edit(model, [SourceGroup(inv, [Target("a photo of a dog", cfg)])])
         assert _max_err(other.latent, inv.latents[0].cpu()) > 0.05
+
+
+def test_layers_may_be_given_as_parents_or_attention_paths(tiny):
+    from editing.attention import self_attention_names
+
+    by_parent = self_attention_names(tiny.unet, ("up_blocks.2.attentions.0",))
+    by_path = self_attention_names(tiny.unet, ("up_blocks.2.attentions.0.transformer_blocks.0.attn1",))
+    assert by_parent == by_path == ["up_blocks.2.attentions.0.transformer_blocks.0.attn1"]
+    with pytest.raises(ValueError, match="no self-attention layer"):
+        self_attention_names(tiny.unet, ("up_blocks.2.attentions.0.transformer_blocks.0.attn2",))
