@@ -376,7 +376,8 @@ def train_unet(state: dict, cfg: TrainConfig, out: Path, clock: Clock) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        k = step - state.get("ema_since", 0)  # steps since the EMA was (re)started
+        decay = min(cfg.ema_decay, (1 + k) / (10 + k))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
         losses.append(per_sample.mean().item())
@@ -486,6 +487,8 @@ def pack_state(state: dict, clock: Clock) -> dict:
         "unet_opt": state.get("unet_opt"),
         "vae_step": state.get("vae_step", 0),
         "unet_step": state.get("unet_step", 0),
+        "ema_since": state.get("ema_since", 0),
+        "history": state.get("history", []),
         "vae_psnr": state.get("vae_psnr"),
         "np_rng": state["np_rng"].bit_generator.state,
         "torch_gen": state["torch_gen"].get_state(),
@@ -535,6 +538,8 @@ def load_state(path: Path, tokenizer_dir: Path) -> tuple[dict, Clock]:
     torch.set_rng_state(ck["torch_rng"])
     for key in ("phase", "vae_opt", "unet_opt", "vae_step", "unet_step", "vae_psnr"):
         state[key] = ck[key]
+    state["ema_since"] = ck.get("ema_since", 0)
+    state["history"] = list(ck.get("history", []))
     return state, Clock(ck["elapsed"])
 
 
@@ -605,6 +610,7 @@ def export_checkpoint(checkpoint: Path, to: Path, use_ema: bool = True) -> Path:
                 "vae_steps": state.get("vae_step", 0),
                 "vae_round_trip_psnr_db": state.get("vae_psnr"),
                 "weights": "ema" if use_ema else "raw",
+                "history": state.get("history", []),
             }
         }
     )
@@ -652,13 +658,41 @@ def probe(
 # ----------------------------------------------------------------------------- CLI
 
 
-def train(out: Path, cfg: TrainConfig, resume: bool) -> None:
+def rescale_text_embeddings(state: dict, target_std: float) -> None:
+    """Rescale the text encoder's token embeddings to `target_std` and restart both EMAs.
+
+    With CLIP's init (std 0.02, same as the position embeddings) the text states of different
+    prompts hardly differ, so cross-attention gets almost no signal; larger token embeddings
+    make each token's identity dominate its hidden state.
+    """
+    weight = state["text_model"].get_input_embeddings().weight
+    with torch.no_grad():
+        old = float(weight.std())
+        weight.mul_(target_std / old)
+        state["ema_text"].load_state_dict(state["text_model"].state_dict())
+        state["ema_unet"].load_state_dict(state["unet_model"].state_dict())
+    step = state.get("unet_step", 0)
+    state["ema_since"] = step
+    state.setdefault("history", []).append(
+        f"unet step {step}: token embeddings rescaled from std {old:.4f} to {target_std}; EMA restarted"
+    )
+    print(state["history"][-1], flush=True)
+
+
+def train(
+    out: Path,
+    cfg: TrainConfig,
+    resume: bool,
+    text_embedding_std: float | None = None,
+) -> None:
     """Run (or resume) the whole recipe, then export to OUT/export and probe it."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
     tok_dir = out / "tokenizer"
     if resume and ckpt.exists():
         state, clock = load_state(ckpt, tok_dir)
+        if text_embedding_std is not None:
+            rescale_text_embeddings(state, text_embedding_std)
         print(f"resumed from {ckpt}: phase {state['phase']} elapsed {clock.snapshot()}", flush=True)
     else:
         if ckpt.exists() and not resume:
@@ -703,6 +737,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-steps", type=int, default=0, help="step-exact schedule length")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--rescale-text-embeddings",
+        type=float,
+        default=None,
+        help="on --resume: rescale token embeddings to this std and restart the EMAs",
+    )
     parser.add_argument("--export-from", type=Path, help="checkpoint.pt to export")
     parser.add_argument("--to", type=Path, help="export folder (with --export-from)")
     parser.add_argument("--raw", action="store_true", help="export raw instead of EMA weights")
@@ -730,7 +770,7 @@ def main(argv: list[str] | None = None) -> None:
         vae_minutes=args.vae_minutes,
         unet_steps=args.unet_steps,
     )
-    train(args.out, cfg, args.resume)
+    train(args.out, cfg, args.resume, args.rescale_text_embeddings)
 
 
 if __name__ == "__main__":
