@@ -19,7 +19,9 @@ logger = logging.getLogger(__name__)
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"  # also the pad and unknown token, as in SD 1.x
-MODEL_MAX_LENGTH = 77  # tokens, same as SD so prompt handling code needs no special case
+MODEL_MAX_LENGTH = (
+    16  # tokens; longest caption is 11. Short, so attention is not diluted by padding
+)
 END_OF_WORD = "</w>"
 
 # word -> its intended sub-tokens (without the end-of-word suffix on the last one).

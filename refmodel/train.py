@@ -529,6 +529,15 @@ def load_state(path: Path, tokenizer_dir: Path) -> tuple[dict, Clock]:
         **{k: tuple(v) if isinstance(v, list) else v for k, v in ck["train_config"].items()}
     )
     state = new_state(tcfg, mcfg, tokenizer_dir)
+    n_pos = state["tokenizer"].model_max_length
+    truncated = False
+    for key in ("text", "ema_text"):  # older checkpoints had 77 positions: keep the first n_pos
+        for name, value in list(ck[key].items()):
+            if name.endswith("position_embedding.weight") and value.shape[0] > n_pos:
+                ck[key][name] = value[:n_pos]
+                truncated = True
+            elif name.endswith("position_ids") and value.shape[-1] > n_pos:
+                ck[key][name] = value[..., :n_pos]
     state["vae_model"].register_to_config(scaling_factor=ck["vae_config"]["scaling_factor"])
     for key in ("vae", "unet", "text", "ema_unet", "ema_text"):
         target = state[key if key.startswith("ema") else f"{key}_model"]
@@ -540,6 +549,11 @@ def load_state(path: Path, tokenizer_dir: Path) -> tuple[dict, Clock]:
         state[key] = ck[key]
     state["ema_since"] = ck.get("ema_since", 0)
     state["history"] = list(ck.get("history", []))
+    if truncated:
+        state["history"].append(
+            f"unet step {ck['unet_step']}: prompts shortened to {n_pos} tokens (was 77)"
+        )
+
     return state, Clock(ck["elapsed"])
 
 
@@ -684,6 +698,7 @@ def train(
     cfg: TrainConfig,
     resume: bool,
     text_embedding_std: float | None = None,
+    extra_unet_minutes: float = 0.0,
 ) -> None:
     """Run (or resume) the whole recipe, then export to OUT/export and probe it."""
     out.mkdir(parents=True, exist_ok=True)
@@ -693,6 +708,17 @@ def train(
         state, clock = load_state(ckpt, tok_dir)
         if text_embedding_std is not None:
             rescale_text_embeddings(state, text_embedding_std)
+        if extra_unet_minutes > 0:
+            old = state["train_config"]
+            state["train_config"] = dataclasses.replace(
+                old, minutes=old.minutes + extra_unet_minutes
+            )
+            if state["phase"] in ("decoder", "done"):
+                state["phase"] = "unet"
+            state.setdefault("history", []).append(
+                f"unet step {state.get('unet_step', 0)}: budget extended by {extra_unet_minutes} min"
+            )
+            print(state["history"][-1], flush=True)
         print(f"resumed from {ckpt}: phase {state['phase']} elapsed {clock.snapshot()}", flush=True)
     else:
         if ckpt.exists() and not resume:
@@ -743,6 +769,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="on --resume: rescale token embeddings to this std and restart the EMAs",
     )
+    parser.add_argument(
+        "--extra-unet-minutes",
+        type=float,
+        default=0.0,
+        help="on --resume: add this much UNet training (also after a finished run)",
+    )
     parser.add_argument("--export-from", type=Path, help="checkpoint.pt to export")
     parser.add_argument("--to", type=Path, help="export folder (with --export-from)")
     parser.add_argument("--raw", action="store_true", help="export raw instead of EMA weights")
@@ -770,7 +802,7 @@ def main(argv: list[str] | None = None) -> None:
         vae_minutes=args.vae_minutes,
         unet_steps=args.unet_steps,
     )
-    train(args.out, cfg, args.resume, args.rescale_text_embeddings)
+    train(args.out, cfg, args.resume, args.rescale_text_embeddings, args.extra_unet_minutes)
 
 
 if __name__ == "__main__":

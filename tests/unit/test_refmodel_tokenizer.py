@@ -104,3 +104,12 @@ def test_pipeline_loads_the_tokenizer(folder: Path, tmp_path: Path) -> None:
         ids = loaded(word, add_special_tokens=False).input_ids
         assert loaded.convert_ids_to_tokens(ids) == intended_tokens(word)
     assert loaded.model_max_length == MODEL_MAX_LENGTH
+
+
+def test_longest_caption_fits(tokenizer) -> None:
+    from refmodel.domain import Scene, caption
+
+    longest = caption(Scene("triangle", "turquoise", "white", 16.0, 16.0, 12.0))
+    ids = tokenizer(longest).input_ids
+    assert len(ids) <= MODEL_MAX_LENGTH
+    assert ids[-1] == tokenizer.eos_token_id
