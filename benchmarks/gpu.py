@@ -1,0 +1,378 @@
+"""GPU throughput: SD 1.5's architecture with random weights, 512 px, fp16, T = 50, PnP K = 4.
+
+    python -m benchmarks.gpu                 # on a CUDA machine (~5-8 min on an H100, compile included)
+    python -m benchmarks.gpu --quick         # fewer sources and iterations, no torch.compile
+    python -m benchmarks.gpu --no-compile --sources 4
+    python -m benchmarks.gpu --smoke         # developers: the same code paths on CPU with a small config
+
+Without a CUDA device it prints "no CUDA device: skipped" and exits 0 (nothing is written).
+
+The model: ``UNet2DConditionModel`` with Stable Diffusion 1.5's configuration written out below
+(block_out_channels (320, 640, 1280, 1280), cross_attention_dim 768, attention_head_dim 8,
+layers_per_block 2, sample_size 64: the same compute as the real model, ~860M parameters), SD's VAE
+configuration and a CLIP ViT-L/14-shaped text encoder (12 layers, width 768), all with random weights
+(only the tokenizer's vocabulary is small: the toy caption words). They are put together as an
+``editing.model.EditModel`` directly on the GPU in fp16 (``--via-folder`` instead saves a diffusers
+folder and loads it through ``editing.load_model``, as the pipeline does). Random weights give the real
+compute: the UNet's cost does not depend on its values.
+
+Measured, each in this one run:
+
+1. UNet level: image-evaluations per second at batch 1, 3, 9 (9 = PnP K=4: 1 source + 4 x 2 rows) and
+   17 (K=8), and model FLOP utilisation (MFU) against 0.68 TFLOP per image-evaluation (SD 1.5 UNet at
+   512 px, forward) and the device's dense fp16 tensor peak (table below, or ``--peak-tflops``);
+   toggles: fused attention (diffusers' SDPA processor, the default) vs the classic unfused processor,
+   channels-last, and ``torch.compile`` (batch 9).
+2. The engine: PnP with K = 4 target prompts per source, T = 50: editflow warm (inversion loaded from
+   bytes, one ``edit`` call of 9 rows per step), editflow cold (``invert`` + that call), and the naive
+   per-row loop (``invert`` + a one-target ``edit`` per row), same sources and prompts: edits per
+   GPU-hour, UNet evaluations per second, MFU; with channels-last and with ``torch.compile`` toggled.
+   The engine controls 8 self-attention layers and one resnet through processors and hooks whose
+   Python state changes per step, so ``torch.compile`` may recompile or fall back: the script reports
+   what it got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import (  # noqa: E402
+    UNetCounter,
+    machine_facts,
+    print_machine,
+    print_table,
+    smooth_image,
+    write_result,
+)
+
+TFLOP_PER_EVAL = 0.68  # SD 1.5 UNet forward at 512 px (64x64 latent), one image
+# Dense fp16/bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name substring; first match wins.
+PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 125.0),
+    ("A10", 125.0),
+    ("4090", 165.0),
+    ("V100", 125.0),
+    ("T4", 65.0),
+)
+
+# Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json), written out.
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    center_input_sample=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1.0,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu",
+                 projection_dim=768, max_position_embeddings=77)
+# --smoke: the same block structure, small, for a CPU check of the code paths
+SMOKE_UNET = {**SD15_UNET, "sample_size": 8, "block_out_channels": (32, 64, 64, 64), "cross_attention_dim": 64, "attention_head_dim": 4}
+SMOKE_VAE = {**SD15_VAE, "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
+             "block_out_channels": (32, 32), "sample_size": 16}
+SMOKE_TEXT = {**SD15_TEXT, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "projection_dim": 64}
+
+SOURCE_PROMPTS = ("a photo of a cat", "a photo of a dog", "a red car on gray background", "a blue bag on gray background")
+STYLES = ("in watercolor style", "with a hat", "on a crowded street", "in green")
+
+
+def peak_tflops(name: str, override: float | None) -> float | None:
+    if override:
+        return override
+    for key, value in PEAK_TFLOPS:
+        if key in name:
+            return value
+    return None
+
+
+def build_model(device, dtype, smoke: bool, via_folder: Path | None):
+    """An EditModel of SD 1.5's shape with random weights (or loaded from a saved folder)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from editing.model import EditModel, load_model
+    from refmodel.tokenizer import write_tokenizer_files
+    from refmodel.toy import TOY_WORDS
+
+    tmp = Path(tempfile.mkdtemp(prefix="editflow-gpu-"))
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer_files(tmp / "tokenizer", TOY_WORDS)))
+    unet_cfg, vae_cfg, text_cfg = (SMOKE_UNET, SMOKE_VAE, SMOKE_TEXT) if smoke else (SD15_UNET, SD15_VAE, SD15_TEXT)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise the weights where they will run (fast on a GPU)
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text_cfg))
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    if via_folder is not None:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.to(dtype=dtype)
+        pipe.save_pretrained(str(via_folder), safe_serialization=True)
+        del pipe, unet, vae, text
+        return load_model(via_folder, device=device, dtype=dtype)
+    for m in (unet, vae, text):
+        m.to(dtype=dtype).eval().requires_grad_(False)
+    return EditModel(vae=vae, unet=unet, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler, device=torch.device(device),
+                     dtype=dtype, model_id="random-sd15-shape" if not smoke else "random-smoke", revision="random")
+
+
+def sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def unet_throughput(model, batch: int, iters: int, warmup: int) -> float:
+    """UNet image-evaluations per second at `batch` rows."""
+    import torch
+
+    unet = model.unet
+    side = unet.config.sample_size
+    x = torch.randn(batch, 4, side, side, device=model.device, dtype=model.dtype)
+    emb = torch.randn(batch, 77, unet.config.cross_attention_dim, device=model.device, dtype=model.dtype)
+    if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
+    t = torch.tensor(500, device=model.device)
+    with torch.no_grad():
+        for _ in range(warmup):
+            unet(x, t, encoder_hidden_states=emb)
+        sync(model.device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            unet(x, t, encoder_hidden_states=emb)
+        sync(model.device)
+    return batch * iters / (time.perf_counter() - t0)
+
+
+def engine_run(model, n_sources: int, k: int, steps: int, modes: tuple[str, ...], log) -> dict:
+    """Edits per hour and UNet evaluations per second of the engine's modes (interleaved per source)."""
+    import torch
+
+    from editing.configs import PnPConfig
+    from editing.inversion import Inversion, invert
+    from editing.methods import SourceGroup, Target, edit
+
+    size = model.native_size
+    cfg = PnPConfig()
+    sources = []
+    for i in range(n_sources):
+        prompt = SOURCE_PROMPTS[i % len(SOURCE_PROMPTS)]
+        sources.append((smooth_image(100 + i, size), prompt, [Target(f"{prompt} {STYLES[j % len(STYLES)]}", cfg) for j in range(k)]))
+    with torch.no_grad():  # warm-up (allocations, kernels, compile), in the same grad mode as the timed runs
+        inv = invert(model, sources[0][0], sources[0][1], num_steps=2)
+        edit(model, [SourceGroup(inv, sources[0][2])])
+        edit(model, [SourceGroup(inv, sources[0][2][:1])])
+        blobs = [invert(model, img, p, num_steps=steps).to_bytes() for img, p, _ in sources]
+        t0 = time.perf_counter()
+        edit(model, [SourceGroup(Inversion.from_bytes(blobs[0]), sources[0][2])])  # every step once (torch.compile variants)
+        sync(model.device)
+        warmup_s = time.perf_counter() - t0
+    secs = {m: 0.0 for m in modes}
+    rows = {m: 0 for m in modes}
+    counter = UNetCounter(model.unet)
+    with counter, torch.no_grad():
+        for i, (img, prompt, targets) in enumerate(sources):
+            order = modes[i % len(modes):] + modes[: i % len(modes)]
+            for mode in order:
+                counter.reset()
+                sync(model.device)
+                t0 = time.perf_counter()
+                if mode == "naive":
+                    for t in targets:
+                        inv = invert(model, img, prompt, num_steps=steps)
+                        edit(model, [SourceGroup(inv, [t])])
+                elif mode == "editflow cold":
+                    inv = invert(model, img, prompt, num_steps=steps)
+                    edit(model, [SourceGroup(inv, targets)])
+                else:
+                    edit(model, [SourceGroup(Inversion.from_bytes(blobs[i]), targets)])
+                sync(model.device)
+                secs[mode] += time.perf_counter() - t0
+                rows[mode] += counter.rows
+            log(f"source {i + 1}/{n_sources}: " + ", ".join(f"{m} {secs[m]:.1f}s" for m in modes))
+    edits = n_sources * k
+    log(f"untimed full warm-up edit: {warmup_s:.1f}s")
+    return {m: {"seconds": secs[m], "warmup_s": warmup_s, "edits": edits, "edits_per_gpu_hour": edits / secs[m] * 3600, "seconds_per_edit": secs[m] / edits,
+                "unet_evals": rows[m], "unet_evals_per_s": rows[m] / secs[m]} for m in modes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="2 sources, fewer iterations, no torch.compile")
+    p.add_argument("--sources", type=int, default=None, help="source images per engine run (default 3; 2 with --quick)")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--steps", type=int, default=None, help="T (default 50)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile toggles")
+    p.add_argument("--compile", action="store_true", help="run the torch.compile toggles even with --quick/--smoke")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense fp16 peak (default: from the device name)")
+    p.add_argument("--via-folder", action="store_true", help="save a diffusers folder and load it with editing.load_model")
+    p.add_argument("--smoke", action="store_true", help="run on CPU with a small config (a check of the code, not a benchmark)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available() and not args.smoke:
+        print("no CUDA device: skipped")
+        return 0
+    smoke = args.smoke
+    device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    steps = args.steps or (2 if smoke else 50)
+    n_sources = args.sources or (1 if smoke else 2 if args.quick else 3)
+    iters = 2 if smoke else 10 if args.quick else 30
+    warmup = 1 if smoke else 3
+    do_compile = args.compile or not (args.no_compile or args.quick or smoke)
+    facts = machine_facts()
+    print_machine(facts)
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    peak = peak_tflops(name, args.peak_tflops) if device == "cuda" else args.peak_tflops
+    log = lambda m: print("  " + m, flush=True)  # noqa: E731
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    t_start = time.perf_counter()
+    folder = Path(tempfile.mkdtemp(prefix="editflow-gpu-model-")) if args.via_folder else None
+    model = build_model(device, dtype, smoke, folder)
+    params = sum(p.numel() for p in model.unet.parameters())
+    log(f"model built in {time.perf_counter() - t_start:.1f}s: UNet {params / 1e6:.0f}M parameters, {model.native_size}px, {dtype}, {name}, peak {peak} TFLOP/s")
+
+    def mfu(evals_per_s: float) -> float | None:
+        return evals_per_s * TFLOP_PER_EVAL / peak if peak and not smoke else None
+
+    # 1. UNet level
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    batches = (1, 3) if smoke else (1, 3, 9, 17)
+    unet_rows = []
+    variants = [("fused SDPA (default)", {}), ("unfused attention", {"unfused": True}), ("channels_last", {"cl": True})]
+    for label, opt in variants:
+        model.unet.set_attn_processor(AttnProcessor() if opt.get("unfused") else AttnProcessor2_0())
+        if opt.get("cl"):
+            model.unet.to(memory_format=torch.channels_last)
+        for b in batches:
+            eps = unet_throughput(model, b, iters, warmup)
+            unet_rows.append({"variant": label, "batch": b, "evals_per_s": eps, "ms_per_call": b / eps * 1000, "mfu": mfu(eps)})
+            log(f"UNet {label}, batch {b}: {eps:.1f} evals/s")
+        if opt.get("cl"):
+            model.unet.to(memory_format=torch.contiguous_format)
+    model.unet.set_attn_processor(AttnProcessor2_0())
+    compiled_unet = None
+    if do_compile:
+        b = 9 if not smoke else 3
+        try:
+            compiled_unet = torch.compile(model.unet)
+            plain = model.unet
+            model.unet = compiled_unet
+            t0 = time.perf_counter()
+            eps = unet_throughput(model, b, iters, warmup)
+            unet_rows.append({"variant": "torch.compile", "batch": b, "evals_per_s": eps, "ms_per_call": b / eps * 1000, "mfu": mfu(eps),
+                              "first_calls_s": time.perf_counter() - t0})
+            log(f"UNet torch.compile, batch {b}: {eps:.1f} evals/s")
+            model.unet = plain
+        except Exception as exc:  # noqa: BLE001 - report, do not fail the whole benchmark
+            unet_rows.append({"variant": "torch.compile", "batch": b, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            log(f"torch.compile failed: {type(exc).__name__}: {exc}")
+            compiled_unet = None
+    print_table(["UNet variant", "batch", "evals/s", "ms/call", "MFU"],
+                [[r["variant"], r["batch"], r.get("evals_per_s"), r.get("ms_per_call"), r.get("mfu")] for r in unet_rows],
+                title=f"UNet level ({name}, {dtype}, {model.native_size}px)")
+
+    # 2. the engine
+    engine = {}
+    modes = ("naive", "editflow cold", "editflow warm")
+    configs = [("baseline", {}), ("channels_last", {"cl": True})]
+    if do_compile:
+        configs.append(("torch.compile", {"compile": True}))
+    for label, opt in configs:
+        plain = model.unet
+        try:
+            if opt.get("cl"):
+                model.unet.to(memory_format=torch.channels_last)
+            if opt.get("compile"):
+                import torch._dynamo
+
+                # the processors read per-step Python state: allow a compiled variant per step
+                cfg = torch._dynamo.config
+                name_ = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+                setattr(cfg, name_, max(getattr(cfg, name_), 4 * steps + 64))
+                model.unet = torch.compile(plain)  # a wrapper: the counting hooks stay outside the graph
+            t0 = time.perf_counter()
+            res = engine_run(model, n_sources, args.k, steps, modes if label == "baseline" else ("editflow warm",), log)
+            for d in res.values():
+                d["mfu"] = mfu(d["unet_evals_per_s"])
+            engine[label] = {"modes": res, "wall_s": time.perf_counter() - t0}
+        except Exception as exc:  # noqa: BLE001
+            engine[label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            log(f"engine {label} failed: {type(exc).__name__}: {exc}")
+        finally:
+            model.unet = plain
+            model.unet.to(memory_format=torch.contiguous_format)
+    rows = []
+    base = engine.get("baseline", {}).get("modes", {})
+    for label, e in engine.items():
+        for m, d in e.get("modes", {}).items():
+            ratio = d["edits_per_gpu_hour"] / base["naive"]["edits_per_gpu_hour"] if "naive" in base else None
+            rows.append([label, m, d["edits"], d["seconds_per_edit"], d["edits_per_gpu_hour"], ratio, d["unet_evals"] / d["edits"],
+                         d["unet_evals_per_s"], d["mfu"]])
+        if "error" in e:
+            rows.append([label, "error: " + e["error"][:80], None, None, None, None, None, None, None])
+    print_table(["config", "mode", "edits", "s/edit", "edits/GPU-hour", "x naive", "UNet evals/edit", "UNet evals/s", "MFU"], rows,
+                title=f"engine: PnP, K = {args.k}, T = {steps}, {n_sources} sources ({name}, {dtype})")
+    print(f"(wall {time.perf_counter() - t_start:.0f}s)")
+    if smoke:
+        print("smoke run: code paths checked on CPU; nothing written")
+        return 0
+    write_result("gpu", {"settings": {"device": name, "dtype": str(dtype), "T": steps, "k": args.k, "sources": n_sources, "iters": iters,
+                                      "peak_tflops": peak, "tflop_per_eval": TFLOP_PER_EVAL, "unet_params": params, "via_folder": args.via_folder},
+                         "unet": unet_rows, "engine": engine}, facts=facts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
