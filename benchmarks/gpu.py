@@ -134,7 +134,9 @@ def build_model(device, dtype, smoke: bool, via_folder: Path | None):
     from refmodel.toy import TOY_WORDS
 
     tmp = Path(tempfile.mkdtemp(prefix="editflow-gpu-"))
-    tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer_files(tmp / "tokenizer", TOY_WORDS)))
+    # SD 1.5 pads every prompt to CLIP's 77 tokens (the cross-attention cost depends on it), whatever
+    # length the toy tokenizer files say
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer_files(tmp / "tokenizer", TOY_WORDS)), model_max_length=77)
     unet_cfg, vae_cfg, text_cfg = (SMOKE_UNET, SMOKE_VAE, SMOKE_TEXT) if smoke else (SD15_UNET, SD15_VAE, SD15_TEXT)
     torch.manual_seed(0)
     with torch.device(device):  # initialise the weights where they will run (fast on a GPU)
