@@ -333,6 +333,10 @@ def train_unet(state: dict, cfg: TrainConfig, out: Path, clock: Clock) -> None:
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=cfg.weight_decay)
     if state.get("unet_opt") is not None:
         opt.load_state_dict(state["unet_opt"])
+        for p in params:  # moments of truncated parameters (position embeddings) follow them
+            for name, value in opt.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.dim() == p.dim() and value.shape != p.shape:
+                    opt.state[p][name] = value[tuple(slice(0, n) for n in p.shape)].clone()
     ema_params = list(state["ema_unet"].parameters()) + list(state["ema_text"].parameters())
     scheduler = build_train_scheduler()
     ids_of = CaptionIds(state["tokenizer"])
