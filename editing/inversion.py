@@ -147,56 +147,80 @@ def invert(
     Costs num_steps UNet evaluations for the inversion and 2 * num_steps for the guided source pass.
     `guidance_scale` is the source branch's guidance (the corrections are exact for it).
     """
-    # 1. Validate and prepare
-    start = time.perf_counter()
-    facts = inversion_facts(
-        model, source_prompt, num_steps=num_steps, guidance_scale=guidance_scale, size_policy=size_policy
-    )
-    schedule = make_schedule(model.scheduler, num_steps)
-    pixels = model.prepare_image(image, size_policy)
-    facts["height"], facts["width"] = int(pixels.shape[2]), int(pixels.shape[3])
-    # 2. Encode prompts and the image
-    uncond, cond = model.encode_prompts(["", source_prompt])
-    z = model.encode_image(pixels)  # (1, C, h, w) fp32
-    _check_finite("the image latent", z)
-    # 3. Invert: z_0 -> z_T with the source prompt, guidance 1
-    latents = [z[0]]
-    for level in range(1, num_steps + 1):
-        out = model.unet(z.to(model.dtype), schedule.timestep(level).to(model.device), encoder_hidden_states=cond[None]).sample
-        z = invert_step(out, z, schedule, level)
-        latents.append(z[0])
-    traj = torch.stack(latents)  # (T+1, C, h, w)
-    _check_finite("the inverted trajectory", traj)
-    # 4. Direct Inversion: one guided pass of the source branch along the trajectory, recording the gaps
-    corrections = _direct_inversion_gaps(model, schedule, traj, uncond, cond, guidance_scale)
-    _check_finite("the Direct Inversion corrections", corrections)
-    inv = Inversion(
-        latents=traj.cpu(),
-        corrections=corrections.cpu(),
-        cond=cond.to(model.latent_dtype).cpu(),
-        uncond=uncond.to(model.latent_dtype).cpu(),
-        facts=facts,
-        unet_evals=3 * num_steps,
-        seconds=time.perf_counter() - start,
-    )
-    logger.debug("inverted %r in %.2fs", source_prompt, inv.seconds)
+    [inv] = invert_many(model, [image], [source_prompt], num_steps=num_steps, guidance_scale=guidance_scale, size_policy=size_policy)
     return inv
 
 
-def _direct_inversion_gaps(
+@torch.no_grad()
+def invert_many(
     model: EditModel,
-    schedule: Schedule,
-    traj: torch.Tensor,
-    uncond: torch.Tensor,
-    cond: torch.Tensor,
-    guidance_scale: float,
-) -> torch.Tensor:
-    emb = torch.stack([uncond, cond])
-    gaps = torch.empty_like(traj[1:])
-    for level in range(schedule.num_steps, 0, -1):
-        x = traj[level][None].expand(2, -1, -1, -1)
-        out = model.unet(x.to(model.dtype), schedule.timestep(level).to(model.device), encoder_hidden_states=emb).sample
-        guided = guide(out[:1], out[1:], guidance_scale)
-        produced = denoise_step(guided, traj[level][None], schedule, level)
-        gaps[level - 1] = traj[level - 1] - produced[0]
-    return gaps
+    images: list[Image.Image],
+    source_prompts: list[str],
+    *,
+    num_steps: int = 50,
+    guidance_scale: float = 7.5,
+    size_policy: str = "fit",
+    max_batch: int = 16,
+) -> list[Inversion]:
+    """:func:`invert` for several images at once: images of the same size share every UNet call
+    (up to `max_batch` images per call). Results are identical to inverting each alone."""
+    if len(images) != len(source_prompts):
+        raise ValueError(f"{len(images)} images for {len(source_prompts)} source prompts")
+    # 1. Validate and prepare
+    start = time.perf_counter()
+    schedule = make_schedule(model.scheduler, num_steps)
+    pixels = [model.prepare_image(img, size_policy) for img in images]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, px in enumerate(pixels):
+        by_shape.setdefault(tuple(px.shape), []).append(i)
+    out: list[Inversion | None] = [None] * len(images)
+    for idxs in by_shape.values():
+        for b in range(0, len(idxs), max_batch):
+            part = idxs[b : b + max_batch]
+            invs = _invert_batch(model, schedule, torch.cat([pixels[i] for i in part]), [source_prompts[i] for i in part], guidance_scale)
+            for i, inv in zip(part, invs):
+                inv.facts = inversion_facts(
+                    model, source_prompts[i], num_steps=num_steps, guidance_scale=guidance_scale, size_policy=size_policy
+                ) | {"height": int(pixels[i].shape[2]), "width": int(pixels[i].shape[3])}
+                out[i] = inv
+    seconds = (time.perf_counter() - start) / max(1, len(images))
+    for inv in out:
+        inv.seconds = seconds
+    return out  # type: ignore[return-value]
+
+
+def _invert_batch(model: EditModel, schedule: Schedule, pixels: torch.Tensor, prompts: list[str], guidance_scale: float) -> list[Inversion]:
+    n, steps = pixels.shape[0], schedule.num_steps
+    # 2. Encode prompts and the images
+    emb = model.encode_prompts([""] * n + prompts)
+    uncond, cond = emb[:n], emb[n:]
+    z = model.encode_image(pixels)  # (n, C, h, w) fp32 (fp64 for fp64 models)
+    _check_finite("the image latent", z)
+    # 3. Invert: z_0 -> z_T with the source prompt, guidance 1
+    latents = [z]
+    for level in range(1, steps + 1):
+        out = model.unet(z.to(model.dtype), schedule.timestep(level).to(model.device), encoder_hidden_states=cond).sample
+        z = invert_step(out, z, schedule, level)
+        latents.append(z)
+    traj = torch.stack(latents, 1)  # (n, T+1, C, h, w)
+    _check_finite("the inverted trajectory", traj)
+    # 4. Direct Inversion: one guided pass of the source branch along the trajectory, recording the gaps
+    gaps = torch.empty_like(traj[:, 1:])
+    for level in range(steps, 0, -1):
+        x = traj[:, level]
+        out = model.unet(torch.cat([x, x]).to(model.dtype), schedule.timestep(level).to(model.device),
+                         encoder_hidden_states=torch.cat([uncond, cond])).sample  # fmt: skip
+        produced = denoise_step(guide(out[:n], out[n:], guidance_scale), x, schedule, level)
+        gaps[:, level - 1] = traj[:, level - 1] - produced
+    _check_finite("the Direct Inversion corrections", gaps)
+    return [
+        Inversion(
+            latents=traj[i].cpu(),
+            corrections=gaps[i].cpu(),
+            cond=cond[i].to(model.latent_dtype).cpu(),
+            uncond=uncond[i].to(model.latent_dtype).cpu(),
+            facts={},
+            unet_evals=3 * steps,
+        )
+        for i in range(n)
+    ]

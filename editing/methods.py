@@ -208,6 +208,7 @@ def _layout(pieces: list[Piece], steps: int, live: bool, feature_steps, attn_ste
     return _Rows(plan, src_rows, u_rows, c_rows, tpiece, targets)
 
 
+@torch.no_grad()
 def _run_chunk(
     model: EditModel,
     pieces: list[Piece],

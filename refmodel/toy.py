@@ -16,7 +16,7 @@ from refmodel.tokenizer import write_tokenizer_files
 TOY_WORDS = [
     "a", "an", "photo", "of", "the", "cat", "dog", "red", "blue", "green", "car", "bag", "leather", "denim",
     "on", "gray", "background", "turquoise", "circle", "square", "in", "watercolor", "style", "big", "small",
-    "with", "hat", "sitting", "street", "crowded",
+    "with", "hat", "sitting", "street", "crowded", "yellow", "purple", "triangle", "white", "black", "shape",
 ]  # fmt: skip
 
 

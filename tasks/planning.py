@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -94,10 +95,14 @@ def plan_run(manifest_uri: str, options: RunOptions, *, run_id: str, shard_size:
     order = np.argsort(shard_of, kind="stable")
     bounds = np.searchsorted(shard_of[order], np.arange(num_shards + 1))
     shards = []
+
+    def write_shard(s: int) -> None:
+        write_parquet(out, keys.shard_plan_key(run_id, s), pending.take(pa.array(order[bounds[s] : bounds[s + 1]])))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # object-store writes are latency-bound
+        list(pool.map(write_shard, range(num_shards)))
     for s in range(num_shards):
         idx = order[bounds[s] : bounds[s + 1]]
-        part = pending.take(pa.array(idx))
-        write_parquet(out, keys.shard_plan_key(run_id, s), part)
         shards.append({"index": s, "edits": len(idx), "sources": int(len(np.unique(codes[idx])))})
     if skipped.num_rows:
         rows = [

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -21,7 +22,7 @@ import pyarrow as pa
 from PIL import Image
 
 from editing.configs import PnPConfig, config_to_settings
-from editing.inversion import Inversion, InversionMismatch, inversion_facts, invert
+from editing.inversion import Inversion, InversionMismatch, inversion_facts, invert, invert_many
 from editing.methods import (
     METHOD_OF_CONFIG,
     EditResult,
@@ -71,6 +72,8 @@ class _Source:
     cache_hit: bool = False
     features: PnPFeatures | None = None
     features_key: str = ""
+    facts: dict[str, Any] = field(default_factory=dict)
+    stale_entry: bool = False  # a cached entry existed but was unusable: replace it
     error: str | None = None
 
 
@@ -91,7 +94,10 @@ class ShardStats:
         return d
 
 
-def _load_inversion(model: EditModel, src: _Source, row: EditRow, options: RunOptions, cache: BlobCache, stats: ShardStats) -> None:
+def _read_source(model: EditModel, src: _Source, options: RunOptions, cache: BlobCache, stats: ShardStats) -> Image.Image | None:
+    """Read the source image, key its inversion by content, and load a cached one; returns the image
+    when the inversion still has to be computed."""
+    row = src.rows[0]
     t0 = time.perf_counter()
     try:
         data = read_uri(row.image_uri, s3_endpoint=options.s3_endpoint)
@@ -104,37 +110,59 @@ def _load_inversion(model: EditModel, src: _Source, row: EditRow, options: RunOp
         image.load()
     except Exception as exc:  # noqa: BLE001
         raise RowError(f"image_uri: {row.image_uri} is not a readable image ({type(exc).__name__}: {exc})") from exc
+    try:
+        model.tokenize(row.source_prompt)
+    except ValueError as exc:
+        raise RowError(f"source_prompt: {exc}") from exc
     stats.seconds["read"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     src.content_sha256 = keys.sha256_hex(data)
-    facts = inversion_facts(
+    src.facts = inversion_facts(
         model, row.source_prompt, num_steps=row.num_steps, guidance_scale=options.inversion_guidance, size_policy=options.size_policy
     )
-    src.inversion_key = keys.inversion_key(src.content_sha256, facts)
+    src.inversion_key = keys.inversion_key(src.content_sha256, src.facts)
     obj = keys.inversion_object_key(src.inversion_key)
     blob = cache.get(obj)
     if blob is not None:
         try:
-            src.inversion = Inversion.from_bytes(blob, expect=facts)
+            src.inversion = Inversion.from_bytes(blob, expect=src.facts)
             src.cache_hit = True
+            stats.inversion_cache_hits += 1
         except InversionMismatch as exc:
             logger.warning("inversion cache entry %s is unusable (%s); recomputing it", obj, exc)
-    if src.inversion is None:
+            src.stale_entry = True
+    stats.seconds["inversion"] += time.perf_counter() - t0
+    return None if src.cache_hit else image
+
+
+def _invert_missing(model: EditModel, todo: list[tuple[_Source, Image.Image]], options: RunOptions, cache: BlobCache, stats: ShardStats) -> None:
+    """Invert every source without a cached inversion, sharing UNet calls, and cache the results."""
+    t0 = time.perf_counter()
+    by_steps: dict[int, list[tuple[_Source, Image.Image]]] = {}
+    for src, image in todo:
+        by_steps.setdefault(src.rows[0].num_steps, []).append((src, image))
+    for steps, items in by_steps.items():
         try:
-            model.tokenize(row.source_prompt)
-            src.inversion = invert(
-                model, image, row.source_prompt, num_steps=row.num_steps,
-                guidance_scale=options.inversion_guidance, size_policy=options.size_policy,
+            invs = invert_many(
+                model, [im for _, im in items], [s.rows[0].source_prompt for s, _ in items], num_steps=steps,
+                guidance_scale=options.inversion_guidance, size_policy=options.size_policy, max_batch=options.max_batch,
             )  # fmt: skip
-        except ValueError as exc:
-            raise RowError(f"source_prompt/image: cannot invert: {exc}") from exc
-        if blob is not None:
-            cache.replace(obj, src.inversion.to_bytes())
-        else:
-            cache.put(obj, src.inversion.to_bytes())
-        stats.inversions_computed += 1
-    else:
-        stats.inversion_cache_hits += 1
+        except Exception:  # noqa: BLE001 - find the one that fails
+            invs = []
+            for src, image in items:
+                try:
+                    invs.append(invert(model, image, src.rows[0].source_prompt, num_steps=steps,
+                                       guidance_scale=options.inversion_guidance, size_policy=options.size_policy))  # fmt: skip
+                except Exception as exc:  # noqa: BLE001
+                    invs.append(exc)
+        for (src, _), inv in zip(items, invs):
+            if isinstance(inv, Exception):
+                src.error = f"image_uri/source_prompt: cannot invert: {type(inv).__name__}: {inv}"
+                continue
+            src.inversion = inv
+            obj = keys.inversion_object_key(src.inversion_key)
+            (cache.replace if src.stale_entry else cache.put)(obj, inv.to_bytes())
+            stats.inversions_computed += 1
     stats.seconds["inversion"] += time.perf_counter() - t0
 
 
@@ -212,9 +240,7 @@ def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, A
         prev = previous.get(row.edit_id)
         if prev is not None and prev["status"] in ("succeeded", "skipped"):
             results[row.edit_id] = prev
-        elif out.exists(keys.sidecar_key(row.edit_id)):
-            results[row.edit_id] = _result(row, "skipped", error="finished earlier", metadata_uri=out.uri(keys.sidecar_key(row.edit_id)))
-        else:
+        else:  # planning left out finished edits; a race or an earlier crash is caught at write time
             todo.append(row)
     if todo:
         model = get_model(options.model_ref, device=options.device, dtype=options.dtype, allow_pickle=options.allow_pickle)
@@ -242,11 +268,17 @@ def _run_rows(model: EditModel, todo: list[EditRow], options: RunOptions, run_id
     sources: dict[tuple, _Source] = {}
     for row in todo:
         sources.setdefault((row.image_uri, row.source_prompt, row.num_steps), _Source(rows=[])).rows.append(row)
+    missing = []
     for src in sources.values():
         try:
-            _load_inversion(model, src, src.rows[0], options, cache, stats)
+            image = _read_source(model, src, options, cache, stats)
         except RowError as exc:
             src.error = str(exc)
+            continue
+        if image is not None:
+            missing.append((src, image))
+    if missing:
+        _invert_missing(model, missing, options, cache, stats)
     # 2. Targets: per-row checks, then one batched edit over every source of the shard
     groups: list[SourceGroup] = []
     owners: list[tuple[_Source, list[EditRow]]] = []
@@ -276,8 +308,9 @@ def _run_rows(model: EditModel, todo: list[EditRow], options: RunOptions, run_id
     t0 = time.perf_counter()
     edited = _edit_with_fallback(model, groups, options)
     stats.seconds["edit"] += time.perf_counter() - t0
-    # 3. Write assets and sidecars
+    # 3. Write assets and sidecars (encoding and storage requests overlap in a small thread pool)
     t0 = time.perf_counter()
+    jobs = []
     for (src, kept), group, res_list in zip(owners, groups, edited):
         inv_share = (src.inversion.unet_evals if not src.cache_hit else 0) / len(kept)
         if options.cache_features and src.features is None:
@@ -290,19 +323,29 @@ def _run_rows(model: EditModel, todo: list[EditRow], options: RunOptions, run_id
             stats.unet_evals += evals
             seconds = res.seconds + src.inversion.seconds / len(kept) * (not src.cache_hit)
             meta = _metadata(row, src, res, model, target.config, evals, seconds, run_id)
-            essentials = {k: meta[k] for k in ("edit_id", "source_prompt", "target_prompt", "method", "settings", "seed", "model_id", "model_revision", "source_sha256")}
-            data = encode_image(res.image, options.image_format, {"editflow": json.dumps(essentials, sort_keys=True)})
-            try:
-                asset_uri, sidecar_uri, written = write_asset(out, row.edit_id, data, options.image_format, meta)
-            except Exception as exc:  # noqa: BLE001 - a storage failure of one edit fails that edit
-                results[row.edit_id] = _result(row, "failed", error=f"row {row.row}: writing output failed: {type(exc).__name__}: {exc}")
-                continue
-            status = "succeeded" if written else "skipped"
-            results[row.edit_id] = _result(
-                row, status, output_uri=asset_uri, metadata_uri=sidecar_uri, cache_hit=src.cache_hit,
-                unet_evals=evals, seconds=seconds, error=None if written else "finished by another worker",
-            )  # fmt: skip
+            jobs.append((row, res.image, meta, src.cache_hit, evals, seconds))
+    with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
+        for row, outcome in zip([j[0] for j in jobs], pool.map(lambda j: _write_one(out, options, j), jobs)):
+            results[row.edit_id] = outcome
     stats.seconds["write"] += time.perf_counter() - t0
+
+
+WRITE_THREADS = 8  # concurrent encodes + storage requests per shard (S3 latency, not bandwidth, dominates)
+
+
+def _write_one(out, options: RunOptions, job: tuple) -> dict[str, Any]:
+    """Encode one edit (PNG text chunk with the essentials) and write it and its sidecar, first-writer-wins."""
+    row, image, meta, cache_hit, evals, seconds = job
+    essentials = {k: meta[k] for k in ("edit_id", "source_prompt", "target_prompt", "method", "settings", "seed", "model_id", "model_revision", "source_sha256")}
+    try:
+        data = encode_image(image, options.image_format, {"editflow": json.dumps(essentials, sort_keys=True)})
+        asset_uri, sidecar_uri, written = write_asset(out, row.edit_id, data, options.image_format, meta)
+    except Exception as exc:  # noqa: BLE001 - a storage failure of one edit fails that edit
+        return _result(row, "failed", error=f"row {row.row}: writing output failed: {type(exc).__name__}: {exc}")
+    return _result(
+        row, "succeeded" if written else "skipped", output_uri=asset_uri, metadata_uri=sidecar_uri, cache_hit=cache_hit,
+        unet_evals=evals, seconds=seconds, error=None if written else "finished earlier or by another worker",
+    )  # fmt: skip
 
 
 def _pnp_config_of(targets: list[Target]) -> PnPConfig | None:
