@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from editing.configs import P2PConfig, PnPConfig
-from editing.inversion import invert
+from editing.inversion import invert_many
 from editing.methods import SourceGroup, Target, edit
 from editing.model import EditModel, load_model
 from editing.sampling import denoise, generate
@@ -135,7 +135,12 @@ def evaluate_edits(
     all_methods = _methods()
     names = methods or list(all_methods)
     rng = np.random.default_rng(seed)
-    recon: dict[str, list[float]] = {"vae": [], "ddim_g1": [], "ddim_g7.5": [], "direct_inversion": []}
+    recon: dict[str, list[float]] = {
+        "vae": [],
+        "ddim_g1": [],
+        "ddim_g7.5": [],
+        "direct_inversion": [],
+    }
     scores = {(m, k): _Scores() for m in ["none", *names] for k in ("colour", "shape")}
     sheet: list[list[Image.Image]] = []
     for first in range(0, n_sources, batch_sources):
@@ -143,9 +148,11 @@ def evaluate_edits(
         scenes = [domain.sample_scene(rng) for _ in range(count)]
         rendered = [domain.render(s) for s in scenes]
         prompts = [domain.caption(s) for s in scenes]
-        invs = [invert(model, img, p, num_steps=steps, size_policy="exact") for (img, _), p in zip(rendered, prompts)]
+        invs = invert_many(model, [img for img, _ in rendered], prompts, num_steps=steps, size_policy="exact")
         z_t = torch.stack([inv.latents[-1] for inv in invs])
-        for (img, _), z0 in zip(rendered, model.decode_latents(torch.stack([inv.latents[0] for inv in invs]))):
+        for (img, _), z0 in zip(
+            rendered, model.decode_latents(torch.stack([inv.latents[0] for inv in invs]))
+        ):
             recon["vae"].append(domain.psnr(img, z0))
         for g, key in ((1.0, "ddim_g1"), (7.5, "ddim_g7.5")):
             z = denoise(model, z_t, prompts, num_steps=steps, guidance_scale=g)
@@ -154,13 +161,17 @@ def evaluate_edits(
         swaps = [{k: _swap(s, k, rng) for k in ("colour", "shape")} for s in scenes]
         # the no-control baseline: inversion, then plain denoising with the target prompt
         base_prompts = [domain.caption(sw[k][0]) for sw in swaps for k in ("colour", "shape")]
-        base = model.decode_latents(denoise(model, z_t.repeat_interleave(2, 0), base_prompts, num_steps=steps))
+        base = model.decode_latents(
+            denoise(model, z_t.repeat_interleave(2, 0), base_prompts, num_steps=steps)
+        )
         groups, keys = [], []
         for inv, p, sw in zip(invs, prompts, swaps):
             targets, kk = [Target(p, PnPConfig())], [("recon", None)]
             for kind, (new_scene, old_word, new_word) in sw.items():
                 for m in names:
-                    targets.append(Target(domain.caption(new_scene), all_methods[m](old_word, new_word)))
+                    targets.append(
+                        Target(domain.caption(new_scene), all_methods[m](old_word, new_word))
+                    )
                     kk.append((m, kind))
             groups.append(SourceGroup(inv, targets))
             keys.append(kk)
@@ -172,11 +183,23 @@ def evaluate_edits(
             row = {"source": src_img}
             for b, kind in enumerate(("colour", "shape")):
                 img = base[2 * j + b]
-                _score(scores[("none", kind)], img, src_img, src_mask, sw[kind][0], kind, 2.0 * steps + inv.unet_evals)
+                _score(
+                    scores[("none", kind)],
+                    img,
+                    src_img,
+                    src_mask,
+                    sw[kind][0],
+                    kind,
+                    2.0 * steps + inv.unet_evals,
+                )
                 if kind == "colour":
                     row["none"] = img
             for (m, kind), r in zip(keys[j][1:], res[1:]):
-                evals = r.unet_evals["source"] + r.unet_evals["target"] + inv.unet_evals / (len(res) - 1)
+                evals = (
+                    r.unet_evals["source"]
+                    + r.unet_evals["target"]
+                    + inv.unet_evals / (len(res) - 1)
+                )
                 _score(scores[(m, kind)], r.image, src_img, src_mask, sw[kind][0], kind, evals)
                 if kind == "colour":
                     row[m] = r.image
@@ -185,7 +208,8 @@ def evaluate_edits(
         logger.info("sources %d/%d done", first + count, n_sources)
     metrics = {
         "reconstruction_psnr": {
-            k: float(np.mean([p for p in v if np.isfinite(p)] or [float("inf")])) for k, v in recon.items()
+            k: float(np.mean([p for p in v if np.isfinite(p)] or [float("inf")]))
+            for k, v in recon.items()
         },
         "edits": {f"{m}/{k}": s.summary() for (m, k), s in scores.items()},
     }
