@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -29,6 +30,7 @@ class ModelConfig:
     text_intermediate: int = 256  # CLIP MLP width (4x hidden, as in CLIP)
     text_layers: int = 3  # CLIP transformer layers
     text_heads: int = 4  # CLIP attention heads
+    text_embedding_std: float = 0.5  # token-embedding init; CLIP's 0.02 leaves prompts alike
 
     def __post_init__(self) -> None:
         if any(c % self.vae_groups for c in self.vae_channels):
@@ -113,7 +115,9 @@ def build_text_encoder(cfg: ModelConfig, tokenizer: CLIPTokenizer) -> CLIPTextMo
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config)
+    model = CLIPTextModel(config)
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=cfg.text_embedding_std)
+    return model
 
 
 def build_train_scheduler() -> DDPMScheduler:

@@ -18,6 +18,11 @@ Recipe (all seeded; ``--minutes`` is the total training-time budget, summed over
    scheduler, plus ``editflow.json``; then probe: DDIM 50 steps, guidance 7.5, classify the
    generated images' colour / shape / background with the domain scorers.
 
+Prompts are 16 tokens and token embeddings start at std 0.5: with SD's 77 tokens and CLIP's
+0.02 init, cross-attention saw nearly the same text for every prompt and ignored it. (The
+bundled run1 started with those and was switched mid-run with ``--rescale-text-embeddings 0.5``
+at UNet step 2024 and 16-token prompts at step 2603; its checkpoint ``history`` records this.)
+
 Checkpoints (model, optimiser, EMA, RNG states, step, elapsed time) are written atomically to
 ``OUT/checkpoint.pt`` every few minutes. Resuming restores them; the latent buffer is refilled,
 so a resumed run is statistically, not bitwise, identical.
