@@ -607,6 +607,9 @@ def editflow_facts(extra: dict | None = None) -> dict:
         "pnp_feature_layers": PNP_FEATURE_LAYERS,
         "pnp_attn_layers": PNP_ATTN_LAYERS,
         "cross_attention_map_resolutions": [16, 8, 4],
+        # P2P local blend reads the 8x8 cross-attention maps (1/4 of the 16x16 latent's positions):
+        # the objects are 5-10 latent cells wide, too small for SD's 1/16 (4x4 here)
+        "p2p_blend_fraction": 0.25,
         "defaults": {"num_inference_steps": 50, "guidance_scale": 7.5},
     }
     facts.update(extra or {})
