@@ -148,7 +148,9 @@ def evaluate_edits(
         scenes = [domain.sample_scene(rng) for _ in range(count)]
         rendered = [domain.render(s) for s in scenes]
         prompts = [domain.caption(s) for s in scenes]
-        invs = invert_many(model, [img for img, _ in rendered], prompts, num_steps=steps, size_policy="exact")
+        invs = invert_many(
+            model, [img for img, _ in rendered], prompts, num_steps=steps, size_policy="exact"
+        )
         z_t = torch.stack([inv.latents[-1] for inv in invs])
         for (img, _), z0 in zip(
             rendered, model.decode_latents(torch.stack([inv.latents[0] for inv in invs]))
