@@ -168,7 +168,8 @@ def evaluate_edits(
         )
         groups, keys = [], []
         for inv, p, sw in zip(invs, prompts, swaps):
-            targets, kk = [Target(p, PnPConfig())], [("recon", None)]
+            # an unchanged target with the source's corrections: the Direct Inversion reconstruction
+            targets, kk = [Target(p, PnPConfig(target_correction=True))], [("recon", None)]
             for kind, (new_scene, old_word, new_word) in sw.items():
                 for m in names:
                     targets.append(

@@ -33,7 +33,9 @@ def _processors(unet):
     return {k: id(v) for k, v in unet.attn_processors.items()}
 
 
-@pytest.mark.parametrize("config", [PnPConfig(), P2PConfig()], ids=["pnp", "p2p"])
+@pytest.mark.parametrize(
+    "config", [PnPConfig(target_correction=True, inject_uncond=False), P2PConfig(target_correction=True)], ids=["pnp", "p2p"]
+)
 def test_unchanged_prompt_reproduces_the_source(tiny, cat_inversion, config):
     """Direct Inversion: the source prompt as target gives back z_0 (and so the VAE round trip)."""
     [[res]] = edit(tiny, [SourceGroup(cat_inversion, [Target(cat_inversion.source_prompt, config)])])
@@ -247,7 +249,7 @@ def test_invariants_in_fp16_on_gpu(tiny_dir):
 
     model = load_model(tiny_dir, device="cuda", dtype=torch.float16)
     inv = invert(model, make_image(0), "a photo of a cat", num_steps=STEPS)
-    for cfg in (PnPConfig(), P2PConfig()):
+    for cfg in (PnPConfig(target_correction=True, inject_uncond=False), P2PConfig(target_correction=True)):
         [[same]] = edit(model, [SourceGroup(inv, [Target(inv.source_prompt, cfg)])])
         assert _max_err(same.latent, inv.latents[0].cpu()) < 5e-2  # fp16 UNet, fp32 latent math
         [[other]] = edit(model, [SourceGroup(inv, [Target("a photo of a dog", cfg)])])

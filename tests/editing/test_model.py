@@ -75,7 +75,7 @@ def test_v_prediction_model_reconstructs(tmp_path):
     model = load_model(folder, dtype=torch.float64)
     assert model.prediction_type == "v_prediction"
     inv = invert(model, make_image(2), "a photo of a cat", num_steps=STEPS)
-    for cfg in (PnPConfig(), P2PConfig()):
+    for cfg in (PnPConfig(target_correction=True, inject_uncond=False), P2PConfig(target_correction=True)):
         [[res]] = edit(model, [SourceGroup(inv, [Target("a photo of a cat", cfg)])])
         assert float((res.latent - inv.latents[0]).abs().max()) < 1e-9
 
