@@ -22,6 +22,9 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/NAME.py` from the repository root
     sys.path.insert(0, str(REPO_ROOT))
+
+from storage.testing import CLEARED_AWS_ENV, FAKE_AWS_ENV  # noqa: E402
+
 RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS_DIR") or REPO_ROOT / "benchmarks" / "results")  # override for scratch runs
 
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
@@ -253,14 +256,6 @@ class UNetCounter:
 
 # ---------------------------------------------------------------- S3 (moto server)
 
-_FAKE_AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": "us-east-1",
-}
-_CLEARED_AWS_ENV = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 
 
 @contextmanager
@@ -272,9 +267,9 @@ def moto_s3(tmp: str | Path) -> Iterator[str]:
     """
     from moto.server import ThreadedMotoServer
 
-    saved = {k: os.environ.get(k) for k in (*_FAKE_AWS_ENV, *_CLEARED_AWS_ENV, "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")}
-    os.environ.update(_FAKE_AWS_ENV)
-    for k in _CLEARED_AWS_ENV:
+    saved = {k: os.environ.get(k) for k in (*FAKE_AWS_ENV, *CLEARED_AWS_ENV, "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")}
+    os.environ.update(FAKE_AWS_ENV)
+    for k in CLEARED_AWS_ENV:
         os.environ.pop(k, None)
     empty = Path(tmp) / "aws-none"
     empty.write_text("")

@@ -18,14 +18,7 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -
 
 # Fake credentials and region for the moto endpoint; endpoint variables and profiles cleared so
 # that nothing in the tests can reach a real account.
-_FAKE_AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": "us-east-1",
-}
-_CLEARED_AWS_ENV = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+from storage.testing import CLEARED_AWS_ENV, FAKE_AWS_ENV  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,9 +26,9 @@ def aws_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Fake AWS credentials in the environment for the whole session (restored afterwards)."""
     empty = tmp_path_factory.mktemp("aws") / "none"
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in _FAKE_AWS_ENV.items():
+        for name, value in FAKE_AWS_ENV.items():
             mp.setenv(name, value)
-        for name in _CLEARED_AWS_ENV:
+        for name in CLEARED_AWS_ENV:
             mp.delenv(name, raising=False)
         mp.setenv("AWS_CONFIG_FILE", str(empty))
         mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
