@@ -1,8 +1,10 @@
 """Procedural "shapes" domain for the reference model: seeded scenes, renderer, captions, scorers.
 
-One flat-coloured object (circle, square or triangle) on a flat background, 32x32 RGB, with the
-ground-truth mask. The scorers recover background, colour and shape from pixels alone, so the
-evaluation can check prompt following and edits without a learned classifier.
+One coloured object (circle, square or triangle) on a flat background, 32x32 RGB, with the
+ground-truth mask, drawn plain or in one of a few procedural styles (outlined, striped, dotted),
+so that catalog restyling can be tried and scored on the bundled model. The scorers recover
+background, colour, shape and style from pixels alone, so the evaluation can check prompt
+following and edits without a learned classifier.
 """
 
 from __future__ import annotations
@@ -42,6 +44,18 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 # The closest object/background pair (purple on gray) is ~116 apart.
 SEGMENT_THRESHOLD = 50.0
 
+# Procedural styles: a deterministic rendering of the same object (same mask, same colour).
+# "plain" has no caption word; the others are appended to the caption: "..., striped".
+# The patterns use a darker shade of the object colour (DARK_SHADE x RGB), which stays far from
+# every background (>= 89 RGB units), so segmentation still finds the whole object.
+STYLES: tuple[str, ...] = ("plain", "outlined", "striped", "dotted")
+DARK_SHADE = 0.5  # striped / dotted pattern colour = this x the object colour
+OUTLINE_WIDTH = 2  # px; "outlined" keeps this ring of the object and shows the background inside
+STRIPE_PERIOD = 4  # px; "striped": rows with (y // (period/2)) odd are dark (horizontal stripes)
+DOT_PERIOD = 4  # px; "dotted": 2x2 dark dots on a 4 px grid
+# Sampling probabilities of the styles in training scenes (plain captions stay the majority).
+TRAIN_STYLE_PROBS: tuple[float, ...] = (0.58, 0.14, 0.14, 0.14)
+
 CAPTION_DROPS: tuple[frozenset[str], ...] = (
     frozenset(),
     frozenset({"colour"}),
@@ -60,8 +74,11 @@ class Scene:
     cx: float  # px, object centre x (column), continuous
     cy: float  # px, object centre y (row), continuous
     size: float  # px, object extent, MIN_SIZE..MAX_SIZE
+    style: str = "plain"  # one of STYLES
 
     def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"unknown style {self.style!r}; expected one of {STYLES}")
         if self.shape not in SHAPES:
             raise ValueError(f"unknown shape {self.shape!r}; expected one of {SHAPES}")
         if self.colour not in COLOURS:
@@ -76,8 +93,15 @@ class Scene:
             raise ValueError(f"object does not fit in the image: {self}")
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    """Draw a uniformly random scene (shape, colour, background, position, size)."""
+def sample_scene(
+    rng: np.random.Generator, style_probs: tuple[float, ...] | None = None
+) -> Scene:
+    """Draw a random scene (shape, colour, background, position, size uniform).
+
+    Without `style_probs` the scene is plain and the draws are those of the plain domain (so
+    seeded evaluations keep their scenes); with it (one probability per STYLES entry) the style
+    is drawn last.
+    """
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     colour = tuple(COLOURS)[int(rng.integers(len(COLOURS)))]
     background = tuple(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
@@ -86,7 +110,12 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     lo, hi = MARGIN + half, IMAGE_SIZE - MARGIN - half
     cx = float(rng.uniform(lo, hi))
     cy = float(rng.uniform(lo, hi))
-    return Scene(shape, colour, background, cx, cy, size)
+    style = "plain"
+    if style_probs is not None:
+        if len(style_probs) != len(STYLES) or abs(sum(style_probs) - 1.0) > 1e-6:
+            raise ValueError(f"style_probs must be {len(STYLES)} probabilities summing to 1")
+        style = STYLES[int(rng.choice(len(STYLES), p=style_probs))]
+    return Scene(shape, colour, background, cx, cy, size, style)
 
 
 def _coverage(
@@ -109,12 +138,51 @@ def _coverage(
     return inside.reshape(image_size, SUPERSAMPLE, image_size, SUPERSAMPLE).mean(axis=(1, 3))
 
 
+def _erode(mask: np.ndarray, steps: int = 1) -> np.ndarray:
+    """4-neighbour binary erosion, `steps` times (pixels outside the image count as empty)."""
+    out = np.asarray(mask, bool)
+    for _ in range(steps):
+        padded = np.pad(out, 1, constant_values=False)
+        out = (
+            padded[1:-1, 1:-1]
+            & padded[:-2, 1:-1]
+            & padded[2:, 1:-1]
+            & padded[1:-1, :-2]
+            & padded[1:-1, 2:]
+        )
+    return out
+
+
+def dark_shade(colour: str) -> np.ndarray:
+    """The pattern colour of `colour` in the striped and dotted styles, uint8 (3,)."""
+    return np.round(np.asarray(COLOURS[colour], np.float64) * DARK_SHADE).astype(np.uint8)
+
+
+def style_pattern(style: str, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Where a style draws the dark shade, bool (H, W) (all False for plain and outlined)."""
+    y, x = np.mgrid[0:size, 0:size]
+    if style == "striped":
+        return (y // (STRIPE_PERIOD // 2)) % 2 == 1
+    if style == "dotted":
+        half = DOT_PERIOD // 2
+        return ((y % DOT_PERIOD) // half == 1) & ((x % DOT_PERIOD) // half == 1)
+    return np.zeros((size, size), dtype=bool)
+
+
 def render_array(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
-    """Render to (uint8 (H, W, 3) image, bool (H, W) mask), hard edges."""
+    """Render to (uint8 (H, W, 3) image, bool (H, W) object mask), hard edges.
+
+    The mask is the object's filled silhouette whatever the style (for "outlined" the inside
+    shows the background but belongs to the object).
+    """
     mask = _coverage(scene.shape, scene.cx, scene.cy, scene.size) >= 0.5
     image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     image[:] = BACKGROUNDS[scene.background]
-    image[mask] = COLOURS[scene.colour]
+    if scene.style == "outlined":
+        image[mask & ~_erode(mask, OUTLINE_WIDTH)] = COLOURS[scene.colour]
+    else:
+        image[mask] = COLOURS[scene.colour]
+        image[mask & style_pattern(scene.style)] = dark_shade(scene.colour)
     return image, mask
 
 
@@ -125,7 +193,11 @@ def render(scene: Scene) -> tuple[Image.Image, np.ndarray]:
 
 
 def caption(scene: Scene, drop: frozenset[str] | set[str] = frozenset()) -> str:
-    """Caption, optionally without the colour and/or background: "a red circle on a gray background"."""
+    """Caption, optionally without the colour and/or background: "a red circle on a gray background".
+
+    A styled scene's caption ends with ", STYLE" (never dropped: a caption without a style word
+    means plain): "a red circle on a gray background, striped".
+    """
     unknown = set(drop) - {"colour", "background"}
     if unknown:
         raise ValueError(f"can only drop 'colour' and 'background', got {sorted(unknown)}")
@@ -135,12 +207,14 @@ def caption(scene: Scene, drop: frozenset[str] | set[str] = frozenset()) -> str:
     words.append(scene.shape)
     if "background" not in drop:
         words += ["on", "a", scene.background, "background"]
-    return " ".join(words)
+    text = " ".join(words)
+    return text if scene.style == "plain" else f"{text}, {scene.style}"
 
 
 def caption_words() -> list[str]:
-    """Every word any caption can contain (the tokenizer's vocabulary of words)."""
-    words = ["a", "on", "background", *SHAPES, *COLOURS, *BACKGROUNDS]
+    """Every word any caption can contain (the tokenizer's vocabulary of words; "," is a token)."""
+    styles = [s for s in STYLES if s != "plain"]
+    words = ["a", "on", "background", *SHAPES, *COLOURS, *BACKGROUNDS, ",", *styles]
     return list(dict.fromkeys(words))
 
 
@@ -201,31 +275,126 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best_label if best_size else np.zeros_like(mask, dtype=bool)
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """The mask with every region not 4-connected to the image border filled, bool (H, W)."""
+    mask = np.asarray(mask, bool)
+    outside = np.zeros_like(mask)
+    h, w = mask.shape
+    queue = deque(
+        (y, x)
+        for y in range(h)
+        for x in range(w)
+        if (y in (0, h - 1) or x in (0, w - 1)) and not mask[y, x]
+    )
+    for y, x in queue:
+        outside[y, x] = True
+    while queue:
+        y, x = queue.popleft()
+        for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+            if 0 <= ny < h and 0 <= nx < w and not mask[ny, nx] and not outside[ny, nx]:
+                outside[ny, nx] = True
+                queue.append((ny, nx))
+    return ~outside
+
+
+def _foreground(arr: np.ndarray, bg: np.ndarray, threshold: float) -> np.ndarray:
+    """Pixels farther than `threshold` from the background colour, bool (H, W)."""
+    return np.sqrt(((arr - bg[None, None]) ** 2).sum(axis=2)) > threshold
+
+
 def segment(
     image: Image.Image | np.ndarray,
     background_rgb: tuple[float, float, float] | np.ndarray | None = None,
     threshold: float = SEGMENT_THRESHOLD,
     largest_component: bool = True,
+    holes: bool = False,
 ) -> np.ndarray:
-    """Object mask: pixels farther than `threshold` from the background colour, bool (H, W).
+    """Object silhouette: pixels farther than `threshold` from the background colour, with
+    enclosed holes filled (an outlined object is its whole shape), bool (H, W).
 
     The background colour defaults to the median of the border pixels. With
-    `largest_component`, stray pixels (e.g. in generated images) are dropped.
+    `largest_component`, stray pixels (e.g. in generated images) are dropped. `holes=True`
+    keeps the holes (the drawn pixels only).
     """
     arr = _as_array(image)
     bg = estimate_background(arr) if background_rgb is None else np.asarray(background_rgb, float)
-    mask = np.sqrt(((arr - bg[None, None]) ** 2).sum(axis=2)) > threshold
-    return _largest_component(mask) if largest_component else mask
+    mask = _foreground(arr, bg, threshold)
+    if largest_component:
+        mask = _largest_component(mask)
+    return mask if holes else fill_holes(mask)
+
+
+def _colour_palette() -> tuple[list[str], np.ndarray]:
+    """Each colour and its dark shade, as (base colour name per entry, (2C, 3) RGB)."""
+    names = list(COLOURS)
+    rgb = [COLOURS[n] for n in names] + [tuple(dark_shade(n)) for n in names]
+    return names + names, np.asarray(rgb, dtype=np.float64)
 
 
 def classify_colour(image: Image.Image | np.ndarray, mask: np.ndarray | None = None) -> str | None:
-    """Nearest COLOURS entry to the median colour of the object pixels (None if no object)."""
+    """The object's colour: a vote of its drawn pixels, each matched to the nearest colour or
+    dark shade (so striped and dotted objects count as their colour; None if no object)."""
     arr = _as_array(image)
     if mask is None:
         mask = segment(arr)
-    if not mask.any():
+    drawn = np.asarray(mask, bool) & _foreground(arr, estimate_background(arr), SEGMENT_THRESHOLD)
+    if not drawn.any():
         return None
-    return _nearest(np.median(arr[mask], axis=0), COLOURS)
+    names, ref = _colour_palette()
+    pixels = arr[drawn]  # (N, 3)
+    nearest = np.argmin(((pixels[:, None, :] - ref[None]) ** 2).sum(axis=2), axis=1)
+    votes: dict[str, int] = {}
+    for i in nearest:
+        votes[names[i]] = votes.get(names[i], 0) + 1
+    return max(votes, key=votes.__getitem__)
+
+
+# Style decision thresholds.
+OUTLINE_MIN_BACKGROUND = 0.1  # outlined: at least this share of the silhouette shows the background
+PATTERN_MIN_DARK = 0.12  # striped / dotted: at least this share of the inside is the dark shade
+
+
+def _pattern_agreement(dark: np.ndarray, region: np.ndarray, style: str) -> float:
+    """Best agreement (share of `region`) of `dark` with the style's pattern over its phases."""
+    period = STRIPE_PERIOD if style == "striped" else DOT_PERIOD
+    size = dark.shape[0]
+    base = style_pattern(style, size + period)
+    best = 0.0
+    for dy in range(period):
+        for dx in range(period):
+            shifted = base[dy : dy + size, dx : dx + size]
+            best = max(best, float((shifted == dark)[region].mean()))
+    return best
+
+
+def classify_style(image: Image.Image | np.ndarray, mask: np.ndarray | None = None) -> str | None:
+    """Which of STYLES the object is drawn in (None if no object).
+
+    Background showing inside the silhouette -> outlined; else the share of pixels nearer the
+    colour's dark shade than the colour decides plain vs patterned, and the pattern (striped or
+    dotted, at any phase) that agrees best with where the dark pixels are decides which.
+    """
+    arr = _as_array(image)
+    if mask is None:
+        mask = segment(arr)
+    mask = np.asarray(mask, bool)
+    colour = classify_colour(arr, mask)
+    if colour is None:
+        return None
+    background = ~_foreground(arr, estimate_background(arr), SEGMENT_THRESHOLD)
+    if background[mask].mean() >= OUTLINE_MIN_BACKGROUND:
+        return "outlined"
+    inner = _erode(mask, 1)
+    if inner.sum() < 4:
+        inner = mask
+    base = np.asarray(COLOURS[colour], np.float64)
+    dark_rgb = dark_shade(colour).astype(np.float64)
+    dark = ((arr - dark_rgb) ** 2).sum(axis=2) < ((arr - base) ** 2).sum(axis=2)
+    if dark[inner].mean() < PATTERN_MIN_DARK:
+        return "plain"
+    striped = _pattern_agreement(dark, inner, "striped")
+    dotted = _pattern_agreement(dark, inner, "dotted")
+    return "striped" if striped >= dotted else "dotted"
 
 
 def fill_ratio(mask: np.ndarray) -> float:

@@ -58,6 +58,8 @@ from refmodel.domain import (
     COLOURS,
     IMAGE_SIZE,
     SHAPES,
+    STYLES,
+    TRAIN_STYLE_PROBS,
     Scene,
     caption,
     classify_background,
@@ -79,6 +81,8 @@ from refmodel.models import (
 from refmodel.tokenizer import build_tokenizer, write_tokenizer_files
 
 logger = logging.getLogger("refmodel.train")
+
+MODEL_NAME = "shapes-v2"  # the name the export records in editflow.json
 
 # PnP defaults (paper's decoder layer 4 features, self-attention of decoder layers 4-11).
 PNP_FEATURE_LAYERS = ["up_blocks.1.resnets.1"]
@@ -144,8 +148,8 @@ DROPS = (
 
 
 def scene_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[Scene]]:
-    """Render n random scenes: ((n, 3, 32, 32) float in [-1, 1], scenes)."""
-    scenes = [sample_scene(rng) for _ in range(n)]
+    """Render n random scenes, styles included: ((n, 3, 32, 32) float in [-1, 1], scenes)."""
+    scenes = [sample_scene(rng, TRAIN_STYLE_PROBS) for _ in range(n)]
     images = np.stack([render_array(s)[0] for s in scenes])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x, scenes
@@ -528,6 +532,46 @@ def new_state(cfg: TrainConfig, mcfg: ModelConfig, tokenizer_dir: Path) -> dict:
     }
 
 
+def init_from_export(state: dict, folder: Path) -> None:
+    """Warm start: load the VAE, UNet and text encoder of an exported pipeline into `state`.
+
+    Token embeddings are matched by token string, so a grown vocabulary (new caption words)
+    keeps every known token's embedding; new tokens keep their fresh init. Both EMAs restart
+    from the loaded weights. The architecture (ModelConfig) must be the export's.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    vae = AutoencoderKL.from_pretrained(str(folder / "vae"))
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
+    text = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
+    old_vocab = json.loads((folder / "tokenizer" / "vocab.json").read_text())
+    state["vae_model"].load_state_dict(vae.state_dict())
+    state["vae_model"].register_to_config(scaling_factor=vae.config.scaling_factor)
+    state["unet_model"].load_state_dict(unet.state_dict())
+    new_vocab = state["tokenizer"].get_vocab()
+    weights = text.state_dict()
+    emb_key = next(k for k in weights if k.endswith("token_embedding.weight"))
+    old_emb = weights.pop(emb_key)
+    target = state["text_model"]
+    missing, unexpected = target.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) != {emb_key}:
+        raise ValueError(f"text encoder mismatch: missing {missing}, unexpected {unexpected}")
+    new_emb = target.get_input_embeddings().weight
+    kept = 0
+    with torch.no_grad():
+        for token, new_id in new_vocab.items():
+            if token in old_vocab:
+                new_emb[new_id] = old_emb[old_vocab[token]]
+                kept += 1
+    state["ema_unet"].load_state_dict(state["unet_model"].state_dict())
+    state["ema_text"].load_state_dict(target.state_dict())
+    state.setdefault("history", []).append(
+        f"warm start from {folder.name} ({kept} of {len(new_vocab)} token embeddings kept)"
+    )
+    print(state["history"][-1], flush=True)
+
+
 def load_state(path: Path, tokenizer_dir: Path) -> tuple[dict, Clock]:
     """Rebuild the models and RNGs from a checkpoint file."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
@@ -588,15 +632,17 @@ def make_pipeline(vae, text, tokenizer, unet) -> StableDiffusionPipeline:
 def editflow_facts(extra: dict | None = None) -> dict:
     """Contents of editflow.json: the domain and the default editing-layer facts."""
     facts = {
-        "name": "shapes-v1",
+        "name": MODEL_NAME,
         "native_resolution": IMAGE_SIZE,
         "latent_shape": [4, IMAGE_SIZE // 2, IMAGE_SIZE // 2],
         "domain": {
-            "description": "one flat-coloured object on a flat background, 32x32 RGB",
+            "description": "one coloured object on a flat background, 32x32 RGB, plain or styled",
             "shapes": list(SHAPES),
+            "styles": [st for st in STYLES if st != "plain"],
             "colours": {k: list(v) for k, v in COLOURS.items()},
             "backgrounds": {k: list(v) for k, v in BACKGROUNDS.items()},
             "caption_template": "a {colour} {shape} on a {background} background",
+            "styled_caption_template": "a {colour} {shape} on a {background} background, {style}",
             "partial_captions": [
                 "a {shape} on a {background} background",
                 "a {colour} {shape}",
@@ -711,6 +757,7 @@ def train(
     resume: bool,
     text_embedding_std: float | None = None,
     extra_unet_minutes: float = 0.0,
+    init_from: Path | None = None,
 ) -> None:
     """Run (or resume) the whole recipe, then export to OUT/export and probe it."""
     out.mkdir(parents=True, exist_ok=True)
@@ -736,6 +783,8 @@ def train(
         if ckpt.exists() and not resume:
             raise ValueError(f"{ckpt} exists; pass --resume or choose another --out")
         state, clock = new_state(cfg, ModelConfig(), tok_dir), Clock()
+        if init_from is not None:
+            init_from_export(state, init_from)
     n_unet = sum(p.numel() for p in state["unet_model"].parameters())
     n_vae = sum(p.numel() for p in state["vae_model"].parameters())
     n_text = sum(p.numel() for p in state["text_model"].parameters())
@@ -787,6 +836,18 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="on --resume: add this much UNet training (also after a finished run)",
     )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="warm start a fresh run from an exported model folder (e.g. refmodel/shapes-v1)",
+    )
+    parser.add_argument("--vae-lr", type=float, default=TrainConfig.vae_lr)
+    parser.add_argument("--unet-lr", type=float, default=TrainConfig.unet_lr)
+    parser.add_argument("--unet-warmup", type=int, default=TrainConfig.unet_warmup)
+    parser.add_argument(
+        "--threads", type=int, default=TrainConfig.threads, help="torch intra-op threads"
+    )
     parser.add_argument("--export-from", type=Path, help="checkpoint.pt to export")
     parser.add_argument("--to", type=Path, help="export folder (with --export-from)")
     parser.add_argument("--raw", action="store_true", help="export raw instead of EMA weights")
@@ -795,7 +856,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe-steps", type=int, default=50)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    torch.set_num_threads(TrainConfig.threads)
+    torch.set_num_threads(args.threads)
     if args.export_from is not None:
         if args.to is None:
             parser.error("--export-from needs --to")
@@ -812,9 +873,21 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         minutes=args.minutes,
         vae_minutes=args.vae_minutes,
+        decoder_minutes=args.decoder_minutes,
         unet_steps=args.unet_steps,
+        vae_lr=args.vae_lr,
+        unet_lr=args.unet_lr,
+        unet_warmup=args.unet_warmup,
+        threads=args.threads,
     )
-    train(args.out, cfg, args.resume, args.rescale_text_embeddings, args.extra_unet_minutes)
+    train(
+        args.out,
+        cfg,
+        args.resume,
+        args.rescale_text_embeddings,
+        args.extra_unet_minutes,
+        init_from=args.init_from,
+    )
 
 
 if __name__ == "__main__":
