@@ -143,3 +143,59 @@ def test_iou_and_psnr() -> None:
     assert psnr(x, y, region_mask=region) == float("inf")
     expected = 10 * np.log10(255.0**2 / (255.0**2 * 3 / (64 * 3)))
     assert psnr(x, y) == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------- styles
+
+
+def test_styled_sampling_draws_every_style_and_plain_sampling_is_unchanged() -> None:
+    from refmodel.domain import STYLES, TRAIN_STYLE_PROBS
+
+    rng = np.random.default_rng(1)
+    styles = {sample_scene(rng, TRAIN_STYLE_PROBS).style for _ in range(200)}
+    assert styles == set(STYLES)
+    assert all(s.style == "plain" for s in _scenes(50))
+    with pytest.raises(ValueError, match="style_probs"):
+        sample_scene(rng, (1.0,))
+    with pytest.raises(ValueError, match="unknown style"):
+        Scene("circle", "red", "gray", 16.0, 16.0, 12.0, "wavy")
+
+
+def test_styled_captions_end_with_the_style_and_fit_the_vocabulary() -> None:
+    scene = Scene("circle", "red", "gray", 16.0, 16.0, 12.0, "striped")
+    assert caption(scene) == "a red circle on a gray background, striped"
+    assert caption(scene, {"colour", "background"}) == "a circle, striped"
+    assert {",", "outlined", "striped", "dotted"} <= set(caption_words())
+
+
+def test_styles_keep_the_silhouette_and_draw_their_pattern() -> None:
+    from refmodel.domain import dark_shade, style_pattern
+
+    base = Scene("square", "blue", "white", 16.0, 16.0, 16.0)
+    plain, mask = render_array(base)
+    for style in ("outlined", "striped", "dotted"):
+        image, styled_mask = render_array(Scene(**{**base.__dict__, "style": style}))
+        assert (styled_mask == mask).all()
+        assert (image[~mask] == BACKGROUNDS["white"]).all()
+        if style == "outlined":
+            inside = mask.copy()
+            inside[mask] = (image[mask] == BACKGROUNDS["white"]).all(axis=1)
+            assert inside.sum() > 0.3 * mask.sum()  # the background shows inside the ring
+        else:
+            dark = (image == dark_shade("blue")).all(axis=2)
+            assert (dark == (mask & style_pattern(style))).all()
+
+
+def test_scorers_recover_style_shape_and_colour_of_every_styled_render() -> None:
+    from refmodel.domain import TRAIN_STYLE_PROBS, classify_style
+
+    rng = np.random.default_rng(5)
+    for _ in range(600):
+        scene = sample_scene(rng, TRAIN_STYLE_PROBS)
+        image, mask = render_array(scene)
+        found = segment(image)
+        assert mask_iou(found, mask) == 1.0, scene
+        assert classify_shape(found) == scene.shape, scene
+        assert classify_colour(image, found) == scene.colour, scene
+        assert classify_style(image, found) == scene.style, scene
+        assert classify_background(image) == scene.background, scene
