@@ -6,9 +6,10 @@ Measures (on procedurally drawn source images, never on images sampled from the 
 1. text-to-image prompt following: colour, shape and background accuracy of generated images;
 2. reconstruction through inversion: PSNR of the VAE round trip, of plain DDIM inversion + reconstruction
    (guidance 1 and 7.5), and of Direct Inversion (an edit whose target is the source prompt);
-3. colour swaps and shape swaps with each method: edit success (the target attribute is present), structure
-   (mask IoU between the source's ground-truth mask and the edit's segmented mask, colour swaps), background
-   PSNR outside the object, and UNet evaluations per edit;
+3. colour, shape and background swaps and restyles (plain -> outlined / striped / dotted) with each
+   method: edit success (the target attribute or style is present), structure (mask IoU between the
+   source's ground-truth mask and the edit's segmented mask; colour, background and style edits), background
+   PSNR outside the object (colour, shape and style edits), and UNet evaluations per edit;
 4. a contact sheet (source, then each method's edit) for people to look at.
 Prints a table and writes ``metrics.json`` and ``contact_sheet.png`` into ``--out``.
 """
@@ -19,7 +20,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +39,20 @@ logger = logging.getLogger(__name__)
 
 
 def _methods() -> dict[str, Any]:
-    """Method name -> config factory (source word, target word). "none" (inversion + target prompt,
+    """Method name -> config factory (source word, target word). P2P's "auto" kind is a word swap
+    for swaps and a refine for restyles (the style adds words). "none" (inversion + target prompt,
     no control) is scored beside them. *_published: corrections on the source branch only (and PnP
     injecting into the unconditional row too), as in the published procedures."""
     return {
-        "p2p_swap": lambda old, new: P2PConfig(kind="replace"),
+        "p2p_swap": lambda old, new: P2PConfig(kind="auto"),
         "p2p_refine": lambda old, new: P2PConfig(kind="refine"),
-        "p2p_reweight": lambda old, new: P2PConfig(kind="replace", equalizer={new: 2.0}),
+        "p2p_reweight": lambda old, new: P2PConfig(kind="auto", equalizer={new: 2.0}),
         "p2p_swap_blend": lambda old, new: P2PConfig(
-            kind="replace", blend_source_words=(old,), blend_target_words=(new,)
+            kind="auto", blend_source_words=(old,), blend_target_words=(new,)
         ),
         "pnp": lambda old, new: PnPConfig(),
         "pnp_published": lambda old, new: PnPConfig(target_correction=False, inject_uncond=True),
-        "p2p_published": lambda old, new: P2PConfig(kind="replace", target_correction=False),
+        "p2p_published": lambda old, new: P2PConfig(kind="auto", target_correction=False),
     }
 
 
@@ -68,27 +70,42 @@ class _Scores:
         }
         out["iou"] = float(np.mean(self.iou)) if self.iou else float("nan")
         finite = [p for p in self.bg_psnr if np.isfinite(p)]
-        out["bg_psnr"] = float(np.mean(finite)) if finite else float("inf")
+        out["bg_psnr"] = (
+            float(np.mean(finite)) if finite else (float("inf") if self.bg_psnr else float("nan"))
+        )
         out["unet_evals"] = float(np.mean(self.evals)) if self.evals else float("nan")
         return out
 
 
+EDIT_KINDS = ("colour", "shape", "background", "style")
+
+
+def _generated(model: EditModel, scenes: list[domain.Scene], steps: int, seed: int):
+    """(scene, image generated from its caption) pairs, 16 prompts per batch."""
+    size = (domain.IMAGE_SIZE, domain.IMAGE_SIZE)
+    for start in range(0, len(scenes), 16):
+        batch = scenes[start : start + 16]
+        prompts = [domain.caption(s) for s in batch]
+        yield from zip(
+            batch, generate(model, prompts, num_steps=steps, seed=seed + start, size=size)
+        )
+
+
 def prompt_following(model: EditModel, n: int, steps: int, seed: int = 1000) -> dict[str, float]:
-    """Accuracy of colour, shape and background of images generated from full captions."""
+    """Accuracy of colour, shape and background of images generated from n full plain captions, and
+    of the style of images generated from the same captions with a style (each style in turn)."""
     rng = np.random.default_rng(seed)
     scenes = [domain.sample_scene(rng) for _ in range(n)]
-    hits = {"colour": 0, "shape": 0, "background": 0}
-    for start in range(0, n, 16):
-        batch = scenes[start : start + 16]
-        size = (domain.IMAGE_SIZE, domain.IMAGE_SIZE)
-        images = generate(
-            model, [domain.caption(s) for s in batch], num_steps=steps, seed=seed + start, size=size
-        )
-        for s, img in zip(batch, images):
-            mask = domain.segment(img)
-            hits["colour"] += domain.classify_colour(img, mask) == s.colour
-            hits["shape"] += domain.classify_shape(mask) == s.shape
-            hits["background"] += domain.classify_background(img) == s.background
+    styles = [st for st in domain.STYLES if st != "plain"]
+    styled = [replace(s, style=styles[i % len(styles)]) for i, s in enumerate(scenes)]
+    hits = {"colour": 0, "shape": 0, "background": 0, "style": 0}
+    for s, img in _generated(model, scenes, steps, seed):
+        mask = domain.segment(img)
+        hits["colour"] += domain.classify_colour(img, mask) == s.colour
+        hits["shape"] += domain.classify_shape(mask) == s.shape
+        hits["background"] += domain.classify_background(img) == s.background
+    for s, img in _generated(model, styled, steps, seed):
+        hits["style"] += domain.classify_style(img) == s.style
     return {k: v / n for k, v in hits.items()}
 
 
@@ -108,12 +125,18 @@ def _outside(*masks: np.ndarray) -> np.ndarray:
 def _swap(
     scene: domain.Scene, kind: str, rng: np.random.Generator
 ) -> tuple[domain.Scene, str, str]:
-    """The edited scene, the source word and the target word of a colour or shape swap."""
-    from dataclasses import replace
-
+    """The edited scene, the source word and the target word of a swap or restyle (`kind` in
+    EDIT_KINDS). A restyle's source "word" is the shape (the object the style applies to: local blend
+    keeps the edit there) and its target word the style."""
     if kind == "colour":
         new = str(rng.choice([c for c in domain.COLOURS if c != scene.colour]))
         return replace(scene, colour=new), scene.colour, new
+    if kind == "background":
+        new = str(rng.choice([b for b in domain.BACKGROUNDS if b != scene.background]))
+        return replace(scene, background=new), scene.background, new
+    if kind == "style":
+        new = str(rng.choice([st for st in domain.STYLES if st not in ("plain", scene.style)]))
+        return replace(scene, style=new), scene.shape, new
     new = str(rng.choice([s for s in domain.SHAPES if s != scene.shape]))
     return replace(scene, shape=new), scene.shape, new
 
@@ -141,7 +164,7 @@ def evaluate_edits(
         "ddim_g7.5": [],
         "direct_inversion": [],
     }
-    scores = {(m, k): _Scores() for m in ["none", *names] for k in ("colour", "shape")}
+    scores = {(m, k): _Scores() for m in ["none", *names] for k in EDIT_KINDS}
     sheet: list[list[Image.Image]] = []
     for first in range(0, n_sources, batch_sources):
         count = min(batch_sources, n_sources - first)
@@ -160,11 +183,11 @@ def evaluate_edits(
             z = denoise(model, z_t, prompts, num_steps=steps, guidance_scale=g)
             for (img, _), out in zip(rendered, model.decode_latents(z)):
                 recon[key].append(domain.psnr(img, out))
-        swaps = [{k: _swap(s, k, rng) for k in ("colour", "shape")} for s in scenes]
+        swaps = [{k: _swap(s, k, rng) for k in EDIT_KINDS} for s in scenes]
         # the no-control baseline: inversion, then plain denoising with the target prompt
-        base_prompts = [domain.caption(sw[k][0]) for sw in swaps for k in ("colour", "shape")]
+        base_prompts = [domain.caption(sw[k][0]) for sw in swaps for k in EDIT_KINDS]
         base = model.decode_latents(
-            denoise(model, z_t.repeat_interleave(2, 0), base_prompts, num_steps=steps)
+            denoise(model, z_t.repeat_interleave(len(EDIT_KINDS), 0), base_prompts, num_steps=steps)
         )
         groups, keys = [], []
         for inv, p, sw in zip(invs, prompts, swaps):
@@ -184,8 +207,8 @@ def evaluate_edits(
             inv, res, sw = invs[j], results[j], swaps[j]
             recon["direct_inversion"].append(domain.psnr(src_img, res[0].image))
             row = {"source": src_img}
-            for b, kind in enumerate(("colour", "shape")):
-                img = base[2 * j + b]
+            for b, kind in enumerate(EDIT_KINDS):
+                img = base[len(EDIT_KINDS) * j + b]
                 _score(
                     scores[("none", kind)],
                     img,
@@ -231,11 +254,17 @@ def _score(
     mask = domain.segment(img)
     if kind == "colour":
         s.success.append(domain.classify_colour(img, mask) == want.colour)
-        s.iou.append(domain.mask_iou(src_mask, mask))
+    elif kind == "background":
+        s.success.append(domain.classify_background(img) == want.background)
+    elif kind == "style":
+        s.success.append(domain.classify_style(img, mask) == want.style)
     else:
         s.success.append(domain.classify_shape(mask) == want.shape)
-    region = _outside(src_mask, mask)
-    s.bg_psnr.append(domain.psnr(src, img, region) if region.any() else float("nan"))
+    if kind != "shape":  # the object should keep its silhouette
+        s.iou.append(domain.mask_iou(src_mask, mask))
+    if kind != "background":  # the background should stay the source's
+        region = _outside(src_mask, mask)
+        s.bg_psnr.append(domain.psnr(src, img, region) if region.any() else float("nan"))
     s.evals.append(evals)
 
 
@@ -271,8 +300,9 @@ def format_table(metrics: dict[str, Any]) -> str:
     )
     for name, s in metrics["edits"].items():
         iou = f"{s['iou']:.3f}" if np.isfinite(s["iou"]) else "-"
+        bg = f"{s['bg_psnr']:.2f}" if not np.isnan(s["bg_psnr"]) else "-"
         lines.append(
-            f"{name:<28}{s['n']:>5}{s['success']:>9.0%}{iou:>7}{s['bg_psnr']:>9.2f}{s['unet_evals']:>12.1f}"
+            f"{name:<28}{s['n']:>5}{s['success']:>9.0%}{iou:>7}{bg:>9}{s['unet_evals']:>12.1f}"
         )
     return "\n".join(lines)
 
