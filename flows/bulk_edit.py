@@ -7,6 +7,7 @@ caller (:func:`flows.runners.make_task_runner`): a bounded thread pool by defaul
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -103,6 +104,7 @@ def _summarise(options: RunOptions, run_id: str, plan: dict, stats: list[dict], 
         "edit_cache_hits": cache_hits,
         "unet_evals": sum(s.get("unet_evals", 0.0) for s in stats),
         "failed_shards": failed_shards,
+        "threads_per_worker": sorted({s["threads"] for s in stats if s.get("threads")}),  # CPU policy in force
         "seconds": seconds,
         "results_uri": out.uri(keys.run_prefix(run_id) + "results/"),
     }
@@ -139,12 +141,14 @@ def bulk_edit(
     dtype: str | None = None,
     allow_pickle: bool = False,
     gpu_resources: bool = False,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Edit every row of `manifest` into `out`: validate, plan, one task per shard, summarise."""
     t0 = time.perf_counter()
     options = RunOptions(
         out=out, model=model, cache=cache, s3_endpoint=s3_endpoint, image_format=image_format,
         max_batch=max_batch, cache_features=cache_features, device=device, dtype=dtype, allow_pickle=allow_pickle,
+        threads=threads,
     )  # fmt: skip
     run_id = run_id or keys.new_run_id()
     planned = plan_task(manifest, options.to_dict(), run_id, shard_size)
@@ -175,12 +179,16 @@ def rerun(
     out: str,
     s3_endpoint: str | None = None,
     gpu_resources: bool = False,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Finish run `run_id`: redo only shards without results and rows that failed; keep the rest."""
+    """Finish run `run_id`: redo only shards without results and rows that failed; keep the rest.
+    `threads` (None: the recorded value, else the CPU policy) sets the workers' CPU threads."""
     t0 = time.perf_counter()
     store = open_store(out, s3_endpoint=s3_endpoint)
     plan = read_json(store, keys.plan_key(run_id))
     options = RunOptions.from_dict({**plan["options"], "out": out, "s3_endpoint": s3_endpoint or plan["options"].get("s3_endpoint")})
+    if threads is not None:
+        options = dataclasses.replace(options, threads=threads)
     todo = shards_to_rerun(options, run_id, plan)
     _notify({"planned": {"shards": len(todo), "pending": sum(s["edits"] for s in plan["shards"] if s["index"] in todo)}})
     stats, failed = _fan_out(options, run_id, todo, gpu_resources)
@@ -208,6 +216,7 @@ def restyle(
     dtype: str | None = None,
     allow_pickle: bool = False,
     gpu_resources: bool = False,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Catalog x styles -> a manifest (written under the run), then a bulk edit of it."""
     table = restyle_manifest(
@@ -221,5 +230,5 @@ def restyle(
     return bulk_edit.fn(
         store.uri(key), out, model=model, cache=cache, shard_size=shard_size, s3_endpoint=s3_endpoint,
         run_id=run_id, image_format=image_format, max_batch=max_batch, cache_features=cache_features,
-        device=device, dtype=dtype, allow_pickle=allow_pickle, gpu_resources=gpu_resources,
+        device=device, dtype=dtype, allow_pickle=allow_pickle, gpu_resources=gpu_resources, threads=threads,
     )  # fmt: skip

@@ -39,6 +39,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dask-address", default=None, help="scheduler address of an existing Dask cluster")
     p.add_argument("--dask-workers", type=int, default=2, help="worker processes of a new local Dask cluster")
     p.add_argument("--dask-gpu", action="store_true", help="with --dask-address: each shard task asks for one GPU resource")
+    p.add_argument(
+        "--threads", type=_positive_int, default=None,
+        help="CPU threads per worker process (default: EDITFLOW_THREADS, else the CPUs divided by the workers on the machine)",
+    )  # fmt: skip
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return n
 
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
@@ -125,11 +139,20 @@ def _bulk_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model, cache=args.cache, shard_size=args.shard_size, s3_endpoint=args.s3_endpoint,
         run_id=args.run_id, image_format=args.image_format, max_batch=args.max_batch,
         cache_features=args.cache_features, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+        threads=args.threads,
     )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "validate":
+        from tasks.worker import THREADS_ENV, parse_threads
+
+        try:
+            parse_threads(os.environ.get(THREADS_ENV))
+        except ValueError as exc:
+            parser.error(str(exc))
     _quiet_prefect_defaults()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "validate":
@@ -153,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             print(format_problems(problems, limit=1000))
             print(f"{args.manifest}: INVALID ({len(problems)} problem(s)); nothing was run")
             return 2
-    runner, gpu = make_task_runner(args.runner, dask_address=args.dask_address, dask_workers=args.dask_workers, dask_gpu=args.dask_gpu)
+    runner, gpu = make_task_runner(
+        args.runner, dask_address=args.dask_address, dask_workers=args.dask_workers, dask_gpu=args.dask_gpu, threads=args.threads
+    )
     if args.command == "serve":
         kwargs = {"manifest": args.manifest, "out": args.out, "gpu_resources": gpu, **_bulk_kwargs(args)}
         kwargs.pop("run_id")
@@ -166,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             summary = flows_mod.bulk_edit.with_options(task_runner=runner)(args.manifest, args.out, gpu_resources=gpu, **_bulk_kwargs(args))
         elif args.command == "rerun":
-            summary = flows_mod.rerun.with_options(task_runner=runner)(args.run_id, args.out, s3_endpoint=args.s3_endpoint, gpu_resources=gpu)
+            summary = flows_mod.rerun.with_options(task_runner=runner)(
+                args.run_id, args.out, s3_endpoint=args.s3_endpoint, gpu_resources=gpu, threads=args.threads
+            )
         else:
             summary = flows_mod.restyle.with_options(task_runner=runner)(
                 args.catalog, args.style, args.out, template=args.template, method=args.method,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 logger = logging.getLogger(__name__)
 
@@ -14,16 +15,29 @@ def device_count() -> int:
 
 
 def make_task_runner(
-    kind: str = "local", *, dask_address: str | None = None, dask_workers: int = 2, max_workers: int | None = None, dask_gpu: bool = False
+    kind: str = "local",
+    *,
+    dask_address: str | None = None,
+    dask_workers: int = 2,
+    max_workers: int | None = None,
+    dask_gpu: bool = False,
+    threads: int | None = None,
 ):
-    """`local`: ThreadPoolTaskRunner bounded to one worker per GPU (one on CPU: torch uses every core).
+    """`local`: ThreadPoolTaskRunner bounded to one worker per GPU (one on CPU).
     `dask`: prefect-dask's DaskTaskRunner on `dask_address` (with `dask_gpu`, shard tasks ask for one
     "GPU" resource each), or on a new local cluster of `dask_workers` single-threaded worker processes, one
-    per GPU when there are GPUs (each loads the model once, on its own GPU). Returns (runner, gpu_resources)."""
+    per GPU when there are GPUs (each loads the model once, on its own GPU). Returns (runner, gpu_resources).
+
+    CPU threads (:func:`tasks.worker.apply_thread_policy`): each worker takes the CPU budget divided by
+    the workers on the machine, or `threads` when given; the local cluster's workers are told both."""
+    from tasks.worker import THREADS_ENV, WORKERS_ENV, set_local_workers, threads_per_worker
+
     if kind == "local":
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        return ThreadPoolTaskRunner(max_workers=max_workers or max(1, device_count())), False
+        workers = max_workers or max(1, device_count())
+        set_local_workers(workers)
+        return ThreadPoolTaskRunner(max_workers=workers), False
     if kind == "dask":
         from prefect_dask import DaskTaskRunner
 
@@ -32,8 +46,23 @@ def make_task_runner(
             # (dask worker --resources GPU=1), or annotated tasks never start
             return DaskTaskRunner(address=dask_address), dask_gpu
         gpus = device_count()
-        kwargs = {"n_workers": gpus or dask_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+        kwargs = {
+            "n_workers": gpus or dask_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        }
         if gpus:
             kwargs["resources"] = {"GPU": 1}
+        n = threads_per_worker(
+            kwargs["n_workers"],
+            override=threads if threads is not None else os.environ.get(THREADS_ENV),
+        )
+        # Dask's nanny sets OMP_NUM_THREADS=1 in its workers; give them the policy's count from the start
+        kwargs["env"] = {
+            WORKERS_ENV: str(kwargs["n_workers"]),
+            "OMP_NUM_THREADS": str(n),
+            "MKL_NUM_THREADS": str(n),
+        }
         return DaskTaskRunner(cluster_kwargs=kwargs), bool(gpus)
     raise ValueError(f"unknown runner {kind!r}; use 'local' or 'dask'")

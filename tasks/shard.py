@@ -42,7 +42,7 @@ from storage.uri import open_store, read_uri
 from storage.writer import encode_image, read_parquet, write_asset, write_parquet
 from tasks.options import RunOptions
 from tasks.results import results_table
-from tasks.worker import get_model, model_lock
+from tasks.worker import apply_thread_policy, get_model, model_lock
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,9 @@ def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, A
             results[row.edit_id] = prev
         else:  # planning left out finished edits; a race or an earlier crash is caught at write time
             todo.append(row)
+    threads = None
     if todo:
+        threads = apply_thread_policy(options.threads)  # once per worker process: its share of the CPUs
         model = get_model(options.model_ref, device=options.device, dtype=options.dtype, allow_pickle=options.allow_pickle)
         with model_lock(model):
             _run_rows(model, todo, options, run_id, out, cache, stats, results)
@@ -255,7 +257,7 @@ def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, A
     stats.seconds["write"] += time.perf_counter() - t0
     stats.seconds["total"] = time.perf_counter() - t_start
     logger.info("shard %d: %s", shard_index, stats.to_dict())
-    return {"shard": shard_index, **stats.to_dict()}
+    return {"shard": shard_index, **stats.to_dict(), "threads": threads}
 
 
 def _result(row: EditRow, status: str, **kw: Any) -> dict[str, Any]:

@@ -1,9 +1,17 @@
-"""One loaded model per worker process: shard tasks in the same process (thread or Dask worker) reuse it."""
+"""One loaded model per worker process: shard tasks in the same process (thread or Dask worker) reuse it.
+
+Also the CPU thread policy: each worker process gives torch (and OpenMP/MKL in its child processes)
+its share of the machine's CPUs, so that several workers on one machine do not spin OpenMP threads
+against each other (see README: Performance and threads).
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
+from pathlib import Path
 
 import torch
 
@@ -14,6 +22,139 @@ logger = logging.getLogger(__name__)
 _MODELS: dict[tuple, EditModel] = {}
 _LOCK = threading.Lock()
 LOADS = {"count": 0}  # how many times this process loaded a model (tests and reports read it)
+
+
+THREADS_ENV = "EDITFLOW_THREADS"  # intra-op threads per worker process; overrides the policy
+WORKERS_ENV = "EDITFLOW_WORKERS_PER_MACHINE"  # shard workers sharing this machine's CPUs (set for local Dask workers)
+_CHILD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_POLICY: dict[str, int | None] = {"threads": None, "workers": None, "local_workers": None}
+
+
+def cpu_budget(*, cgroup_root: str | Path = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota when one is set
+    (cgroup v2 ``cpu.max`` or v1 ``cpu/cpu.cfs_quota_us``); ``os.cpu_count()`` where neither is readable."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota(Path(cgroup_root))
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """The cgroup CPU quota in CPUs (e.g. 1.5), or None when unlimited or unreadable."""
+    try:
+        text = (root / "cpu.max").read_text().split()
+        if len(text) == 2 and text[0] != "max":
+            return int(text[0]) / int(text[1])
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def parse_threads(value: int | str | None, *, what: str = THREADS_ENV) -> int | None:
+    """A thread count from the CLI or the environment: a positive integer, or None when unset/empty."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a positive integer, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return n
+
+
+def threads_per_worker(
+    workers: int, *, budget: int | None = None, override: int | str | None = None
+) -> int:
+    """The policy: `override` (``--threads`` / ``EDITFLOW_THREADS``) when given, else the CPU budget
+    divided by the shard workers on this machine (at least 1)."""
+    n = parse_threads(override)
+    if n is not None:
+        return n
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    return max(1, (budget if budget is not None else cpu_budget()) // workers)
+
+
+def set_local_workers(n: int | None) -> None:
+    """Record how many shard worker threads the local runner of this process uses (None: the default)."""
+    _POLICY["local_workers"] = n
+
+
+def workers_on_machine() -> int:
+    """Shard workers sharing this machine's CPUs, seen from this worker process: ``EDITFLOW_WORKERS_PER_MACHINE``
+    when set (editflow sets it for the workers of its local Dask cluster); in a Dask worker, the workers the
+    scheduler knows on this host; else the local runner's threads (one per GPU, one on CPU)."""
+    env = parse_threads(os.environ.get(WORKERS_ENV), what=WORKERS_ENV)
+    if env is not None:
+        return env
+    dask_count = _dask_workers_on_host()
+    if dask_count is not None:
+        return dask_count
+    if _POLICY["local_workers"]:
+        return int(_POLICY["local_workers"])
+    return max(1, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def _dask_workers_on_host() -> int | None:
+    """In a Dask worker: how many workers the scheduler lists on this worker's host (None outside Dask)."""
+    try:
+        from distributed import get_client, get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    try:
+        host = worker.address.rsplit(":", 1)[0]
+        info = get_client().scheduler_info(n_workers=-1)
+        count = sum(1 for addr in info.get("workers", {}) if addr.rsplit(":", 1)[0] == host)
+        return max(1, count)
+    except Exception as exc:  # noqa: BLE001 - the count is a hint; fall back to one worker
+        logger.warning(
+            "could not count the Dask workers on this host (%s: %s); assuming 1",
+            type(exc).__name__,
+            exc,
+        )
+        return 1
+
+
+def apply_thread_policy(threads: int | None = None) -> int:
+    """Set this process's intra-op threads once (``torch.set_num_threads``, and ``OMP_NUM_THREADS`` /
+    ``MKL_NUM_THREADS`` for child processes): `threads` (``--threads``), else ``EDITFLOW_THREADS``, else
+    the CPU budget over the workers on this machine. Returns the count in force."""
+    override = threads if threads is not None else os.environ.get(THREADS_ENV)
+    with _LOCK:
+        if _POLICY["threads"] is not None and override is None and _POLICY["workers"] is not None:
+            return int(_POLICY["threads"])  # the policy is settled for this process
+        workers = workers_on_machine() if parse_threads(override) is None else None
+        n = threads_per_worker(workers or 1, override=override)
+        if n != _POLICY["threads"] or torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+            for name in _CHILD_ENV:
+                os.environ[name] = str(n)
+            logger.info(
+                "CPU threads per worker: %d (%s)",
+                n,
+                "override" if workers is None else f"{cpu_budget()} CPUs / {workers} workers",
+            )
+        _POLICY["threads"], _POLICY["workers"] = n, workers
+        return n
+
+
+def reset_thread_policy() -> None:
+    """Forget the applied policy (tests), so the next :func:`apply_thread_policy` decides again."""
+    with _LOCK:
+        _POLICY["threads"] = _POLICY["workers"] = None
 
 
 _THREAD = threading.local()
@@ -41,7 +182,13 @@ def worker_device() -> str | None:
     return _THREAD.device
 
 
-def get_model(model_ref: str, *, device: str | None = None, dtype: str | None = None, allow_pickle: bool = False) -> EditModel:
+def get_model(
+    model_ref: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    allow_pickle: bool = False,
+) -> EditModel:
     """The process's model for these settings (and this worker's GPU), loaded on first use."""
     device = device or worker_device()
     key = (model_ref, device, dtype, allow_pickle)
@@ -50,7 +197,9 @@ def get_model(model_ref: str, *, device: str | None = None, dtype: str | None = 
         if model is None:
             _quiet_loading()
             torch_dtype = getattr(torch, dtype) if dtype else None
-            model = load_model(model_ref, device=device, dtype=torch_dtype, allow_pickle=allow_pickle)
+            model = load_model(
+                model_ref, device=device, dtype=torch_dtype, allow_pickle=allow_pickle
+            )
             _MODELS[key] = model
             LOADS["count"] += 1
             logger.info("worker loaded model %s", model_ref)
