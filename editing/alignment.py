@@ -3,13 +3,22 @@
 A mapper is a pair (M, a): M is (L, L) with M[s, t] the weight of source token s's cross-attention map in
 target token t's edited map, and a is (L,) with 1 where target token t takes the mapped source map and 0
 where it keeps its own (refine's new tokens). L is the tokenizer's length; position 0 is the start token.
+
+Words are the tokenizer's own pre-tokens (CLIP: runs of letters, single digits, runs of punctuation), not
+whitespace-separated strings: in "a cat, on" the comma is a word of its own, so swapping "cat" never
+spreads its map over the comma.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
+
+# CLIP's pre-tokenization pattern in stdlib `re` terms (letters = [^\W\d_]), for tokenizers that do not
+# report word ids (slow tokenizers); the encodings are checked against the whole prompt's either way.
+_CLIP_WORDS = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -23,13 +32,37 @@ def _norm(word: str) -> str:
     return word.lower().strip(".,;:!?\"'()[]")
 
 
+def tokenizer_words(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
+    """The prompt's words as the tokenizer splits them, each with its token ids (no start/end tokens)."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        # (word id, first char, end char, token ids) per word
+        groups: list[tuple[int | None, int, int, list[int]]] = []
+        for tid, wid, (a, b) in zip(enc["input_ids"], enc.word_ids(), enc["offset_mapping"]):
+            if groups and wid is not None and groups[-1][0] == wid:
+                groups[-1] = (wid, groups[-1][1], b, [*groups[-1][3], tid])
+            else:
+                groups.append((wid, a, b, [tid]))
+        return [(prompt[a:b], ids) for _, a, b, ids in groups]
+    words = [
+        (w, tokenizer.encode(w, add_special_tokens=False)) for w in _CLIP_WORDS.findall(prompt)
+    ]
+    if [t for _, ids in words for t in ids] != tokenizer.encode(prompt, add_special_tokens=False):
+        words = [(w, tokenizer.encode(w, add_special_tokens=False)) for w in prompt.split()]
+    return words
+
+
+def words_of(tokenizer, prompt: str) -> list[str]:
+    """The prompt's words as the tokenizer splits them, lower-cased (punctuation marks are words)."""
+    return [w.lower() for w, _ in tokenizer_words(tokenizer, prompt)]
+
+
 def word_spans(tokenizer, prompt: str) -> tuple[list[WordSpan], int]:
-    """Token spans of each whitespace-separated word, and the position of the end token."""
+    """Token spans of each word (as the tokenizer splits them), and the position of the end token."""
     spans: list[WordSpan] = []
     pos = 1
     all_ids: list[int] = []
-    for word in prompt.split():
-        ids = tokenizer.encode(word, add_special_tokens=False)
+    for word, ids in tokenizer_words(tokenizer, prompt):
         spans.append(WordSpan(word, pos, pos + len(ids)))
         all_ids.extend(ids)
         pos += len(ids)
@@ -37,7 +70,9 @@ def word_spans(tokenizer, prompt: str) -> tuple[list[WordSpan], int]:
     if full != all_ids:
         raise ValueError(f"cannot split prompt {prompt!r} into word tokens consistently")
     if pos + 1 > tokenizer.model_max_length:
-        raise ValueError(f"prompt is too long for the tokenizer ({pos + 1} > {tokenizer.model_max_length}): {prompt!r}")
+        raise ValueError(
+            f"prompt is too long for the tokenizer ({pos + 1} > {tokenizer.model_max_length}): {prompt!r}"
+        )
     return spans, pos
 
 
@@ -56,9 +91,11 @@ def _tail(mapper: torch.Tensor, src_end: int, tgt_end: int) -> None:
 def swap_mapper(tokenizer, source: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Word swap: the prompts have the same number of words; differing words swap their maps.
 
-    A word of n source tokens replaced by one of m target tokens maps the whole n x m block with weight
-    1/m (the word's attention is spread over the target's sub-tokens). Every later token is aligned by
-    its own word's position, so sub-token count changes never shift the rest (the reference's bug).
+    Words of equal token counts map position to position (as the reference does: "turquoise" -> "watercolor",
+    2 and 2 sub-tokens, maps turqu -> water and oise -> color). A word of n source tokens replaced by one
+    of m != n target tokens maps the whole n x m block with weight 1/m (the word's attention is spread
+    over the target's sub-tokens). Every later token is aligned by its own word's position, so sub-token
+    count changes never shift the rest (the reference's bug).
     """
     src_spans, src_end = word_spans(tokenizer, source)
     tgt_spans, tgt_end = word_spans(tokenizer, target)
@@ -72,7 +109,7 @@ def swap_mapper(tokenizer, source: str, target: str) -> tuple[torch.Tensor, torc
     mapper[0, 0] = 1.0
     for s, t in zip(src_spans, tgt_spans):
         n_t = t.end - t.start
-        if (s.end - s.start) == n_t and _norm(s.word) == _norm(t.word):
+        if (s.end - s.start) == n_t:
             for i in range(n_t):
                 mapper[s.start + i, t.start + i] = 1.0
         else:
@@ -131,7 +168,10 @@ def positions_of(tokenizer, prompt: str, words: list[str] | tuple[str, ...]) -> 
     spans, _ = word_spans(tokenizer, prompt)
     out: list[int] = []
     for w in words:
-        hits = [s for s in spans if _norm(s.word) == _norm(w)]
+        hits = [s for s in spans if s.word.lower() == w.lower()]
+        # "circle," names the word "circle"; a punctuation mark names only itself
+        if not hits and _norm(w):
+            hits = [s for s in spans if _norm(s.word) == _norm(w)]
         if not hits:
             raise ValueError(f"word {w!r} is not in the prompt {prompt!r}")
         for s in hits:
@@ -165,13 +205,14 @@ def cross_replace_schedule(tokenizer, prompt: str, fractions, num_steps: int) ->
 
 
 def resolve_kind(tokenizer, kind: str, source: str, target: str) -> str:
-    """The rule for kind='auto': reweight when the prompts are equal, replace when they have the same
-    number of words, refine otherwise."""
+    """The rule for kind='auto': reweight when the prompts have the same words, replace when they have the
+    same number of words (as the tokenizer splits them: a punctuation mark is a word), refine otherwise."""
     if kind != "auto":
         return kind
-    if source.split() == target.split():
+    src, tgt = words_of(tokenizer, source), words_of(tokenizer, target)
+    if src == tgt:
         return "reweight"
-    return "replace" if len(source.split()) == len(target.split()) else "refine"
+    return "replace" if len(src) == len(tgt) else "refine"
 
 
 def p2p_mapper(tokenizer, kind: str, source: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +222,7 @@ def p2p_mapper(tokenizer, kind: str, source: str, target: str) -> tuple[torch.Te
     if kind == "refine":
         return refine_mapper(tokenizer, source, target)
     if kind == "reweight":
-        if source.split() != target.split():
+        if words_of(tokenizer, source) != words_of(tokenizer, target):
             # re-weighting with a different prompt: align what can be aligned
             return refine_mapper(tokenizer, source, target)
         return identity_mapper(tokenizer.model_max_length)
