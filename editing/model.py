@@ -217,6 +217,25 @@ def _check_weights(folder: Path, allow_pickle: bool) -> None:
             )
 
 
+def model_folder(
+    source: str | os.PathLike[str], *, revision: str | None = None, local_files_only: bool = True
+) -> Path:
+    """The local folder of a diffusers checkpoint: `source` itself when it is a folder, else the hub
+    id's snapshot in the local Hugging Face cache (never downloaded unless ``local_files_only=False``)."""
+    path = Path(source)
+    if path.is_dir():
+        return path.resolve()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(source), revision=revision, local_files_only=local_files_only))
+    except Exception as exc:  # noqa: BLE001 - rephrase hub errors for the user
+        raise ValueError(
+            f"model {str(source)!r} is neither a local folder nor in the local Hugging Face cache "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 def load_model(
     source: str | os.PathLike[str],
     *,
@@ -234,22 +253,9 @@ def load_model(
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     dev, dt = _default_device_dtype(device, dtype)
-    path = Path(source)
-    if path.is_dir():
-        folder = path.resolve()
-        model_id = str(source)
-        rev = revision or _local_fingerprint(folder)
-    else:
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = Path(snapshot_download(str(source), revision=revision, local_files_only=local_files_only))
-        except Exception as exc:  # noqa: BLE001 - rephrase hub errors for the user
-            raise ValueError(
-                f"model {str(source)!r} is neither a local folder nor in the local Hugging Face cache "
-                f"({type(exc).__name__}: {exc})"
-            ) from exc
-        model_id, rev = str(source), folder.name
+    folder = model_folder(source, revision=revision, local_files_only=local_files_only)
+    model_id = str(source)
+    rev = (revision or _local_fingerprint(folder)) if Path(source).is_dir() else folder.name
     _check_weights(folder, allow_pickle)
     pipe = StableDiffusionPipeline.from_pretrained(
         folder,

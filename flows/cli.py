@@ -13,6 +13,7 @@ manifest or bad arguments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a manifest; report every problem with row, column and reason")
     v.add_argument("manifest")
     v.add_argument("--s3-endpoint", default=None)
+    v.add_argument("--model", default="", help="also check that every prompt fits this model's text encoder (default: the bundled reference model)")
     r = sub.add_parser("run", help="validate and run a manifest")
     r.add_argument("manifest")
     _common(r)
@@ -143,6 +145,42 @@ def _bulk_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def _prompt_budget(model: str):
+    """The token limit of the run's model (its tokenizer only; the weights are not loaded)."""
+    from editing.prompts import prompt_budget
+    from tasks.options import default_model
+
+    return prompt_budget(model or default_model())
+
+
+def _check(manifest: str, s3_endpoint: str | None, model: str) -> tuple[Any, list]:
+    """Load and validate a manifest; when it is valid, also check its prompts against the model's tokenizer."""
+    from manifests.validate import check_manifest, prompt_length_problems
+
+    table, problems = check_manifest(manifest, s3_endpoint=s3_endpoint)
+    if table is not None and not problems:
+        problems = prompt_length_problems(table, _prompt_budget(model))
+    return table, problems
+
+
+def _restyle_problems(args: argparse.Namespace) -> list:
+    """Build the restyle manifest here and check it (prompt lengths included) before any flow starts."""
+    from manifests.build import restyle_manifest
+    from manifests.validate import prompt_length_problems, validate_table
+
+    table = restyle_manifest(
+        args.catalog, args.style, template=args.template, method=args.method, image_column=args.image_column,
+        caption_column=args.caption_column, s3_endpoint=args.s3_endpoint,
+    )  # fmt: skip
+    problems = validate_table(table) + prompt_length_problems(table, _prompt_budget(args.model))
+    n = len(args.style)  # manifest row r = catalog row r // n with style r % n
+    return [
+        dataclasses.replace(p, reason=f"{p.reason} (catalog row {p.row // n}, style {args.style[p.row % n]!r})")
+        if p.row is not None else p
+        for p in problems
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -156,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_prefect_defaults()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "validate":
-        from manifests.validate import check_manifest, format_problems
+        from manifests.validate import format_problems
 
-        table, problems = check_manifest(args.manifest, s3_endpoint=args.s3_endpoint)
+        table, problems = _check(args.manifest, args.s3_endpoint, args.model)
         if problems:
             print(format_problems(problems, limit=1000))
             print(f"{args.manifest}: INVALID ({len(problems)} problem(s))")
@@ -168,10 +206,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from flows import bulk_edit as flows_mod
     from flows.runners import make_task_runner
-    from manifests.validate import ManifestError, check_manifest, format_problems
+    from manifests.validate import ManifestError, format_problems
 
+    if args.command == "restyle":
+        problems = _restyle_problems(args)
+        if problems:
+            print(format_problems(problems, limit=1000))
+            print(f"{args.catalog}: the restyle manifest is INVALID ({len(problems)} problem(s)); nothing was run")
+            return 2
     if args.command in ("run", "serve"):
-        _, problems = check_manifest(args.manifest, s3_endpoint=args.s3_endpoint)
+        _, problems = _check(args.manifest, args.s3_endpoint, args.model)
         if problems:
             print(format_problems(problems, limit=1000))
             print(f"{args.manifest}: INVALID ({len(problems)} problem(s)); nothing was run")

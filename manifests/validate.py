@@ -49,6 +49,7 @@ __all__ = [
     "format_problems",
     "load_manifest",
     "check_manifest",
+    "prompt_length_problems",
     "normalize",
     "edit_rows",
     "manifest_files",
@@ -856,6 +857,44 @@ def manifest_files(table: pa.Table) -> list[tuple[str, int]]:
     """The (file URI, row count) pairs a :func:`load_manifest` table was read from, in row order."""
     raw = (table.schema.metadata or {}).get(_FILES_METADATA_KEY)
     return [(name, int(rows)) for name, rows in json.loads(raw)] if raw else []
+
+
+PROMPT_COLUMNS = ("source_prompt", "target_prompt", "negative_prompt")
+
+
+def prompt_length_problems(table: pa.Table, budget: Any) -> list[Problem]:
+    """Rows whose prompt does not fit the model's text encoder, per prompt column.
+
+    `budget` is an :class:`editing.prompts.PromptBudget` (``max_tokens`` and ``counts(prompts)``).
+    Each distinct prompt is tokenized once, so a large manifest with repeated prompts stays cheap.
+    """
+    problems: list[Problem] = []
+    for name in PROMPT_COLUMNS:
+        if name not in table.column_names or not _is_string_type(table.schema.field(name).type):
+            continue
+        column = table.column(name).cast(pa.string())
+        distinct = [p for p in pc.unique(column).to_pylist() if p]
+        counts = dict(zip(distinct, budget.counts(distinct), strict=True))
+        too_long = [p for p in distinct if counts[p] > budget.max_tokens]
+        if not too_long:
+            continue
+        rows = np.flatnonzero(
+            pc.fill_null(pc.is_in(column, value_set=pa.array(too_long)), False).to_numpy(
+                zero_copy_only=False
+            )
+        )
+        values = column.take(pa.array(rows)).to_pylist()
+        for row, prompt in zip(rows.tolist(), values, strict=True):
+            problems.append(
+                Problem(
+                    row,
+                    name,
+                    f"prompt is too long for the model: {counts[prompt]} tokens, the model takes "
+                    f"{budget.max_tokens} (start and end tokens included): {_show(prompt)}",
+                )
+            )
+    problems.sort(key=lambda p: (p.row, p.column))
+    return problems
 
 
 def check_manifest(

@@ -19,11 +19,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from editing.prompts import prompt_budget
 from manifests.validate import (
     ManifestError,
     load_manifest,
     normalize,
     passthrough_columns,
+    prompt_length_problems,
     validate_table,
 )
 from storage import keys
@@ -78,6 +80,7 @@ def plan_run(manifest_uri: str, options: RunOptions, *, run_id: str, shard_size:
     t0 = time.perf_counter()
     table = load_manifest(manifest_uri, s3_endpoint=options.s3_endpoint)
     problems = validate_table(table)
+    problems += prompt_length_problems(table, prompt_budget(options.model_ref))
     if problems:
         raise ManifestError(problems)
     norm = normalize(table)
