@@ -9,6 +9,7 @@ The denoising loop tells the processors which step it is via :class:`ControlStat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,52 +23,198 @@ PROC_SUFFIX = ".processor"
 
 @dataclass
 class RowPlan:
-    """Per batch-row roles. B rows; `src[b]` is the row (live) or group (replay) row b copies from."""
+    """Per batch-row roles. B rows; `src[b]` is the row (live) or group (replay) row b copies from.
+
+    Built on the host from Python lists; :meth:`ControlState.place` moves it to the UNet's device.
+    """
 
     src: torch.Tensor  # (B,) long; -1 for rows that take nothing (source rows)
     group: torch.Tensor  # (B,) long; the source group of each row
-    source_rows: torch.Tensor  # (G,) long; the source row of each group (empty when replaying a cache)
+    source_rows: (
+        torch.Tensor
+    )  # (G,) long; the source row of each group (empty when replaying a cache)
     cond_target: torch.Tensor  # (B,) bool; conditional target rows (P2P edits only these)
-    target: torch.Tensor  # (B,) bool; rows PnP injects into (conditional targets, optionally unconditional)
+    target: (
+        torch.Tensor
+    )  # (B,) bool; rows PnP injects into (conditional targets, optionally unconditional)
     feature_steps: torch.Tensor  # (B,) long; PnP residual injection while step < this
-    attn_steps: torch.Tensor  # (B,) long; PnP q/k injection / P2P self-attention replacement while step < this
+    attn_steps: (
+        torch.Tensor
+    )  # (B,) long; PnP q/k injection / P2P self-attention replacement while step < this
     # Prompt-to-Prompt only, (B, ...) rows of non-cond-target rows are unused:
     mapper: torch.Tensor | None = None  # (B, L, L)
     alpha: torch.Tensor | None = None  # (B, L)
     equalizer: torch.Tensor | None = None  # (B, L)
     cross_schedule: torch.Tensor | None = None  # (B, T, L)
 
+    def to(self, device: torch.device | str) -> RowPlan:
+        """The same plan with every tensor on `device`."""
+        return RowPlan(
+            **{f.name: _moved(getattr(self, f.name), device) for f in dataclasses.fields(self)}
+        )
+
+
+def _moved(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """The rows one control acts on at one step and the rows they take from, on the UNet's device.
+
+    `n` is known on the host, so processors branch on it without reading a device tensor back.
+    """
+
+    rows: torch.Tensor  # (n,) long; batch rows that are edited
+    src: torch.Tensor  # (n,) long; plan.src[rows]: the live source row of each
+    group: torch.Tensor  # (n,) long; plan.group[rows]: the cached-feature group of each
+    n: int
+
+
+@dataclass(frozen=True)
+class CrossControl:
+    """Prompt-to-Prompt's cross-attention edit of the conditional target rows, on the UNet's device."""
+
+    rows: StepRows
+    mapper: torch.Tensor  # (n, L, L) compute dtype
+    alpha: torch.Tensor  # (n, 1, 1, L)
+    equalizer: torch.Tensor  # (n, 1, 1, L)
+    weight: tuple[torch.Tensor, ...]  # per step (n, 1, 1, L): the cross-replace schedule
+    active: tuple[bool, ...]  # per step: whether any weight is non-zero (host-side)
+
 
 @dataclass
 class ControlState:
-    """What the processors read each step; the loop sets `step` before every UNet call."""
+    """What the processors read each step; the loop sets `step` before every UNet call.
+
+    Everything the processors and hooks index with is made once per chunk by :meth:`place` (per-step row
+    sets, the cross-attention schedule, mapper, equalizer, the replayed features) on the UNet's device,
+    so the loop does no host round trip: no `.cpu()`, `.item()`, host `nonzero` or `bool(tensor)`.
+    """
 
     plan: RowPlan
     latent_positions: int  # h * w of the latent (for resolution-relative layer choices)
     step: int = 0
-    replay: dict[str, torch.Tensor] | None = None  # cached source features by key -> (G, ...); no source rows
-    record: dict[str, torch.Tensor] | None = None  # when a dict, live source features are saved into it
+    replay: dict[str, torch.Tensor] | None = (
+        None  # cached source features by key -> (G, ...); no source rows
+    )
+    record: dict[str, torch.Tensor] | None = (
+        None  # when a dict, live source features are saved into it (on device, fp16)
+    )
     self_max_positions: int = 0  # P2P: replace self-attention only where query positions <= this
-    blend_positions: int = -1  # P2P: collect cross maps for local blend at layers with this many positions
+    blend_positions: int = (
+        -1
+    )  # P2P: collect cross maps for local blend at layers with this many positions
     blend_sum: torch.Tensor | None = None  # (B, Q, L) summed maps of this step
     blend_count: int = 0
-    acted: set[str] = field(default_factory=set)  # layer names that changed something (for tests/reports)
+    acted: set[str] = field(
+        default_factory=set
+    )  # layer names that changed something (for tests/reports)
+    # made by place(): per step i, the rows of each control
+    feature_rows: tuple[StepRows, ...] = ()  # PnP residual injection
+    attn_rows: tuple[StepRows, ...] = ()  # PnP q/k injection (target rows)
+    self_rows: tuple[StepRows, ...] = ()  # P2P self-attention replacement (conditional target rows)
+    cross: CrossControl | None = None  # P2P cross-attention
+    source_rows: torch.Tensor | None = None  # (G,) long, for recording
+    device: torch.device | None = None  # where place() put everything
 
-    def rows(self, steps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.nonzero(mask & (self.step < steps), as_tuple=False).flatten()
+    def place(self, steps: int, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Once per chunk, before the loop: derive every per-step index and schedule from the (host) plan
+        and put it, the plan and any replayed features on `device` (features in `dtype`)."""
+        device = torch.device(device)
+        host = self.plan.to("cpu")
+        cache: dict[tuple[int, ...], StepRows] = {}
 
-    def source_for(self, key: str, tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The source's `key` feature for `rows`: from the batch's source rows, or from the cache."""
+        def rows_where(mask: torch.Tensor) -> StepRows:
+            idx = tuple(
+                torch.nonzero(mask, as_tuple=False).flatten().tolist()
+            )  # host, before the loop
+            if idx not in cache:
+                t = torch.tensor(idx, dtype=torch.long)
+                cache[idx] = StepRows(
+                    t.to(device), host.src[t].to(device), host.group[t].to(device), len(idx)
+                )
+            return cache[idx]
+
+        self.feature_rows = tuple(
+            rows_where(host.target & (i < host.feature_steps)) for i in range(steps)
+        )
+        self.attn_rows = tuple(
+            rows_where(host.target & (i < host.attn_steps)) for i in range(steps)
+        )
+        self.self_rows = tuple(
+            rows_where(host.cond_target & (i < host.attn_steps)) for i in range(steps)
+        )
+        self.cross = None
+        if host.cross_schedule is not None:
+            rows = rows_where(host.cond_target)
+            r = rows.rows.cpu()
+
+            def cols(t: torch.Tensor) -> torch.Tensor:  # (n, L) -> (n, 1, 1, L) on device
+                return t.to(device, dtype)[:, None, None, :]
+
+            sched = host.cross_schedule[r]  # (n, T, L)
+            self.cross = CrossControl(
+                rows=rows,
+                mapper=host.mapper[r].to(device, dtype),
+                alpha=cols(host.alpha[r]),
+                equalizer=cols(host.equalizer[r]),
+                weight=tuple(cols(sched[:, i]) for i in range(steps)),
+                active=tuple(bool((sched[:, i] > 0).any()) for i in range(steps)),
+            )
+        self.source_rows = host.source_rows.to(device)
+        self.plan = host.to(device)
+        if self.replay is not None:
+            self.replay = {k: v.to(device, dtype) for k, v in self.replay.items()}
+        self.device = device
+
+    def source_for(self, key: str, tensor: torch.Tensor, sel: StepRows) -> torch.Tensor:
+        """The source's `key` feature for the rows `sel`: from the batch's source rows, or from the cache."""
         if self.replay is not None:
             full_key = f"{key}@{self.step}"
             if full_key not in self.replay:
-                raise KeyError(f"cached features lack {full_key!r}; the cache was made with other settings")
-            cached = self.replay[full_key].to(tensor.device, tensor.dtype)
-            return cached[self.plan.group[rows].to(cached.device)]
-        if self.record is not None:  # one entry per group, in group order
-            source = tensor[self.plan.source_rows.to(tensor.device)]
-            self.record[f"{key}@{self.step}"] = source.detach().to("cpu", torch.float16)
-        return tensor[self.plan.src[rows].to(tensor.device)]
+                raise KeyError(
+                    f"cached features lack {full_key!r}; the cache was made with other settings"
+                )
+            return self.replay[full_key][sel.group]
+        if (
+            self.record is not None
+        ):  # one entry per group, in group order; stays on the device until the end
+            self.record[f"{key}@{self.step}"] = tensor[self.source_rows].detach().to(torch.float16)
+        return tensor[sel.src]
+
+
+def tensors_in(obj, _seen: set[int] | None = None) -> list[torch.Tensor]:
+    """Every tensor reachable from `obj` through dataclass fields, dicts, lists and tuples (for checks)."""
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        children = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        children = list(obj)
+    else:
+        return []
+    return [t for c in children for t in tensors_in(c, seen)]
+
+
+def check_on_device(state: ControlState, device: torch.device | str) -> None:
+    """Raise if any tensor of the control state is not on `device` (called once per chunk)."""
+    device = torch.device(device)
+    bad = sorted({str(t.device) for t in tensors_in(state) if not _same_device(t.device, device)})
+    if bad:
+        raise ValueError(f"control state has tensors on {bad}, the UNet is on {device}")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
 
 
 def _project(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
@@ -110,17 +257,27 @@ class PnPSelfAttnProcessor:
     def __init__(self, name: str, state: ControlState):
         self.name, self.state = name, state
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        **kwargs,
+    ):
         if attention_mask is not None or encoder_hidden_states is not None:
-            raise NotImplementedError(f"{self.name}: PnP injects into self-attention without masks only")
+            raise NotImplementedError(
+                f"{self.name}: PnP injects into self-attention without masks only"
+            )
         residual = hidden_states
         q, k, v, shape4 = _project(attn, hidden_states, None)
         st = self.state
-        rows = st.rows(st.plan.attn_steps.to(q.device), st.plan.target.to(q.device))
-        if rows.numel():
+        sel = st.attn_rows[st.step]
+        if sel.n:
             q, k = q.clone(), k.clone()
-            q[rows] = st.source_for(f"{self.name}.q", q, rows)
-            k[rows] = st.source_for(f"{self.name}.k", k, rows)
+            q[sel.rows] = st.source_for(f"{self.name}.q", q, sel)
+            k[sel.rows] = st.source_for(f"{self.name}.k", k, sel)
             st.acted.add(self.name)
         out = F.scaled_dot_product_attention(_heads(attn, q), _heads(attn, k), _heads(attn, v))
         return _finish(attn, out, residual, shape4)
@@ -137,46 +294,52 @@ class P2PAttnProcessor:
     def __init__(self, name: str, state: ControlState, is_cross: bool):
         self.name, self.state, self.is_cross = name, state, is_cross
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        **kwargs,
+    ):
         if attention_mask is not None:
-            raise NotImplementedError(f"{self.name}: attention masks are not supported by Prompt-to-Prompt")
+            raise NotImplementedError(
+                f"{self.name}: attention masks are not supported by Prompt-to-Prompt"
+            )
         residual = hidden_states
         q, k, v, shape4 = _project(attn, hidden_states, encoder_hidden_states)
-        st, plan = self.state, self.state.plan
+        st = self.state
         positions = q.shape[1]
-        dev = q.device
         if self.is_cross:
-            rows = torch.nonzero(plan.cond_target, as_tuple=False).flatten().to(dev)
+            sel = st.cross.rows
             collect = positions == st.blend_positions
         else:
-            rows = (
-                st.rows(plan.attn_steps.to(dev), plan.cond_target.to(dev))
-                if positions <= st.self_max_positions
-                else rows_none(dev)
-            )
+            sel = st.self_rows[st.step] if positions <= st.self_max_positions else None
             collect = False
         qh, kh, vh = _heads(attn, q), _heads(attn, k), _heads(attn, v)
-        if not rows.numel() and not collect:
+        if not (sel is not None and sel.n) and not collect:
             return _finish(attn, F.scaled_dot_product_attention(qh, kh, vh), residual, shape4)
-        probs = (qh @ kh.transpose(-1, -2) * (attn.scale if attn.scale else 1 / math.sqrt(qh.shape[-1]))).softmax(-1)
+        probs = (
+            qh @ kh.transpose(-1, -2) * (attn.scale if attn.scale else 1 / math.sqrt(qh.shape[-1]))
+        ).softmax(-1)
         if collect:
             self._collect(probs)
-        if rows.numel():
-            src = probs[plan.src[rows].to(dev)]  # (n, heads, Q, K)
-            own = probs[rows]
+        if sel is not None and sel.n:
+            src = probs[sel.src]  # (n, heads, Q, K)
             if self.is_cross:
-                w = plan.cross_schedule[rows.cpu(), st.step].to(dev, probs.dtype)[:, None, None, :]  # (n,1,1,L)
-                if bool((w > 0).any()):
-                    m = plan.mapper[rows.cpu()].to(dev, probs.dtype)  # (n, L, L)
-                    a = plan.alpha[rows.cpu()].to(dev, probs.dtype)[:, None, None, :]
-                    eq = plan.equalizer[rows.cpu()].to(dev, probs.dtype)[:, None, None, :]
-                    edited = torch.einsum("nhqs,nst->nhqt", src, m) * a + own * (1 - a)
+                cross = st.cross
+                if cross.active[st.step]:
+                    own = probs[sel.rows]
+                    w = cross.weight[st.step]  # (n, 1, 1, L)
+                    a = cross.alpha
+                    edited = torch.einsum("nhqs,nst->nhqt", src, cross.mapper) * a + own * (1 - a)
                     probs = probs.clone()
-                    probs[rows] = w * (edited * eq) + (1 - w) * own
+                    probs[sel.rows] = w * (edited * cross.equalizer) + (1 - w) * own
                     st.acted.add(self.name)
             else:
                 probs = probs.clone()
-                probs[rows] = src
+                probs[sel.rows] = src
                 st.acted.add(self.name)
         return _finish(attn, probs @ vh, residual, shape4)
 
@@ -185,10 +348,6 @@ class P2PAttnProcessor:
         maps = probs.mean(1).float()  # (B, Q, L), averaged over heads
         st.blend_sum = maps if st.blend_sum is None else st.blend_sum + maps
         st.blend_count += 1
-
-
-def rows_none(device) -> torch.Tensor:
-    return torch.zeros(0, dtype=torch.long, device=device)
 
 
 def attention_layer_names(unet) -> list[str]:
@@ -202,7 +361,9 @@ def self_attention_names(unet, parents: tuple[str, ...]) -> list[str]:
     names = attention_layer_names(unet)
     out = []
     for parent in parents:
-        found = [n for n in names if (n == parent or n.startswith(parent + ".")) and n.endswith(".attn1")]
+        found = [
+            n for n in names if (n == parent or n.startswith(parent + ".")) and n.endswith(".attn1")
+        ]
         if not found:
             raise ValueError(f"no self-attention layer under {parent!r} in this UNet")
         out.extend(found)
@@ -211,12 +372,11 @@ def self_attention_names(unet, parents: tuple[str, ...]) -> list[str]:
 
 def _feature_hook(name: str, state: ControlState):
     def hook(module, args, output):
-        plan = state.plan
-        rows = state.rows(plan.feature_steps.to(output.device), plan.target.to(output.device))
-        if not rows.numel():
+        sel = state.feature_rows[state.step]
+        if not sel.n:
             return None
         output = output.clone()
-        output[rows] = state.source_for(f"{name}.conv2", output, rows)
+        output[sel.rows] = state.source_for(f"{name}.conv2", output, sel)
         state.acted.add(name)
         return output
 
@@ -236,8 +396,13 @@ def controlled_unet(
 
     P2P: every attention layer gets a :class:`P2PAttnProcessor` (cross ones edit maps, self ones replace
     at low resolution). PnP: attn1 of `pnp_attn_parents` get :class:`PnPSelfAttnProcessor`, and the conv2
-    of each resnet in `pnp_feature_layers` a forward hook. All other layers: fused SDPA.
+    of each resnet in `pnp_feature_layers` a forward hook. All other layers: fused SDPA. The state must
+    have been placed (:meth:`ControlState.place`) on the UNet's device; anything elsewhere is an error here,
+    before the loop, rather than a device mismatch deep inside it.
     """
+    if state.device is None:
+        raise ValueError("ControlState.place(...) must run before the processors are installed")
+    check_on_device(state, unet.device)
     original = dict(unet.attn_processors)
     names = attention_layer_names(unet)
     pnp_names = set(self_attention_names(unet, pnp_attn_parents)) if pnp_attn_parents else set()
@@ -245,7 +410,9 @@ def controlled_unet(
     controlled: list[str] = []
     for name in names:
         if p2p:
-            procs[name + PROC_SUFFIX] = P2PAttnProcessor(name, state, is_cross=name.endswith("attn2"))
+            procs[name + PROC_SUFFIX] = P2PAttnProcessor(
+                name, state, is_cross=name.endswith("attn2")
+            )
             controlled.append(name)
         elif name in pnp_names:
             procs[name + PROC_SUFFIX] = PnPSelfAttnProcessor(name, state)

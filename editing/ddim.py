@@ -20,6 +20,12 @@ class Schedule:
     timesteps: torch.Tensor  # (T,) long, timesteps[k-1] = timestep of level k (ascending)
     alphas: torch.Tensor  # (T+1,) float64, alpha_bar of each level; alphas[0] = final alpha
     prediction_type: str
+    # alphas as Python floats: the step arithmetic reads these, so no tensor is read back per step
+    alpha_values: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.alpha_values:
+            object.__setattr__(self, "alpha_values", tuple(self.alphas.double().cpu().tolist()))
 
     @property
     def num_steps(self) -> int:
@@ -28,17 +34,28 @@ class Schedule:
     def timestep(self, level: int) -> torch.Tensor:
         return self.timesteps[level - 1]
 
+    def alpha(self, level: int) -> float:
+        return self.alpha_values[level]
+
+    def timesteps_on(self, device: torch.device | str) -> torch.Tensor:
+        """The (T,) timesteps on `device`, to be made once before a loop and indexed per step there."""
+        return self.timesteps.to(device)
+
 
 def make_schedule(scheduler, num_steps: int) -> Schedule:
     """Level timesteps and alphas of `scheduler` (a DDIMScheduler) for `num_steps` steps."""
     if not isinstance(num_steps, int) or not 1 <= num_steps <= scheduler.config.num_train_timesteps:
-        raise ValueError(f"num_steps must be an int in [1, {scheduler.config.num_train_timesteps}], got {num_steps!r}")
+        raise ValueError(
+            f"num_steps must be an int in [1, {scheduler.config.num_train_timesteps}], got {num_steps!r}"
+        )
     scheduler.set_timesteps(num_steps)
     ts = scheduler.timesteps.flip(0).long().cpu()  # ascending
     cum = scheduler.alphas_cumprod.double().cpu()
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64).reshape(1)
     alphas = torch.cat([final, cum[ts]])
-    return Schedule(timesteps=ts, alphas=alphas, prediction_type=str(scheduler.config.prediction_type))
+    return Schedule(
+        timesteps=ts, alphas=alphas, prediction_type=str(scheduler.config.prediction_type)
+    )
 
 
 def math_dtype(t: torch.Tensor) -> torch.dtype:
@@ -46,7 +63,9 @@ def math_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def split_output(out: torch.Tensor, x: torch.Tensor, alpha: float, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+def split_output(
+    out: torch.Tensor, x: torch.Tensor, alpha: float, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, eps) from a model output at latent `x` whose noise level is `alpha` (fp32 or wider math)."""
     dt = torch.promote_types(math_dtype(out), math_dtype(x))
     out, x = out.to(dt), x.to(dt)
@@ -70,10 +89,12 @@ def move(x0: torch.Tensor, eps: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha**0.5 * x0 + (1.0 - alpha) ** 0.5 * eps
 
 
-def denoise_step(out: torch.Tensor, x: torch.Tensor, schedule: Schedule, level: int) -> torch.Tensor:
+def denoise_step(
+    out: torch.Tensor, x: torch.Tensor, schedule: Schedule, level: int
+) -> torch.Tensor:
     """One DDIM step level -> level-1 from the (guided) model output at `x`."""
-    x0, eps = split_output(out, x, float(schedule.alphas[level]), schedule.prediction_type)
-    return move(x0, eps, float(schedule.alphas[level - 1]))
+    x0, eps = split_output(out, x, schedule.alpha(level), schedule.prediction_type)
+    return move(x0, eps, schedule.alpha(level - 1))
 
 
 def invert_step(out: torch.Tensor, x: torch.Tensor, schedule: Schedule, level: int) -> torch.Tensor:
@@ -81,10 +102,10 @@ def invert_step(out: torch.Tensor, x: torch.Tensor, schedule: Schedule, level: i
 
     The noise estimate is read at the timestep the UNet was told (level); x0 is then taken at x's own level.
     """
-    _, eps = split_output(out, x, float(schedule.alphas[level]), schedule.prediction_type)
-    a_prev = float(schedule.alphas[level - 1])
+    _, eps = split_output(out, x, schedule.alpha(level), schedule.prediction_type)
+    a_prev = schedule.alpha(level - 1)
     x0 = (x.to(eps.dtype) - (1.0 - a_prev) ** 0.5 * eps) / a_prev**0.5
-    return move(x0, eps, float(schedule.alphas[level]))
+    return move(x0, eps, schedule.alpha(level))
 
 
 def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:

@@ -10,8 +10,9 @@ Batch layout of one UNet call (one "chunk"; several source images may share it):
     [ src_g0, u_g0t0, c_g0t0, u_g0t1, c_g0t1, ..., src_g1, u_g1t0, c_g1t0, ... ]
 
 `src_g` is group g's source row: its latent is the inversion trajectory z*_k at the current level and its
-text the source prompt (no guidance: Direct Inversion makes the source branch equal the trajectory, so
-its own guided update is never needed); it exists only to provide the attention maps (P2P) or the
+text the source prompt (PnP with ``source_text="empty"``: the empty prompt, as the published codes; no
+guidance: Direct Inversion makes the source branch equal the trajectory, so its own guided update is never
+needed); it exists only to provide the attention maps (P2P) or the
 features and queries/keys (PnP) that the target rows take, and its output is discarded. With cached PnP
 features there is no source row at all. `u`/`c` are each target's unconditional (negative prompt) and
 conditional rows, combined by classifier-free guidance. Targets per chunk are at most `max_batch`; a
@@ -117,6 +118,8 @@ def pnp_feature_facts(model: EditModel, inversion: Inversion, config: PnPConfig)
         "attn_layers": list(attns),
         "feature_steps": int(config.feature_t * steps),
         "attn_steps": int(config.attn_t * steps),
+        # only when not the default, so caches made before the setting existed keep their keys
+        **({"source_text": config.source_text} if config.source_text != "source" else {}),
     }
 
 
@@ -229,8 +232,14 @@ def _run_chunk(
     rows = _layout(pieces, steps, live, _feature_steps, _attn_steps)
     b = len(rows.plan.src)
     emb = [None] * b
+    empty = None  # PnP source_text="empty": the source rows see "" (encoded once per chunk, on `dev`)
     for pi, row in enumerate(rows.src_rows):
-        emb[row] = pieces[pi][1].inversion.cond.to(dev, dt)
+        _, grp, idxs = pieces[pi]
+        if _source_text(grp.targets[idxs[0]].config) == "empty":
+            empty = model.encode_prompts([""])[0] if empty is None else empty
+            emb[row] = empty
+        else:
+            emb[row] = grp.inversion.cond.to(dev, dt)
     neg = model.encode_prompts([t.config.negative_prompt for t in rows.targets])
     pos = model.encode_prompts([t.prompt for t in rows.targets])
     for j, (u, c) in enumerate(zip(rows.u_rows, rows.c_rows)):
@@ -247,12 +256,15 @@ def _run_chunk(
     if not live:
         state.replay = _stack_features([g.features for _, g, _ in pieces])
     install = prepare(rows, state, steps)
+    state.place(steps, dev, dt)  # every index, schedule and replayed feature on the UNet's device, once
     # 3. Start every target from its source's z_T
     z = traj[tpiece, steps].clone()  # (n, C, h, w) fp32 (fp64 for fp64 models)
     u_idx, c_idx = torch.tensor(rows.u_rows, device=dev), torch.tensor(rows.c_rows, device=dev)
     src_idx = torch.tensor(rows.src_rows, device=dev, dtype=torch.long)
     x = torch.empty((b, *z.shape[1:]), device=dev, dtype=traj.dtype)
-    # 4. Install processors, 5. denoise
+    timesteps = schedule.timesteps_on(dev)
+    finite = torch.ones(steps, dtype=torch.bool, device=dev)  # per step; read back once, after the loop
+    # 4. Install processors, 5. denoise (no host round trip inside: see editing.attention.ControlState)
     with controlled_unet(model.unet, state, **install):
         for i, level in enumerate(range(steps, 0, -1)):
             state.step = i
@@ -260,13 +272,15 @@ def _run_chunk(
             if live:
                 x[src_idx] = traj[:, level]
             x[u_idx], x[c_idx] = z, z
-            out = model.unet(x.to(dt), schedule.timestep(level).to(dev), encoder_hidden_states=emb_t).sample
+            out = model.unet(x.to(dt), timesteps[level - 1], encoder_hidden_states=emb_t).sample
             guided = guide(out[u_idx], out[c_idx], scales)
             z = denoise_step(guided, z, schedule, level) + correct.view(-1, 1, 1, 1) * corr[tpiece, level - 1]
             if after_step is not None:
                 z = after_step(state, rows, z, traj[tpiece, level - 1], i)
-            if not torch.isfinite(z).all():
-                raise NonFiniteError(f"non-finite latents at step {i} (level {level}); try fp32")
+            finite[i] = torch.isfinite(z).all()
+    if not bool(finite.all()):
+        i = int(torch.nonzero(~finite)[0])
+        raise NonFiniteError(f"non-finite latents at step {i} (level {steps - i}); try fp32")
     # 6. Decode
     images = model.decode_latents(z)
     seconds = (time.perf_counter() - start) / len(rows.targets)
@@ -290,6 +304,11 @@ def _run_chunk(
     return results
 
 
+def _source_text(config) -> str:
+    """The text of a chunk's source rows: the source prompt, or "" for PnP with source_text="empty"."""
+    return config.source_text if isinstance(config, PnPConfig) else "source"
+
+
 def _feature_steps(config, steps: int) -> int:
     return int(config.feature_t * steps) if isinstance(config, PnPConfig) else 0
 
@@ -311,6 +330,7 @@ def _stack_features(features: list[PnPFeatures | None]) -> dict[str, torch.Tenso
 
 
 def _split_features(record: dict[str, torch.Tensor], pieces: list[Piece], model: EditModel) -> list[PnPFeatures]:
+    record = {k: v.cpu() for k, v in record.items()}  # recorded on the UNet's device; one copy each, after the loop
     out = []
     for pi, (_, group, idxs) in enumerate(pieces):
         config = group.targets[idxs[0]].config
@@ -358,7 +378,7 @@ def edit_pnp(
     """Plug-and-Play diffusion features (Tumanyan et al., CVPR 2023) on Direct-Inversion latents."""
 
     def extra(g: SourceGroup, t: Target) -> Any:
-        return (*pnp_layers(model, t.config), g.features is not None)
+        return (*pnp_layers(model, t.config), t.config.source_text, g.features is not None)
 
     def run(pieces: list[Piece]) -> list[EditResult]:
         live = pieces[0][1].features is None
@@ -369,6 +389,8 @@ def edit_pnp(
                     want = pnp_feature_facts(model, g.inversion, g.targets[ti].config)
                     have = g.features.facts
                     if any(have.get(k) != want[k] for k in ("inversion", "feature_layers", "attn_layers")) or (
+                        have.get("source_text", "source") != want.get("source_text", "source")
+                    ) or (
                         have.get("feature_steps", -1) < want["feature_steps"] or have.get("attn_steps", -1) < want["attn_steps"]
                     ):
                         raise ValueError("cached PnP features do not cover this edit's layers/steps; drop them to recompute")
@@ -398,7 +420,7 @@ def edit_p2p(
         return (t.config.self_max_fraction, blend_fraction(t.config))
 
     def run(pieces: list[Piece]) -> list[EditResult]:
-        blends: list[tuple[int, list[int], list[int], float, int] | None] = []
+        blends: list[tuple[int, torch.Tensor, torch.Tensor, float, int] | None] = []  # token positions on the device
 
         def prepare(rows: _Rows, state: ControlState, steps: int) -> dict[str, Any]:
             b = len(rows.plan.src)
@@ -418,8 +440,8 @@ def edit_p2p(
                     blends.append(
                         (
                             r,
-                            alignment.positions_of(tok, source, cfg.blend_source_words),
-                            alignment.positions_of(tok, t.prompt, cfg.blend_target_words),
+                            torch.tensor(alignment.positions_of(tok, source, cfg.blend_source_words), device=model.device),
+                            torch.tensor(alignment.positions_of(tok, t.prompt, cfg.blend_target_words), device=model.device),
                             cfg.blend_threshold,
                             int(cfg.blend_start * steps),
                         )
@@ -444,7 +466,7 @@ def edit_p2p(
                 if spec is None or i < spec[4]:
                     continue
                 r, src_pos, tgt_pos, threshold, _ = spec
-                s = int(rows.plan.src[r])
+                s = rows.src_rows[rows.target_piece[j]]  # the target's source row (host-side, no read-back)
                 mask = local_blend_mask(maps[s][:, src_pos], maps[r][:, tgt_pos], tuple(z.shape[-2:]), threshold)
                 z[j] = z_src[j] + mask.to(z.device, z.dtype) * (z[j] - z_src[j])
             return z
