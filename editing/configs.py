@@ -26,6 +26,7 @@ SD_PNP_ATTN_LAYERS: tuple[str, ...] = (  # decoder layers 4-11 (self-attention q
 )
 
 P2P_KINDS = ("auto", "replace", "refine", "reweight")
+PNP_SOURCE_TEXTS = ("source", "empty")
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -50,15 +51,21 @@ def _check_guidance(value: float) -> None:
 
 def _check_layers(name: str, layers: tuple[str, ...]) -> None:
     if not isinstance(layers, tuple) or not all(isinstance(x, str) and x for x in layers):
-        raise ValueError(f"{name} must be a tuple of module paths like 'up_blocks.1.resnets.1', got {layers!r}")
+        raise ValueError(
+            f"{name} must be a tuple of module paths like 'up_blocks.1.resnets.1', got {layers!r}"
+        )
 
 
 @dataclass(frozen=True)
 class PnPConfig:
     """Plug-and-Play (Tumanyan et al., CVPR 2023): inject the source's decoder features."""
 
-    guidance_scale: float = 7.5  # CFG scale for the target rows, [1, 30]; 7.5 is the paper's default
-    feature_t: float = 0.8  # fraction of steps (from the noisy end) with residual-feature injection; paper: 0.8
+    guidance_scale: float = (
+        7.5  # CFG scale for the target rows, [1, 30]; 7.5 is the paper's default
+    )
+    feature_t: float = (
+        0.8  # fraction of steps (from the noisy end) with residual-feature injection; paper: 0.8
+    )
     attn_t: float = 0.5  # fraction of steps with self-attention q/k injection; paper: 0.5
     # Module paths (inside the UNet) whose second conv's output is injected. None = the model's default
     # (SD: decoder layer 4 = up_blocks.1.resnets.1; other models record theirs in editflow.json).
@@ -75,11 +82,21 @@ class PnPConfig:
     # with target_correction the unconditional row already follows the source trajectory, and injecting
     # only the conditional row lets an unchanged prompt reproduce the source exactly.
     inject_uncond: bool = False
+    # Text of the source branch whose features and q/k are injected: "source" (the source prompt, the
+    # inversion's own text) or "empty" (the empty prompt ""). "empty" is the published behaviour: both
+    # MichalGeyer/pnp-diffusers and cure-lab/PnPInversion compute the injected source features with ""
+    # (the inversion itself always uses the source prompt). With "empty", an unchanged target prompt no
+    # longer reproduces the source exactly (its rows see the source prompt, the injected features "").
+    source_text: str = "source"
 
     def __post_init__(self) -> None:
         _check_guidance(self.guidance_scale)
         _check_bool("target_correction", self.target_correction)
         _check_bool("inject_uncond", self.inject_uncond)
+        if self.source_text not in PNP_SOURCE_TEXTS:
+            raise ValueError(
+                f"source_text must be one of {PNP_SOURCE_TEXTS}, got {self.source_text!r}"
+            )
         _check_fraction("feature_t", self.feature_t)
         _check_fraction("attn_t", self.attn_t)
         if self.feature_layers is not None:
@@ -102,7 +119,9 @@ class P2PConfig:
     # Fraction of steps (from the noisy end) during which the target takes the source's cross-attention
     # maps; a float, or {word: fraction} with an optional "default_" entry. Authors: 0.8 (swap); 0.4 in PIE-Bench.
     cross_replace_steps: float | Mapping[str, float] = 0.8
-    self_replace_steps: float = 0.4  # fraction of steps with the source's self-attention maps; authors: 0.4
+    self_replace_steps: float = (
+        0.4  # fraction of steps with the source's self-attention maps; authors: 0.4
+    )
     # {target word: weight}: that word's map column is multiplied by the weight (no renormalising);
     # typical range -2..5. Applied while the cross maps are replaced.
     equalizer: Mapping[str, float] = field(default_factory=dict)
@@ -136,10 +155,18 @@ class P2PConfig:
             _check_fraction("cross_replace_steps", self.cross_replace_steps)
         _check_fraction("self_replace_steps", self.self_replace_steps)
         if not isinstance(self.equalizer, Mapping):
-            raise ValueError(f"equalizer must be a mapping of word -> weight, got {self.equalizer!r}")
+            raise ValueError(
+                f"equalizer must be a mapping of word -> weight, got {self.equalizer!r}"
+            )
         for word, weight in self.equalizer.items():
-            if not isinstance(word, str) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise ValueError(f"equalizer entries must be word -> finite number, got {word!r}: {weight!r}")
+            if (
+                not isinstance(word, str)
+                or not isinstance(weight, (int, float))
+                or not math.isfinite(weight)
+            ):
+                raise ValueError(
+                    f"equalizer entries must be word -> finite number, got {word!r}: {weight!r}"
+                )
         object.__setattr__(self, "equalizer", dict(self.equalizer))
         for name in ("blend_source_words", "blend_target_words"):
             words = getattr(self, name)
@@ -149,7 +176,9 @@ class P2PConfig:
             if not isinstance(words, tuple) or not all(isinstance(w, str) and w for w in words):
                 raise ValueError(f"{name} must be a tuple of words, got {words!r}")
         if bool(self.blend_source_words) != bool(self.blend_target_words):
-            raise ValueError("local blend needs both blend_source_words and blend_target_words (or neither)")
+            raise ValueError(
+                "local blend needs both blend_source_words and blend_target_words (or neither)"
+            )
         _check_fraction("blend_threshold", self.blend_threshold)
         _check_fraction("blend_start", self.blend_start)
         if not 0.0 < self.self_max_fraction <= 1.0:
@@ -171,7 +200,9 @@ class P2PConfig:
 METHOD_CONFIGS: dict[str, type] = {"pnp": PnPConfig, "p2p": P2PConfig}
 
 
-def config_from_settings(method: str, settings: Mapping[str, Any] | None = None) -> PnPConfig | P2PConfig:
+def config_from_settings(
+    method: str, settings: Mapping[str, Any] | None = None
+) -> PnPConfig | P2PConfig:
     """Build the config of `method` from a plain mapping (e.g. a manifest's JSON `settings`).
 
     Raises ``ValueError`` naming the unknown method, unknown key or bad value.
