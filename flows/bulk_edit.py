@@ -79,6 +79,18 @@ def _fan_out(options: RunOptions, run_id: str, shards: Sequence[int], gpu_resour
     return stats, failed
 
 
+FAILED_ROWS_SHOWN = 10  # failed rows listed in the summary; the results table has them all
+
+
+def _failed_rows(results, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` failed rows of a run's results (row, edit_id, error), in manifest order."""
+    if not results.num_rows:
+        return []
+    failed = results.filter(pc.equal(results.column("status"), "failed")).select(["row", "edit_id", "error"])
+    order = pc.sort_indices(failed, sort_keys=[("row", "ascending")])
+    return failed.take(order).slice(0, limit).to_pylist()
+
+
 def _summarise(options: RunOptions, run_id: str, plan: dict, stats: list[dict], failed_shards: list[str], wall: float) -> dict[str, Any]:
     out = open_store(options.out, s3_endpoint=options.s3_endpoint)
     results = read_run_results(options, run_id)
@@ -88,6 +100,7 @@ def _summarise(options: RunOptions, run_id: str, plan: dict, stats: list[dict], 
         for s in counts:
             counts[s] = int(pc.sum(pc.equal(results.column("status"), s)).as_py() or 0)
         cache_hits = int(pc.sum(pc.fill_null(results.column("cache_hit"), False)).as_py() or 0)
+    failed_rows = _failed_rows(results, FAILED_ROWS_SHOWN)
     unplanned = plan["rows"] - results.num_rows  # rows of shards that failed as a whole
     counts["failed"] += max(0, unplanned)
     seconds: dict[str, float] = {"wall": wall, **plan.get("seconds", {})}
@@ -104,6 +117,7 @@ def _summarise(options: RunOptions, run_id: str, plan: dict, stats: list[dict], 
         "edit_cache_hits": cache_hits,
         "unet_evals": sum(s.get("unet_evals", 0.0) for s in stats),
         "failed_shards": failed_shards,
+        "failed_rows": failed_rows,  # the first FAILED_ROWS_SHOWN failed rows: row, edit_id, error
         "threads_per_worker": sorted({s["threads"] for s in stats if s.get("threads")}),  # CPU policy in force
         "seconds": seconds,
         "results_uri": out.uri(keys.run_prefix(run_id) + "results/"),

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -102,24 +103,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Progress:
-    """A progress bar of edits done / total and failures, fed by finished shards."""
+PROGRESS_LINE_SECONDS = 30.0  # without a terminal: at most one progress line per this many seconds
 
-    def __init__(self, enabled: bool):
-        self.enabled, self.bar, self.failed = enabled, None, 0
+
+def _progress_mode() -> str:
+    """``EDITFLOW_PROGRESS``: 1 = a progress bar even without a terminal, 0 = none; unset = a bar on a
+    terminal, else a plain line on stderr now and then (logs and CI output stay readable)."""
+    value = os.environ.get("EDITFLOW_PROGRESS", "").strip()
+    if value == "0":
+        return "off"
+    if value == "1" or sys.stderr.isatty():
+        return "bar"
+    return "lines"
+
+
+class _Progress:
+    """Edits done / total and failures, fed by finished shards: a tqdm bar, or periodic plain lines."""
+
+    def __init__(self, mode: str):
+        self.mode, self.bar, self.failed = mode, None, 0
+        self.done = self.total = self.shards_done = self.shards = 0
+        self.last_line = float("-inf")
 
     def __call__(self, event: dict[str, Any]) -> None:
-        if not self.enabled:
+        if self.mode == "off":
             return
-        from tqdm import tqdm
-
         if "planned" in event:
-            self.bar = tqdm(total=event["planned"].get("pending", 0), unit="edit", desc="editing", file=sys.stderr)
+            self.total, self.shards = event["planned"].get("pending", 0), event["planned"].get("shards", 0)
+            if self.mode == "bar":
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total, unit="edit", desc="editing", file=sys.stderr)
             return
+        self.failed += event.get("failed", 0)
+        self.done += event.get("edits", 0)
+        self.shards_done += 1
         if self.bar is not None:
-            self.failed += event.get("failed", 0)
             self.bar.update(event.get("edits", 0))
             self.bar.set_postfix(failed=self.failed)
+        elif self.mode == "lines":
+            now = time.monotonic()
+            if now - self.last_line >= PROGRESS_LINE_SECONDS or self.shards_done >= self.shards:
+                self.last_line = now
+                print(f"progress: {self.done}/{self.total} edits, {self.failed} failed, {self.shards_done}/{self.shards} shards", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -134,6 +160,17 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(f"time: {secs['wall']:.1f}s; results: {summary['results_uri']}")
     for s in summary.get("failed_shards", []):
         print(f"failed {s}")
+    rows = summary.get("failed_rows", [])
+    for r in rows:
+        reason = re.sub(r"^row \d+: ", "", r.get("error") or "")
+        print(f"failed row {r['row']}, edit {r['edit_id']}: {reason}")
+    if c["failed"] > len(rows):
+        print(f"... and {c['failed'] - len(rows)} more failed row(s)")
+    if c["failed"]:
+        print(
+            f"all failed rows: status 'failed' and their 'error' in {summary['results_uri']}; "
+            f"`editflow rerun {summary['run_id']} --out {summary['out']}` retries them"
+        )
 
 
 def _bulk_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -192,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
     _quiet_prefect_defaults()
+    # Dask's INFO lines only with -v (its worker processes inherit the variable)
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if args.verbose else "warning")
+    if args.command == "serve" and args.run_id:
+        parser.error("serve: --run-id is not accepted: every scheduled run gets a new run id")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "validate":
         from manifests.validate import format_problems
@@ -228,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         kwargs.pop("run_id")
         flows_mod.bulk_edit.with_options(task_runner=runner).serve(name=args.name, cron=args.cron, parameters=kwargs)
         return 0
-    progress = _Progress(enabled=sys.stderr.isatty() or os.environ.get("EDITFLOW_PROGRESS") == "1")
+    progress = _Progress(_progress_mode())
     flows_mod.set_progress_callback(progress)
     t0 = time.perf_counter()
     try:

@@ -39,6 +39,21 @@ logger = logging.getLogger(__name__)
 GROUP_COLUMNS = ("image_uri", "source_prompt", "num_steps")
 
 
+IMAGE_EXTS = ("png", "jpeg", "jpg", "webp")
+
+
+def finished_assets(store) -> dict[str, str | None]:
+    """Finished edit id -> the key of its image (None if none is found), from one listing of ``assets/``."""
+    sidecars, images = set(), {}
+    for key in store.list("assets/"):
+        name = key[len("assets/") :]
+        if name.endswith(".json"):
+            sidecars.add(name[: -len(".json")])
+        elif "." in name and name.rsplit(".", 1)[1] in IMAGE_EXTS:
+            images[name.rsplit(".", 1)[0]] = key
+    return {e: images.get(e) for e in sidecars}
+
+
 def finished_edit_ids(store) -> set[str]:
     """Edit ids whose sidecar exists under ``assets/`` (one listing, not one request per edit)."""
     done = set()
@@ -86,7 +101,7 @@ def plan_run(manifest_uri: str, options: RunOptions, *, run_id: str, shard_size:
     norm = normalize(table)
     t_validate = time.perf_counter() - t0
     out = open_store(options.out, s3_endpoint=options.s3_endpoint)
-    done = finished_edit_ids(out)
+    done = finished_assets(out)
     edit_ids = norm.column("edit_id").to_numpy(zero_copy_only=False)
     finished = np.fromiter((e in done for e in edit_ids), dtype=bool, count=len(edit_ids)) if done else np.zeros(len(edit_ids), bool)
     pending = norm.filter(pa.array(~finished))
@@ -109,7 +124,8 @@ def plan_run(manifest_uri: str, options: RunOptions, *, run_id: str, shard_size:
         shards.append({"index": s, "edits": len(idx), "sources": int(len(np.unique(codes[idx])))})
     if skipped.num_rows:
         rows = [
-            {"edit_id": e, "status": "skipped", "output_uri": None, "metadata_uri": out.uri(keys.sidecar_key(e)), "error": "finished in an earlier run"}
+            {"edit_id": e, "status": "skipped", "output_uri": out.uri(done[e]) if done[e] else None,
+             "metadata_uri": out.uri(keys.sidecar_key(e)), "error": "finished in an earlier run"}  # fmt: skip
             for e in skipped.column("edit_id").to_pylist()
         ]
         write_parquet(out, keys.run_file_key(run_id, "results/skipped.parquet"), results_table(rows, skipped))
