@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         "--generate", type=int, default=300, help="images generated for prompt following"
     )
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--out", default="refmodel/eval")
+    p.add_argument("--out", default="out/refmodel-eval", help="where metrics.json and contact_sheet.png go (refmodel/eval holds the committed ones)")
     p.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(_methods())}")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
