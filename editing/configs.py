@@ -27,6 +27,7 @@ SD_PNP_ATTN_LAYERS: tuple[str, ...] = (  # decoder layers 4-11 (self-attention q
 
 P2P_KINDS = ("auto", "replace", "refine", "reweight")
 PNP_SOURCE_TEXTS = ("source", "empty")
+BLEND_NORMALIZATIONS = ("minmax", "max")
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -131,6 +132,11 @@ class P2PConfig:
     blend_target_words: tuple[str, ...] = ()
     blend_threshold: float = 0.3  # mask = normalised summed map > threshold; reference 0.3
     blend_start: float = 0.2  # fraction of steps before local blend starts; reference 0.2
+    # How the summed map is scaled before the threshold: "minmax" ([min, max] -> [0, 1]) or "max" (divide
+    # by the max: the reference). The same on maps that are ~0 away from the word (SD's); on maps with a
+    # constant floor (a small model's, e.g. shapes-v1's: every cell above 0.7 of the max) "max" keeps every
+    # cell, so local blend would do nothing.
+    blend_normalize: str = "minmax"
     # Self-attention maps are replaced only in layers with at most this fraction of the latent's positions
     # (SD: 32x32 of a 64x64 latent = 1/4: the reference skips the highest resolution).
     self_max_fraction: float = 0.25
@@ -181,6 +187,10 @@ class P2PConfig:
             )
         _check_fraction("blend_threshold", self.blend_threshold)
         _check_fraction("blend_start", self.blend_start)
+        if self.blend_normalize not in BLEND_NORMALIZATIONS:
+            raise ValueError(
+                f"blend_normalize must be one of {BLEND_NORMALIZATIONS}, got {self.blend_normalize!r}"
+            )
         if not 0.0 < self.self_max_fraction <= 1.0:
             raise ValueError(f"self_max_fraction must be in (0, 1], got {self.self_max_fraction!r}")
         if self.blend_fraction is not None and not 0.0 < self.blend_fraction <= 1.0:

@@ -444,6 +444,7 @@ def edit_p2p(
                             torch.tensor(alignment.positions_of(tok, t.prompt, cfg.blend_target_words), device=model.device),
                             cfg.blend_threshold,
                             int(cfg.blend_start * steps),
+                            cfg.blend_normalize,
                         )
                     )
                 else:
@@ -465,9 +466,9 @@ def edit_p2p(
             for j, spec in enumerate(blends):
                 if spec is None or i < spec[4]:
                     continue
-                r, src_pos, tgt_pos, threshold, _ = spec
+                r, src_pos, tgt_pos, threshold, _, norm = spec
                 s = rows.src_rows[rows.target_piece[j]]  # the target's source row (host-side, no read-back)
-                mask = local_blend_mask(maps[s][:, src_pos], maps[r][:, tgt_pos], tuple(z.shape[-2:]), threshold)
+                mask = local_blend_mask(maps[s][:, src_pos], maps[r][:, tgt_pos], tuple(z.shape[-2:]), threshold, norm)
                 z[j] = z_src[j] + mask.to(z.device, z.dtype) * (z[j] - z_src[j])
             return z
 
@@ -478,11 +479,15 @@ def edit_p2p(
     return _run_all(model, groups, "p2p", P2PConfig, max_batch, extra, run)
 
 
-def local_blend_mask(src_maps: torch.Tensor, tgt_maps: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
+def local_blend_mask(
+    src_maps: torch.Tensor, tgt_maps: torch.Tensor, size: tuple[int, int], threshold: float, normalize: str = "minmax"
+) -> torch.Tensor:
     """Prompt-to-Prompt's local-blend mask (1, h, w) from the chosen words' maps (Q, n_words_tokens) each.
 
-    Per prompt: sum the words' maps, 3x3 max-pool, upsample (nearest) to the latent size, normalise by the
-    maximum, threshold; the mask is the union of the source's and the target's.
+    Per prompt: sum the words' maps, 3x3 max-pool, upsample (nearest) to the latent size, normalise,
+    threshold; the mask is the union of the source's and the target's. `normalize`: "max" divides by the
+    maximum (the reference); "minmax" maps [min, max] to [0, 1], the same on maps that are ~0 away from
+    the word (SD's) but not all ones on maps with a constant floor (a small model's: every cell > 0.3 max).
     """
     h, w = size
     side = math.sqrt(h * w / src_maps.shape[0])
@@ -492,6 +497,10 @@ def local_blend_mask(src_maps: torch.Tensor, tgt_maps: torch.Tensor, size: tuple
         m = maps.sum(-1).view(1, 1, mh, mw)
         m = F.max_pool2d(m, 3, stride=1, padding=1)
         m = F.interpolate(m, size=(h, w), mode="nearest")
+        if normalize == "minmax":
+            m = m - m.min()
+        elif normalize != "max":
+            raise ValueError(f"unknown local-blend normalisation {normalize!r}")
         masks.append(m / m.max().clamp_min(1e-12) > threshold)
     return (masks[0] | masks[1]).float()[0]
 
