@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,8 +28,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.runners import device_count
 from manifests.build import DEFAULT_TEMPLATE, restyle_manifest
 from storage import keys
+from storage.base import NotFound
 from storage.uri import open_store
 from storage.writer import read_json, read_parquet, write_json, write_parquet
+from tasks.errors import RunExists, RunIncomplete, RunMismatch, RunNotFound
 from tasks.options import RunOptions
 from tasks.shard import read_run_results
 from tasks.units import plan_task, shard_task
@@ -165,7 +168,7 @@ def bulk_edit(
         threads=threads,
     )  # fmt: skip
     run_id = run_id or keys.new_run_id()
-    planned = plan_task(manifest, options.to_dict(), run_id, shard_size)
+    planned = plan_task(manifest, options.to_dict(), run_id, shard_size, claim=secrets.token_hex(8))
     plan = read_json(open_store(out, s3_endpoint=s3_endpoint), keys.plan_key(run_id))
     _notify({"planned": planned})
     stats, failed = _fan_out(options, run_id, range(planned["shards"]), gpu_resources)
@@ -187,6 +190,51 @@ def shards_to_rerun(options: RunOptions, run_id: str, plan: dict) -> list[int]:
     return todo
 
 
+def refuse_existing_run(store, run_id: str) -> None:
+    """``RunExists`` when `run_id` already has a plan under `store` (planning claims ids race-free too)."""
+    key = keys.plan_key(run_id)
+    if store.exists(key):
+        raise RunExists(
+            f"run {run_id} already exists under {store.uri()} ({store.uri(key)}); choose another --run-id, "
+            f"or finish that run with `editflow rerun {run_id} --out {store.uri()}`"
+        )
+
+
+def read_plan(store, run_id: str) -> dict[str, Any]:
+    """The complete plan of `run_id` in `store`; ``RunNotFound`` / ``RunIncomplete`` otherwise."""
+    key = keys.plan_key(run_id)
+    try:
+        plan = read_json(store, key)
+    except NotFound:
+        raise RunNotFound(f"no run {run_id} under {store.uri()} (no {store.uri(key)}); the run ids are the folders of {store.uri('runs/')}") from None
+    if not isinstance(plan, dict) or "shards" not in plan or "options" not in plan:
+        raise RunIncomplete(f"run {run_id} under {store.uri()} was never planned completely ({store.uri(key)} is a placeholder); start a new run")
+    return plan
+
+
+def trusted_options(plan: dict[str, Any], *, run_id: str, out: str, s3_endpoint: str | None, model: str, cache: str, allow_pickle: bool) -> RunOptions:
+    """The rerun's options: the security-relevant ones (model, allow_pickle, cache, endpoint) from the
+    caller, never from the stored plan (anyone who can write the output can change it); the model and
+    cache the plan records must match them (``RunMismatch``). The rest (format, batch, ...) is the plan's."""
+    recorded = dict(plan["options"])
+    options = RunOptions.from_dict({**recorded, "out": out, "s3_endpoint": s3_endpoint, "model": model, "cache": cache, "allow_pickle": allow_pickle})
+    where = open_store(out, s3_endpoint=s3_endpoint).uri(keys.plan_key(run_id))
+    rec_model = RunOptions(out=out, model=str(recorded.get("model") or "")).model_ref
+    if rec_model != options.model_ref:
+        raise RunMismatch(
+            f"run {run_id}: {where} records model {rec_model!r} but this rerun uses {options.model_ref!r}; "
+            f"pass --model {rec_model} if you trust that model (the model is never taken from the stored plan)"
+        )
+    rec_cache = str(recorded.get("cache") or "")
+    if rec_cache != cache:
+        flag = f"--cache {rec_cache}" if rec_cache else "no --cache"
+        raise RunMismatch(
+            f"run {run_id}: {where} records cache {rec_cache or '(default)'!r} but this rerun uses "
+            f"{cache or '(default)'!r}; pass {flag} to use the same one"
+        )
+    return options
+
+
 @flow(name="bulk-edit-rerun", log_prints=False, task_runner=_DEFAULT_RUNNER)
 def rerun(
     run_id: str,
@@ -194,13 +242,17 @@ def rerun(
     s3_endpoint: str | None = None,
     gpu_resources: bool = False,
     threads: int | None = None,
+    model: str = "",
+    cache: str = "",
+    allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Finish run `run_id`: redo only shards without results and rows that failed; keep the rest.
-    `threads` (None: the recorded value, else the CPU policy) sets the workers' CPU threads."""
+    `threads` (None: the recorded value, else the CPU policy) sets the workers' CPU threads.
+    `model`, `cache` and `allow_pickle` come from the caller and must match what the plan records."""
     t0 = time.perf_counter()
     store = open_store(out, s3_endpoint=s3_endpoint)
-    plan = read_json(store, keys.plan_key(run_id))
-    options = RunOptions.from_dict({**plan["options"], "out": out, "s3_endpoint": s3_endpoint or plan["options"].get("s3_endpoint")})
+    plan = read_plan(store, run_id)
+    options = trusted_options(plan, run_id=run_id, out=out, s3_endpoint=s3_endpoint, model=model, cache=cache, allow_pickle=allow_pickle)
     if threads is not None:
         options = dataclasses.replace(options, threads=threads)
     todo = shards_to_rerun(options, run_id, plan)
@@ -239,6 +291,7 @@ def restyle(
     )  # fmt: skip
     run_id = run_id or keys.new_run_id()
     store = open_store(out, s3_endpoint=s3_endpoint)
+    refuse_existing_run(store, run_id)  # the plan claims the id; check before writing next to it
     key = keys.run_file_key(run_id, "manifest.parquet")
     write_parquet(store, key, table)
     return bulk_edit.fn(

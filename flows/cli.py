@@ -18,8 +18,10 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
+import traceback
 from typing import Any
 
 
@@ -60,9 +62,9 @@ def _positive_int(text: str) -> int:
 def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="", help="diffusers SD 1.x/2.x folder or hub id (default: the bundled reference model)")
     p.add_argument("--cache", default="", help="inversion cache root (default: {out}/cache)")
-    p.add_argument("--shard-size", type=int, default=64, help="edits per shard task (default 64)")
+    p.add_argument("--shard-size", type=_positive_int, default=64, help="edits per shard task (default 64)")
     p.add_argument("--format", dest="image_format", choices=("png", "jpeg", "webp"), default="png")
-    p.add_argument("--max-batch", type=int, default=8, help="targets per UNet batch (default 8)")
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="targets per UNet batch (default 8)")
     p.add_argument("--cache-features", action="store_true", help="also cache PnP source features (see README: Performance)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"), help="default: float16 on CUDA, float32 on CPU")
@@ -70,8 +72,15 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="load a checkpoint that only has pickle weights (they can run code)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (what, and where to read more), exit status 2; no usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} -h`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="editflow", description="Bulk text-guided image editing (Prompt-to-Prompt, Plug-and-Play).")
+    parser = _Parser(prog="editflow", description="Bulk text-guided image editing (Prompt-to-Prompt, Plug-and-Play).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check a manifest; report every problem with row, column and reason")
@@ -85,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     rr = sub.add_parser("rerun", help="finish a run: redo shards without results and failed rows only")
     rr.add_argument("run_id")
     _common(rr)
+    # never taken from the stored plan (anyone who can write --out could change it); checked against it
+    rr.add_argument("--model", default="", help="the run's model, as given to `run` (default: the bundled reference model)")
+    rr.add_argument("--cache", default="", help="the run's inversion cache, as given to `run` (default: {out}/cache)")
+    rr.add_argument("--allow-pickle", action="store_true", help="load a checkpoint that only has pickle weights (they can run code)")
     rs = sub.add_parser("restyle", help="a catalog (image_uri, caption) x styles as one bulk edit")
     rs.add_argument("catalog")
     rs.add_argument("--style", action="append", required=True, help="a style; repeat for several")
@@ -218,9 +231,99 @@ def _restyle_problems(args: argparse.Namespace) -> list:
     ]
 
 
+EXIT_STORAGE = 3  # storage unreachable, denied, read-only or full (see describe_storage_error)
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGTERM: 143)
+_PROGRAM = {"on": False}  # main() called as the program (argv None): may start a server, exit hard
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The CLI. Expected failures print one line (what, where, what to do) and exit with their status:
+    2 bad arguments or run state, 3 storage; 130/143 interrupted. ``-v`` adds the traceback."""
+    from storage.errors import describe_storage_error
+    from tasks.errors import RunError
+
+    _PROGRAM["on"] = argv is None
+    verbose = any(a in ("-v", "--verbose") for a in (sys.argv[1:] if argv is None else argv))
+    if _PROGRAM["on"]:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
+        print("editflow: interrupted; finished edits are kept: `editflow rerun RUN_ID --out OUT` finishes the run", file=sys.stderr)
+        if _PROGRAM["on"]:  # worker threads may be mid-shard: do not wait for them
+            from flows.server import stop_temporary_server
+
+            stop_temporary_server()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+    except Exception as exc:
+        if isinstance(exc, RunError):
+            line, code = str(exc), 2
+        else:
+            line, code = describe_storage_error(exc), EXIT_STORAGE
+        if line is None:
+            raise
+        print(f"editflow: error: {line}", file=sys.stderr)
+        if verbose:
+            traceback.print_exc()
+        return code
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the run unwinds like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:  # noqa: ARG001
+    raise _Terminated()
+
+
+def _check_locations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Bad --out / --cache URIs and --run-id values are argument errors (exit 2), found before any work."""
+    from storage.keys import check_id
+    from storage.uri import split_uri
+
+    for flag in ("out", "cache"):
+        if getattr(args, flag, ""):
+            try:
+                split_uri(getattr(args, flag))
+            except ValueError as exc:
+                parser.error(f"--{flag}: {exc}")
+    if getattr(args, "run_id", None):
+        try:
+            check_id(args.run_id, what="run_id")
+        except ValueError as exc:
+            parser.error(str(exc))
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """Before any flow: --out must be writable (probe object), a rerun's run must exist; then the
+    temporary Prefect server, when the CLI runs as the program and none is configured."""
+    from storage.uri import check_writable, open_store
+
+    check_writable(args.out, s3_endpoint=args.s3_endpoint)
+    if args.command in ("run", "restyle") and args.run_id:
+        from flows.bulk_edit import refuse_existing_run
+
+        refuse_existing_run(open_store(args.out, s3_endpoint=args.s3_endpoint), args.run_id)
+    if args.command == "rerun":
+        from flows.bulk_edit import read_plan
+
+        read_plan(open_store(args.out, s3_endpoint=args.s3_endpoint), args.run_id)
+    from flows.server import quiet_prefect_failures, start_temporary_server
+
+    if not args.verbose:
+        quiet_prefect_failures()
+    if _PROGRAM["on"]:
+        start_temporary_server()
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_locations(parser, args)
     if args.command != "validate":
         from tasks.worker import THREADS_ENV, parse_threads
 
@@ -261,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_problems(problems, limit=1000))
             print(f"{args.manifest}: INVALID ({len(problems)} problem(s)); nothing was run")
             return 2
+    _preflight(args)
     runner, gpu = make_task_runner(
         args.runner, dask_address=args.dask_address, dask_workers=args.dask_workers, dask_gpu=args.dask_gpu, threads=args.threads
     )
@@ -277,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = flows_mod.bulk_edit.with_options(task_runner=runner)(args.manifest, args.out, gpu_resources=gpu, **_bulk_kwargs(args))
         elif args.command == "rerun":
             summary = flows_mod.rerun.with_options(task_runner=runner)(
-                args.run_id, args.out, s3_endpoint=args.s3_endpoint, gpu_resources=gpu, threads=args.threads
-            )
+                args.run_id, args.out, s3_endpoint=args.s3_endpoint, gpu_resources=gpu, threads=args.threads,
+                model=args.model, cache=args.cache, allow_pickle=args.allow_pickle,
+            )  # fmt: skip
         else:
             summary = flows_mod.restyle.with_options(task_runner=runner)(
                 args.catalog, args.style, args.out, template=args.template, method=args.method,

@@ -304,9 +304,16 @@ class _Checker:
             ),
             arr,
         )
-        too_long = _mask(pc.greater(pc.utf8_length(arr), EDIT_ID_MAX_LEN))
+        nbytes = pc.binary_length(arr)  # UTF-8 bytes: file names are limited in bytes, not characters
+        too_long = _mask(pc.greater(nbytes, EDIT_ID_MAX_LEN))
         self.add_rows(
-            too_long & ~unsafe, "edit_id", f"edit_id is longer than {EDIT_ID_MAX_LEN} characters"
+            too_long & ~unsafe,
+            "edit_id",
+            lambda n: (
+                f"edit_id is longer than {EDIT_ID_MAX_LEN} bytes ({n} bytes in UTF-8); it becomes "
+                "a file name, which may have at most 255 bytes with its extension"
+            ),
+            nbytes,
         )
         codes, values = _codes(arr)
         codes = np.where(self.missing_id, -1, codes)
@@ -807,6 +814,12 @@ def load_manifest(uri: str, *, s3_endpoint: str | None = None) -> pa.Table:
         except (pa.ArrowException, OSError) as exc:
             problems.append(Problem(None, None, f"{name}: cannot read as Parquet: {exc}"))
             tables.append(None)  # type: ignore[arg-type]
+    for (name, _), t in zip(sources, tables, strict=True):
+        if t is None:
+            continue
+        for col, count in Counter(t.column_names).items():
+            if count > 1:
+                problems.append(Problem(None, col, f"{name}: column appears {count} times; rename or drop the copies"))
     readable = [(name, t) for (name, _), t in zip(sources, tables, strict=True) if t is not None]
     if readable:
         first_name, first = readable[0]

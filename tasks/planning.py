@@ -10,6 +10,7 @@ normalised rows per shard.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -31,6 +32,7 @@ from manifests.validate import (
 from storage import keys
 from storage.uri import open_store
 from storage.writer import read_json, write_json, write_parquet
+from tasks.errors import RunExists
 from tasks.options import RunOptions
 from tasks.results import results_table
 
@@ -90,8 +92,27 @@ def pack_shards(group_codes: np.ndarray, shard_size: int) -> np.ndarray:
     return shard_of
 
 
-def plan_run(manifest_uri: str, options: RunOptions, *, run_id: str, shard_size: int = 64) -> dict[str, Any]:
-    """Validate, plan and write the plan of one run; returns a small summary dict."""
+def claim_run(out, run_id: str, claim: str) -> None:
+    """Take `run_id` under `out` by writing a placeholder plan.json first-writer-wins; ``RunExists``
+    if another run has it (a retry of this planning, same `claim` token, may take it again)."""
+    key = keys.plan_key(run_id)
+    placeholder = {"run_id": run_id, "state": "planning", "claim": claim, "created": datetime.now(timezone.utc).isoformat()}
+    if write_json(out, key, placeholder, if_absent=True):
+        return
+    try:
+        existing = read_json(out, key)
+    except Exception:  # noqa: BLE001 - unreadable: it is still taken
+        existing = {}
+    if isinstance(existing, dict) and existing.get("state") == "planning" and existing.get("claim") == claim:
+        return
+    raise RunExists(
+        f"run {run_id} already exists under {out.uri()} ({out.uri(key)}); choose another --run-id, "
+        f"or finish that run with `editflow rerun {run_id} --out {out.uri()}`"
+    )
+
+
+def plan_run(manifest_uri: str, options: RunOptions, *, run_id: str, shard_size: int = 64, claim: str | None = None) -> dict[str, Any]:
+    """Validate, claim the run id (``RunExists`` if taken), plan and write the plan; returns a small summary dict."""
     t0 = time.perf_counter()
     table = load_manifest(manifest_uri, s3_endpoint=options.s3_endpoint)
     problems = validate_table(table)
@@ -101,6 +122,7 @@ def plan_run(manifest_uri: str, options: RunOptions, *, run_id: str, shard_size:
     norm = normalize(table)
     t_validate = time.perf_counter() - t0
     out = open_store(options.out, s3_endpoint=options.s3_endpoint)
+    claim_run(out, run_id, claim or secrets.token_hex(8))
     done = finished_assets(out)
     edit_ids = norm.column("edit_id").to_numpy(zero_copy_only=False)
     finished = np.fromiter((e in done for e in edit_ids), dtype=bool, count=len(edit_ids)) if done else np.zeros(len(edit_ids), bool)

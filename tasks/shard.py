@@ -37,9 +37,10 @@ from manifests.schema import EditRow
 from manifests.validate import edit_rows
 from storage import keys
 from storage.base import NotFound
-from storage.cache import BlobCache
+from storage.cache import BlobCache, CorruptEntry
 from storage.uri import open_store, read_uri
 from storage.writer import encode_image, read_parquet, write_asset, write_parquet
+from tasks.images import check_shape, to_rgb
 from tasks.options import RunOptions
 from tasks.results import results_table
 from tasks.worker import apply_thread_policy, get_model, model_lock
@@ -74,6 +75,7 @@ class _Source:
     features_key: str = ""
     facts: dict[str, Any] = field(default_factory=dict)
     stale_entry: bool = False  # a cached entry existed but was unusable: replace it
+    stale_features: bool = False  # the same for the PnP feature cache entry
     error: str | None = None
 
 
@@ -111,6 +113,11 @@ def _read_source(model: EditModel, src: _Source, options: RunOptions, cache: Blo
     except Exception as exc:  # noqa: BLE001
         raise RowError(f"image_uri: {row.image_uri} is not a readable image ({type(exc).__name__}: {exc})") from exc
     try:
+        image = to_rgb(image)  # 16-bit, float, CMYK + profile, EXIF orientation, alpha: see tasks.images
+        check_shape(image.width, image.height)
+    except Exception as exc:  # noqa: BLE001 - an image that decodes but cannot be edited is this row's problem
+        raise RowError(f"image_uri: {row.image_uri}: {exc}") from exc
+    try:
         model.tokenize(row.source_prompt)
     except ValueError as exc:
         raise RowError(f"source_prompt: {exc}") from exc
@@ -122,10 +129,16 @@ def _read_source(model: EditModel, src: _Source, options: RunOptions, cache: Blo
     )
     src.inversion_key = keys.inversion_key(src.content_sha256, src.facts)
     obj = keys.inversion_object_key(src.inversion_key)
-    blob = cache.get(obj)
+    try:
+        blob = cache.get(obj)
+    except CorruptEntry as exc:
+        logger.warning("%s; recomputing it", exc)
+        blob, src.stale_entry = None, True
     if blob is not None:
         try:
-            src.inversion = Inversion.from_bytes(blob, expect=src.facts)
+            inv = Inversion.from_bytes(blob, expect=src.facts)
+            _check_finite_tensors(inv.latents, inv.corrections, inv.cond, inv.uncond)
+            src.inversion = inv
             src.cache_hit = True
             stats.inversion_cache_hits += 1
         except InversionMismatch as exc:
@@ -133,6 +146,15 @@ def _read_source(model: EditModel, src: _Source, options: RunOptions, cache: Blo
             src.stale_entry = True
     stats.seconds["inversion"] += time.perf_counter() - t0
     return None if src.cache_hit else image
+
+
+def _check_finite_tensors(*tensors) -> None:
+    """``InversionMismatch`` when a cached tensor holds NaN/inf (such an entry must be recomputed)."""
+    import torch
+
+    for t in tensors:
+        if not torch.isfinite(t).all():
+            raise InversionMismatch("entry holds non-finite values (NaN/inf)")
 
 
 def _invert_missing(model: EditModel, todo: list[tuple[_Source, Image.Image]], options: RunOptions, cache: BlobCache, stats: ShardStats) -> None:
@@ -363,13 +385,20 @@ def _attach_features(model: EditModel, src: _Source, targets: list[Target], cach
     if config is None:
         return
     src.features_key = _feature_cache_key(model, src, config)
-    blob = cache.get(src.features_key)
+    try:
+        blob = cache.get(src.features_key)
+    except CorruptEntry as exc:
+        logger.warning("%s; recomputing it", exc)
+        blob, src.stale_features = None, True
     if blob is None:
         return
     try:
-        src.features = PnPFeatures.from_bytes(blob, expect={"inversion": pnp_feature_facts(model, src.inversion, config)["inversion"]})
+        features = PnPFeatures.from_bytes(blob, expect={"inversion": pnp_feature_facts(model, src.inversion, config)["inversion"]})
+        _check_finite_tensors(*features.tensors.values())
+        src.features = features
     except ValueError as exc:
         logger.warning("feature cache entry %s is unusable (%s); recomputing it", src.features_key, exc)
+        src.stale_features = True
 
 
 def _store_features(model: EditModel, src: _Source, group: SourceGroup, res_list: list, cache: BlobCache) -> None:
@@ -377,7 +406,7 @@ def _store_features(model: EditModel, src: _Source, group: SourceGroup, res_list
         return
     for t, r in zip(group.targets, res_list):
         if isinstance(r, EditResult) and r.features is not None and METHOD_OF_CONFIG[type(t.config)] == "pnp":
-            cache.put(src.features_key, r.features.to_bytes())
+            (cache.replace if src.stale_features else cache.put)(src.features_key, r.features.to_bytes())
             return
 
 
