@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -27,6 +28,8 @@ LOADS = {"count": 0}  # how many times this process loaded a model (tests and re
 THREADS_ENV = "EDITFLOW_THREADS"  # intra-op threads per worker process; overrides the policy
 WORKERS_ENV = "EDITFLOW_WORKERS_PER_MACHINE"  # shard workers sharing this machine's CPUs (set for local Dask workers)
 _CHILD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# OMP_NUM_THREADS as this process was started, before the policy sets it for child processes
+_USER_OMP = os.environ.get("OMP_NUM_THREADS")
 _POLICY: dict[str, int | None] = {"threads": None, "workers": None, "local_workers": None}
 
 
@@ -128,11 +131,33 @@ def _dask_workers_on_host() -> int | None:
         return 1
 
 
+def _user_omp_threads() -> int | None:
+    """The OMP_NUM_THREADS the user started this process with; None inside a Dask worker (Dask's nanny
+    sets it to 1 for every worker, which is no choice of the user's) or when unset or not a count."""
+    if not _USER_OMP:
+        return None
+    distributed = sys.modules.get("distributed")  # a Dask worker has imported it
+    if distributed is not None:
+        try:
+            distributed.get_worker()
+            return None
+        except ValueError:
+            pass
+    try:
+        n = int(_USER_OMP.split(",")[0])
+    except ValueError:
+        return None
+    return n if n >= 1 else None
+
+
 def apply_thread_policy(threads: int | None = None) -> int:
     """Set this process's intra-op threads once (``torch.set_num_threads``, and ``OMP_NUM_THREADS`` /
     ``MKL_NUM_THREADS`` for child processes): `threads` (``--threads``), else ``EDITFLOW_THREADS``, else
-    the CPU budget over the workers on this machine. Returns the count in force."""
+    an ``OMP_NUM_THREADS`` the process was started with (not in Dask workers), else the CPU budget over
+    the workers on this machine. Returns the count in force."""
     override = threads if threads is not None else os.environ.get(THREADS_ENV)
+    if parse_threads(override) is None:
+        override = _user_omp_threads()
     with _LOCK:
         if _POLICY["threads"] is not None and override is None and _POLICY["workers"] is not None:
             return int(_POLICY["threads"])  # the policy is settled for this process

@@ -27,6 +27,7 @@ def policy_state(monkeypatch) -> Iterator[None]:
         monkeypatch.delenv(name, raising=False)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(name, os.environ.get(name, "1"))  # restored by monkeypatch afterwards
+    monkeypatch.setattr(worker, "_USER_OMP", None)  # as if started without OMP_NUM_THREADS
     worker.reset_thread_policy()
     worker.set_local_workers(None)
     yield
@@ -78,7 +79,9 @@ def test_cpu_budget_is_the_affinity_capped_by_a_cgroup_quota(tmp_path):
     affinity = len(os.sched_getaffinity(0))
     assert cpu_budget(cgroup_root=_cgroup(tmp_path / "none")) == affinity  # nothing readable
     assert cpu_budget(cgroup_root=_cgroup(tmp_path / "max", v2="max 100000")) == affinity
-    assert cpu_budget(cgroup_root=_cgroup(tmp_path / "v2", v2="50000 100000")) == 1  # half a CPU -> 1
+    assert (
+        cpu_budget(cgroup_root=_cgroup(tmp_path / "v2", v2="50000 100000")) == 1
+    )  # half a CPU -> 1
     assert cpu_budget(cgroup_root=_cgroup(tmp_path / "v1", v1=("-1", "100000"))) == affinity
     assert cpu_budget(cgroup_root=_cgroup(tmp_path / "v1q", v1=("100000", "100000"))) == 1
     big = _cgroup(tmp_path / "big", v2=f"{(affinity + 4) * 100000} 100000")
@@ -99,23 +102,40 @@ def test_override_order_cli_then_env_then_policy(policy_state, monkeypatch):
     monkeypatch.setattr(worker, "cpu_budget", lambda **_: 4)
     monkeypatch.setenv(THREADS_ENV, "2")
     assert apply_thread_policy() == 2 and torch.get_num_threads() == 2
-    assert apply_thread_policy(3) == 3 and torch.get_num_threads() == 3  # --threads beats the variable
+    assert (
+        apply_thread_policy(3) == 3 and torch.get_num_threads() == 3
+    )  # --threads beats the variable
     monkeypatch.delenv(THREADS_ENV)
     worker.reset_thread_policy()
     monkeypatch.setenv(WORKERS_ENV, "4")  # what editflow tells its local Dask workers
     assert apply_thread_policy() == 1
 
 
+def test_an_omp_num_threads_the_user_started_with_is_honoured(policy_state, monkeypatch):
+    monkeypatch.setattr(worker, "cpu_budget", lambda **_: 8)
+    monkeypatch.setattr(worker, "_USER_OMP", "1")
+    assert apply_thread_policy() == 1 and torch.get_num_threads() == 1
+    monkeypatch.setenv(THREADS_ENV, "3")  # EDITFLOW_THREADS beats it
+    assert apply_thread_policy() == 3
+    monkeypatch.delenv(THREADS_ENV)
+    worker.reset_thread_policy()
+    monkeypatch.setattr(worker, "_USER_OMP", "4,2")  # OpenMP's nested form: the outer count
+    assert apply_thread_policy() == 4
+    worker.reset_thread_policy()
+    monkeypatch.setattr(worker, "_USER_OMP", "junk")  # not a count: the policy decides
+    assert apply_thread_policy() == 8
+
+
 def test_a_shard_applies_the_policy(policy_state, monkeypatch, tmp_path):
     """run_shard sets the worker's threads before its model runs, and reports the count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from refmodel.toy import TINY, build_toy_pipeline
     from tasks.options import RunOptions
     from tasks.planning import plan_run
     from tasks.shard import run_shard
     from tests.flows.conftest import demo_rows, scene_png
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     model = build_toy_pipeline(tmp_path / "model", TINY, seed=1)
     image = tmp_path / "scene.png"
