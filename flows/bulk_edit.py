@@ -29,6 +29,7 @@ from flows.runners import device_count
 from manifests.build import DEFAULT_TEMPLATE, restyle_manifest
 from storage import keys
 from storage.base import NotFound
+from storage.errors import describe_storage_error
 from storage.uri import open_store
 from storage.writer import read_json, read_parquet, write_json, write_parquet
 from tasks.errors import RunExists, RunIncomplete, RunMismatch, RunNotFound
@@ -125,7 +126,11 @@ def _summarise(options: RunOptions, run_id: str, plan: dict, stats: list[dict], 
         "seconds": seconds,
         "results_uri": out.uri(keys.run_prefix(run_id) + "results/"),
     }
-    write_json(out, keys.summary_key(run_id), summary)
+    try:
+        write_json(out, keys.summary_key(run_id), summary)
+    except Exception as exc:  # noqa: BLE001 - e.g. a full disk: the caller still gets (and prints) the summary
+        summary["summary_error"] = describe_storage_error(exc) or f"could not write {out.uri(keys.summary_key(run_id))}: {type(exc).__name__}: {exc}"
+        logger.error("%s", summary["summary_error"])
     if results.num_rows:
         cols = [c for c in ("edit_id", "status", "output_uri", "error", "cache_hit", "unet_evals", "seconds") if c in results.column_names]
         create_table_artifact(results.select(cols).slice(0, 500).to_pylist(), key=f"results-{run_id.lower()}"[:100], description="first 500 results")

@@ -296,6 +296,10 @@ def _check_locations(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             check_id(args.run_id, what="run_id")
         except ValueError as exc:
             parser.error(str(exc))
+    if args.command in ("run", "rerun", "restyle", "serve"):
+        from tasks.preflight import check_model
+
+        check_model(args.model, allow_pickle=args.allow_pickle)  # BadModel: one line, exit 2
 
 
 def _preflight(args: argparse.Namespace) -> None:
@@ -400,6 +404,9 @@ def _main(argv: list[str] | None = None) -> int:
     if args.verbose:
         print(json.dumps(summary, indent=2, default=str))
     logging.getLogger(__name__).debug("cli finished in %.1fs", time.perf_counter() - t0)
+    if summary.get("summary_error"):  # the run's record could not be stored (e.g. a full disk)
+        print(f"editflow: error: {summary['summary_error']}", file=sys.stderr)
+        return EXIT_STORAGE
     return 0 if summary["counts"]["failed"] == 0 else 1
 
 

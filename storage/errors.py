@@ -1,12 +1,14 @@
-"""Classifying storage errors: which ones are worth retrying (for Prefect's ``retry_condition_fn``)."""
+"""Classifying storage errors: which ones are worth retrying (for Prefect's ``retry_condition_fn``),
+and one-line descriptions of the ones a user must fix (endpoint down, no space, read-only, denied)."""
 
 from __future__ import annotations
 
+import errno
 import socket
 
 from storage.base import NotFound
 
-__all__ = ["is_transient"]
+__all__ = ["is_transient", "describe_storage_error"]
 
 # S3 error codes that mean "try again later" (throttling, timeouts, server-side trouble).
 TRANSIENT_CODES = frozenset(
@@ -83,3 +85,70 @@ def is_transient(exc: BaseException) -> bool:
             return verdict
         current = current.__cause__
     return False
+
+
+_OS_ADVICE = {
+    errno.ENOSPC: ("no space left on the device", "free some space or choose another --out"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or choose another --out"),
+    errno.EROFS: ("read-only file system", "choose a writable --out"),
+    errno.EACCES: ("permission denied", "choose a folder you can write, or fix its permissions"),
+    errno.EPERM: (
+        "operation not permitted",
+        "choose a folder you can write, or fix its permissions",
+    ),
+    errno.ENAMETOOLONG: ("file name too long", "use shorter edit ids or a shorter --out path"),
+}
+
+
+def describe_storage_error(exc: BaseException) -> str | None:
+    """One line (what, where, what to do) for a storage failure the user must fix; None for others.
+
+    Follows the ``raise ... from`` chain. Never includes credentials (boto3 messages do not).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        line = _describe(current)
+        if line is not None:
+            return line
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _describe(exc: BaseException) -> str | None:
+    try:
+        from botocore import exceptions as bce
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        bce = None
+    if bce is not None:
+        if isinstance(exc, bce.EndpointConnectionError):
+            return (f"cannot reach the S3 endpoint {exc.kwargs.get('endpoint_url', '')}: the connection failed; "
+                    "check --s3-endpoint (or AWS_ENDPOINT_URL_S3) and that the server is up")  # fmt: skip
+        if isinstance(exc, (bce.ConnectionError, bce.HTTPClientError)):
+            return f"cannot talk to the S3 endpoint: {exc}; check --s3-endpoint and the network"
+        if isinstance(exc, bce.NoCredentialsError):
+            return "no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+        if isinstance(exc, bce.ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            bucket = exc.response.get("Error", {}).get("BucketName", "")
+            op = getattr(exc, "operation_name", "request")
+            if code == "NoSuchBucket":
+                return f"S3 bucket {bucket or '(named in --out)'} does not exist at this endpoint; create it or fix --out"
+            if code in (
+                "AccessDenied",
+                "403",
+                "Forbidden",
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+            ):
+                return f"S3 refused {op} ({code}); check the credentials and their permissions on the bucket"
+    if isinstance(exc, OSError) and exc.errno in _OS_ADVICE:
+        what, todo = _OS_ADVICE[exc.errno]
+        where = exc.filename or ""
+        return (
+            f"cannot write {where}: {what}; {todo}"
+            if where
+            else f"{what}: {exc.strerror or exc}; {todo}"
+        )
+    return None

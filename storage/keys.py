@@ -17,6 +17,7 @@ from typing import Any
 
 __all__ = [
     "EDIT_ID_MAX_LEN",
+    "EDIT_ID_MAX_BYTES",
     "UNSAFE_ID_PATTERN",
     "sha256_hex",
     "canonical_json",
@@ -38,7 +39,10 @@ __all__ = [
     "features_object_key",
 ]
 
-EDIT_ID_MAX_LEN = 200  # edit ids become file names; S3 keys may be 1024 bytes, file names 255
+# Edit ids become file names: at most 255 *bytes* on common file systems, including ".webp"/".json"
+# and the local store's temporary-file decoration (".{name}.tmp-{32 hex}", 38 bytes): 200 UTF-8 bytes.
+EDIT_ID_MAX_BYTES = 200
+EDIT_ID_MAX_LEN = EDIT_ID_MAX_BYTES  # the older name
 # Characters/sequences an id must not contain (it becomes one path segment): '/', '\', '..',
 # control characters. Shared with the vectorised manifest check.
 UNSAFE_ID_PATTERN = r"[/\\\x00-\x1f\x7f]|\.\."
@@ -79,8 +83,11 @@ def check_id(value: str, *, what: str = "edit_id") -> str:
     """Return `value` if it can be one path segment of a key; else ``ValueError`` naming `what`."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{what} must be a non-empty string, got {value!r}")
-    if len(value) > EDIT_ID_MAX_LEN:
-        raise ValueError(f"{what} is longer than {EDIT_ID_MAX_LEN} characters: {value[:40]!r}...")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > EDIT_ID_MAX_BYTES:
+        raise ValueError(
+            f"{what} is longer than {EDIT_ID_MAX_BYTES} bytes ({size} bytes in UTF-8): {value[:40]!r}..."
+        )
     if _UNSAFE_ID_RE.search(value) or value == ".":
         raise ValueError(
             f"{what} {value!r} is not key-safe (no '/', '\\', '..' or control characters)"

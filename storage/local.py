@@ -40,17 +40,34 @@ class LocalStore(ObjectStore):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(str(path)) from None
 
+    def _check_inside(self, path: Path) -> None:
+        """Refuse a write whose folder resolves outside the root (a symlinked folder inside it)."""
+        root = self.root.resolve()
+        real = path.parent.resolve()
+        if real != root and root not in real.parents:
+            raise PermissionError(
+                errno.EACCES,
+                f"refusing to write outside the store root {root}: {path.parent} resolves to {real}",
+                str(path),
+            )
+
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         path = self._path(key)
-        if if_absent and path.exists():
+        self._check_inside(path)
+        if path.is_symlink():  # never made by a store write: not an object, and never followed
+            logger.warning("replacing the symbolic link %s (not written by editflow)", path)
+            path.unlink()
+        elif if_absent and path.exists():
             return False
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         try:
+            with open(
+                tmp, "wb"
+            ) as f:  # inside the try: a full disk leaves no temporary file behind
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             if if_absent:
                 try:
                     os.link(tmp, path)  # fails if `path` exists: one winner, never a partial file

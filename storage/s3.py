@@ -56,11 +56,11 @@ def resolve_endpoint(endpoint: str | None = None) -> str | None:
     return None
 
 
-def make_s3_client(endpoint: str | None = None) -> Any:
+def make_s3_client(endpoint: str | None = None, *, max_attempts: int = MAX_ATTEMPTS) -> Any:
     """A new boto3 S3 client for `endpoint` (resolved with :func:`resolve_endpoint`)."""
     endpoint = resolve_endpoint(endpoint)
     config_kwargs: dict[str, Any] = {
-        "retries": {"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        "retries": {"mode": "standard", "max_attempts": max_attempts},
         "request_checksum_calculation": "when_required",
         "response_checksum_validation": "when_required",
     }

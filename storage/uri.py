@@ -8,7 +8,14 @@ from pathlib import Path
 
 from storage.base import NotFound, ObjectStore
 
-__all__ = ["SUPPORTED_SCHEMES", "split_uri", "open_store", "read_uri", "is_supported_uri"]
+__all__ = [
+    "SUPPORTED_SCHEMES",
+    "split_uri",
+    "open_store",
+    "read_uri",
+    "is_supported_uri",
+    "check_writable",
+]
 
 SUPPORTED_SCHEMES = ("s3://", "file://", "plain paths")  # for messages
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
@@ -81,3 +88,20 @@ def read_uri(uri: str, *, s3_endpoint: str | None = None) -> bytes:
         raise NotFound(path) from None
     except IsADirectoryError:
         raise ValueError(f"{uri!r} is a folder, not a file") from None
+
+
+def check_writable(uri: str, *, s3_endpoint: str | None = None) -> None:
+    """Write and delete a small probe object at `uri`; raises the store's error when that fails
+    (endpoint down, bucket missing, denied, read-only, full). S3: two attempts, not boto3's five."""
+    import secrets
+
+    scheme, bucket, path = split_uri(uri)
+    if scheme == "s3":
+        from storage.s3 import S3Store, make_s3_client
+
+        store: ObjectStore = S3Store(bucket, path, make_s3_client(s3_endpoint, max_attempts=2))
+    else:
+        store = open_store(uri)
+    key = f".editflow-write-check-{secrets.token_hex(6)}"
+    store.put(key, b"ok")
+    store.delete(key)

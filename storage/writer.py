@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, PngImagePlugin
 
-from storage.base import ObjectStore
+from storage.base import NotFound, ObjectStore
 from storage.keys import asset_key, sha256_hex, sidecar_key
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "to_jsonable",
     "json_bytes",
     "write_asset",
+    "embedded_identity",
     "is_finished",
     "write_json",
     "read_json",
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 ImageFormat = Literal["png", "jpeg", "webp"]
 IMAGE_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
 _EXIF_IMAGE_DESCRIPTION = 0x010E
+EMBED_KEY = "editflow"  # the text item holding an asset's edit identity (see tasks.shard)
 
 
 def png_bytes(image: Image.Image, text: Mapping[str, str] | None = None) -> bytes:
@@ -180,11 +182,52 @@ def write_asset(
         return asset_uri, sidecar_uri, False
     output_sha256 = sha256_hex(image_bytes)
     if not store.put(akey, image_bytes, if_absent=True):
-        # an earlier (crashed or racing) attempt stored the image: describe that one
-        output_sha256 = sha256_hex(store.get(akey))
-        logger.info("edit %s: image already stored without a sidecar; keeping it", edit_id)
-    sidecar = {**metadata, "output_uri": asset_uri, "output_sha256": output_sha256}
-    written = store.put(skey, json_bytes(sidecar), if_absent=True)
+        # an earlier (crashed or racing) attempt stored an image: keep it only if it is this edit
+        found, identity = store.get(akey), embedded_identity(image_bytes)
+        if found == image_bytes or (identity is not None and embedded_identity(found) == identity):
+            output_sha256 = sha256_hex(found)
+            logger.info(
+                "edit %s: image already stored without a sidecar, same edit; keeping it", edit_id
+            )
+        else:
+            logger.warning(
+                "edit %s: %s was stored without a sidecar and is not this edit; replacing it",
+                edit_id,
+                asset_uri,
+            )
+            store.put(akey, image_bytes)
+    sidecar = json_bytes({**metadata, "output_uri": asset_uri, "output_sha256": output_sha256})
+    written = store.put(skey, sidecar, if_absent=True)
     if not written:
-        logger.info("edit %s: another writer finished it first", edit_id)
+        try:
+            ours = store.get(skey) == sidecar  # our own earlier attempt whose reply was lost
+        except NotFound:
+            ours = False
+        if ours:
+            logger.info("edit %s: the sidecar write had landed though its reply was lost", edit_id)
+            written = True
+        else:
+            logger.info("edit %s: another writer finished it first", edit_id)
     return asset_uri, sidecar_uri, written
+
+
+def embedded_identity(data: bytes) -> str | None:
+    """The "editflow" text :func:`encode_image` embedded in an image (PNG text chunk, JPEG comment,
+    WebP EXIF description), or None when `data` is no image or has none."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format == "PNG":
+                im.load()
+                value = im.text.get(EMBED_KEY)
+                return str(value) if value is not None else None
+            if im.format == "JPEG":
+                payload = im.info.get("comment", b"")
+            elif im.format == "WEBP":
+                payload = im.getexif().get(_EXIF_IMAGE_DESCRIPTION, "")
+            else:
+                return None
+        text = json.loads(payload.decode("ascii") if isinstance(payload, bytes) else payload)
+        value = text.get(EMBED_KEY) if isinstance(text, dict) else None
+        return str(value) if value is not None else None
+    except Exception:  # noqa: BLE001 - not an image, or no readable text: nothing embedded
+        return None

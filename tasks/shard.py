@@ -116,7 +116,7 @@ def _read_source(model: EditModel, src: _Source, options: RunOptions, cache: Blo
         image = to_rgb(image)  # 16-bit, float, CMYK + profile, EXIF orientation, alpha: see tasks.images
         check_shape(image.width, image.height)
     except Exception as exc:  # noqa: BLE001 - an image that decodes but cannot be edited is this row's problem
-        raise RowError(f"image_uri: {row.image_uri}: {exc}") from exc
+        raise RowError(f"image_uri: {row.image_uri}: {type(exc).__name__}: {exc}") from exc
     try:
         model.tokenize(row.source_prompt)
     except ValueError as exc:

@@ -87,7 +87,7 @@ def test_missing_source_fails_its_rows_then_rerun_finishes_only_those(prefect_se
     before = keys_under(s3_client, catalog["out"])
 
     put(s3_client, missing, scene_png(1))
-    again = rerun(first["run_id"], catalog["out"], s3_endpoint=s3_server)
+    again = rerun(first["run_id"], catalog["out"], s3_endpoint=s3_server, model=flow_model)
     assert again["counts"] == {"succeeded": 9, "failed": 0, "skipped": 0}
     assert again["inversions_computed"] == 1
     after = keys_under(s3_client, catalog["out"])

@@ -61,7 +61,7 @@ def test_run_exit_status_and_summary(prefect_server, flow_model, tmp_path, capsy
     assert len(list((out / "assets").glob("*.png"))) == 8
 
     (tmp_path / "missing.png").write_bytes(scene_png(5))
-    assert main(["rerun", "r1", "--out", str(out)]) == 0
+    assert main(["rerun", "r1", "--out", str(out), "--model", flow_model]) == 0  # the model comes from the command line
     assert "run r1: 9 succeeded, 0 failed, 0 skipped (of 9)" in capsys.readouterr().out
 
 

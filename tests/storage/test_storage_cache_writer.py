@@ -8,9 +8,12 @@ import json
 import logging
 import math
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
 
 from storage import (
     BlobCache,
@@ -35,17 +38,26 @@ def _image(color: tuple[int, int, int] = (200, 30, 30)) -> Image.Image:
     return Image.new("RGB", (16, 12), color)
 
 
+def _blob(value: float) -> bytes:
+    """A small safetensors blob (cache entries are safetensors; they get a checksum on write)."""
+    return st_save({"x": np.full((2, 3), value, np.float32)}, metadata={"facts": "{}"})
+
+
+def _value(blob: bytes) -> float:
+    return float(st_load(blob)["x"][0, 0])
+
+
 def test_blob_cache_hit_miss_replace(store: ObjectStore, caplog: pytest.LogCaptureFixture) -> None:
     cache = BlobCache(store)
     key = inversion_object_key(inversion_key(sha256_hex(b"img"), {"model_id": "m"}))
     assert cache.get(key) is None
-    assert cache.put(key, b"first") is True
-    assert cache.put(key, b"second") is False  # first writer wins
-    assert cache.get(key) == b"first"
+    assert cache.put(key, _blob(1.0)) is True
+    assert cache.put(key, _blob(2.0)) is False  # first writer wins
+    assert _value(cache.get(key)) == 1.0
     with caplog.at_level(logging.WARNING, logger="storage.cache"):
-        cache.replace(key, b"fixed")
+        cache.replace(key, _blob(3.0))
     assert "replaced cache entry" in caplog.text and store.uri(key) in caplog.text
-    assert cache.get(key) == b"fixed"
+    assert _value(cache.get(key)) == 3.0
     assert cache.exists(key)
     assert cache.stats() == CacheStats(hits=2, misses=1, writes=1, replaced=1)
 
@@ -68,13 +80,47 @@ def test_write_asset_idempotent(store: ObjectStore) -> None:
     }
 
 
-def test_write_asset_after_crash_keeps_existing_image(store: ObjectStore) -> None:
-    """An image left without a sidecar is kept, and the sidecar describes that image."""
-    store.put("assets/e2.png", b"earlier attempt")
-    _, _, written = write_asset(store, "e2", b"new attempt", "png", {})
+def test_write_asset_after_crash_keeps_existing_image_of_the_same_edit(store: ObjectStore) -> None:
+    """An image left without a sidecar is kept when it embeds the same edit identity (e.g. encoded on
+    other hardware), and the sidecar describes that image."""
+    earlier = png_bytes(_image((10, 20, 30)), {"editflow": '{"edit_id": "e2", "target_prompt": "x"}'})
+    new = png_bytes(_image((11, 20, 30)), {"editflow": '{"edit_id": "e2", "target_prompt": "x"}'})
+    store.put("assets/e2.png", earlier)
+    _, _, written = write_asset(store, "e2", new, "png", {})
     assert written is True
-    assert store.get("assets/e2.png") == b"earlier attempt"
-    assert read_json(store, "assets/e2.json")["output_sha256"] == sha256_hex(b"earlier attempt")
+    assert store.get("assets/e2.png") == earlier
+    assert read_json(store, "assets/e2.json")["output_sha256"] == sha256_hex(earlier)
+
+
+@pytest.mark.parametrize(
+    "left",
+    [b"not an image", png_bytes(Image.new("RGB", (4, 4)), {"editflow": '{"edit_id": "e2", "target_prompt": "old"}'}),
+     png_bytes(Image.new("RGB", (4, 4)))],
+    ids=["non-image", "other-prompt", "no-identity"],
+)  # fmt: skip
+def test_write_asset_after_crash_replaces_an_image_of_another_edit(store: ObjectStore, left: bytes) -> None:
+    new = png_bytes(_image(), {"editflow": '{"edit_id": "e2", "target_prompt": "new"}'})
+    store.put("assets/e2.png", left)
+    _, _, written = write_asset(store, "e2", new, "png", {})
+    assert written is True and store.get("assets/e2.png") == new
+    assert read_json(store, "assets/e2.json")["output_sha256"] == sha256_hex(new)
+
+
+def test_write_asset_counts_its_own_sidecar_whose_reply_was_lost(store: ObjectStore) -> None:
+    """A conditional PUT that landed but whose reply was lost is retried (boto3 does so) and then finds
+    the object: when the stored sidecar is the one this call wrote, the edit counts as written."""
+
+    class LostReply(type(store)):  # the same store; each conditional PUT "loses its reply" once
+        def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+            first = super().put(key, data, if_absent=if_absent)
+            return super().put(key, data, if_absent=True) if if_absent and first else first
+
+    lossy = LostReply.__new__(LostReply)
+    lossy.__dict__.update(store.__dict__)
+    image = png_bytes(_image(), {"editflow": "{}"})
+    assert write_asset(lossy, "e4", image, "png", {"k": 1})[2] is True
+    assert write_asset(lossy, "e4", image, "png", {"k": 1})[2] is False  # really finished now: skipped
+    assert store.get("assets/e4.png") == image
 
 
 def test_write_asset_rejects_unsafe_id(store: ObjectStore) -> None:
