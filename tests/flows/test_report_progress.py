@@ -32,7 +32,13 @@ def test_shard_progress_is_cumulative_and_capped():
     sp.set(1)
     sp.add(2)
     sp.add(9)
-    assert [e["done"] for e in seen] == [1, 3, 5] and seen[-1] == {"run_id": "r", "shard": 3, "done": 5, "failed": 0, "edits": 5}
+    assert [e["done"] for e in seen] == [1, 3, 5] and seen[-1] == {
+        "run_id": "r",
+        "shard": 3,
+        "done": 5,
+        "failed": 0,
+        "edits": 5,
+    }
 
 
 @pytest.fixture
@@ -49,30 +55,50 @@ def _run_collecting(manifest, out, s3_server, flow_model, runner=None):
     events = []
     flows_mod.set_progress_callback(events.append)
     try:
-        fl = flows_mod.bulk_edit if runner is None else flows_mod.bulk_edit.with_options(task_runner=runner)
+        fl = (
+            flows_mod.bulk_edit
+            if runner is None
+            else flows_mod.bulk_edit.with_options(task_runner=runner)
+        )
         # one shard of 9 edits, batches of 2: the shard finishes only at the end
-        summary = fl(manifest, out, model=flow_model, s3_endpoint=s3_server, shard_size=9, max_batch=2, gpu_resources=False)
+        summary = fl(
+            manifest,
+            out,
+            model=flow_model,
+            s3_endpoint=s3_server,
+            shard_size=9,
+            max_batch=2,
+            gpu_resources=False,
+        )
     finally:
         flows_mod.set_progress_callback(None)
     return summary, events
 
 
 def _check_moves_per_edit(events):
-    finished_at = next(i for i, e in enumerate(events) if "edits" in e and "progress" not in e)  # the shard's stats
+    finished_at = next(
+        i for i, e in enumerate(events) if "edits" in e and "progress" not in e
+    )  # the shard's stats
     before = [e["progress"]["done"] for e in events[:finished_at] if "progress" in e]
-    assert any(0 < d < 9 for d in before), before  # progress moved while the only shard was still running
+    assert any(0 < d < 9 for d in before), (
+        before
+    )  # progress moved while the only shard was still running
     assert before == sorted(before)
     last = [e["progress"] for e in events if "progress" in e][-1]
     assert last["done"] == last["total"] == 9 and last["rate"] > 0 and last["eta"] == 0
 
 
-def test_progress_moves_per_batch_with_the_local_runner(prefect_server, s3_server, flow_model, one_shard):
+def test_progress_moves_per_batch_with_the_local_runner(
+    prefect_server, s3_server, flow_model, one_shard
+):
     summary, events = _run_collecting(*one_shard, s3_server, flow_model)
     assert summary["counts"]["succeeded"] == 9
     _check_moves_per_edit(events)
 
 
-def test_progress_comes_back_from_dask_worker_processes(prefect_server, s3_server, flow_model, one_shard):
+def test_progress_comes_back_from_dask_worker_processes(
+    prefect_server, s3_server, flow_model, one_shard
+):
     runner, _ = make_task_runner("dask", dask_workers=1)
     summary, events = _run_collecting(*one_shard, s3_server, flow_model, runner=runner)
     assert summary["counts"]["succeeded"] == 9

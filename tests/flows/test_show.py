@@ -23,14 +23,34 @@ def test_show_and_rerun_by_uri_on_local_output(prefect_server, flow_model, tmp_p
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.Table.from_pylist(rows), manifest)
     out = tmp_path / "out"
-    assert main(["run", str(manifest), "--out", str(out), "--model", flow_model, "--shard-size", "3", "--run-id", "r1"]) == 1
+    assert (
+        main(
+            [
+                "run",
+                str(manifest),
+                "--out",
+                str(out),
+                "--model",
+                flow_model,
+                "--shard-size",
+                "3",
+                "--run-id",
+                "r1",
+            ]
+        )
+        == 1
+    )
     capsys.readouterr()
     run_uri = f"{out}/runs/r1"
 
     assert main(["show", run_uri]) == 0
     text = capsys.readouterr().out
     assert "run r1 (finished): 8 succeeded, 1 failed, 0 skipped (of 9)" in text
-    assert "failures (1):" in text and "row 0  edit " in text and f"image_uri: no object at {missing}" in text
+    assert (
+        "failures (1):" in text
+        and "row 0  edit " in text
+        and f"image_uri: no object at {missing}" in text
+    )
     assert f"report: {out}/runs/r1/report.html" in text
     assert main(["show", "r1", "--out", str(out)]) == 0
     assert capsys.readouterr().out == text
@@ -45,14 +65,18 @@ def test_show_and_rerun_by_uri_on_local_output(prefect_server, flow_model, tmp_p
     assert f"editflow rerun {out}/runs/r1" in text
 
     missing.write_bytes(scene_png(7))
-    assert main(["rerun", run_uri, "--model", flow_model]) == 0  # the run's URI instead of RUN_ID --out
+    assert (
+        main(["rerun", run_uri, "--model", flow_model]) == 0
+    )  # the run's URI instead of RUN_ID --out
     # the deleted shard's edits were finished (their sidecars exist): skipped, not redone
     assert "run r1: 6 succeeded, 0 failed, 3 skipped (of 9)" in capsys.readouterr().out
     assert main(["show", run_uri + "/"]) == 0
     assert "run r1 (finished): 6 succeeded, 0 failed, 3 skipped" in capsys.readouterr().out
 
 
-def test_show_and_rerun_by_uri_on_s3(prefect_server, s3_server, s3_client, s3_bucket, flow_model, capsys):
+def test_show_and_rerun_by_uri_on_s3(
+    prefect_server, s3_server, s3_client, s3_bucket, flow_model, capsys
+):
     images = [f"{s3_bucket}/images/scene-{i}.png" for i in range(2)]
     put(s3_client, images[0], scene_png(0))  # images[1] is missing at first
     manifest = f"{s3_bucket}/manifests/m.parquet"
@@ -65,7 +89,10 @@ def test_show_and_rerun_by_uri_on_s3(prefect_server, s3_server, s3_client, s3_bu
     text = capsys.readouterr().out
     assert f"run {first['run_id']} (finished): 3 succeeded, 4 failed" in text
     assert text.count("image_uri: no object at") == 4 and f"report: {run_uri}/report.html" in text
-    assert main(["show", first["run_id"], "--out", out, "--s3-endpoint", s3_server, "--limit", "2"]) == 0
+    assert (
+        main(["show", first["run_id"], "--out", out, "--s3-endpoint", s3_server, "--limit", "2"])
+        == 0
+    )
     assert "... 2 more (--limit 0 lists all)" in capsys.readouterr().out
 
     put(s3_client, images[1], scene_png(1))
