@@ -117,6 +117,10 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW weight decay
     ema_decay: float = 0.999  # EMA of UNet + text encoder weights (~1000-step horizon)
     snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023); 0 disables
+    # Offset noise (Guttenberg 2023): noise + offset * N(0, 1) per (sample, channel). SD's schedule
+    # leaves the latent's mean in x_T at inference, so without it a model cannot follow "black" /
+    # "white" backgrounds (it generates mid-gray); 0 disables.
+    offset_noise: float = 0.1
     uncond_prob: float = 0.1  # caption -> "" for classifier-free guidance
     drop_probs: tuple[float, float, float, float] = (0.6, 0.13, 0.13, 0.14)  # full/-col/-bg/-both
     buffer_start: int = 1024  # latents encoded before the first UNet step
@@ -378,6 +382,10 @@ def train_unet(state: dict, cfg: TrainConfig, out: Path, clock: Clock) -> None:
         latents, scenes = buffer.sample(rng, cfg.unet_batch)
         ids = ids_of([training_caption(s, rng, cfg) for s in scenes])
         noise = torch.randn(latents.shape, generator=gen)
+        if cfg.offset_noise > 0:
+            noise = noise + cfg.offset_noise * torch.randn(
+                (*latents.shape[:2], 1, 1), generator=gen
+            )
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
         noisy = scheduler.add_noise(latents, noise, t)
         hidden = text(ids)[0]  # (B, 77, text_hidden)
@@ -578,9 +586,8 @@ def load_state(path: Path, tokenizer_dir: Path) -> tuple[dict, Clock]:
     mcfg = ModelConfig(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in ck["model_config"].items()}
     )
-    tcfg = TrainConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in ck["train_config"].items()}
-    )
+    saved = {"offset_noise": 0.0, **ck["train_config"]}  # runs before offset noise had none
+    tcfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     state = new_state(tcfg, mcfg, tokenizer_dir)
     n_pos = state["tokenizer"].model_max_length
     truncated = False
@@ -758,6 +765,7 @@ def train(
     text_embedding_std: float | None = None,
     extra_unet_minutes: float = 0.0,
     init_from: Path | None = None,
+    offset_noise: float | None = None,
 ) -> None:
     """Run (or resume) the whole recipe, then export to OUT/export and probe it."""
     out.mkdir(parents=True, exist_ok=True)
@@ -767,6 +775,14 @@ def train(
         state, clock = load_state(ckpt, tok_dir)
         if text_embedding_std is not None:
             rescale_text_embeddings(state, text_embedding_std)
+        if offset_noise is not None and offset_noise != state["train_config"].offset_noise:
+            state["train_config"] = dataclasses.replace(
+                state["train_config"], offset_noise=offset_noise
+            )
+            state.setdefault("history", []).append(
+                f"unet step {state.get('unet_step', 0)}: offset noise {offset_noise} from here on"
+            )
+            print(state["history"][-1], flush=True)
         if extra_unet_minutes > 0:
             old = state["train_config"]
             state["train_config"] = dataclasses.replace(
@@ -842,6 +858,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="warm start a fresh run from an exported model folder (e.g. refmodel/shapes-v1)",
     )
+    parser.add_argument(
+        "--offset-noise",
+        type=float,
+        default=None,
+        help=f"offset-noise strength (default {TrainConfig.offset_noise}); on --resume, changes it",
+    )
     parser.add_argument("--vae-lr", type=float, default=TrainConfig.vae_lr)
     parser.add_argument("--unet-lr", type=float, default=TrainConfig.unet_lr)
     parser.add_argument("--unet-warmup", type=int, default=TrainConfig.unet_warmup)
@@ -879,6 +901,7 @@ def main(argv: list[str] | None = None) -> None:
         unet_lr=args.unet_lr,
         unet_warmup=args.unet_warmup,
         threads=args.threads,
+        offset_noise=TrainConfig.offset_noise if args.offset_noise is None else args.offset_noise,
     )
     train(
         args.out,
@@ -887,6 +910,7 @@ def main(argv: list[str] | None = None) -> None:
         args.rescale_text_embeddings,
         args.extra_unet_minutes,
         init_from=args.init_from,
+        offset_noise=args.offset_noise,
     )
 
 
