@@ -82,6 +82,10 @@ def start_temporary_server(timeout: float = 60.0) -> str | None:
                 f"the temporary Prefect server did not answer on {url} within {timeout:.0f}s"
             )
     os.environ["PREFECT_API_URL"] = url
+    if "prefect.context" in sys.modules:  # settings already read at import: take the new URL
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
     logger.info("temporary Prefect server on %s (pid %d)", url, proc.pid)
     return url
 

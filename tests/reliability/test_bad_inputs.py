@@ -184,7 +184,10 @@ RUNTIME_CASES = {  # name -> (file bytes or None for special, error substrings)
     ),
     "bad crc png": ("badcrc", ["is not a readable image"]),
     "missing s3 object": ("s3-missing", ["image_uri: no object at s3://"]),
-    "missing s3 bucket": ("s3-nobucket", ["image_uri: no object at s3://no-such-bucket-editflow/a.png"]),
+    "missing s3 bucket": (
+        "s3-nobucket",
+        ["image_uri: no object at s3://no-such-bucket-editflow/a.png"],
+    ),
 }
 
 
