@@ -272,7 +272,9 @@ def test_rerun_does_not_take_model_or_allow_pickle_from_stored_plan(
     code, text = _run(["rerun", "r1", "--out", str(out), "--model", flow_model], capsys)
     assert code == 2 and "plan.json" in text and str(pickled) in text and "Traceback" not in text
     code, text = _run(["rerun", "r1", "--out", str(out), "--model", str(pickled)], capsys)
-    assert code == 2 and "pickle" in text and "Traceback" not in text  # the plan's model, no --allow-pickle: refused
+    assert (
+        code == 2 and "pickle" in text and "Traceback" not in text
+    )  # the plan's model, no --allow-pickle: refused
     for side in (out / "assets").glob("*.json"):
         assert json.loads(side.read_text())["model_id"] == flow_model
 
