@@ -115,7 +115,8 @@ class P2PConfig:
     guidance_scale: float = 7.5  # CFG scale for the target rows, [1, 30]; the paper's 7.5
     # "replace" (word swap: same word count), "refine" (added/removed words, aligned globally),
     # "reweight" (target == source, only `equalizer` changes), or "auto": replace when both prompts have
-    # the same number of words, refine otherwise (reweight when they are equal).
+    # the same number of words, refine otherwise (reweight when they are equal). Words are counted as the
+    # tokenizer splits them: a punctuation mark is a word ("a cat, on" has four).
     kind: str = "auto"
     # Fraction of steps (from the noisy end) during which the target takes the source's cross-attention
     # maps; a float, or {word: fraction} with an optional "default_" entry. Authors: 0.8 (swap); 0.4 in PIE-Bench.
