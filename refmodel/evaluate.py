@@ -50,7 +50,11 @@ def _methods() -> dict[str, Any]:
         "p2p_swap_blend": lambda old, new: P2PConfig(
             kind="auto", blend_source_words=(old,), blend_target_words=(new,)
         ),
+        "p2p_swap_blend_4x4": lambda old, new: P2PConfig(
+            kind="auto", blend_source_words=(old,), blend_target_words=(new,), blend_fraction=1 / 16
+        ),
         "pnp": lambda old, new: PnPConfig(),
+        "pnp_empty_source": lambda old, new: PnPConfig(source_text="empty"),
         "pnp_published": lambda old, new: PnPConfig(target_correction=False, inject_uncond=True),
         "p2p_published": lambda old, new: P2PConfig(kind="auto", target_correction=False),
     }
@@ -320,7 +324,11 @@ def main(argv: list[str] | None = None) -> None:
         "--generate", type=int, default=300, help="images generated for prompt following"
     )
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--out", default="out/refmodel-eval", help="where metrics.json and contact_sheet.png go (refmodel/eval holds the committed ones)")
+    p.add_argument(
+        "--out",
+        default="out/refmodel-eval",
+        help="where metrics.json and contact_sheet.png go (refmodel/eval holds the committed ones)",
+    )
     p.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(_methods())}")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -42,6 +42,7 @@ from storage.uri import open_store, read_uri
 from storage.writer import encode_image, read_parquet, write_asset, write_parquet
 from tasks.images import check_shape, to_rgb
 from tasks.options import RunOptions
+from tasks.progress import ShardProgress
 from tasks.results import results_table
 from tasks.worker import apply_thread_policy, get_model, model_lock
 
@@ -217,6 +218,41 @@ def _edit_with_fallback(model: EditModel, groups: list[SourceGroup], options: Ru
     return out
 
 
+def _edit_in_waves(model: EditModel, groups: list[SourceGroup], options: RunOptions, progress: ShardProgress | None) -> list[list[EditResult | Exception]]:
+    """:func:`_edit_with_fallback` one wave at a time (at most `max_batch` targets of one method, the
+    engine's own batch), reporting each wave's edits to `progress`; results per group, as the input."""
+    out: list[list[EditResult | Exception | None]] = [[None] * len(g.targets) for g in groups]
+    for wave in _waves(groups, options.max_batch):
+        sub = [SourceGroup(groups[gi].inversion, [groups[gi].targets[ti] for ti in tis], groups[gi].features) for gi, tis in wave]
+        for (gi, tis), res in zip(wave, _edit_with_fallback(model, sub, options)):
+            for ti, r in zip(tis, res):
+                out[gi][ti] = r
+        if progress is not None:
+            progress.add(sum(len(tis) for _, tis in wave))
+    return out  # type: ignore[return-value]
+
+
+def _waves(groups: list[SourceGroup], max_batch: int) -> list[list[tuple[int, list[int]]]]:
+    """The groups' targets packed, per method and in order, into waves of at most `max_batch`:
+    each wave a list of (group index, target indices)."""
+    waves: list[list[tuple[int, list[int]]]] = []
+    for method in dict.fromkeys(METHOD_OF_CONFIG.values()):
+        wave: list[tuple[int, list[int]]] = []
+        used = 0
+        for gi, g in enumerate(groups):
+            idxs = [ti for ti, t in enumerate(g.targets) if METHOD_OF_CONFIG.get(type(t.config)) == method]
+            while idxs:
+                take, idxs = idxs[: max_batch - used], idxs[max_batch - used :]
+                wave.append((gi, take))
+                used += len(take)
+                if used == max_batch:
+                    waves.append(wave)
+                    wave, used = [], 0
+        if wave:
+            waves.append(wave)
+    return waves
+
+
 def _metadata(row: EditRow, src: _Source, res: EditResult, model: EditModel, config, unet_evals: float, seconds: float, run_id: str) -> dict[str, Any]:
     return {
         "edit_id": row.edit_id,
@@ -264,12 +300,14 @@ def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, A
             results[row.edit_id] = prev
         else:  # planning left out finished edits; a race or an earlier crash is caught at write time
             todo.append(row)
+    progress = ShardProgress(run_id, shard_index, len(rows))  # finished edits, published per batch (tasks.progress)
+    progress.set(len(results))
     threads = None
     if todo:
         threads = apply_thread_policy(options.threads)  # once per worker process: its share of the CPUs
         model = get_model(options.model_ref, device=options.device, dtype=options.dtype, allow_pickle=options.allow_pickle)
         with model_lock(model):
-            _run_rows(model, todo, options, run_id, out, cache, stats, results)
+            _run_rows(model, todo, options, run_id, out, cache, stats, results, progress)
     for r in results.values():
         stats.succeeded += r["status"] == "succeeded"
         stats.failed += r["status"] == "failed"
@@ -287,7 +325,10 @@ def _result(row: EditRow, status: str, **kw: Any) -> dict[str, Any]:
             "cache_hit": None, "unet_evals": None, "seconds": None} | kw  # fmt: skip
 
 
-def _run_rows(model: EditModel, todo: list[EditRow], options: RunOptions, run_id: str, out, cache: BlobCache, stats: ShardStats, results: dict) -> None:
+def _run_rows(
+    model: EditModel, todo: list[EditRow], options: RunOptions, run_id: str, out, cache: BlobCache, stats: ShardStats, results: dict,
+    progress: ShardProgress | None = None,
+) -> None:  # fmt: skip
     # 1. Sources: read each image once, get or compute its inversion
     sources: dict[tuple, _Source] = {}
     for row in todo:
@@ -327,10 +368,12 @@ def _run_rows(model: EditModel, todo: list[EditRow], options: RunOptions, run_id
             _attach_features(model, src, targets, cache)
         groups.append(SourceGroup(src.inversion, targets, src.features))
         owners.append((src, kept))
+    if progress is not None:  # rows kept from earlier and rows failed before editing are finished
+        progress.set(len(results), failed=sum(r["status"] == "failed" for r in results.values()))
     if not groups:
         return
     t0 = time.perf_counter()
-    edited = _edit_with_fallback(model, groups, options)
+    edited = _edit_in_waves(model, groups, options, progress)
     stats.seconds["edit"] += time.perf_counter() - t0
     # 3. Write assets and sidecars (encoding and storage requests overlap in a small thread pool)
     t0 = time.perf_counter()
@@ -374,7 +417,7 @@ def _write_one(out, options: RunOptions, job: tuple) -> dict[str, Any]:
 
 def _pnp_config_of(targets: list[Target]) -> PnPConfig | None:
     """The one PnP config whose features a group can share (None if mixed or no PnP targets)."""
-    cfgs = {(t.config.feature_layers, t.config.attn_layers, t.config.feature_t, t.config.attn_t) for t in targets if isinstance(t.config, PnPConfig)}
+    cfgs = {(t.config.feature_layers, t.config.attn_layers, t.config.feature_t, t.config.attn_t, t.config.source_text) for t in targets if isinstance(t.config, PnPConfig)}
     if len(cfgs) != 1:
         return None
     return next(t.config for t in targets if isinstance(t.config, PnPConfig))
