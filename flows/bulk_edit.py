@@ -16,12 +16,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 from prefect import flow
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -34,8 +29,11 @@ from storage.uri import open_store
 from storage.writer import read_json, read_parquet, write_json, write_parquet
 from tasks.errors import RunExists, RunIncomplete, RunMismatch, RunNotFound
 from tasks.options import RunOptions
+from tasks.progress import RunWatch
+from tasks.report import failures as report_failures
+from tasks.report import report_markdown
 from tasks.shard import read_run_results
-from tasks.units import plan_task, shard_task
+from tasks.units import plan_task, report_task, shard_task
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +56,9 @@ def _notify(event: dict[str, Any]) -> None:
 def _fan_out(options: RunOptions, run_id: str, shards: Sequence[int], gpu_resources: bool) -> tuple[list[dict], list[str]]:
     """Submit one task per shard; collect their stats as they finish."""
     opts = options.to_dict()
+    plan = read_json(open_store(options.out, s3_endpoint=options.s3_endpoint), keys.plan_key(run_id))
+    edits_of = {sh["index"]: sh["edits"] for sh in plan.get("shards", []) if sh["index"] in set(shards)}
+    watch = RunWatch(run_id, edits_of, _notify, task_runner=_current_task_runner(), artifact_key=f"progress-{run_id.lower()}"[:100]).start()
     if gpu_resources:
         import dask
 
@@ -66,9 +67,8 @@ def _fan_out(options: RunOptions, run_id: str, shards: Sequence[int], gpu_resour
     else:
         futures = [shard_task.submit(opts, run_id, i) for i in shards]
     index_of = {f.task_run_id: i for f, i in zip(futures, shards)}
-    progress_id = create_progress_artifact(0.0, key=f"progress-{run_id.lower()}"[:100], description=f"shards of run {run_id}") if shards else None
     stats, failed = [], []
-    for done, fut in enumerate(as_completed(futures), start=1):
+    for fut in as_completed(futures):
         try:
             s = fut.result()
             stats.append(s)
@@ -78,9 +78,17 @@ def _fan_out(options: RunOptions, run_id: str, shards: Sequence[int], gpu_resour
             failed.append(f"shard {shard}: {type(exc).__name__}: {exc}")
             s = {"shard": shard, "error": str(exc)}
         _notify(s)
-        if progress_id is not None:
-            update_progress_artifact(progress_id, 100.0 * done / len(futures))
+        watch.shard_finished(s)
+    watch.close()
     return stats, failed
+
+
+def _current_task_runner():
+    """The task runner of the running flow (progress listens to Dask workers through it)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return ctx.task_runner if ctx is not None else None
 
 
 FAILED_ROWS_SHOWN = 10  # failed rows listed in the summary; the results table has them all
@@ -126,6 +134,7 @@ def _summarise(options: RunOptions, run_id: str, plan: dict, stats: list[dict], 
         "seconds": seconds,
         "results_uri": out.uri(keys.run_prefix(run_id) + "results/"),
     }
+    summary.update(_report(options, run_id, summary))
     try:
         write_json(out, keys.summary_key(run_id), summary)
     except Exception as exc:  # noqa: BLE001 - e.g. a full disk: the caller still gets (and prints) the summary
@@ -134,13 +143,18 @@ def _summarise(options: RunOptions, run_id: str, plan: dict, stats: list[dict], 
     if results.num_rows:
         cols = [c for c in ("edit_id", "status", "output_uri", "error", "cache_hit", "unet_evals", "seconds") if c in results.column_names]
         create_table_artifact(results.select(cols).slice(0, 500).to_pylist(), key=f"results-{run_id.lower()}"[:100], description="first 500 results")
-    create_markdown_artifact(
-        f"# editflow run {run_id}\n\n| status | edits |\n|---|---|\n"
-        + "".join(f"| {k} | {v} |\n" for k, v in counts.items())
-        + f"\nresults: `{summary['results_uri']}`\n",
-        key=f"summary-{run_id.lower()}"[:100],
-    )
+    create_markdown_artifact(report_markdown(summary, summary, report_failures(results)), key=f"summary-{run_id.lower()}"[:100])
     return summary
+
+
+def _report(options: RunOptions, run_id: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write the run report (report.html, contact_sheet.png); a report that cannot be written never fails the run."""
+    try:
+        info = report_task(options.to_dict(), run_id, summary)
+    except Exception as exc:  # noqa: BLE001 - the results are complete without it
+        logger.warning("could not write the run report: %s: %s", type(exc).__name__, exc)
+        return {"report_uri": None, "contact_sheet_uri": None}
+    return {"report_uri": info["report_uri"], "contact_sheet_uri": info["contact_sheet_uri"]}
 
 
 # Deployments (infra/prefect.yaml) use these defaults: one shard at a time per GPU (one on CPU).

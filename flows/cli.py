@@ -2,7 +2,8 @@
 
     editflow validate MANIFEST
     editflow run MANIFEST --out URI [--model M] [--cache URI] [--shard-size N] [--runner local|dask]
-    editflow rerun RUN_ID --out URI
+    editflow rerun RUN_ID --out URI        (or: editflow rerun URI/runs/RUN_ID)
+    editflow show RUN_ID --out URI         (or: editflow show URI/runs/RUN_ID)
     editflow restyle CATALOG --style "in watercolor style" [--style ...] --out URI
     editflow serve MANIFEST --out URI --cron "0 2 * * *"
 
@@ -20,6 +21,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -34,10 +36,21 @@ def _quiet_prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time notes about optional packages
+    # Prefect's first-run telemetry notice on a terminal: its documented client-side opt-out
+    # (docs.prefect.io/v3/concepts/telemetry); the server side is PREFECT_SERVER_ANALYTICS_ENABLED above
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    # diffusers' "install accelerate" note on every model load: accelerate only speeds up loading large
+    # checkpoints with low_cpu_mem_usage; editflow loads once per worker. Read at import, so Dask workers
+    # started from this process inherit it; HF_HUB_DISABLE_PROGRESS_BARS: no per-file download bars.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output root: folder, file://... or s3://bucket/prefix")
+EDITFLOW_LOGGERS = ("flows", "tasks", "editing", "storage", "manifests", "refmodel")  # what -v shows
+
+
+def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
+    p.add_argument("--out", required=out_required, default=None, help="output root: folder, file://... or s3://bucket/prefix")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     p.add_argument("--runner", choices=("local", "dask"), default="local", help="shard fan-out (default: local, one worker per GPU)")
     p.add_argument("--dask-address", default=None, help="scheduler address of an existing Dask cluster")
@@ -81,7 +94,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="editflow", description="Bulk text-guided image editing (Prompt-to-Prompt, Plug-and-Play).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true", help="editflow's own log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check a manifest; report every problem with row, column and reason")
     v.add_argument("manifest")
@@ -92,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(r)
     _edit_args(r)
     rr = sub.add_parser("rerun", help="finish a run: redo shards without results and failed rows only")
-    rr.add_argument("run_id")
-    _common(rr)
+    rr.add_argument("run_id", help="the run id (with --out), or the run's URI: OUT/runs/RUN_ID")
+    _common(rr, out_required=False)
     # never taken from the stored plan (anyone who can write --out could change it); checked against it
     rr.add_argument("--model", default="", help="the run's model, as given to `run` (default: the bundled reference model)")
     rr.add_argument("--cache", default="", help="the run's inversion cache, as given to `run` (default: {out}/cache)")
@@ -107,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--caption-column", default="caption")
     _common(rs)
     _edit_args(rs)
+    sh = sub.add_parser("show", help="a finished or interrupted run: its summary, failures and report")
+    sh.add_argument("run_id", metavar="RUN", help="the run id (with --out), or the run's URI: OUT/runs/RUN_ID")
+    sh.add_argument("--out", default=None, help="output root of the run (when RUN is a run id)")
+    sh.add_argument("--s3-endpoint", default=None)
+    sh.add_argument("--limit", type=int, default=50, help="failures listed (default 50; 0 = all)")
     sv = sub.add_parser("serve", help="serve the bulk-edit flow on a cron schedule from this machine")
     sv.add_argument("manifest")
     sv.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *"')
@@ -131,12 +149,15 @@ def _progress_mode() -> str:
 
 
 class _Progress:
-    """Edits done / total and failures, fed by finished shards: a tqdm bar, or periodic plain lines."""
+    """Edits done / total and failures, fed per batch of edits from the shards (tasks.progress): a tqdm
+    bar (with edits/s and the ETA), or periodic plain lines."""
 
     def __init__(self, mode: str):
         self.mode, self.bar, self.failed = mode, None, 0
         self.done = self.total = self.shards_done = self.shards = 0
+        self.rate, self.eta = 0.0, None
         self.last_line = float("-inf")
+        self.lock = threading.Lock()  # progress events come from worker threads
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self.mode == "off":
@@ -148,17 +169,29 @@ class _Progress:
 
                 self.bar = tqdm(total=self.total, unit="edit", desc="editing", file=sys.stderr)
             return
-        self.failed += event.get("failed", 0)
-        self.done += event.get("edits", 0)
-        self.shards_done += 1
-        if self.bar is not None:
-            self.bar.update(event.get("edits", 0))
-            self.bar.set_postfix(failed=self.failed)
-        elif self.mode == "lines":
-            now = time.monotonic()
-            if now - self.last_line >= PROGRESS_LINE_SECONDS or self.shards_done >= self.shards:
-                self.last_line = now
-                print(f"progress: {self.done}/{self.total} edits, {self.failed} failed, {self.shards_done}/{self.shards} shards", file=sys.stderr, flush=True)
+        if "progress" in event:  # per-edit counts from the shards (tasks.progress.RunWatch)
+            snap = event["progress"]
+            with self.lock:
+                delta, self.done, self.failed, self.rate, self.eta = snap["done"] - self.done, snap["done"], snap["failed"], snap["rate"], snap["eta"]
+                if self.bar is not None and delta > 0:
+                    self.bar.update(delta)  # tqdm shows edits/s and the ETA
+                    self.bar.set_postfix(failed=self.failed)
+            self._line(final=False)
+            return
+        self.shards_done += 1  # a finished shard (its edits arrived as progress events)
+        self._line(final=self.shards_done >= self.shards)
+
+    def _line(self, *, final: bool) -> None:
+        if self.mode != "lines":
+            return
+        from tasks.progress import format_seconds
+
+        now = time.monotonic()
+        if now - self.last_line >= PROGRESS_LINE_SECONDS or final:
+            self.last_line = now
+            eta = "--" if self.eta is None else format_seconds(self.eta)
+            print(f"progress: {self.done}/{self.total} edits, {self.failed} failed, {self.shards_done}/{self.shards} shards, "
+                  f"{self.rate:.2f} edits/s, ETA {eta}", file=sys.stderr, flush=True)  # fmt: skip
 
     def close(self) -> None:
         if self.bar is not None:
@@ -171,6 +204,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(f"run {summary['run_id']}: {c['succeeded']} succeeded, {c['failed']} failed, {c['skipped']} skipped (of {summary['rows']})")
     print(f"inversions: {summary['inversions_computed']} computed, {summary['inversion_cache_hits']} from cache; UNet evaluations: {summary['unet_evals']:.0f}")
     print(f"time: {secs['wall']:.1f}s; results: {summary['results_uri']}")
+    if summary.get("report_uri"):
+        print(f"report: {summary['report_uri']} (and `editflow show {summary['run_id']} --out {summary['out']}`)")
     for s in summary.get("failed_shards", []):
         print(f"failed {s}")
     rows = summary.get("failed_rows", [])
@@ -324,9 +359,35 @@ def _preflight(args: argparse.Namespace) -> None:
         start_temporary_server()
 
 
+def _show(args: argparse.Namespace) -> int:
+    """`editflow show`: the run's state, counts, failures and report (no Prefect, no model)."""
+    from storage import keys
+    from storage.base import NotFound
+    from storage.uri import open_store
+    from tasks.report import format_overview, run_overview
+
+    store = open_store(args.out, s3_endpoint=args.s3_endpoint)
+    try:
+        info = run_overview(store, args.run_id)
+    except NotFound:
+        print(f"editflow: error: no run {args.run_id} under {store.uri()} (no {store.uri(keys.plan_key(args.run_id))})", file=sys.stderr)
+        return 2
+    print(format_overview(info, limit=args.limit))
+    return 0
+
+
 def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("rerun", "show"):  # RUN_ID --out URI, or the run's URI
+        from tasks.report import resolve_run
+
+        try:
+            args.out, args.run_id = resolve_run(args.run_id, args.out)
+        except ValueError as exc:
+            parser.error(str(exc))
+        if args.command == "show":
+            return _show(args)
     _check_locations(parser, args)
     if args.command != "validate":
         from tasks.worker import THREADS_ENV, parse_threads
@@ -340,7 +401,10 @@ def _main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if args.verbose else "warning")
     if args.command == "serve" and args.run_id:
         parser.error("serve: --run-id is not accepted: every scheduled run gets a new run id")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:  # editflow's own log at INFO; third-party libraries stay at warnings
+        for name in EDITFLOW_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
     if args.command == "validate":
         from manifests.validate import format_problems
 
