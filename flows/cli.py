@@ -332,9 +332,17 @@ def _check_locations(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         except ValueError as exc:
             parser.error(str(exc))
     if args.command in ("run", "rerun", "restyle", "serve"):
-        from tasks.preflight import check_model
+        from tasks.preflight import BadModel, check_model
 
-        check_model(args.model, allow_pickle=args.allow_pickle)  # BadModel: one line, exit 2
+        try:
+            check_model(args.model, allow_pickle=args.allow_pickle)  # BadModel: one line, exit 2
+        except BadModel:
+            if args.command in ("run", "serve"):  # an invalid manifest is reported first, as before
+                from manifests.validate import check_manifest
+
+                if check_manifest(args.manifest, s3_endpoint=args.s3_endpoint)[1]:
+                    return
+            raise
 
 
 def _preflight(args: argparse.Namespace) -> None:
