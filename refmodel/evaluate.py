@@ -41,8 +41,9 @@ logger = logging.getLogger(__name__)
 def _methods() -> dict[str, Any]:
     """Method name -> config factory (source word, target word). P2P's "auto" kind is a word swap
     for swaps and a refine for restyles (the style adds words). "none" (inversion + target prompt,
-    no control) is scored beside them. *_published: corrections on the source branch only (and PnP
-    injecting into the unconditional row too), as in the published procedures."""
+    no control) is scored beside them. The defaults are the published procedures' Direct Inversion
+    use (corrections on the source branch only); *_target_correction adds the source's corrections
+    to the target rows too; pnp_published also injects into the unconditional row."""
     return {
         "p2p_swap": lambda old, new: P2PConfig(kind="auto"),
         "p2p_refine": lambda old, new: P2PConfig(kind="refine"),
@@ -50,13 +51,13 @@ def _methods() -> dict[str, Any]:
         "p2p_swap_blend": lambda old, new: P2PConfig(
             kind="auto", blend_source_words=(old,), blend_target_words=(new,)
         ),
-        "p2p_swap_blend_4x4": lambda old, new: P2PConfig(
-            kind="auto", blend_source_words=(old,), blend_target_words=(new,), blend_fraction=1 / 16
-        ),
+        "p2p_swap_self0.7": lambda old, new: P2PConfig(kind="auto", self_replace_steps=0.7),
+        "p2p_target_correction": lambda old, new: P2PConfig(kind="auto", target_correction=True),
         "pnp": lambda old, new: PnPConfig(),
         "pnp_empty_source": lambda old, new: PnPConfig(source_text="empty"),
-        "pnp_published": lambda old, new: PnPConfig(target_correction=False, inject_uncond=True),
-        "p2p_published": lambda old, new: P2PConfig(kind="auto", target_correction=False),
+        "pnp_attn0.8": lambda old, new: PnPConfig(attn_t=0.8),
+        "pnp_target_correction": lambda old, new: PnPConfig(target_correction=True),
+        "pnp_published": lambda old, new: PnPConfig(inject_uncond=True),
     }
 
 
