@@ -4,8 +4,8 @@
     python -m manifests.examples.make_examples --out /tmp/ex --image-root s3://bucket/images
 
 Writes ``images/scene-{i}.png`` and:
-- ``demo.parquet``: 9 edits over 3 source images (colour, shape and background swaps; PnP and
-  P2P; one with custom settings), with a ``sku`` passthrough column;
+- ``demo.parquet``: 9 edits over 3 source images (colour, shape and background swaps, each with
+  the method recommended for it; one with custom settings), with a ``sku`` passthrough column;
 - ``catalog.csv``: the 3 images with captions and skus, for ``editflow restyle``;
 - ``bad.parquet``: a manifest with one problem of each common kind, for ``editflow validate``.
 ``image_uri``s are ``{image_root}/scene-{i}.png``; the checked-in files use the repo-relative
@@ -51,8 +51,14 @@ def _next(options: tuple[str, ...] | list[str], current: str) -> str:
     return options[(options.index(current) + 1) % len(options)]
 
 
+# The method the README recommends for each kind of edit (by the reference model's evaluation):
+# Plug-and-Play keeps the structure of recolours and new backgrounds; a shape swap needs
+# Prompt-to-Prompt's word swap (PnP's injected features keep the old silhouette).
+RECOMMENDED_METHOD = {"colour": "pnp", "shape": "p2p", "background": "pnp"}
+
+
 def demo_table(scenes: list, image_uris: list[str]) -> pa.Table:
-    """Three targets per image: recolour, reshape, new background."""
+    """Three targets per image: recolour, reshape, new background, each with its recommended method."""
     from refmodel import domain
 
     rows: dict[str, list] = {
@@ -74,14 +80,11 @@ def demo_table(scenes: list, image_uris: list[str]) -> pa.Table:
             ),
         ]
         for kind, target in targets:
-            method = (
-                "p2p" if i == 1 else ("pnp" if i == 0 else ("p2p" if kind == "colour" else "pnp"))
-            )
             rows["image_uri"].append(uri)
             rows["source_prompt"].append(source)
             rows["target_prompt"].append(domain.caption(target))
-            rows["method"].append(method)
-            rows["settings"].append('{"feature_t": 0.6}' if (i, kind) == (0, "shape") else None)
+            rows["method"].append(RECOMMENDED_METHOD[kind])
+            rows["settings"].append('{"kind": "replace"}' if (i, kind) == (0, "shape") else None)
             rows["sku"].append(f"SKU-{i:03d}-{kind}")
     return pa.table(rows)
 

@@ -18,6 +18,10 @@ def _check_demo(path: Path) -> None:
     assert norm.num_rows == 9 and len(set(norm.column("image_uri").to_pylist())) == 3
     assert set(norm.column("method").to_pylist()) == {"pnp", "p2p"}
     assert "sku" in norm.column_names
+    from manifests.examples.make_examples import RECOMMENDED_METHOD
+
+    for sku, method in zip(norm.column("sku").to_pylist(), norm.column("method").to_pylist()):
+        assert method == RECOMMENDED_METHOD[sku.rsplit("-", 1)[1]], sku  # e.g. SKU-000-colour
 
 
 def _check_bad(path: Path) -> None:
