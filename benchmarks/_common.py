@@ -25,7 +25,9 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/NAME.py` from the repos
 
 from storage.testing import CLEARED_AWS_ENV, FAKE_AWS_ENV  # noqa: E402
 
-RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS_DIR") or REPO_ROOT / "benchmarks" / "results")  # override for scratch runs
+RESULTS_DIR = Path(
+    os.environ.get("BENCH_RESULTS_DIR") or REPO_ROOT / "benchmarks" / "results"
+)  # override for scratch runs
 
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
@@ -51,7 +53,13 @@ def setup_torch() -> None:
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip() or "unknown"
     except Exception:  # noqa: BLE001
         return "unknown"
@@ -116,7 +124,9 @@ def machine_facts() -> dict[str, Any]:
     return facts
 
 
-def write_result(name: str, payload: dict[str, Any], *, facts: dict[str, Any] | None = None) -> Path:
+def write_result(
+    name: str, payload: dict[str, Any], *, facts: dict[str, Any] | None = None
+) -> Path:
     """Write ``benchmarks/results/{name}.json`` with the machine facts and the payload."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     data = {"benchmark": name, "machine": facts or machine_facts(), **payload}
@@ -148,17 +158,28 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str | None = None, digits: int = 3) -> str:
+def print_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    title: str | None = None,
+    digits: int = 3,
+) -> str:
     """A GitHub-markdown table (printed, and returned)."""
     cells = [[fmt(c, digits) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
     lines = []
     if title:
         lines.append(f"\n### {title}\n")
     lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for raw, r in zip(rows, cells):
-        just = [c.rjust(w) if isinstance(v, (int, float)) or v is None else c.ljust(w) for v, c, w in zip(raw, r, widths)]
+        just = [
+            c.rjust(w) if isinstance(v, (int, float)) or v is None else c.ljust(w)
+            for v, c, w in zip(raw, r, widths)
+        ]
         lines.append("| " + " | ".join(just) + " |")
     text = "\n".join(lines)
     print(text)
@@ -257,7 +278,6 @@ class UNetCounter:
 # ---------------------------------------------------------------- S3 (moto server)
 
 
-
 @contextmanager
 def moto_s3(tmp: str | Path) -> Iterator[str]:
     """A moto S3 server on a free localhost port with fake credentials; yields its endpoint URL.
@@ -267,7 +287,10 @@ def moto_s3(tmp: str | Path) -> Iterator[str]:
     """
     from moto.server import ThreadedMotoServer
 
-    saved = {k: os.environ.get(k) for k in (*FAKE_AWS_ENV, *CLEARED_AWS_ENV, "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")}
+    saved = {
+        k: os.environ.get(k)
+        for k in (*FAKE_AWS_ENV, *CLEARED_AWS_ENV, "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+    }
     os.environ.update(FAKE_AWS_ENV)
     for k in CLEARED_AWS_ENV:
         os.environ.pop(k, None)

@@ -63,7 +63,10 @@ from benchmarks._common import (  # noqa: E402
 
 KS = (1, 4, 8)
 SD15_TFLOP_PER_EVAL = 0.68
-ASSUMED_GPU_TFLOPS = (100.0, 300.0)  # sustained fp16 rates to translate 34 TFLOP into seconds (assumptions)
+ASSUMED_GPU_TFLOPS = (
+    100.0,
+    300.0,
+)  # sustained fp16 rates to translate 34 TFLOP into seconds (assumptions)
 
 # SD 1.5 at 512 px, PnP defaults (see the docstring): (layer, what, positions, channels, tensors, steps)
 SD15_T = 50
@@ -89,7 +92,9 @@ def sd15_bytes() -> dict:
     return {"values": values, "bytes": values * FP16_BYTES, "per_layer_values": dict(per_layer)}
 
 
-def expected_values(unet_config, latent_hw: int, steps: int, feature_layers, attn_layers, feature_t=0.8, attn_t=0.5) -> int:
+def expected_values(
+    unet_config, latent_hw: int, steps: int, feature_layers, attn_layers, feature_t=0.8, attn_t=0.5
+) -> int:
     """The same arithmetic for any SD-shaped UNet: up_blocks[i] runs at latent / 2^(levels-1-i) with
     reversed(block_out_channels)[i] channels; attn1's q and k have as many channels as the block."""
     rev = list(reversed(unet_config.block_out_channels))
@@ -119,7 +124,9 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def measure_model(spec: str, folder: Path, steps: int, reps: int, endpoint: str, tmp: Path, log) -> dict:
+def measure_model(
+    spec: str, folder: Path, steps: int, reps: int, endpoint: str, tmp: Path, log
+) -> dict:
     import torch
 
     from editing.configs import PnPConfig
@@ -135,8 +142,19 @@ def measure_model(spec: str, folder: Path, steps: int, reps: int, endpoint: str,
     image = smooth_image(3, model.native_size)
     prompt = "a photo of a cat"
     inv = invert(model, image, prompt, num_steps=steps)
-    targets = [Target(f"a photo of a cat {w}", cfg) for w in ("in watercolor style", "with a hat", "in green", "small",
-                                                               "in blue", "on a crowded street", "big", "in red")]
+    targets = [
+        Target(f"a photo of a cat {w}", cfg)
+        for w in (
+            "in watercolor style",
+            "with a hat",
+            "in green",
+            "small",
+            "in blue",
+            "on a crowded street",
+            "big",
+            "in red",
+        )
+    ]
     with torch.no_grad():
         live = edit(model, [SourceGroup(inv, targets[:1])], record_features=True)[0][0]
     feats = live.features
@@ -147,8 +165,12 @@ def measure_model(spec: str, folder: Path, steps: int, reps: int, endpoint: str,
         kinds[kind] = kinds.get(kind, 0) + t.numel() * t.element_size()
     flayers, alayers = pnp_layers(model, cfg)
     latent_hw = inv.latents.shape[-1]
-    exp_values = expected_values(model.unet.config, latent_hw, steps, flayers, alayers, cfg.feature_t, cfg.attn_t)
-    log(f"{spec}: {len(blob):,} bytes of features per source ({feats.nbytes:,} of tensors; arithmetic: {exp_values * FP16_BYTES:,})")
+    exp_values = expected_values(
+        model.unet.config, latent_hw, steps, flayers, alayers, cfg.feature_t, cfg.attn_t
+    )
+    log(
+        f"{spec}: {len(blob):,} bytes of features per source ({feats.nbytes:,} of tensors; arithmetic: {exp_values * FP16_BYTES:,})"
+    )
 
     # fetch: local folder and S3 (moto)
     fetch = {}
@@ -162,7 +184,9 @@ def measure_model(spec: str, folder: Path, steps: int, reps: int, endpoint: str,
 
         get()
         fetch[name] = _median_time(get, max(reps, 5))
-        log(f"{spec}: fetch from {name}: {fetch[name] * 1000:.1f} ms ({len(blob) / fetch[name] / 1e9:.2f} GB/s)")
+        log(
+            f"{spec}: fetch from {name}: {fetch[name] * 1000:.1f} ms ({len(blob) / fetch[name] / 1e9:.2f} GB/s)"
+        )
 
     # compute replaced: UNet-level, one row alone and the marginal row in a batch of 1 + 2K
     schedule = make_schedule(model.scheduler, steps)
@@ -185,7 +209,9 @@ def measure_model(spec: str, folder: Path, steps: int, reps: int, endpoint: str,
         marginal, share = {}, {}
         for k in KS:
             a, b = [], []
-            for _ in range(reps * 3):  # interleaved; the minimum is the least disturbed by other processes
+            for _ in range(
+                reps * 3
+            ):  # interleaved; the minimum is the least disturbed by other processes
                 t0 = time.perf_counter()
                 call(1 + 2 * k, True)
                 a.append(time.perf_counter() - t0)
@@ -193,9 +219,13 @@ def measure_model(spec: str, folder: Path, steps: int, reps: int, endpoint: str,
                 call(2 * k, False)
                 b.append(time.perf_counter() - t0)
             marginal[k] = max(0.0, min(a) - min(b)) * steps
-            share[k] = min(a) / (1 + 2 * k) * steps  # the row's average share of the batch, for comparison
-            log(f"{spec}: source row's marginal cost at K={k}: {marginal[k] * 1000:.0f} ms per edit call ({steps} steps; "
-                f"average row share {share[k] * 1000:.0f} ms)")
+            share[k] = (
+                min(a) / (1 + 2 * k) * steps
+            )  # the row's average share of the batch, for comparison
+            log(
+                f"{spec}: source row's marginal cost at K={k}: {marginal[k] * 1000:.0f} ms per edit call ({steps} steps; "
+                f"average row share {share[k] * 1000:.0f} ms)"
+            )
     # the engine's live vs replayed edit at K = 1 (injection machinery included)
     with torch.no_grad():
         group_live = [SourceGroup(inv, targets[:1])]
@@ -209,7 +239,9 @@ def measure_model(spec: str, folder: Path, steps: int, reps: int, endpoint: str,
             edit(model, group_replay)
             rt.append(time.perf_counter() - t0)
     engine_saving = statistics.median(lt) - statistics.median(rt)
-    log(f"{spec}: engine K=1: live {statistics.median(lt):.2f}s, replay {statistics.median(rt):.2f}s, saving {engine_saving * 1000:.0f} ms")
+    log(
+        f"{spec}: engine K=1: live {statistics.median(lt):.2f}s, replay {statistics.median(rt):.2f}s, saving {engine_saving * 1000:.0f} ms"
+    )
     return {
         "spec": spec,
         "unet_params": sum(p.numel() for p in model.unet.parameters()),
@@ -234,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="T = 20 and fewer repeats")
     p.add_argument("--steps", type=int, default=None, help="T (default 50; 20 with --quick)")
-    p.add_argument("--specs", default="TINY,BENCH", help="toy specs to measure (default TINY,BENCH)")
+    p.add_argument(
+        "--specs", default="TINY,BENCH", help="toy specs to measure (default TINY,BENCH)"
+    )
     args = p.parse_args(argv)
     steps = args.steps or (20 if args.quick else 50)
     reps = 3 if args.quick else 5
@@ -253,11 +287,35 @@ def main(argv: list[str] | None = None) -> int:
                 measured.append(measure_model(spec, folder, steps, reps, endpoint, tmp, log))
 
     print_table(
-        ["model", "UNet params", "latent", "T", "bytes/source", "arithmetic", "conv2 bytes", "q+k bytes", "fetch local ms", "fetch S3 (moto) ms",
-         "T evals of 1 row ms"],
-        [[m["spec"], m["unet_params"], m["latent"], m["T"], m["bytes"], m["arithmetic_bytes"], m["bytes_by_kind"].get("conv2", 0),
-          m["bytes_by_kind"].get("q", 0) + m["bytes_by_kind"].get("k", 0), m["fetch_s"]["local"] * 1000, m["fetch_s"]["s3 (moto)"] * 1000,
-          m["one_row_T_evals_s"] * 1000] for m in measured],
+        [
+            "model",
+            "UNet params",
+            "latent",
+            "T",
+            "bytes/source",
+            "arithmetic",
+            "conv2 bytes",
+            "q+k bytes",
+            "fetch local ms",
+            "fetch S3 (moto) ms",
+            "T evals of 1 row ms",
+        ],
+        [
+            [
+                m["spec"],
+                m["unet_params"],
+                m["latent"],
+                m["T"],
+                m["bytes"],
+                m["arithmetic_bytes"],
+                m["bytes_by_kind"].get("conv2", 0),
+                m["bytes_by_kind"].get("q", 0) + m["bytes_by_kind"].get("k", 0),
+                m["fetch_s"]["local"] * 1000,
+                m["fetch_s"]["s3 (moto)"] * 1000,
+                m["one_row_T_evals_s"] * 1000,
+            ]
+            for m in measured
+        ],
         title="cached PnP features per source image (toy models, CPU)",
     )
     verdict_rows = []
@@ -267,17 +325,66 @@ def main(argv: list[str] | None = None) -> int:
             for k in KS:
                 saved = m["marginal_source_row_s"][k]
                 pays = f < saved
-                verdict_rows.append([m["spec"], storage, k, f * 1000, saved * 1000, m["average_row_share_s"][k] * 1000, (saved - f) * 1000, pays])
-                verdicts.append({"model": m["spec"], "storage": storage, "k": k, "fetch_ms": f * 1000, "saved_ms": saved * 1000, "pays": pays})
-        verdict_rows.append([m["spec"], "(engine, K=1, live - replay)", 1, None, m["engine_k1_saving_s"] * 1000, None, None, None])
-    print_table(["model", "storage", "K", "fetch ms", "source-row compute saved ms", "avg row share ms", "net gain ms per source", "cache pays"], verdict_rows,
-                title="does the feature cache pay? (per source image and edit call; saved = the source row's marginal cost in a batch of 1+2K)")
+                verdict_rows.append(
+                    [
+                        m["spec"],
+                        storage,
+                        k,
+                        f * 1000,
+                        saved * 1000,
+                        m["average_row_share_s"][k] * 1000,
+                        (saved - f) * 1000,
+                        pays,
+                    ]
+                )
+                verdicts.append(
+                    {
+                        "model": m["spec"],
+                        "storage": storage,
+                        "k": k,
+                        "fetch_ms": f * 1000,
+                        "saved_ms": saved * 1000,
+                        "pays": pays,
+                    }
+                )
+        verdict_rows.append(
+            [
+                m["spec"],
+                "(engine, K=1, live - replay)",
+                1,
+                None,
+                m["engine_k1_saving_s"] * 1000,
+                None,
+                None,
+                None,
+            ]
+        )
+    print_table(
+        [
+            "model",
+            "storage",
+            "K",
+            "fetch ms",
+            "source-row compute saved ms",
+            "avg row share ms",
+            "net gain ms per source",
+            "cache pays",
+        ],
+        verdict_rows,
+        title="does the feature cache pay? (per source image and edit call; saved = the source row's marginal cost in a batch of 1+2K)",
+    )
 
     sd = sd15_bytes()
-    sd_rows = [[name, what, pos, ch, n, st, pos * ch * n * st, pos * ch * n * st * FP16_BYTES] for name, what, pos, ch, n, st in SD15_LAYERS]
+    sd_rows = [
+        [name, what, pos, ch, n, st, pos * ch * n * st, pos * ch * n * st * FP16_BYTES]
+        for name, what, pos, ch, n, st in SD15_LAYERS
+    ]
     sd_rows.append(["total", "", None, None, None, None, sd["values"], sd["bytes"]])
-    print_table(["layer", "tensors", "positions", "channels", "count", "steps", "values", "bytes (fp16)"], sd_rows,
-                title="SD 1.5, 512 px, T = 50, PnP defaults: cached features per source image (arithmetic)")
+    print_table(
+        ["layer", "tensors", "positions", "channels", "count", "steps", "values", "bytes (fp16)"],
+        sd_rows,
+        title="SD 1.5, 512 px, T = 50, PnP defaults: cached features per source image (arithmetic)",
+    )
     seconds_sd = {r: SD15_T * SD15_TFLOP_PER_EVAL / r for r in ASSUMED_GPU_TFLOPS}
     local_bw = {m["spec"]: m["bytes"] / m["fetch_s"]["local"] for m in measured}
     s3_bw = {m["spec"]: m["bytes"] / m["fetch_s"]["s3 (moto)"] for m in measured}
@@ -286,36 +393,84 @@ def main(argv: list[str] | None = None) -> int:
     sd_lines = []
     for r, s in seconds_sd.items():
         need = sd["bytes"] / s
-        sd_lines.append({"assumed_tflops": r, "source_branch_s": s, "breakeven_GBps": need / 1e9,
-                         "fetch_local_s_at_measured_bw": sd["bytes"] / best_local, "fetch_s3_moto_s_at_measured_bw": sd["bytes"] / best_s3})
-    print_table(["assumed GPU TFLOP/s", "source branch s (50 x 0.68 TFLOP)", "break-even GB/s", "fetch local s (measured GB/s)", "fetch S3-moto s (measured GB/s)"],
-                [[d["assumed_tflops"], d["source_branch_s"], d["breakeven_GBps"], d["fetch_local_s_at_measured_bw"], d["fetch_s3_moto_s_at_measured_bw"]]
-                 for d in sd_lines],
-                title=f"SD 1.5: {sd['bytes'] / 1e6:.0f} MB per source vs the source branch it replaces (upper bound: the row alone)")
-    print(f"measured read throughput: local {best_local / 1e9:.2f} GB/s (page cache), S3 via moto on localhost {best_s3 / 1e9:.2f} GB/s")
+        sd_lines.append(
+            {
+                "assumed_tflops": r,
+                "source_branch_s": s,
+                "breakeven_GBps": need / 1e9,
+                "fetch_local_s_at_measured_bw": sd["bytes"] / best_local,
+                "fetch_s3_moto_s_at_measured_bw": sd["bytes"] / best_s3,
+            }
+        )
+    print_table(
+        [
+            "assumed GPU TFLOP/s",
+            "source branch s (50 x 0.68 TFLOP)",
+            "break-even GB/s",
+            "fetch local s (measured GB/s)",
+            "fetch S3-moto s (measured GB/s)",
+        ],
+        [
+            [
+                d["assumed_tflops"],
+                d["source_branch_s"],
+                d["breakeven_GBps"],
+                d["fetch_local_s_at_measured_bw"],
+                d["fetch_s3_moto_s_at_measured_bw"],
+            ]
+            for d in sd_lines
+        ],
+        title=f"SD 1.5: {sd['bytes'] / 1e6:.0f} MB per source vs the source branch it replaces (upper bound: the row alone)",
+    )
+    print(
+        f"measured read throughput: local {best_local / 1e9:.2f} GB/s (page cache), S3 via moto on localhost {best_s3 / 1e9:.2f} GB/s"
+    )
 
     pays_any = sorted({(v["model"], v["storage"], v["k"]) for v in verdicts if v["pays"]})
     summary_lines = []
     for m in measured:
         for storage in m["fetch_s"]:
-            ks = [v["k"] for v in verdicts if v["model"] == m["spec"] and v["storage"] == storage and v["pays"]]
-            summary_lines.append(f"{m['spec']}, {storage}: pays at K in {ks}" if ks else f"{m['spec']}, {storage}: does not pay at any K")
+            ks = [
+                v["k"]
+                for v in verdicts
+                if v["model"] == m["spec"] and v["storage"] == storage and v["pays"]
+            ]
+            summary_lines.append(
+                f"{m['spec']}, {storage}: pays at K in {ks}"
+                if ks
+                else f"{m['spec']}, {storage}: does not pay at any K"
+            )
     print("\n" + "\n".join(summary_lines))
-    print(f"SD 1.5 (arithmetic): {sd['bytes'] / 1e6:.0f} MB per source image; to beat recomputing the source row "
-          f"(~{seconds_sd[ASSUMED_GPU_TFLOPS[0]]:.2f}-{seconds_sd[ASSUMED_GPU_TFLOPS[-1]]:.2f} s at {ASSUMED_GPU_TFLOPS[0]:.0f}-{ASSUMED_GPU_TFLOPS[-1]:.0f} TFLOP/s), "
-          f"a fetch must sustain {min(d['breakeven_GBps'] for d in sd_lines):.1f}-{max(d['breakeven_GBps'] for d in sd_lines):.1f} GB/s per GPU; "
-          f"and in a batch of 1+2K rows the source row costs less than alone, so the bar is higher still.")
+    print(
+        f"SD 1.5 (arithmetic): {sd['bytes'] / 1e6:.0f} MB per source image; to beat recomputing the source row "
+        f"(~{seconds_sd[ASSUMED_GPU_TFLOPS[0]]:.2f}-{seconds_sd[ASSUMED_GPU_TFLOPS[-1]]:.2f} s at {ASSUMED_GPU_TFLOPS[0]:.0f}-{ASSUMED_GPU_TFLOPS[-1]:.0f} TFLOP/s), "
+        f"a fetch must sustain {min(d['breakeven_GBps'] for d in sd_lines):.1f}-{max(d['breakeven_GBps'] for d in sd_lines):.1f} GB/s per GPU; "
+        f"and in a batch of 1+2K rows the source row costs less than alone, so the bar is higher still."
+    )
     print("=> keep --cache-features off by default (RunOptions.cache_features = False)")
-    print(f"(wall {time.perf_counter() - t_start:.0f}s; noisy: other processes share this machine's cores)")
+    print(
+        f"(wall {time.perf_counter() - t_start:.0f}s; noisy: other processes share this machine's cores)"
+    )
     write_result(
         "feature_cache",
         {
-            "settings": {"T": steps, "ks": list(KS), "reps": reps, "device": "cpu", "dtype": "float32 (features stored fp16)",
-                         "s3": "moto ThreadedMotoServer on localhost, same process"},
+            "settings": {
+                "T": steps,
+                "ks": list(KS),
+                "reps": reps,
+                "device": "cpu",
+                "dtype": "float32 (features stored fp16)",
+                "s3": "moto ThreadedMotoServer on localhost, same process",
+            },
             "toy_models": measured,
             "verdicts": verdicts,
             "pays": [list(x) for x in pays_any],
-            "sd15": {**sd, "T": SD15_T, "tflop_per_eval": SD15_TFLOP_PER_EVAL, "per_assumed_rate": sd_lines},
+            "sd15": {
+                **sd,
+                "T": SD15_T,
+                "tflop_per_eval": SD15_TFLOP_PER_EVAL,
+                "per_assumed_rate": sd_lines,
+            },
             "measured_bandwidth_Bps": {"local": best_local, "s3_moto": best_s3},
             "recommendation": "cache_features off by default",
         },

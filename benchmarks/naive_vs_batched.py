@@ -51,7 +51,12 @@ from benchmarks._common import (  # noqa: E402
 )
 
 TARGET_RATIO = 3.0
-SOURCE_PROMPTS = ("a photo of a cat", "a photo of a dog", "a red car on gray background", "a blue bag on gray background")
+SOURCE_PROMPTS = (
+    "a photo of a cat",
+    "a photo of a dog",
+    "a red car on gray background",
+    "a blue bag on gray background",
+)
 STYLES = ("in watercolor style", "with a hat", "on a crowded street", "in green")
 MODES = ("naive", "editflow cold", "editflow warm")
 
@@ -68,7 +73,10 @@ def run(model, n_sources: int, k: int, steps: int, method: str, log) -> dict:
     sources = []
     for i in range(n_sources):
         prompt = SOURCE_PROMPTS[i % len(SOURCE_PROMPTS)]
-        targets = [Target(f"{prompt} {STYLES[j % len(STYLES)]}", cfg, edit_id=f"s{i}-t{j}") for j in range(k)]
+        targets = [
+            Target(f"{prompt} {STYLES[j % len(STYLES)]}", cfg, edit_id=f"s{i}-t{j}")
+            for j in range(k)
+        ]
         sources.append((smooth_image(100 + i, size), prompt, targets))
 
     # untimed warm-up: first calls allocate, build processors, fill the prompt memo for nothing we time
@@ -142,15 +150,23 @@ def run(model, n_sources: int, k: int, steps: int, method: str, log) -> dict:
         med = statistics.median(n / f for n, f in zip(seconds["naive"], seconds[m]))
         out["modes"][m]["speedup_median_per_source"] = med
     for m in MODES[1:]:
-        errs = [float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(latents[m], latents["naive"])]
-        out["agreement"][m] = {"max_rel_latent_diff_vs_naive": max(errs), "median": statistics.median(errs)}
+        errs = [
+            float((a - b).norm() / b.norm().clamp_min(1e-12))
+            for a, b in zip(latents[m], latents["naive"])
+        ]
+        out["agreement"][m] = {
+            "max_rel_latent_diff_vs_naive": max(errs),
+            "median": statistics.median(errs),
+        }
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="2 sources instead of 4")
-    p.add_argument("--sources", type=int, default=None, help="N source images (default 4, 2 with --quick)")
+    p.add_argument(
+        "--sources", type=int, default=None, help="N source images (default 4, 2 with --quick)"
+    )
     p.add_argument("--k", type=int, default=4, help="targets per source (default 4)")
     p.add_argument("--steps", type=int, default=20, help="T (default 20; see the docstring)")
     p.add_argument("--method", choices=("pnp", "p2p"), default="pnp")
@@ -169,32 +185,83 @@ def main(argv: list[str] | None = None) -> int:
         folder = build_toy(Path(tmp) / args.spec.lower(), args.spec)
         model = load_model(folder, device="cpu", dtype=torch.float32)
         params = sum(p.numel() for p in model.unet.parameters())
-        print(f"model: {args.spec} toy, UNet {params / 1e6:.1f}M parameters, {model.native_size}px, latent "
-              f"{model.native_size // model.vae_scale_factor}; {n} sources x K={args.k}, T={args.steps}, {args.method}")
-        res = run(model, n, args.k, args.steps, args.method, log=lambda m: print("  " + m, flush=True))
+        print(
+            f"model: {args.spec} toy, UNet {params / 1e6:.1f}M parameters, {model.native_size}px, latent "
+            f"{model.native_size // model.vae_scale_factor}; {n} sources x K={args.k}, T={args.steps}, {args.method}"
+        )
+        res = run(
+            model, n, args.k, args.steps, args.method, log=lambda m: print("  " + m, flush=True)
+        )
     modes = res["modes"]
     print_table(
-        ["mode", "edits", "seconds", "s/edit", "edits/min", "x naive", "x naive (median/source)", "UNet evals/edit", "ms/UNet eval", "UNet share"],
-        [[m, d["edits"], d["seconds"], d["seconds_per_edit"], d["edits_per_min"], d["speedup_vs_naive"], d["speedup_median_per_source"],
-          d["unet_evals_per_edit"], d["ms_per_unet_eval"], d["unet_share"]] for m, d in modes.items()],
+        [
+            "mode",
+            "edits",
+            "seconds",
+            "s/edit",
+            "edits/min",
+            "x naive",
+            "x naive (median/source)",
+            "UNet evals/edit",
+            "ms/UNet eval",
+            "UNet share",
+        ],
+        [
+            [
+                m,
+                d["edits"],
+                d["seconds"],
+                d["seconds_per_edit"],
+                d["edits_per_min"],
+                d["speedup_vs_naive"],
+                d["speedup_median_per_source"],
+                d["unet_evals_per_edit"],
+                d["ms_per_unet_eval"],
+                d["unet_share"],
+            ]
+            for m, d in modes.items()
+        ],
         title=f"naive vs editflow ({args.spec} toy, CPU fp32, 1 thread, T = {args.steps}, {args.method}, {n} sources x K = {args.k})",
     )
     for m, a in res["agreement"].items():
-        print(f"{m}: final latents vs naive: max relative difference {a['max_rel_latent_diff_vs_naive']:.2e} (median {a['median']:.2e})")
+        print(
+            f"{m}: final latents vs naive: max relative difference {a['max_rel_latent_diff_vs_naive']:.2e} (median {a['median']:.2e})"
+        )
     ratio = modes["editflow warm"]["speedup_vs_naive"]
     met = ratio >= TARGET_RATIO
-    print(f"\nTarget: warm cache, K = {args.k}: {ratio:.2f}x naive edits/min (target >= {TARGET_RATIO}x): {'MET' if met else 'NOT MET'}")
-    work_ratio = modes["naive"]["unet_evals_per_edit"] / modes["editflow warm"]["unet_evals_per_edit"]
-    print(f"(UNet evaluations alone: {work_ratio:.2f}x fewer; the rest of the speed-up is batching efficiency: "
-          f"{modes['naive']['ms_per_unet_eval']:.0f} -> {modes['editflow warm']['ms_per_unet_eval']:.0f} ms per evaluation)")
-    print(f"(wall {time.perf_counter() - t_start:.0f}s; noisy: other processes share this machine's cores)")
+    print(
+        f"\nTarget: warm cache, K = {args.k}: {ratio:.2f}x naive edits/min (target >= {TARGET_RATIO}x): {'MET' if met else 'NOT MET'}"
+    )
+    work_ratio = (
+        modes["naive"]["unet_evals_per_edit"] / modes["editflow warm"]["unet_evals_per_edit"]
+    )
+    print(
+        f"(UNet evaluations alone: {work_ratio:.2f}x fewer; the rest of the speed-up is batching efficiency: "
+        f"{modes['naive']['ms_per_unet_eval']:.0f} -> {modes['editflow warm']['ms_per_unet_eval']:.0f} ms per evaluation)"
+    )
+    print(
+        f"(wall {time.perf_counter() - t_start:.0f}s; noisy: other processes share this machine's cores)"
+    )
     write_result(
         "naive_vs_batched",
         {
-            "settings": {"model": f"{args.spec} toy (refmodel.toy)", "unet_params": params, "sources": n, "k": args.k, "T": args.steps,
-                         "method": args.method, "device": "cpu", "dtype": "float32", "interleaved": True},
+            "settings": {
+                "model": f"{args.spec} toy (refmodel.toy)",
+                "unet_params": params,
+                "sources": n,
+                "k": args.k,
+                "T": args.steps,
+                "method": args.method,
+                "device": "cpu",
+                "dtype": "float32",
+                "interleaved": True,
+            },
             **res,
-            "target": {"what": f"editflow warm K={args.k} >= {TARGET_RATIO}x naive edits/min", "value": ratio, "met": met},
+            "target": {
+                "what": f"editflow warm K={args.k} >= {TARGET_RATIO}x naive edits/min",
+                "value": ratio,
+                "met": met,
+            },
             "work_ratio": work_ratio,
         },
         facts=facts,

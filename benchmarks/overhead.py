@@ -56,8 +56,20 @@ from benchmarks._common import (  # noqa: E402
 )
 
 TARGET_MS = 50.0
-SOURCE_PROMPTS = ("a photo of a cat", "a photo of a dog", "a red car on gray background", "a blue bag on gray background")
-STYLES = ("in watercolor style", "with a hat", "on a crowded street", "in green", "in blue", "small")
+SOURCE_PROMPTS = (
+    "a photo of a cat",
+    "a photo of a dog",
+    "a red car on gray background",
+    "a blue bag on gray background",
+)
+STYLES = (
+    "in watercolor style",
+    "with a hat",
+    "on a crowded street",
+    "in green",
+    "in blue",
+    "small",
+)
 
 
 def _prefect_env(home: Path) -> None:
@@ -117,13 +129,22 @@ class Probes:
         get_s3_client(endpoint).meta.events.register("before-call.s3.*", count)
 
     def snapshot(self) -> dict:
-        return {"seconds": dict(self.seconds), "calls": dict(self.calls), "s3": dict(self.s3), "unet_rows": self.unet.rows, "unet_seconds": self.unet.seconds}
+        return {
+            "seconds": dict(self.seconds),
+            "calls": dict(self.calls),
+            "s3": dict(self.s3),
+            "unet_rows": self.unet.rows,
+            "unet_seconds": self.unet.seconds,
+        }
 
 
 def _delta(after: dict, before: dict) -> dict:
     out = {}
     for key in ("seconds", "calls", "s3"):
-        out[key] = {k: after[key].get(k, 0) - before[key].get(k, 0) for k in set(after[key]) | set(before[key])}
+        out[key] = {
+            k: after[key].get(k, 0) - before[key].get(k, 0)
+            for k in set(after[key]) | set(before[key])
+        }
     out["unet_rows"] = after["unet_rows"] - before["unet_rows"]
     out["unet_seconds"] = after["unet_seconds"] - before["unet_seconds"]
     return out
@@ -132,7 +153,9 @@ def _delta(after: dict, before: dict) -> dict:
 def make_manifest(n_sources: int, k: int, image_uri, steps: int):
     import pyarrow as pa
 
-    rows = {c: [] for c in ("image_uri", "source_prompt", "target_prompt", "method", "num_steps", "sku")}
+    rows = {
+        c: [] for c in ("image_uri", "source_prompt", "target_prompt", "method", "num_steps", "sku")
+    }
     for i in range(n_sources):
         prompt = SOURCE_PROMPTS[i % len(SOURCE_PROMPTS)]
         for j in range(k):
@@ -167,12 +190,26 @@ def run_pass(label: str, manifest_uri: str, options, shard_size: int, probes: Pr
     t_shards = time.perf_counter() - t1
     wall = time.perf_counter() - t0
     d = _delta(probes.snapshot(), before)
-    log(f"{label}: {planned['rows']} edits in {planned['shards']} shards, {wall:.1f}s ({counts['succeeded']} succeeded, {counts['failed']} failed)")
-    return {"label": label, "edits": planned["rows"], "shards": planned["shards"], "wall": wall, "plan": t_plan,
-            "plan_seconds": planned["seconds"], "shards_wall": t_shards, "stages": dict(stages), "counts": dict(counts), "probes": d}
+    log(
+        f"{label}: {planned['rows']} edits in {planned['shards']} shards, {wall:.1f}s ({counts['succeeded']} succeeded, {counts['failed']} failed)"
+    )
+    return {
+        "label": label,
+        "edits": planned["rows"],
+        "shards": planned["shards"],
+        "wall": wall,
+        "plan": t_plan,
+        "plan_seconds": planned["seconds"],
+        "shards_wall": t_shards,
+        "stages": dict(stages),
+        "counts": dict(counts),
+        "probes": d,
+    }
 
 
-def run_flow_pass(label: str, manifest_uri: str, options, shard_size: int, probes: Probes, log) -> dict:
+def run_flow_pass(
+    label: str, manifest_uri: str, options, shard_size: int, probes: Probes, log
+) -> dict:
     from flows.bulk_edit import bulk_edit
     from flows.runners import make_task_runner
 
@@ -186,11 +223,18 @@ def run_flow_pass(label: str, manifest_uri: str, options, shard_size: int, probe
     wall = time.perf_counter() - t0
     d = _delta(probes.snapshot(), before)
     secs = summary["seconds"]
-    stages = {k[len("shards_"):]: v for k, v in secs.items() if k.startswith("shards_")}
+    stages = {k[len("shards_") :]: v for k, v in secs.items() if k.startswith("shards_")}
     log(f"{label}: {summary['rows']} edits, {wall:.1f}s ({summary['counts']})")
-    return {"label": label, "edits": summary["rows"], "wall": wall, "plan": secs.get("validate", 0) + secs.get("plan", 0),
-            "plan_seconds": {"validate": secs.get("validate"), "plan": secs.get("plan")}, "stages": stages,
-            "counts": summary["counts"], "probes": d}
+    return {
+        "label": label,
+        "edits": summary["rows"],
+        "wall": wall,
+        "plan": secs.get("validate", 0) + secs.get("plan", 0),
+        "plan_seconds": {"validate": secs.get("validate"), "plan": secs.get("plan")},
+        "stages": stages,
+        "counts": summary["counts"],
+        "probes": d,
+    }
 
 
 def breakdown(p: dict) -> dict:
@@ -204,11 +248,13 @@ def breakdown(p: dict) -> dict:
     parts = {
         "planning": p["plan"],
         "read images": s.get("read", 0.0),
-        "inversion cache (hash, get/put, (de)serialise)": s.get("inversion", 0.0) - ps.get("invert", 0.0),
+        "inversion cache (hash, get/put, (de)serialise)": s.get("inversion", 0.0)
+        - ps.get("invert", 0.0),
         "edit stage outside edit()": s.get("edit", 0.0) - ps.get("edit", 0.0),
         "encode images": encode,
         "write outputs + results (not encoding)": s.get("write", 0.0) - encode,
-        "shard bookkeeping (plan read, exists checks, rows)": shards_total - sum(s.get(k, 0.0) for k in ("read", "inversion", "edit", "write")),
+        "shard bookkeeping (plan read, exists checks, rows)": shards_total
+        - sum(s.get(k, 0.0) for k in ("read", "inversion", "edit", "write")),
     }
     overhead = p["wall"] - model
     parts["orchestration (not in shards or planning)"] = overhead - sum(parts.values())
@@ -265,7 +311,10 @@ def encode_at_sd_size(reps: int = 10) -> dict:
     for _ in range(reps):
         buf = io.BytesIO()
         img.save(buf, format="PNG", compress_level=1)
-    out["png compress_level=1 (comparison)"] = {"ms": (time.perf_counter() - t0) / reps * 1000, "bytes": buf.tell()}
+    out["png compress_level=1 (comparison)"] = {
+        "ms": (time.perf_counter() - t0) / reps * 1000,
+        "bytes": buf.tell(),
+    }
     return out
 
 
@@ -274,7 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="skip the Prefect flow pass")
     p.add_argument("--sources", type=int, default=50)
     p.add_argument("--k", type=int, default=4, help="targets per source")
-    p.add_argument("--steps", type=int, default=2, help="num_steps in the manifest (small: model time is subtracted anyway)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=2,
+        help="num_steps in the manifest (small: model time is subtracted anyway)",
+    )
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=512, help="side of the source PNGs")
     p.add_argument("--storage", choices=("local", "s3", "both"), default="both")
@@ -309,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         store = open_store(root_uri, s3_endpoint=endpoint)
         for i, data in enumerate(images):
             store.put(f"images/src-{i:05d}.png", data)
-        table = make_manifest(args.sources, args.k, lambda i: store.uri(f"images/src-{i:05d}.png"), args.steps)
+        table = make_manifest(
+            args.sources, args.k, lambda i: store.uri(f"images/src-{i:05d}.png"), args.steps
+        )
         write_parquet(store, "manifest.parquet", table)
         manifest_uri = store.uri("manifest.parquet")
         cache = store.uri("cache")
@@ -318,10 +374,21 @@ def main(argv: list[str] | None = None) -> int:
                 probes.watch_s3(endpoint)
             passes = []
             for label in ("cold", "warm"):
-                opts = RunOptions(out=store.uri(f"out-{label}"), model=str(folder), cache=cache, s3_endpoint=endpoint, device="cpu", dtype="float32")
-                passes.append(run_pass(f"{kind} {label}", manifest_uri, opts, args.shard_size, probes, log))
+                opts = RunOptions(
+                    out=store.uri(f"out-{label}"),
+                    model=str(folder),
+                    cache=cache,
+                    s3_endpoint=endpoint,
+                    device="cpu",
+                    dtype="float32",
+                )
+                passes.append(
+                    run_pass(f"{kind} {label}", manifest_uri, opts, args.shard_size, probes, log)
+                )
             if with_flow:
-                if flow_start_s is None:  # the temporary Prefect server starts on the first flow: time it apart
+                if (
+                    flow_start_s is None
+                ):  # the temporary Prefect server starts on the first flow: time it apart
                     from prefect import flow
 
                     @flow(name="bench-warmup")
@@ -331,9 +398,27 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.perf_counter()
                     warmup()
                     flow_start_s = time.perf_counter() - t0
-                    log(f"Prefect temporary server start + first flow: {flow_start_s:.1f}s (not counted per edit)")
-                opts = RunOptions(out=store.uri("out-flow"), model=str(folder), cache=cache, s3_endpoint=endpoint, device="cpu", dtype="float32")
-                passes.append(run_flow_pass(f"{kind} warm, Prefect flow", manifest_uri, opts, args.shard_size, probes, log))
+                    log(
+                        f"Prefect temporary server start + first flow: {flow_start_s:.1f}s (not counted per edit)"
+                    )
+                opts = RunOptions(
+                    out=store.uri("out-flow"),
+                    model=str(folder),
+                    cache=cache,
+                    s3_endpoint=endpoint,
+                    device="cpu",
+                    dtype="float32",
+                )
+                passes.append(
+                    run_flow_pass(
+                        f"{kind} warm, Prefect flow",
+                        manifest_uri,
+                        opts,
+                        args.shard_size,
+                        probes,
+                        log,
+                    )
+                )
         for ps in passes:
             results[ps["label"]] = {"raw": ps, **breakdown(ps)}
 
@@ -346,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
 
             make_bucket(endpoint, "editflow-bench")
             storage_run("s3", "s3://editflow-bench/run", endpoint)
-            s3_latency = request_latency(open_store("s3://editflow-bench/latency", s3_endpoint=endpoint))
+            s3_latency = request_latency(
+                open_store("s3://editflow-bench/latency", s3_endpoint=endpoint)
+            )
 
     enc = encode_at_sd_size()
     png_ms = enc["png"]["ms"]
@@ -354,42 +441,93 @@ def main(argv: list[str] | None = None) -> int:
     for label, r in results.items():
         at_sd = r["overhead_ms_per_edit"] + png_ms
         r["overhead_ms_per_edit_with_512px_png"] = at_sd
-        rows.append([label, r["edits"], r["wall_ms_per_edit"], r["model_ms_per_edit"], r["overhead_ms_per_edit"], at_sd,
-                     r["overhead_ms_per_edit"] < TARGET_MS, sum(r["s3_requests_per_edit"].values()) or None])
+        rows.append(
+            [
+                label,
+                r["edits"],
+                r["wall_ms_per_edit"],
+                r["model_ms_per_edit"],
+                r["overhead_ms_per_edit"],
+                at_sd,
+                r["overhead_ms_per_edit"] < TARGET_MS,
+                sum(r["s3_requests_per_edit"].values()) or None,
+            ]
+        )
     print_table(
-        ["pass", "edits", "wall ms/edit", "model ms/edit", "overhead ms/edit", "+512px PNG encode", f"< {TARGET_MS:.0f} ms", "S3 requests/edit"],
-        rows, title=f"overhead per edit (TINY toy, num_steps={args.steps}, {args.sources} sources x K={args.k}, shard_size={args.shard_size})",
+        [
+            "pass",
+            "edits",
+            "wall ms/edit",
+            "model ms/edit",
+            "overhead ms/edit",
+            "+512px PNG encode",
+            f"< {TARGET_MS:.0f} ms",
+            "S3 requests/edit",
+        ],
+        rows,
+        title=f"overhead per edit (TINY toy, num_steps={args.steps}, {args.sources} sources x K={args.k}, shard_size={args.shard_size})",
     )
     part_names = list(next(iter(results.values()))["parts_ms_per_edit"])
-    print_table(["part (ms per edit)", *results], [[n, *(r["parts_ms_per_edit"][n] for r in results.values())] for n in part_names],
-                title="where the overhead goes (ms per edit)")
+    print_table(
+        ["part (ms per edit)", *results],
+        [[n, *(r["parts_ms_per_edit"][n] for r in results.values())] for n in part_names],
+        title="where the overhead goes (ms per edit)",
+    )
     for label, r in results.items():
         if r["s3_requests_per_edit"]:
-            print(f"{label}: S3 requests per edit: " + ", ".join(f"{k} {v:.2f}" for k, v in r["s3_requests_per_edit"].items()))
+            print(
+                f"{label}: S3 requests per edit: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in r["s3_requests_per_edit"].items())
+            )
     if s3_latency:
-        print("S3 (moto) single-request latency, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in s3_latency.items()))
-    print("encode one 512x512 output: " + ", ".join(f"{f} {d['ms']:.1f} ms ({d['bytes'] / 1024:.0f} KiB)" for f, d in enc.items()))
-    print(f"model load (once per worker, not per edit): {t_load:.2f}s" + (f"; Prefect temporary server start: {flow_start_s:.1f}s" if flow_start_s else ""))
+        print(
+            "S3 (moto) single-request latency, median ms: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in s3_latency.items())
+        )
+    print(
+        "encode one 512x512 output: "
+        + ", ".join(f"{f} {d['ms']:.1f} ms ({d['bytes'] / 1024:.0f} KiB)" for f, d in enc.items())
+    )
+    print(
+        f"model load (once per worker, not per edit): {t_load:.2f}s"
+        + (f"; Prefect temporary server start: {flow_start_s:.1f}s" if flow_start_s else "")
+    )
     worst = max(r["overhead_ms_per_edit"] for r in results.values())
     worst_sd = max(r["overhead_ms_per_edit_with_512px_png"] for r in results.values())
     met = worst < TARGET_MS
-    print(f"\nTarget: overhead < {TARGET_MS:.0f} ms per edit: worst pass {worst:.1f} ms ({'MET' if met else 'NOT MET'}); "
-          f"with a 512px PNG encode added: {worst_sd:.1f} ms ({'met' if worst_sd < TARGET_MS else 'not met'})")
-    print(f"(wall {time.perf_counter() - t_start:.0f}s; noisy: other processes share this machine's cores)")
+    print(
+        f"\nTarget: overhead < {TARGET_MS:.0f} ms per edit: worst pass {worst:.1f} ms ({'MET' if met else 'NOT MET'}); "
+        f"with a 512px PNG encode added: {worst_sd:.1f} ms ({'met' if worst_sd < TARGET_MS else 'not met'})"
+    )
+    print(
+        f"(wall {time.perf_counter() - t_start:.0f}s; noisy: other processes share this machine's cores)"
+    )
     for r in results.values():  # keep the JSON small: per-edit figures plus the raw stage seconds
         r["raw"] = {k: v for k, v in r["raw"].items() if k != "label"}
     write_result(
         "overhead",
         {
-            "settings": {"model": "TINY toy (refmodel.toy)", "sources": args.sources, "k": args.k, "num_steps": args.steps,
-                         "shard_size": args.shard_size, "image_size": args.image_size, "s3": "moto ThreadedMotoServer on localhost, same process",
-                         "prefect_flow": with_flow},
+            "settings": {
+                "model": "TINY toy (refmodel.toy)",
+                "sources": args.sources,
+                "k": args.k,
+                "num_steps": args.steps,
+                "shard_size": args.shard_size,
+                "image_size": args.image_size,
+                "s3": "moto ThreadedMotoServer on localhost, same process",
+                "prefect_flow": with_flow,
+            },
             "passes": results,
             "encode_512px": enc,
             "s3_request_ms": s3_latency,
             "model_load_s": t_load,
             "prefect_server_start_s": flow_start_s,
-            "target": {"what": f"overhead < {TARGET_MS} ms per edit", "worst_ms": worst, "met": met, "worst_ms_with_512px_png": worst_sd},
+            "target": {
+                "what": f"overhead < {TARGET_MS} ms per edit",
+                "worst_ms": worst,
+                "met": met,
+                "worst_ms_with_512px_png": worst_sd,
+            },
         },
         facts=facts,
     )

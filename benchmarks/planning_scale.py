@@ -54,7 +54,9 @@ def generate(n: int, path: Path) -> dict:
     t0 = time.perf_counter()
     src = pa.array(np.arange(n, dtype=np.int64) // TARGETS_PER_SOURCE).cast(pa.string())
     style = pa.array(np.array(STYLES, dtype=object)[np.arange(n) % len(STYLES)], pa.string())
-    caption = pc.binary_join_element_wise("a photo of catalogue item ", src, " on a white background", "")
+    caption = pc.binary_join_element_wise(
+        "a photo of catalogue item ", src, " on a white background", ""
+    )
     table = pa.table(
         {
             "image_uri": pc.binary_join_element_wise("s3://catalog/images/item-", src, ".jpg", ""),
@@ -65,8 +67,12 @@ def generate(n: int, path: Path) -> dict:
         }
     )
     pq.write_table(table, path, compression="zstd")
-    return {"rows": n, "sources": (n + TARGETS_PER_SOURCE - 1) // TARGETS_PER_SOURCE, "bytes": path.stat().st_size,
-            "generate_s": time.perf_counter() - t0}
+    return {
+        "rows": n,
+        "sources": (n + TARGETS_PER_SOURCE - 1) // TARGETS_PER_SOURCE,
+        "bytes": path.stat().st_size,
+        "generate_s": time.perf_counter() - t0,
+    }
 
 
 def child(manifest: str, out: str, shard_size: int, endpoint: str | None = None) -> dict:
@@ -81,17 +87,33 @@ def child(manifest: str, out: str, shard_size: int, endpoint: str | None = None)
     t_import = time.perf_counter() - t_import
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    summary = plan_run(manifest, RunOptions(out=out, s3_endpoint=endpoint), run_id="scale", shard_size=shard_size)
+    summary = plan_run(
+        manifest, RunOptions(out=out, s3_endpoint=endpoint), run_id="scale", shard_size=shard_size
+    )
     wall = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     vm_hwm = _vm_hwm_mb()
     from storage.uri import open_store
 
-    files = sum(1 for k in open_store(out, s3_endpoint=endpoint).list("runs/scale/") if k.endswith(".parquet"))
-    return {"wall_s": wall, "validate_s": summary["seconds"]["validate"], "plan_s": summary["seconds"]["plan"],
-            "rows": summary["rows"], "sources": summary["sources"], "shards": summary["shards"], "files": files,
-            "import_s": t_import, "peak_rss_mb": peak_kb / 1024, "after_imports_rss_mb": base_kb / 1024,
-            "vm_hwm_mb": vm_hwm, "vm_hwm_at_start_mb": hwm0}
+    files = sum(
+        1
+        for k in open_store(out, s3_endpoint=endpoint).list("runs/scale/")
+        if k.endswith(".parquet")
+    )
+    return {
+        "wall_s": wall,
+        "validate_s": summary["seconds"]["validate"],
+        "plan_s": summary["seconds"]["plan"],
+        "rows": summary["rows"],
+        "sources": summary["sources"],
+        "shards": summary["shards"],
+        "files": files,
+        "import_s": t_import,
+        "peak_rss_mb": peak_kb / 1024,
+        "after_imports_rss_mb": base_kb / 1024,
+        "vm_hwm_mb": vm_hwm,
+        "vm_hwm_at_start_mb": hwm0,
+    }
 
 
 def _vm_hwm_mb() -> float | None:
@@ -107,15 +129,23 @@ def _vm_hwm_mb() -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=1_000_000, help="largest N (default 1,000,000); the default steps below it are kept")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=1_000_000,
+        help="largest N (default 1,000,000); the default steps below it are kept",
+    )
     p.add_argument("--sizes", default=None, help="comma-separated sizes (overrides --rows)")
     p.add_argument("--quick", action="store_true", help="100k and 300k rows only")
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--child", nargs=2, metavar=("MANIFEST", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--generate", nargs=2, metavar=("ROWS", "PATH"), help=argparse.SUPPRESS)
     p.add_argument("--endpoint", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--out-s3", action="store_true",
-                   help="plan into S3 (a moto server started by this script, in the parent process) instead of a local folder")
+    p.add_argument(
+        "--out-s3",
+        action="store_true",
+        help="plan into S3 (a moto server started by this script, in the parent process) instead of a local folder",
+    )
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args.shard_size, args.endpoint)))
@@ -136,15 +166,33 @@ def main(argv: list[str] | None = None) -> int:
     results = []
 
     def run_child(*extra: str) -> dict:
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.planning_scale", "--shard-size", str(args.shard_size), *extra],
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.planning_scale",
+                "--shard-size",
+                str(args.shard_size),
+                *extra,
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             print(proc.stdout[-2000:], proc.stderr[-4000:])
             raise SystemExit(f"{extra} failed (exit {proc.returncode})")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    with tempfile.TemporaryDirectory(prefix="editflow-bench-") as tmp, contextlib.ExitStack() as stack:
+    with (
+        tempfile.TemporaryDirectory(prefix="editflow-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         endpoint = None
         if args.out_s3:
             from benchmarks._common import make_bucket, moto_s3
@@ -156,13 +204,18 @@ def main(argv: list[str] | None = None) -> int:
             gen = run_child("--generate", str(n), str(manifest))
             out = f"s3://editflow-bench/out-{n}" if endpoint else str(Path(tmp) / f"out-{n}")
             t0 = time.perf_counter()
-            res = run_child("--child", str(manifest), out, *(["--endpoint", endpoint] if endpoint else []))
+            res = run_child(
+                "--child", str(manifest), out, *(["--endpoint", endpoint] if endpoint else [])
+            )
             res["process_s"] = time.perf_counter() - t0
             res.update({"manifest_" + k: v for k, v in gen.items() if k != "rows"})
             res["s_per_100k"] = res["wall_s"] / n * 100_000
             res["planning_rss_mb"] = res["peak_rss_mb"] - res["after_imports_rss_mb"]
             results.append(res)
-            print(f"  {n:,} rows: {res['wall_s']:.1f}s, peak {res['peak_rss_mb']:.0f} MB, {res['shards']} shards", flush=True)
+            print(
+                f"  {n:,} rows: {res['wall_s']:.1f}s, peak {res['peak_rss_mb']:.0f} MB, {res['shards']} shards",
+                flush=True,
+            )
             if not endpoint:
                 for f in Path(out).rglob("*"):  # keep the temp disk use to one size at a time
                     if f.is_file():
@@ -172,31 +225,77 @@ def main(argv: list[str] | None = None) -> int:
     facts = machine_facts()
     print_machine(facts)
     print_table(
-        ["rows", "sources", "shards", "validate s", "plan+write s", "total s", "s per 100k", "peak RSS MB (ru_maxrss)", "VmHWM MB",
-         "after imports MB", "planning's own MB"],
-        [[r["rows"], r["sources"], r["shards"], r["validate_s"], r["plan_s"], r["wall_s"], r["s_per_100k"], r["peak_rss_mb"],
-          r["vm_hwm_mb"], r["after_imports_rss_mb"], r["planning_rss_mb"]] for r in results],
+        [
+            "rows",
+            "sources",
+            "shards",
+            "validate s",
+            "plan+write s",
+            "total s",
+            "s per 100k",
+            "peak RSS MB (ru_maxrss)",
+            "VmHWM MB",
+            "after imports MB",
+            "planning's own MB",
+        ],
+        [
+            [
+                r["rows"],
+                r["sources"],
+                r["shards"],
+                r["validate_s"],
+                r["plan_s"],
+                r["wall_s"],
+                r["s_per_100k"],
+                r["peak_rss_mb"],
+                r["vm_hwm_mb"],
+                r["after_imports_rss_mb"],
+                r["planning_rss_mb"],
+            ]
+            for r in results
+        ],
         title=f"validate + plan (plan_run, shard_size={args.shard_size}, {'S3 output (moto server, localhost)' if args.out_s3 else 'local output folder'})",
     )
     first, last = results[0], results[-1]
     growth = last["s_per_100k"] / first["s_per_100k"]
-    mem_growth = (last["planning_rss_mb"] / last["rows"]) / max(first["planning_rss_mb"] / first["rows"], 1e-9)
-    print(f"\nlinearity: seconds per 100k rows {first['s_per_100k']:.2f} at {first['rows']:,} -> {last['s_per_100k']:.2f} at {last['rows']:,} "
-          f"(x{growth:.2f}; 1.0 = linear); planning memory per row x{mem_growth:.2f}")
+    mem_growth = (last["planning_rss_mb"] / last["rows"]) / max(
+        first["planning_rss_mb"] / first["rows"], 1e-9
+    )
+    print(
+        f"\nlinearity: seconds per 100k rows {first['s_per_100k']:.2f} at {first['rows']:,} -> {last['s_per_100k']:.2f} at {last['rows']:,} "
+        f"(x{growth:.2f}; 1.0 = linear); planning memory per row x{mem_growth:.2f}"
+    )
     one_m = next((r for r in results if r["rows"] == 1_000_000), None)
     target = None
     if one_m:
         ok_s, ok_m = one_m["wall_s"] < TARGET_S, one_m["peak_rss_mb"] / 1024 < TARGET_GB
-        target = {"what": f"1M rows < {TARGET_S:.0f} s and < {TARGET_GB:.0f} GB", "seconds": one_m["wall_s"], "peak_gb": one_m["peak_rss_mb"] / 1024,
-                  "met": ok_s and ok_m}
-        print(f"Target: 1M rows in {one_m['wall_s']:.1f}s (< {TARGET_S:.0f}s: {'MET' if ok_s else 'NOT MET'}), "
-              f"peak {one_m['peak_rss_mb'] / 1024:.2f} GB (< {TARGET_GB:.0f} GB: {'MET' if ok_m else 'NOT MET'})")
+        target = {
+            "what": f"1M rows < {TARGET_S:.0f} s and < {TARGET_GB:.0f} GB",
+            "seconds": one_m["wall_s"],
+            "peak_gb": one_m["peak_rss_mb"] / 1024,
+            "met": ok_s and ok_m,
+        }
+        print(
+            f"Target: 1M rows in {one_m['wall_s']:.1f}s (< {TARGET_S:.0f}s: {'MET' if ok_s else 'NOT MET'}), "
+            f"peak {one_m['peak_rss_mb'] / 1024:.2f} GB (< {TARGET_GB:.0f} GB: {'MET' if ok_m else 'NOT MET'})"
+        )
     print("(noisy: other processes share this machine's cores)")
-    write_result("planning_scale_s3" if args.out_s3 else "planning_scale",
-                 {"settings": {"shard_size": args.shard_size, "targets_per_source": TARGETS_PER_SOURCE, "edit_id": "derived",
-                               "output": "s3 (moto, localhost, parent process)" if args.out_s3 else "local folder"},
-                                    "sizes": results, "linearity_s_per_row_ratio": growth, "linearity_mem_per_row_ratio": mem_growth,
-                                    "target": target}, facts=facts)
+    write_result(
+        "planning_scale_s3" if args.out_s3 else "planning_scale",
+        {
+            "settings": {
+                "shard_size": args.shard_size,
+                "targets_per_source": TARGETS_PER_SOURCE,
+                "edit_id": "derived",
+                "output": "s3 (moto, localhost, parent process)" if args.out_s3 else "local folder",
+            },
+            "sizes": results,
+            "linearity_s_per_row_ratio": growth,
+            "linearity_mem_per_row_ratio": mem_growth,
+            "target": target,
+        },
+        facts=facts,
+    )
     return 0
 
 

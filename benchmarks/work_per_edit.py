@@ -67,7 +67,16 @@ from benchmarks._common import (  # noqa: E402
 
 KS = (1, 4, 8)
 SOURCE_PROMPT = "a photo of a cat"
-TARGET_WORDS = ("dog", "car", "bag", "hat", "circle", "square", "street", "background")  # same word count
+TARGET_WORDS = (
+    "dog",
+    "car",
+    "bag",
+    "hat",
+    "circle",
+    "square",
+    "street",
+    "background",
+)  # same word count
 TARGET_K4_PNP = 2.3  # x T evaluations per edit
 
 # ---------------------------------------------------------------- reference arithmetic (see docstring)
@@ -89,35 +98,64 @@ def reference_rows(k: int) -> list[dict]:
     preprocessing reused for K prompts."""
     pnp_pre = PNP_REF_INVERT + PNP_REF_RECONSTRUCT
     pnp_edit = PNP_REF_EDIT_ROWS * REF_T
-    nti_opt = NTI_STEPS * (NTI_COND_ROWS + NTI_INNER_MAX * (1 + BACKWARD_AS_FORWARDS) + NTI_STEP_ROWS)
+    nti_opt = NTI_STEPS * (
+        NTI_COND_ROWS + NTI_INNER_MAX * (1 + BACKWARD_AS_FORWARDS) + NTI_STEP_ROWS
+    )
     nti_opt_fwd = NTI_STEPS * (NTI_COND_ROWS + NTI_INNER_MAX + NTI_STEP_ROWS)
     p2p_edit = P2P_EDIT_ROWS * REF_T
     rows = [
         {
             "procedure": "PnP reference (999-step inversion + 999-step reconstruction), one edit per run",
-            "method": "pnp", "k": k, "cache": "none", "inversion": pnp_pre, "source": REF_T, "target": 2 * REF_T,
-            "total": pnp_pre + pnp_edit, "arithmetic": f"{PNP_REF_INVERT} + {PNP_REF_RECONSTRUCT} + {PNP_REF_EDIT_ROWS} x {REF_T}",
+            "method": "pnp",
+            "k": k,
+            "cache": "none",
+            "inversion": pnp_pre,
+            "source": REF_T,
+            "target": 2 * REF_T,
+            "total": pnp_pre + pnp_edit,
+            "arithmetic": f"{PNP_REF_INVERT} + {PNP_REF_RECONSTRUCT} + {PNP_REF_EDIT_ROWS} x {REF_T}",
         },
         {
             "procedure": "PnP reference, preprocessing reused over K prompts",
-            "method": "pnp", "k": k, "cache": "reused", "inversion": pnp_pre / k, "source": REF_T, "target": 2 * REF_T,
-            "total": pnp_pre / k + pnp_edit, "arithmetic": f"({PNP_REF_INVERT} + {PNP_REF_RECONSTRUCT}) / {k} + {PNP_REF_EDIT_ROWS} x {REF_T}",
+            "method": "pnp",
+            "k": k,
+            "cache": "reused",
+            "inversion": pnp_pre / k,
+            "source": REF_T,
+            "target": 2 * REF_T,
+            "total": pnp_pre / k + pnp_edit,
+            "arithmetic": f"({PNP_REF_INVERT} + {PNP_REF_RECONSTRUCT}) / {k} + {PNP_REF_EDIT_ROWS} x {REF_T}",
         },
         {
             "procedure": "P2P + null-text inversion (10 inner steps, backward = 2 forwards), one edit per run",
-            "method": "p2p", "k": k, "cache": "none", "inversion": NTI_INVERT + nti_opt, "source": 2 * REF_T, "target": 2 * REF_T,
+            "method": "p2p",
+            "k": k,
+            "cache": "none",
+            "inversion": NTI_INVERT + nti_opt,
+            "source": 2 * REF_T,
+            "target": 2 * REF_T,
             "total": NTI_INVERT + nti_opt + p2p_edit,
             "arithmetic": f"{NTI_INVERT} + {NTI_STEPS} x ({NTI_COND_ROWS} + {NTI_INNER_MAX} x (1 + {BACKWARD_AS_FORWARDS}) + {NTI_STEP_ROWS}) + {P2P_EDIT_ROWS} x {REF_T}",
         },
         {
             "procedure": "P2P + null-text inversion, forwards only, one edit per run",
-            "method": "p2p", "k": k, "cache": "none", "inversion": NTI_INVERT + nti_opt_fwd, "source": 2 * REF_T, "target": 2 * REF_T,
+            "method": "p2p",
+            "k": k,
+            "cache": "none",
+            "inversion": NTI_INVERT + nti_opt_fwd,
+            "source": 2 * REF_T,
+            "target": 2 * REF_T,
             "total": NTI_INVERT + nti_opt_fwd + p2p_edit,
             "arithmetic": f"{NTI_INVERT} + {NTI_STEPS} x ({NTI_COND_ROWS} + {NTI_INNER_MAX} + {NTI_STEP_ROWS}) + {P2P_EDIT_ROWS} x {REF_T}",
         },
         {
             "procedure": "P2P + null-text inversion (backward = 2 forwards), inversion reused over K prompts",
-            "method": "p2p", "k": k, "cache": "reused", "inversion": (NTI_INVERT + nti_opt) / k, "source": 2 * REF_T, "target": 2 * REF_T,
+            "method": "p2p",
+            "k": k,
+            "cache": "reused",
+            "inversion": (NTI_INVERT + nti_opt) / k,
+            "source": 2 * REF_T,
+            "target": 2 * REF_T,
             "total": (NTI_INVERT + nti_opt) / k + p2p_edit,
             "arithmetic": f"({NTI_INVERT} + {nti_opt}) / {k} + {P2P_EDIT_ROWS} x {REF_T}",
         },
@@ -141,7 +179,10 @@ def measure(model, steps: int, log) -> list[dict]:
 
     def targets(method: str, k: int) -> list:
         cfg = PnPConfig() if method == "pnp" else P2PConfig()
-        return [Target(f"a photo of a {w}", cfg, edit_id=f"{method}-{k}-{i}") for i, w in enumerate(TARGET_WORDS[:k])]
+        return [
+            Target(f"a photo of a {w}", cfg, edit_id=f"{method}-{k}-{i}")
+            for i, w in enumerate(TARGET_WORDS[:k])
+        ]
 
     def row(method, k, cache, inv_rows, edit_rows, results, inv_reported, seconds):
         reported_src = sum(r.unet_evals["source"] for r in results)
@@ -163,9 +204,13 @@ def measure(model, steps: int, log) -> list[dict]:
             "seconds": seconds,
         }
         if not rec["agrees"]:
-            print(f"!! {method} K={k} {cache}: counted {total} evaluations per edit, the engine reports {reported}")
+            print(
+                f"!! {method} K={k} {cache}: counted {total} evaluations per edit, the engine reports {reported}"
+            )
         out.append(rec)
-        log(f"{method} K={k} {cache}: {total:.2f} evaluations per edit = {total / steps:.3f} T ({seconds:.1f}s)")
+        log(
+            f"{method} K={k} {cache}: {total:.2f} evaluations per edit = {total / steps:.3f} T ({seconds:.1f}s)"
+        )
 
     with counter, torch.no_grad():
         for method in ("pnp", "p2p"):
@@ -178,7 +223,16 @@ def measure(model, steps: int, log) -> list[dict]:
                 inv_rows = counter.rows
                 counter.reset()
                 res = edit(model, [SourceGroup(inv, tg)], record_features=(method == "pnp"))[0]
-                row(method, k, "cold", inv_rows, counter.rows, res, inv.unet_evals, time.perf_counter() - t0)
+                row(
+                    method,
+                    k,
+                    "cold",
+                    inv_rows,
+                    counter.rows,
+                    res,
+                    inv.unet_evals,
+                    time.perf_counter() - t0,
+                )
                 recorded = res[0].features  # PnP: recorded by the live (cold) edit
                 if inv.unet_evals != 3 * steps:
                     print(f"!! Inversion.unet_evals = {inv.unet_evals}, expected 3T = {3 * steps}")
@@ -188,13 +242,31 @@ def measure(model, steps: int, log) -> list[dict]:
                 t0 = time.perf_counter()
                 warm = Inversion.from_bytes(blob)
                 res = edit(model, [SourceGroup(warm, tg)])[0]
-                row(method, k, "warm", 0, counter.rows, res, warm.unet_evals, time.perf_counter() - t0)
+                row(
+                    method,
+                    k,
+                    "warm",
+                    0,
+                    counter.rows,
+                    res,
+                    warm.unet_evals,
+                    time.perf_counter() - t0,
+                )
                 if method == "pnp":
                     feats = PnPFeatures.from_bytes(recorded.to_bytes())
                     counter.reset()
                     t0 = time.perf_counter()
                     res = edit(model, [SourceGroup(warm, tg, features=feats)])[0]
-                    row(method, k, "warm + features", 0, counter.rows, res, 0, time.perf_counter() - t0)
+                    row(
+                        method,
+                        k,
+                        "warm + features",
+                        0,
+                        counter.rows,
+                        res,
+                        0,
+                        time.perf_counter() - t0,
+                    )
     return out
 
 
@@ -220,41 +292,104 @@ def main(argv: list[str] | None = None) -> int:
     for r in refs:
         r["in_T"] = r["total"] / REF_T
 
-    headers = ["procedure", "method", "K", "cache", "inversion/edit", "source/edit", "target/edit", "total/edit", "x T", "engine says"]
+    headers = [
+        "procedure",
+        "method",
+        "K",
+        "cache",
+        "inversion/edit",
+        "source/edit",
+        "target/edit",
+        "total/edit",
+        "x T",
+        "engine says",
+    ]
     print_table(
         headers,
-        [[r["procedure"], r["method"], r["k"], r["cache"], r["inversion"], r["source"], r["target"], r["total"], r["in_T"], r["engine_reported"]] for r in measured],
+        [
+            [
+                r["procedure"],
+                r["method"],
+                r["k"],
+                r["cache"],
+                r["inversion"],
+                r["source"],
+                r["target"],
+                r["total"],
+                r["in_T"],
+                r["engine_reported"],
+            ]
+            for r in measured
+        ],
         title=f"editflow, counted by running the engine (TINY toy model, T = {steps})",
     )
     pnp_ref = 2148
     print_table(
         ["procedure", "K", "total/edit", "x T (T=50)", "arithmetic"],
-        [[r["procedure"], r["k"], r["total"], r["in_T"], r["arithmetic"]] for r in refs if (r["cache"] == "none" and r["k"] == 1) or (r["cache"] == "reused" and r["k"] > 1)],
+        [
+            [r["procedure"], r["k"], r["total"], r["in_T"], r["arithmetic"]]
+            for r in refs
+            if (r["cache"] == "none" and r["k"] == 1) or (r["cache"] == "reused" and r["k"] > 1)
+        ],
         title="published reference procedures (arithmetic, T = 50)",
     )
     # side by side at T = 50: editflow's count scales exactly with T, so x T carries over
     side = []
     for k in KS:
         e = {(r["method"], r["cache"]): r for r in measured if r["k"] == k}
-        side.append([k, e[("pnp", "warm")]["in_T"] * REF_T, e[("pnp", "cold")]["in_T"] * REF_T, e[("pnp", "warm + features")]["in_T"] * REF_T,
-                     pnp_ref, pnp_ref / (e[("pnp", "warm")]["in_T"] * REF_T),
-                     e[("p2p", "warm")]["in_T"] * REF_T, e[("p2p", "cold")]["in_T"] * REF_T, 1900, 900,
-                     1900 / (e[("p2p", "cold")]["in_T"] * REF_T)])
+        side.append(
+            [
+                k,
+                e[("pnp", "warm")]["in_T"] * REF_T,
+                e[("pnp", "cold")]["in_T"] * REF_T,
+                e[("pnp", "warm + features")]["in_T"] * REF_T,
+                pnp_ref,
+                pnp_ref / (e[("pnp", "warm")]["in_T"] * REF_T),
+                e[("p2p", "warm")]["in_T"] * REF_T,
+                e[("p2p", "cold")]["in_T"] * REF_T,
+                1900,
+                900,
+                1900 / (e[("p2p", "cold")]["in_T"] * REF_T),
+            ]
+        )
     print_table(
-        ["K", "PnP warm", "PnP cold", "PnP warm+feat", "PnP ref", "ref/warm", "P2P warm", "P2P cold", "NTI+P2P ref", "(fwd only)", "NTI ref/cold"],
+        [
+            "K",
+            "PnP warm",
+            "PnP cold",
+            "PnP warm+feat",
+            "PnP ref",
+            "ref/warm",
+            "P2P warm",
+            "P2P cold",
+            "NTI+P2P ref",
+            "(fwd only)",
+            "NTI ref/cold",
+        ],
         side,
         title="evaluations per edit at T = 50 (editflow scaled from the measured x T; references per edit, one edit per run)",
     )
     k4 = next(r for r in measured if r["method"] == "pnp" and r["k"] == 4 and r["cache"] == "warm")
     met = k4["in_T"] <= TARGET_K4_PNP + 1e-12
-    print(f"\nTarget: PnP, warm cache, K = 4: {k4['in_T']:.3f} T evaluations per edit (target <= {TARGET_K4_PNP} T): {'MET' if met else 'NOT MET'}")
+    print(
+        f"\nTarget: PnP, warm cache, K = 4: {k4['in_T']:.3f} T evaluations per edit (target <= {TARGET_K4_PNP} T): {'MET' if met else 'NOT MET'}"
+    )
     all_agree = all(r["agrees"] for r in measured)
     print(f"engine-reported counts agree with the hook count: {all_agree}")
-    print(f"(wall {time.perf_counter() - t_start:.0f}s; timings in the JSON are noisy and not the point of this benchmark)")
+    print(
+        f"(wall {time.perf_counter() - t_start:.0f}s; timings in the JSON are noisy and not the point of this benchmark)"
+    )
     write_result(
         "work_per_edit",
         {
-            "settings": {"model": "TINY toy (refmodel.toy)", "T": steps, "ks": list(KS), "max_batch": 8, "dtype": "float32", "device": "cpu"},
+            "settings": {
+                "model": "TINY toy (refmodel.toy)",
+                "T": steps,
+                "ks": list(KS),
+                "max_batch": 8,
+                "dtype": "float32",
+                "device": "cpu",
+            },
             "measured": measured,
             "references": refs,
             "conventions": {
@@ -262,7 +397,11 @@ def main(argv: list[str] | None = None) -> int:
                 "backward": f"{BACKWARD_AS_FORWARDS} forwards (forwards-only rows are given too)",
                 "null_text_inner_steps": f"{NTI_INNER_MAX} (upper bound; the notebook stops early when the loss is small)",
             },
-            "target": {"what": "PnP warm K=4 evaluations per edit <= 2.3 T", "value_T": k4["in_T"], "met": met},
+            "target": {
+                "what": "PnP warm K=4 evaluations per edit <= 2.3 T",
+                "value_T": k4["in_T"],
+                "met": met,
+            },
             "engine_counts_agree": all_agree,
         },
         facts=facts,

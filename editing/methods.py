@@ -65,7 +65,10 @@ class PnPFeatures:
     facts: dict[str, Any]
 
     def to_bytes(self) -> bytes:
-        return st_save({k: v.contiguous() for k, v in self.tensors.items()}, metadata={"facts": json.dumps(self.facts, sort_keys=True)})
+        return st_save(
+            {k: v.contiguous() for k, v in self.tensors.items()},
+            metadata={"facts": json.dumps(self.facts, sort_keys=True)},
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes, expect: dict[str, Any] | None = None) -> PnPFeatures:
@@ -125,7 +128,9 @@ def pnp_feature_facts(model: EditModel, inversion: Inversion, config: PnPConfig)
 
 def pnp_layers(model: EditModel, config: PnPConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The PnP layers for this model: the config's, else the model's recorded defaults, else SD's."""
-    feats = config.feature_layers or tuple(model.defaults.get("pnp_feature_layers", SD_PNP_FEATURE_LAYERS))
+    feats = config.feature_layers or tuple(
+        model.defaults.get("pnp_feature_layers", SD_PNP_FEATURE_LAYERS)
+    )
     attns = config.attn_layers or tuple(model.defaults.get("pnp_attn_layers", SD_PNP_ATTN_LAYERS))
     return tuple(feats), tuple(attns)
 
@@ -136,7 +141,9 @@ def pnp_layers(model: EditModel, config: PnPConfig) -> tuple[tuple[str, ...], tu
 Piece = tuple[int, SourceGroup, list[int]]  # (group index, group, indices of its targets)
 
 
-def _chunks(groups: Sequence[SourceGroup], max_batch: int, key: Callable[[SourceGroup, Target], Any]) -> list[list[Piece]]:
+def _chunks(
+    groups: Sequence[SourceGroup], max_batch: int, key: Callable[[SourceGroup, Target], Any]
+) -> list[list[Piece]]:
     """Pack groups' targets into chunks of at most `max_batch` targets with equal `key`s."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -219,7 +226,8 @@ def _run_chunk(
     *,
     live: bool,
     prepare: Callable[[_Rows, ControlState, int], dict[str, Any]],
-    after_step: Callable[[ControlState, _Rows, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+    after_step: Callable[[ControlState, _Rows, torch.Tensor, torch.Tensor, int], torch.Tensor]
+    | None = None,
     record: bool = False,
 ) -> list[EditResult]:
     start = time.perf_counter()
@@ -232,7 +240,9 @@ def _run_chunk(
     rows = _layout(pieces, steps, live, _feature_steps, _attn_steps)
     b = len(rows.plan.src)
     emb = [None] * b
-    empty = None  # PnP source_text="empty": the source rows see "" (encoded once per chunk, on `dev`)
+    empty = (
+        None  # PnP source_text="empty": the source rows see "" (encoded once per chunk, on `dev`)
+    )
     for pi, row in enumerate(rows.src_rows):
         _, grp, idxs = pieces[pi]
         if _source_text(grp.targets[idxs[0]].config) == "empty":
@@ -248,7 +258,9 @@ def _run_chunk(
     traj = torch.stack([g.inversion.latents for _, g, _ in pieces]).to(dev)  # (P, T+1, C, h, w)
     corr = torch.stack([g.inversion.corrections for _, g, _ in pieces]).to(dev)  # (P, T, C, h, w)
     tpiece = torch.tensor(rows.target_piece, device=dev)
-    correct = torch.tensor([t.config.target_correction for t in rows.targets], device=dev, dtype=traj.dtype)
+    correct = torch.tensor(
+        [t.config.target_correction for t in rows.targets], device=dev, dtype=traj.dtype
+    )
     scales = torch.tensor([t.config.guidance_scale for t in rows.targets], device=dev)
     state = ControlState(plan=rows.plan, latent_positions=int(traj.shape[-1] * traj.shape[-2]))
     if record:
@@ -256,14 +268,18 @@ def _run_chunk(
     if not live:
         state.replay = _stack_features([g.features for _, g, _ in pieces])
     install = prepare(rows, state, steps)
-    state.place(steps, dev, dt)  # every index, schedule and replayed feature on the UNet's device, once
+    state.place(
+        steps, dev, dt
+    )  # every index, schedule and replayed feature on the UNet's device, once
     # 3. Start every target from its source's z_T
     z = traj[tpiece, steps].clone()  # (n, C, h, w) fp32 (fp64 for fp64 models)
     u_idx, c_idx = torch.tensor(rows.u_rows, device=dev), torch.tensor(rows.c_rows, device=dev)
     src_idx = torch.tensor(rows.src_rows, device=dev, dtype=torch.long)
     x = torch.empty((b, *z.shape[1:]), device=dev, dtype=traj.dtype)
     timesteps = schedule.timesteps_on(dev)
-    finite = torch.ones(steps, dtype=torch.bool, device=dev)  # per step; read back once, after the loop
+    finite = torch.ones(
+        steps, dtype=torch.bool, device=dev
+    )  # per step; read back once, after the loop
     # 4. Install processors, 5. denoise (no host round trip inside: see editing.attention.ControlState)
     with controlled_unet(model.unet, state, **install):
         for i, level in enumerate(range(steps, 0, -1)):
@@ -274,7 +290,10 @@ def _run_chunk(
             x[u_idx], x[c_idx] = z, z
             out = model.unet(x.to(dt), timesteps[level - 1], encoder_hidden_states=emb_t).sample
             guided = guide(out[u_idx], out[c_idx], scales)
-            z = denoise_step(guided, z, schedule, level) + correct.view(-1, 1, 1, 1) * corr[tpiece, level - 1]
+            z = (
+                denoise_step(guided, z, schedule, level)
+                + correct.view(-1, 1, 1, 1) * corr[tpiece, level - 1]
+            )
             if after_step is not None:
                 z = after_step(state, rows, z, traj[tpiece, level - 1], i)
             finite[i] = torch.isfinite(z).all()
@@ -329,8 +348,12 @@ def _stack_features(features: list[PnPFeatures | None]) -> dict[str, torch.Tenso
     return {k: torch.cat([f.tensors[k] for f in features]) for k in keys}
 
 
-def _split_features(record: dict[str, torch.Tensor], pieces: list[Piece], model: EditModel) -> list[PnPFeatures]:
-    record = {k: v.cpu() for k, v in record.items()}  # recorded on the UNet's device; one copy each, after the loop
+def _split_features(
+    record: dict[str, torch.Tensor], pieces: list[Piece], model: EditModel
+) -> list[PnPFeatures]:
+    record = {
+        k: v.cpu() for k, v in record.items()
+    }  # recorded on the UNet's device; one copy each, after the loop
     out = []
     for pi, (_, group, idxs) in enumerate(pieces):
         config = group.targets[idxs[0]].config
@@ -355,7 +378,9 @@ def _run_all(
     for gi, g in enumerate(groups):
         for t in g.targets:
             if not isinstance(t.config, config_type):
-                raise ValueError(f"group {gi}: target {t.prompt!r} has a {type(t.config).__name__}, {method} needs {config_type.__name__}")
+                raise ValueError(
+                    f"group {gi}: target {t.prompt!r} has a {type(t.config).__name__}, {method} needs {config_type.__name__}"
+                )
 
     def key(g: SourceGroup, t: Target) -> Any:
         return (g.inversion.num_steps, g.inversion.latent_shape, extra_key(g, t))
@@ -373,7 +398,11 @@ def _run_all(
 
 
 def edit_pnp(
-    model: EditModel, groups: Sequence[SourceGroup], *, max_batch: int = 8, record_features: bool = False
+    model: EditModel,
+    groups: Sequence[SourceGroup],
+    *,
+    max_batch: int = 8,
+    record_features: bool = False,
 ) -> list[list[EditResult]]:
     """Plug-and-Play diffusion features (Tumanyan et al., CVPR 2023) on Direct-Inversion latents."""
 
@@ -388,17 +417,27 @@ def edit_pnp(
                 for ti in idxs:
                     want = pnp_feature_facts(model, g.inversion, g.targets[ti].config)
                     have = g.features.facts
-                    if any(have.get(k) != want[k] for k in ("inversion", "feature_layers", "attn_layers")) or (
-                        have.get("source_text", "source") != want.get("source_text", "source")
-                    ) or (
-                        have.get("feature_steps", -1) < want["feature_steps"] or have.get("attn_steps", -1) < want["attn_steps"]
+                    if (
+                        any(
+                            have.get(k) != want[k]
+                            for k in ("inversion", "feature_layers", "attn_layers")
+                        )
+                        or (have.get("source_text", "source") != want.get("source_text", "source"))
+                        or (
+                            have.get("feature_steps", -1) < want["feature_steps"]
+                            or have.get("attn_steps", -1) < want["attn_steps"]
+                        )
                     ):
-                        raise ValueError("cached PnP features do not cover this edit's layers/steps; drop them to recompute")
+                        raise ValueError(
+                            "cached PnP features do not cover this edit's layers/steps; drop them to recompute"
+                        )
 
         def prepare(rows: _Rows, state: ControlState, steps: int) -> dict[str, Any]:
             return {"pnp_attn_parents": attns, "pnp_feature_layers": feats}
 
-        return _run_chunk(model, pieces, "pnp", live=live, prepare=prepare, record=record_features and live)
+        return _run_chunk(
+            model, pieces, "pnp", live=live, prepare=prepare, record=record_features and live
+        )
 
     return _run_all(model, groups, "pnp", PnPConfig, max_batch, extra, run)
 
@@ -407,7 +446,11 @@ def edit_pnp(
 
 
 def edit_p2p(
-    model: EditModel, groups: Sequence[SourceGroup], *, max_batch: int = 8, record_features: bool = False
+    model: EditModel,
+    groups: Sequence[SourceGroup],
+    *,
+    max_batch: int = 8,
+    record_features: bool = False,
 ) -> list[list[EditResult]]:
     """Prompt-to-Prompt cross-attention control (Hertz et al. 2022) on Direct-Inversion latents."""
     tok = model.tokenizer
@@ -420,7 +463,9 @@ def edit_p2p(
         return (t.config.self_max_fraction, blend_fraction(t.config))
 
     def run(pieces: list[Piece]) -> list[EditResult]:
-        blends: list[tuple[int, torch.Tensor, torch.Tensor, float, int] | None] = []  # token positions on the device
+        blends: list[
+            tuple[int, torch.Tensor, torch.Tensor, float, int] | None
+        ] = []  # token positions on the device
 
         def prepare(rows: _Rows, state: ControlState, steps: int) -> dict[str, Any]:
             b = len(rows.plan.src)
@@ -435,13 +480,21 @@ def edit_p2p(
                 r = rows.c_rows[j]
                 mapper[r], alpha[r] = alignment.p2p_mapper(tok, kind, source, t.prompt)
                 eq[r] = alignment.equalizer_vector(tok, t.prompt, dict(cfg.equalizer))
-                sched[r] = alignment.cross_replace_schedule(tok, t.prompt, cfg.cross_replace_steps, steps)
+                sched[r] = alignment.cross_replace_schedule(
+                    tok, t.prompt, cfg.cross_replace_steps, steps
+                )
                 if cfg.blend_source_words:
                     blends.append(
                         (
                             r,
-                            torch.tensor(alignment.positions_of(tok, source, cfg.blend_source_words), device=model.device),
-                            torch.tensor(alignment.positions_of(tok, t.prompt, cfg.blend_target_words), device=model.device),
+                            torch.tensor(
+                                alignment.positions_of(tok, source, cfg.blend_source_words),
+                                device=model.device,
+                            ),
+                            torch.tensor(
+                                alignment.positions_of(tok, t.prompt, cfg.blend_target_words),
+                                device=model.device,
+                            ),
                             cfg.blend_threshold,
                             int(cfg.blend_start * steps),
                             cfg.blend_normalize,
@@ -449,13 +502,22 @@ def edit_p2p(
                     )
                 else:
                     blends.append(None)
-            rows.plan.mapper, rows.plan.alpha, rows.plan.equalizer, rows.plan.cross_schedule = mapper, alpha, eq, sched
+            rows.plan.mapper, rows.plan.alpha, rows.plan.equalizer, rows.plan.cross_schedule = (
+                mapper,
+                alpha,
+                eq,
+                sched,
+            )
             cfg0: P2PConfig = rows.targets[0].config
             state.self_max_positions = int(cfg0.self_max_fraction * state.latent_positions)
-            state.blend_positions = int(round(blend_fraction(cfg0) * state.latent_positions)) if any(blends) else -1
+            state.blend_positions = (
+                int(round(blend_fraction(cfg0) * state.latent_positions)) if any(blends) else -1
+            )
             return {"p2p": True}
 
-        def after_step(state: ControlState, rows: _Rows, z: torch.Tensor, z_src: torch.Tensor, i: int) -> torch.Tensor:
+        def after_step(
+            state: ControlState, rows: _Rows, z: torch.Tensor, z_src: torch.Tensor, i: int
+        ) -> torch.Tensor:
             if not any(blends):
                 return z
             if state.blend_count == 0:
@@ -467,8 +529,12 @@ def edit_p2p(
                 if spec is None or i < spec[4]:
                     continue
                 r, src_pos, tgt_pos, threshold, _, norm = spec
-                s = rows.src_rows[rows.target_piece[j]]  # the target's source row (host-side, no read-back)
-                mask = local_blend_mask(maps[s][:, src_pos], maps[r][:, tgt_pos], tuple(z.shape[-2:]), threshold, norm)
+                s = rows.src_rows[
+                    rows.target_piece[j]
+                ]  # the target's source row (host-side, no read-back)
+                mask = local_blend_mask(
+                    maps[s][:, src_pos], maps[r][:, tgt_pos], tuple(z.shape[-2:]), threshold, norm
+                )
                 z[j] = z_src[j] + mask.to(z.device, z.dtype) * (z[j] - z_src[j])
             return z
 
@@ -480,7 +546,11 @@ def edit_p2p(
 
 
 def local_blend_mask(
-    src_maps: torch.Tensor, tgt_maps: torch.Tensor, size: tuple[int, int], threshold: float, normalize: str = "minmax"
+    src_maps: torch.Tensor,
+    tgt_maps: torch.Tensor,
+    size: tuple[int, int],
+    threshold: float,
+    normalize: str = "minmax",
 ) -> torch.Tensor:
     """Prompt-to-Prompt's local-blend mask (1, h, w) from the chosen words' maps (Q, n_words_tokens) each.
 
@@ -510,16 +580,30 @@ METHOD_OF_CONFIG: dict[type, str] = {PnPConfig: "pnp", P2PConfig: "p2p"}
 
 
 def edit(
-    model: EditModel, groups: Sequence[SourceGroup], *, max_batch: int = 8, record_features: bool = False
+    model: EditModel,
+    groups: Sequence[SourceGroup],
+    *,
+    max_batch: int = 8,
+    record_features: bool = False,
 ) -> list[list[EditResult]]:
     """Edit every group's targets, each with the method its config names; one result list per group."""
     out: list[list[EditResult | None]] = [[None] * len(g.targets) for g in groups]
     for method, fn in METHODS.items():
         sub, where = [], []
         for gi, g in enumerate(groups):
-            idxs = [ti for ti, t in enumerate(g.targets) if METHOD_OF_CONFIG.get(type(t.config)) == method]
+            idxs = [
+                ti
+                for ti, t in enumerate(g.targets)
+                if METHOD_OF_CONFIG.get(type(t.config)) == method
+            ]
             if idxs:
-                sub.append(SourceGroup(g.inversion, [g.targets[ti] for ti in idxs], g.features if method == "pnp" else None))
+                sub.append(
+                    SourceGroup(
+                        g.inversion,
+                        [g.targets[ti] for ti in idxs],
+                        g.features if method == "pnp" else None,
+                    )
+                )
                 where.append((gi, idxs))
         if not sub:
             continue
@@ -530,5 +614,7 @@ def edit(
     for gi, g in enumerate(groups):
         for ti, t in enumerate(g.targets):
             if out[gi][ti] is None:
-                raise ValueError(f"group {gi}: target {t.prompt!r} has an unknown config type {type(t.config).__name__}")
+                raise ValueError(
+                    f"group {gi}: target {t.prompt!r} has an unknown config type {type(t.config).__name__}"
+                )
     return out  # type: ignore[return-value]

@@ -32,11 +32,15 @@ def denoise(
         raise ValueError("this UNet has no attention layers")
     schedule = make_schedule(model.scheduler, num_steps)
     n = len(prompts)
-    emb = torch.cat([model.encode_prompts([negative_prompt] * n), model.encode_prompts(list(prompts))])
+    emb = torch.cat(
+        [model.encode_prompts([negative_prompt] * n), model.encode_prompts(list(prompts))]
+    )
     z = z_t.to(model.device, model.latent_dtype)
     for level in range(num_steps, 0, -1):
         x = torch.cat([z, z]).to(model.dtype)
-        out = model.unet(x, schedule.timestep(level).to(model.device), encoder_hidden_states=emb).sample
+        out = model.unet(
+            x, schedule.timestep(level).to(model.device), encoder_hidden_states=emb
+        ).sample
         z = denoise_step(guide(out[:n], out[n:], guidance_scale), z, schedule, level)
     return z
 
@@ -57,4 +61,6 @@ def generate(
     gen = torch.Generator("cpu").manual_seed(seed)
     channels = model.unet.config.in_channels
     noise = torch.randn((len(prompts), channels, h // f, w // f), generator=gen)
-    return model.decode_latents(denoise(model, noise, prompts, num_steps=num_steps, guidance_scale=guidance_scale))
+    return model.decode_latents(
+        denoise(model, noise, prompts, num_steps=num_steps, guidance_scale=guidance_scale)
+    )

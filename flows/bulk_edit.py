@@ -38,7 +38,9 @@ from tasks.units import plan_task, report_task, shard_task
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict[str, Any]], None]
-_progress: list[ProgressFn] = []  # set by the CLI (a callable is no flow parameter: parameters are stored)
+_progress: list[
+    ProgressFn
+] = []  # set by the CLI (a callable is no flow parameter: parameters are stored)
 
 
 def set_progress_callback(fn: ProgressFn | None) -> None:
@@ -53,12 +55,24 @@ def _notify(event: dict[str, Any]) -> None:
         fn(event)
 
 
-def _fan_out(options: RunOptions, run_id: str, shards: Sequence[int], gpu_resources: bool) -> tuple[list[dict], list[str]]:
+def _fan_out(
+    options: RunOptions, run_id: str, shards: Sequence[int], gpu_resources: bool
+) -> tuple[list[dict], list[str]]:
     """Submit one task per shard; collect their stats as they finish."""
     opts = options.to_dict()
-    plan = read_json(open_store(options.out, s3_endpoint=options.s3_endpoint), keys.plan_key(run_id))
-    edits_of = {sh["index"]: sh["edits"] for sh in plan.get("shards", []) if sh["index"] in set(shards)}
-    watch = RunWatch(run_id, edits_of, _notify, task_runner=_current_task_runner(), artifact_key=f"progress-{run_id.lower()}"[:100]).start()
+    plan = read_json(
+        open_store(options.out, s3_endpoint=options.s3_endpoint), keys.plan_key(run_id)
+    )
+    edits_of = {
+        sh["index"]: sh["edits"] for sh in plan.get("shards", []) if sh["index"] in set(shards)
+    }
+    watch = RunWatch(
+        run_id,
+        edits_of,
+        _notify,
+        task_runner=_current_task_runner(),
+        artifact_key=f"progress-{run_id.lower()}"[:100],
+    ).start()
     if gpu_resources:
         import dask
 
@@ -98,12 +112,21 @@ def _failed_rows(results, limit: int) -> list[dict[str, Any]]:
     """The first `limit` failed rows of a run's results (row, edit_id, error), in manifest order."""
     if not results.num_rows:
         return []
-    failed = results.filter(pc.equal(results.column("status"), "failed")).select(["row", "edit_id", "error"])
+    failed = results.filter(pc.equal(results.column("status"), "failed")).select(
+        ["row", "edit_id", "error"]
+    )
     order = pc.sort_indices(failed, sort_keys=[("row", "ascending")])
     return failed.take(order).slice(0, limit).to_pylist()
 
 
-def _summarise(options: RunOptions, run_id: str, plan: dict, stats: list[dict], failed_shards: list[str], wall: float) -> dict[str, Any]:
+def _summarise(
+    options: RunOptions,
+    run_id: str,
+    plan: dict,
+    stats: list[dict],
+    failed_shards: list[str],
+    wall: float,
+) -> dict[str, Any]:
     out = open_store(options.out, s3_endpoint=options.s3_endpoint)
     results = read_run_results(options, run_id)
     counts = {s: 0 for s in ("succeeded", "failed", "skipped")}
@@ -130,7 +153,9 @@ def _summarise(options: RunOptions, run_id: str, plan: dict, stats: list[dict], 
         "unet_evals": sum(s.get("unet_evals", 0.0) for s in stats),
         "failed_shards": failed_shards,
         "failed_rows": failed_rows,  # the first FAILED_ROWS_SHOWN failed rows: row, edit_id, error
-        "threads_per_worker": sorted({s["threads"] for s in stats if s.get("threads")}),  # CPU policy in force
+        "threads_per_worker": sorted(
+            {s["threads"] for s in stats if s.get("threads")}
+        ),  # CPU policy in force
         "seconds": seconds,
         "results_uri": out.uri(keys.run_prefix(run_id) + "results/"),
     }
@@ -138,12 +163,34 @@ def _summarise(options: RunOptions, run_id: str, plan: dict, stats: list[dict], 
     try:
         write_json(out, keys.summary_key(run_id), summary)
     except Exception as exc:  # noqa: BLE001 - e.g. a full disk: the caller still gets (and prints) the summary
-        summary["summary_error"] = describe_storage_error(exc) or f"could not write {out.uri(keys.summary_key(run_id))}: {type(exc).__name__}: {exc}"
+        summary["summary_error"] = (
+            describe_storage_error(exc)
+            or f"could not write {out.uri(keys.summary_key(run_id))}: {type(exc).__name__}: {exc}"
+        )
         logger.error("%s", summary["summary_error"])
     if results.num_rows:
-        cols = [c for c in ("edit_id", "status", "output_uri", "error", "cache_hit", "unet_evals", "seconds") if c in results.column_names]
-        create_table_artifact(results.select(cols).slice(0, 500).to_pylist(), key=f"results-{run_id.lower()}"[:100], description="first 500 results")
-    create_markdown_artifact(report_markdown(summary, summary, report_failures(results)), key=f"summary-{run_id.lower()}"[:100])
+        cols = [
+            c
+            for c in (
+                "edit_id",
+                "status",
+                "output_uri",
+                "error",
+                "cache_hit",
+                "unet_evals",
+                "seconds",
+            )
+            if c in results.column_names
+        ]
+        create_table_artifact(
+            results.select(cols).slice(0, 500).to_pylist(),
+            key=f"results-{run_id.lower()}"[:100],
+            description="first 500 results",
+        )
+    create_markdown_artifact(
+        report_markdown(summary, summary, report_failures(results)),
+        key=f"summary-{run_id.lower()}"[:100],
+    )
     return summary
 
 
@@ -225,18 +272,40 @@ def read_plan(store, run_id: str) -> dict[str, Any]:
     try:
         plan = read_json(store, key)
     except NotFound:
-        raise RunNotFound(f"no run {run_id} under {store.uri()} (no {store.uri(key)}); the run ids are the folders of {store.uri('runs/')}") from None
+        raise RunNotFound(
+            f"no run {run_id} under {store.uri()} (no {store.uri(key)}); the run ids are the folders of {store.uri('runs/')}"
+        ) from None
     if not isinstance(plan, dict) or "shards" not in plan or "options" not in plan:
-        raise RunIncomplete(f"run {run_id} under {store.uri()} was never planned completely ({store.uri(key)} is a placeholder); start a new run")
+        raise RunIncomplete(
+            f"run {run_id} under {store.uri()} was never planned completely ({store.uri(key)} is a placeholder); start a new run"
+        )
     return plan
 
 
-def trusted_options(plan: dict[str, Any], *, run_id: str, out: str, s3_endpoint: str | None, model: str, cache: str, allow_pickle: bool) -> RunOptions:
+def trusted_options(
+    plan: dict[str, Any],
+    *,
+    run_id: str,
+    out: str,
+    s3_endpoint: str | None,
+    model: str,
+    cache: str,
+    allow_pickle: bool,
+) -> RunOptions:
     """The rerun's options: the security-relevant ones (model, allow_pickle, cache, endpoint) from the
     caller, never from the stored plan (anyone who can write the output can change it); the model and
     cache the plan records must match them (``RunMismatch``). The rest (format, batch, ...) is the plan's."""
     recorded = dict(plan["options"])
-    options = RunOptions.from_dict({**recorded, "out": out, "s3_endpoint": s3_endpoint, "model": model, "cache": cache, "allow_pickle": allow_pickle})
+    options = RunOptions.from_dict(
+        {
+            **recorded,
+            "out": out,
+            "s3_endpoint": s3_endpoint,
+            "model": model,
+            "cache": cache,
+            "allow_pickle": allow_pickle,
+        }
+    )
     where = open_store(out, s3_endpoint=s3_endpoint).uri(keys.plan_key(run_id))
     rec_model = RunOptions(out=out, model=str(recorded.get("model") or "")).model_ref
     if rec_model != options.model_ref:
@@ -271,11 +340,26 @@ def rerun(
     t0 = time.perf_counter()
     store = open_store(out, s3_endpoint=s3_endpoint)
     plan = read_plan(store, run_id)
-    options = trusted_options(plan, run_id=run_id, out=out, s3_endpoint=s3_endpoint, model=model, cache=cache, allow_pickle=allow_pickle)
+    options = trusted_options(
+        plan,
+        run_id=run_id,
+        out=out,
+        s3_endpoint=s3_endpoint,
+        model=model,
+        cache=cache,
+        allow_pickle=allow_pickle,
+    )
     if threads is not None:
         options = dataclasses.replace(options, threads=threads)
     todo = shards_to_rerun(options, run_id, plan)
-    _notify({"planned": {"shards": len(todo), "pending": sum(s["edits"] for s in plan["shards"] if s["index"] in todo)}})
+    _notify(
+        {
+            "planned": {
+                "shards": len(todo),
+                "pending": sum(s["edits"] for s in plan["shards"] if s["index"] in todo),
+            }
+        }
+    )
     stats, failed = _fan_out(options, run_id, todo, gpu_resources)
     return _summarise(options, run_id, plan, stats, failed, time.perf_counter() - t0)
 

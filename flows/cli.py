@@ -35,7 +35,9 @@ def _quiet_prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time notes about optional packages
+    os.environ.setdefault(
+        "TRANSFORMERS_VERBOSITY", "error"
+    )  # import-time notes about optional packages
     # Prefect's first-run telemetry notice on a terminal: its documented client-side opt-out
     # (docs.prefect.io/v3/concepts/telemetry); the server side is PREFECT_SERVER_ANALYTICS_ENABLED above
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -46,16 +48,45 @@ def _quiet_prefect_defaults() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-EDITFLOW_LOGGERS = ("flows", "tasks", "editing", "storage", "manifests", "refmodel")  # what -v shows
+EDITFLOW_LOGGERS = (
+    "flows",
+    "tasks",
+    "editing",
+    "storage",
+    "manifests",
+    "refmodel",
+)  # what -v shows
 
 
 def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
-    p.add_argument("--out", required=out_required, default=None, help="output root: folder, file://... or s3://bucket/prefix")
-    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-    p.add_argument("--runner", choices=("local", "dask"), default="local", help="shard fan-out (default: local, one worker per GPU)")
-    p.add_argument("--dask-address", default=None, help="scheduler address of an existing Dask cluster")
-    p.add_argument("--dask-workers", type=int, default=2, help="worker processes of a new local Dask cluster")
-    p.add_argument("--dask-gpu", action="store_true", help="with --dask-address: each shard task asks for one GPU resource")
+    p.add_argument(
+        "--out",
+        required=out_required,
+        default=None,
+        help="output root: folder, file://... or s3://bucket/prefix",
+    )
+    p.add_argument(
+        "--s3-endpoint",
+        default=None,
+        help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)",
+    )
+    p.add_argument(
+        "--runner",
+        choices=("local", "dask"),
+        default="local",
+        help="shard fan-out (default: local, one worker per GPU)",
+    )
+    p.add_argument(
+        "--dask-address", default=None, help="scheduler address of an existing Dask cluster"
+    )
+    p.add_argument(
+        "--dask-workers", type=int, default=2, help="worker processes of a new local Dask cluster"
+    )
+    p.add_argument(
+        "--dask-gpu",
+        action="store_true",
+        help="with --dask-address: each shard task asks for one GPU resource",
+    )
     p.add_argument(
         "--threads", type=_positive_int, default=None,
         help="CPU threads per worker process (default: EDITFLOW_THREADS, else the CPUs divided by the workers on the machine)",
@@ -73,16 +104,39 @@ def _positive_int(text: str) -> int:
 
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="", help="diffusers SD 1.x/2.x folder or hub id (default: the bundled reference model)")
+    p.add_argument(
+        "--model",
+        default="",
+        help="diffusers SD 1.x/2.x folder or hub id (default: the bundled reference model)",
+    )
     p.add_argument("--cache", default="", help="inversion cache root (default: {out}/cache)")
-    p.add_argument("--shard-size", type=_positive_int, default=64, help="edits per shard task (default 64)")
+    p.add_argument(
+        "--shard-size", type=_positive_int, default=64, help="edits per shard task (default 64)"
+    )
     p.add_argument("--format", dest="image_format", choices=("png", "jpeg", "webp"), default="png")
-    p.add_argument("--max-batch", type=_positive_int, default=8, help="targets per UNet batch (default 8)")
-    p.add_argument("--cache-features", action="store_true", help="also cache PnP source features (see README: Performance)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"), help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument(
+        "--max-batch", type=_positive_int, default=8, help="targets per UNet batch (default 8)"
+    )
+    p.add_argument(
+        "--cache-features",
+        action="store_true",
+        help="also cache PnP source features (see README: Performance)",
+    )
+    p.add_argument(
+        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float16", "bfloat16", "float32"),
+        help="default: float16 on CUDA, float32 on CPU",
+    )
     p.add_argument("--run-id", default=None, help="run id (default: time + random suffix)")
-    p.add_argument("--allow-pickle", action="store_true", help="load a checkpoint that only has pickle weights (they can run code)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load a checkpoint that only has pickle weights (they can run code)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,39 +147,74 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="editflow", description="Bulk text-guided image editing (Prompt-to-Prompt, Plug-and-Play).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="editflow's own log at INFO level")
+    parser = _Parser(
+        prog="editflow",
+        description="Bulk text-guided image editing (Prompt-to-Prompt, Plug-and-Play).",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="editflow's own log at INFO level"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("validate", help="check a manifest; report every problem with row, column and reason")
+    v = sub.add_parser(
+        "validate", help="check a manifest; report every problem with row, column and reason"
+    )
     v.add_argument("manifest")
     v.add_argument("--s3-endpoint", default=None)
-    v.add_argument("--model", default="", help="also check that every prompt fits this model's text encoder (default: the bundled reference model)")
+    v.add_argument(
+        "--model",
+        default="",
+        help="also check that every prompt fits this model's text encoder (default: the bundled reference model)",
+    )
     r = sub.add_parser("run", help="validate and run a manifest")
     r.add_argument("manifest")
     _common(r)
     _edit_args(r)
-    rr = sub.add_parser("rerun", help="finish a run: redo shards without results and failed rows only")
+    rr = sub.add_parser(
+        "rerun", help="finish a run: redo shards without results and failed rows only"
+    )
     rr.add_argument("run_id", help="the run id (with --out), or the run's URI: OUT/runs/RUN_ID")
     _common(rr, out_required=False)
     # never taken from the stored plan (anyone who can write --out could change it); checked against it
-    rr.add_argument("--model", default="", help="the run's model, as given to `run` (default: the bundled reference model)")
-    rr.add_argument("--cache", default="", help="the run's inversion cache, as given to `run` (default: {out}/cache)")
-    rr.add_argument("--allow-pickle", action="store_true", help="load a checkpoint that only has pickle weights (they can run code)")
+    rr.add_argument(
+        "--model",
+        default="",
+        help="the run's model, as given to `run` (default: the bundled reference model)",
+    )
+    rr.add_argument(
+        "--cache",
+        default="",
+        help="the run's inversion cache, as given to `run` (default: {out}/cache)",
+    )
+    rr.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load a checkpoint that only has pickle weights (they can run code)",
+    )
     rs = sub.add_parser("restyle", help="a catalog (image_uri, caption) x styles as one bulk edit")
     rs.add_argument("catalog")
     rs.add_argument("--style", action="append", required=True, help="a style; repeat for several")
-    rs.add_argument("--template", default="{caption}, {style}", help='target prompt template (default "{caption}, {style}")')
+    rs.add_argument(
+        "--template",
+        default="{caption}, {style}",
+        help='target prompt template (default "{caption}, {style}")',
+    )
     rs.add_argument("--method", choices=("pnp", "p2p"), default="pnp")
     rs.add_argument("--image-column", default="image_uri")
     rs.add_argument("--caption-column", default="caption")
     _common(rs)
     _edit_args(rs)
-    sh = sub.add_parser("show", help="a finished or interrupted run: its summary, failures and report")
-    sh.add_argument("run_id", metavar="RUN", help="the run id (with --out), or the run's URI: OUT/runs/RUN_ID")
+    sh = sub.add_parser(
+        "show", help="a finished or interrupted run: its summary, failures and report"
+    )
+    sh.add_argument(
+        "run_id", metavar="RUN", help="the run id (with --out), or the run's URI: OUT/runs/RUN_ID"
+    )
     sh.add_argument("--out", default=None, help="output root of the run (when RUN is a run id)")
     sh.add_argument("--s3-endpoint", default=None)
     sh.add_argument("--limit", type=int, default=50, help="failures listed (default 50; 0 = all)")
-    sv = sub.add_parser("serve", help="serve the bulk-edit flow on a cron schedule from this machine")
+    sv = sub.add_parser(
+        "serve", help="serve the bulk-edit flow on a cron schedule from this machine"
+    )
     sv.add_argument("manifest")
     sv.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *"')
     sv.add_argument("--name", default="editflow-bulk-edit")
@@ -163,7 +252,10 @@ class _Progress:
         if self.mode == "off":
             return
         if "planned" in event:
-            self.total, self.shards = event["planned"].get("pending", 0), event["planned"].get("shards", 0)
+            self.total, self.shards = (
+                event["planned"].get("pending", 0),
+                event["planned"].get("shards", 0),
+            )
             if self.mode == "bar":
                 from tqdm import tqdm
 
@@ -172,7 +264,13 @@ class _Progress:
         if "progress" in event:  # per-edit counts from the shards (tasks.progress.RunWatch)
             snap = event["progress"]
             with self.lock:
-                delta, self.done, self.failed, self.rate, self.eta = snap["done"] - self.done, snap["done"], snap["failed"], snap["rate"], snap["eta"]
+                delta, self.done, self.failed, self.rate, self.eta = (
+                    snap["done"] - self.done,
+                    snap["done"],
+                    snap["failed"],
+                    snap["rate"],
+                    snap["eta"],
+                )
                 if self.bar is not None and delta > 0:
                     self.bar.update(delta)  # tqdm shows edits/s and the ETA
                     self.bar.set_postfix(failed=self.failed)
@@ -201,11 +299,17 @@ class _Progress:
 def _print_summary(summary: dict[str, Any]) -> None:
     c = summary["counts"]
     secs = summary["seconds"]
-    print(f"run {summary['run_id']}: {c['succeeded']} succeeded, {c['failed']} failed, {c['skipped']} skipped (of {summary['rows']})")
-    print(f"inversions: {summary['inversions_computed']} computed, {summary['inversion_cache_hits']} from cache; UNet evaluations: {summary['unet_evals']:.0f}")
+    print(
+        f"run {summary['run_id']}: {c['succeeded']} succeeded, {c['failed']} failed, {c['skipped']} skipped (of {summary['rows']})"
+    )
+    print(
+        f"inversions: {summary['inversions_computed']} computed, {summary['inversion_cache_hits']} from cache; UNet evaluations: {summary['unet_evals']:.0f}"
+    )
     print(f"time: {secs['wall']:.1f}s; results: {summary['results_uri']}")
     if summary.get("report_uri"):
-        print(f"report: {summary['report_uri']} (and `editflow show {summary['run_id']} --out {summary['out']}`)")
+        print(
+            f"report: {summary['report_uri']} (and `editflow show {summary['run_id']} --out {summary['out']}`)"
+        )
     for s in summary.get("failed_shards", []):
         print(f"failed {s}")
     rows = summary.get("failed_rows", [])
@@ -260,8 +364,11 @@ def _restyle_problems(args: argparse.Namespace) -> list:
     problems = validate_table(table) + prompt_length_problems(table, _prompt_budget(args.model))
     n = len(args.style)  # manifest row r = catalog row r // n with style r % n
     return [
-        dataclasses.replace(p, reason=f"{p.reason} (catalog row {p.row // n}, style {args.style[p.row % n]!r})")
-        if p.row is not None else p
+        dataclasses.replace(
+            p, reason=f"{p.reason} (catalog row {p.row // n}, style {args.style[p.row % n]!r})"
+        )
+        if p.row is not None
+        else p
         for p in problems
     ]
 
@@ -285,7 +392,10 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     except (KeyboardInterrupt, _Terminated) as exc:
         code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
-        print("editflow: interrupted; finished edits are kept: `editflow rerun RUN_ID --out OUT` finishes the run", file=sys.stderr)
+        print(
+            "editflow: interrupted; finished edits are kept: `editflow rerun RUN_ID --out OUT` finishes the run",
+            file=sys.stderr,
+        )
         if _PROGRAM["on"]:  # worker threads may be mid-shard: do not wait for them
             from flows.server import stop_temporary_server
 
@@ -378,7 +488,10 @@ def _show(args: argparse.Namespace) -> int:
     try:
         info = run_overview(store, args.run_id)
     except NotFound:
-        print(f"editflow: error: no run {args.run_id} under {store.uri()} (no {store.uri(keys.plan_key(args.run_id))})", file=sys.stderr)
+        print(
+            f"editflow: error: no run {args.run_id} under {store.uri()} (no {store.uri(keys.plan_key(args.run_id))})",
+            file=sys.stderr,
+        )
         return 2
     print(format_overview(info, limit=args.limit))
     return 0
@@ -432,7 +545,9 @@ def _main(argv: list[str] | None = None) -> int:
         problems = _restyle_problems(args)
         if problems:
             print(format_problems(problems, limit=1000))
-            print(f"{args.catalog}: the restyle manifest is INVALID ({len(problems)} problem(s)); nothing was run")
+            print(
+                f"{args.catalog}: the restyle manifest is INVALID ({len(problems)} problem(s)); nothing was run"
+            )
             return 2
     if args.command in ("run", "serve"):
         _, problems = _check(args.manifest, args.s3_endpoint, args.model)
@@ -442,19 +557,32 @@ def _main(argv: list[str] | None = None) -> int:
             return 2
     _preflight(args)
     runner, gpu = make_task_runner(
-        args.runner, dask_address=args.dask_address, dask_workers=args.dask_workers, dask_gpu=args.dask_gpu, threads=args.threads
+        args.runner,
+        dask_address=args.dask_address,
+        dask_workers=args.dask_workers,
+        dask_gpu=args.dask_gpu,
+        threads=args.threads,
     )
     if args.command == "serve":
-        kwargs = {"manifest": args.manifest, "out": args.out, "gpu_resources": gpu, **_bulk_kwargs(args)}
+        kwargs = {
+            "manifest": args.manifest,
+            "out": args.out,
+            "gpu_resources": gpu,
+            **_bulk_kwargs(args),
+        }
         kwargs.pop("run_id")
-        flows_mod.bulk_edit.with_options(task_runner=runner).serve(name=args.name, cron=args.cron, parameters=kwargs)
+        flows_mod.bulk_edit.with_options(task_runner=runner).serve(
+            name=args.name, cron=args.cron, parameters=kwargs
+        )
         return 0
     progress = _Progress(_progress_mode())
     flows_mod.set_progress_callback(progress)
     t0 = time.perf_counter()
     try:
         if args.command == "run":
-            summary = flows_mod.bulk_edit.with_options(task_runner=runner)(args.manifest, args.out, gpu_resources=gpu, **_bulk_kwargs(args))
+            summary = flows_mod.bulk_edit.with_options(task_runner=runner)(
+                args.manifest, args.out, gpu_resources=gpu, **_bulk_kwargs(args)
+            )
         elif args.command == "rerun":
             summary = flows_mod.rerun.with_options(task_runner=runner)(
                 args.run_id, args.out, s3_endpoint=args.s3_endpoint, gpu_resources=gpu, threads=args.threads,

@@ -304,7 +304,9 @@ class _Checker:
             ),
             arr,
         )
-        nbytes = pc.binary_length(arr)  # UTF-8 bytes: file names are limited in bytes, not characters
+        nbytes = pc.binary_length(
+            arr
+        )  # UTF-8 bytes: file names are limited in bytes, not characters
         too_long = _mask(pc.greater(nbytes, EDIT_ID_MAX_LEN))
         self.add_rows(
             too_long & ~unsafe,
@@ -819,7 +821,13 @@ def load_manifest(uri: str, *, s3_endpoint: str | None = None) -> pa.Table:
             continue
         for col, count in Counter(t.column_names).items():
             if count > 1:
-                problems.append(Problem(None, col, f"{name}: column appears {count} times; rename or drop the copies"))
+                problems.append(
+                    Problem(
+                        None,
+                        col,
+                        f"{name}: column appears {count} times; rename or drop the copies",
+                    )
+                )
     readable = [(name, t) for (name, _), t in zip(sources, tables, strict=True) if t is not None]
     if readable:
         first_name, first = readable[0]

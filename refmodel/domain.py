@@ -93,9 +93,7 @@ class Scene:
             raise ValueError(f"object does not fit in the image: {self}")
 
 
-def sample_scene(
-    rng: np.random.Generator, style_probs: tuple[float, ...] | None = None
-) -> Scene:
+def sample_scene(rng: np.random.Generator, style_probs: tuple[float, ...] | None = None) -> Scene:
     """Draw a random scene (shape, colour, background, position, size uniform).
 
     Without `style_probs` the scene is plain and the draws are those of the plain domain (so

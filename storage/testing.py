@@ -14,4 +14,9 @@ FAKE_AWS_ENV: dict[str, str] = {
     "AWS_REGION": "us-east-1",
 }
 # Variables cleared so that no profile or configured endpoint is used instead.
-CLEARED_AWS_ENV: tuple[str, ...] = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+CLEARED_AWS_ENV: tuple[str, ...] = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+)

@@ -96,14 +96,23 @@ def claim_run(out, run_id: str, claim: str) -> None:
     """Take `run_id` under `out` by writing a placeholder plan.json first-writer-wins; ``RunExists``
     if another run has it (a retry of this planning, same `claim` token, may take it again)."""
     key = keys.plan_key(run_id)
-    placeholder = {"run_id": run_id, "state": "planning", "claim": claim, "created": datetime.now(timezone.utc).isoformat()}
+    placeholder = {
+        "run_id": run_id,
+        "state": "planning",
+        "claim": claim,
+        "created": datetime.now(timezone.utc).isoformat(),
+    }
     if write_json(out, key, placeholder, if_absent=True):
         return
     try:
         existing = read_json(out, key)
     except Exception:  # noqa: BLE001 - unreadable: it is still taken
         existing = {}
-    if isinstance(existing, dict) and existing.get("state") == "planning" and existing.get("claim") == claim:
+    if (
+        isinstance(existing, dict)
+        and existing.get("state") == "planning"
+        and existing.get("claim") == claim
+    ):
         return
     raise RunExists(
         f"run {run_id} already exists under {out.uri()} ({out.uri(key)}); choose another --run-id, "
@@ -111,7 +120,14 @@ def claim_run(out, run_id: str, claim: str) -> None:
     )
 
 
-def plan_run(manifest_uri: str, options: RunOptions, *, run_id: str, shard_size: int = 64, claim: str | None = None) -> dict[str, Any]:
+def plan_run(
+    manifest_uri: str,
+    options: RunOptions,
+    *,
+    run_id: str,
+    shard_size: int = 64,
+    claim: str | None = None,
+) -> dict[str, Any]:
     """Validate, claim the run id (``RunExists`` if taken), plan and write the plan; returns a small summary dict."""
     t0 = time.perf_counter()
     table = load_manifest(manifest_uri, s3_endpoint=options.s3_endpoint)
@@ -125,11 +141,21 @@ def plan_run(manifest_uri: str, options: RunOptions, *, run_id: str, shard_size:
     claim_run(out, run_id, claim or secrets.token_hex(8))
     done = finished_assets(out)
     edit_ids = norm.column("edit_id").to_numpy(zero_copy_only=False)
-    finished = np.fromiter((e in done for e in edit_ids), dtype=bool, count=len(edit_ids)) if done else np.zeros(len(edit_ids), bool)
+    finished = (
+        np.fromiter((e in done for e in edit_ids), dtype=bool, count=len(edit_ids))
+        if done
+        else np.zeros(len(edit_ids), bool)
+    )
     pending = norm.filter(pa.array(~finished))
     skipped = norm.filter(pa.array(finished))
-    frame = pd.DataFrame({c: pending.column(c).to_numpy(zero_copy_only=False) for c in GROUP_COLUMNS})
-    codes = frame.groupby(list(GROUP_COLUMNS), sort=False).ngroup().to_numpy() if len(frame) else np.zeros(0, np.int64)
+    frame = pd.DataFrame(
+        {c: pending.column(c).to_numpy(zero_copy_only=False) for c in GROUP_COLUMNS}
+    )
+    codes = (
+        frame.groupby(list(GROUP_COLUMNS), sort=False).ngroup().to_numpy()
+        if len(frame)
+        else np.zeros(0, np.int64)
+    )
     shard_of = pack_shards(codes, shard_size)
     num_shards = int(shard_of.max()) + 1 if len(shard_of) else 0
     order = np.argsort(shard_of, kind="stable")
@@ -137,7 +163,11 @@ def plan_run(manifest_uri: str, options: RunOptions, *, run_id: str, shard_size:
     shards = []
 
     def write_shard(s: int) -> None:
-        write_parquet(out, keys.shard_plan_key(run_id, s), pending.take(pa.array(order[bounds[s] : bounds[s + 1]])))
+        write_parquet(
+            out,
+            keys.shard_plan_key(run_id, s),
+            pending.take(pa.array(order[bounds[s] : bounds[s + 1]])),
+        )
 
     with ThreadPoolExecutor(max_workers=8) as pool:  # object-store writes are latency-bound
         list(pool.map(write_shard, range(num_shards)))
@@ -146,11 +176,18 @@ def plan_run(manifest_uri: str, options: RunOptions, *, run_id: str, shard_size:
         shards.append({"index": s, "edits": len(idx), "sources": int(len(np.unique(codes[idx])))})
     if skipped.num_rows:
         rows = [
-            {"edit_id": e, "status": "skipped", "output_uri": out.uri(done[e]) if done[e] else None,
-             "metadata_uri": out.uri(keys.sidecar_key(e)), "error": "finished in an earlier run"}  # fmt: skip
+            {
+                "edit_id": e,
+                "status": "skipped",
+                "output_uri": out.uri(done[e]) if done[e] else None,
+                "metadata_uri": out.uri(keys.sidecar_key(e)),
+                "error": "finished in an earlier run",
+            }  # fmt: skip
             for e in skipped.column("edit_id").to_pylist()
         ]
-        write_parquet(out, keys.run_file_key(run_id, "results/skipped.parquet"), results_table(rows, skipped))
+        write_parquet(
+            out, keys.run_file_key(run_id, "results/skipped.parquet"), results_table(rows, skipped)
+        )
     plan = {
         "run_id": run_id,
         "manifest": manifest_uri,
@@ -166,8 +203,16 @@ def plan_run(manifest_uri: str, options: RunOptions, *, run_id: str, shard_size:
         "seconds": {"validate": t_validate, "plan": time.perf_counter() - t0 - t_validate},
     }
     write_json(out, keys.plan_key(run_id), plan)
-    logger.info("planned run %s: %d edits (%d skipped) in %d shards", run_id, norm.num_rows, skipped.num_rows, num_shards)
-    return {k: plan[k] for k in ("run_id", "rows", "pending", "skipped", "sources", "seconds")} | {"shards": num_shards}
+    logger.info(
+        "planned run %s: %d edits (%d skipped) in %d shards",
+        run_id,
+        norm.num_rows,
+        skipped.num_rows,
+        num_shards,
+    )
+    return {k: plan[k] for k in ("run_id", "rows", "pending", "skipped", "sources", "seconds")} | {
+        "shards": num_shards
+    }
 
 
 def load_plan(options: RunOptions, run_id: str) -> dict[str, Any]:

@@ -34,7 +34,9 @@ def results_table(rows: Sequence[dict[str, Any]], source: pa.Table) -> pa.Table:
         raise ValueError(f"{len(rows)} results for {source.num_rows} manifest rows")
     for r in rows:
         if r.get("status") not in STATUSES:
-            raise ValueError(f"edit {r.get('edit_id')}: status must be one of {STATUSES}, got {r.get('status')!r}")
+            raise ValueError(
+                f"edit {r.get('edit_id')}: status must be one of {STATUSES}, got {r.get('status')!r}"
+            )
     arrays = []
     for f in RESULT_FIELDS:
         if f.name in _FROM_SOURCE:

@@ -92,12 +92,25 @@ class ShardStats:
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("edits", "succeeded", "failed", "skipped", "inversions_computed", "inversion_cache_hits", "unet_evals")}
+        d = {
+            k: getattr(self, k)
+            for k in (
+                "edits",
+                "succeeded",
+                "failed",
+                "skipped",
+                "inversions_computed",
+                "inversion_cache_hits",
+                "unet_evals",
+            )
+        }
         d["seconds"] = dict(self.seconds)
         return d
 
 
-def _read_source(model: EditModel, src: _Source, options: RunOptions, cache: BlobCache, stats: ShardStats) -> Image.Image | None:
+def _read_source(
+    model: EditModel, src: _Source, options: RunOptions, cache: BlobCache, stats: ShardStats
+) -> Image.Image | None:
     """Read the source image, key its inversion by content, and load a cached one; returns the image
     when the inversion still has to be computed."""
     row = src.rows[0]
@@ -107,14 +120,20 @@ def _read_source(model: EditModel, src: _Source, options: RunOptions, cache: Blo
     except NotFound:
         raise RowError(f"image_uri: no object at {row.image_uri}") from None
     except Exception as exc:  # noqa: BLE001 - any read failure is this row's problem, with its reason
-        raise RowError(f"image_uri: could not read {row.image_uri}: {type(exc).__name__}: {exc}") from exc
+        raise RowError(
+            f"image_uri: could not read {row.image_uri}: {type(exc).__name__}: {exc}"
+        ) from exc
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
     except Exception as exc:  # noqa: BLE001
-        raise RowError(f"image_uri: {row.image_uri} is not a readable image ({type(exc).__name__}: {exc})") from exc
+        raise RowError(
+            f"image_uri: {row.image_uri} is not a readable image ({type(exc).__name__}: {exc})"
+        ) from exc
     try:
-        image = to_rgb(image)  # 16-bit, float, CMYK + profile, EXIF orientation, alpha: see tasks.images
+        image = to_rgb(
+            image
+        )  # 16-bit, float, CMYK + profile, EXIF orientation, alpha: see tasks.images
         check_shape(image.width, image.height)
     except Exception as exc:  # noqa: BLE001 - an image that decodes but cannot be edited is this row's problem
         raise RowError(f"image_uri: {row.image_uri}: {type(exc).__name__}: {exc}") from exc
@@ -126,7 +145,11 @@ def _read_source(model: EditModel, src: _Source, options: RunOptions, cache: Blo
     t0 = time.perf_counter()
     src.content_sha256 = keys.sha256_hex(data)
     src.facts = inversion_facts(
-        model, row.source_prompt, num_steps=row.num_steps, guidance_scale=options.inversion_guidance, size_policy=options.size_policy
+        model,
+        row.source_prompt,
+        num_steps=row.num_steps,
+        guidance_scale=options.inversion_guidance,
+        size_policy=options.size_policy,
     )
     src.inversion_key = keys.inversion_key(src.content_sha256, src.facts)
     obj = keys.inversion_object_key(src.inversion_key)
@@ -158,7 +181,13 @@ def _check_finite_tensors(*tensors) -> None:
             raise InversionMismatch("entry holds non-finite values (NaN/inf)")
 
 
-def _invert_missing(model: EditModel, todo: list[tuple[_Source, Image.Image]], options: RunOptions, cache: BlobCache, stats: ShardStats) -> None:
+def _invert_missing(
+    model: EditModel,
+    todo: list[tuple[_Source, Image.Image]],
+    options: RunOptions,
+    cache: BlobCache,
+    stats: ShardStats,
+) -> None:
     """Invert every source without a cached inversion, sharing UNet calls, and cache the results."""
     t0 = time.perf_counter()
     by_steps: dict[int, list[tuple[_Source, Image.Image]]] = {}
@@ -191,39 +220,61 @@ def _invert_missing(model: EditModel, todo: list[tuple[_Source, Image.Image]], o
 
 def _feature_cache_key(model: EditModel, src: _Source, config: PnPConfig) -> str:
     facts = pnp_feature_facts(model, src.inversion, config)
-    return keys.features_object_key(src.inversion_key, keys.digest({k: v for k, v in facts.items() if k != "inversion"}, length=16))
+    return keys.features_object_key(
+        src.inversion_key,
+        keys.digest({k: v for k, v in facts.items() if k != "inversion"}, length=16),
+    )
 
 
-def _edit_with_fallback(model: EditModel, groups: list[SourceGroup], options: RunOptions) -> list[list[EditResult | Exception]]:
+def _edit_with_fallback(
+    model: EditModel, groups: list[SourceGroup], options: RunOptions
+) -> list[list[EditResult | Exception]]:
     """Edit everything in shared batches; if that fails, per source, then per target, so one bad edit
     fails alone."""
     try:
-        return edit(model, groups, max_batch=options.max_batch, record_features=options.cache_features)
+        return edit(
+            model, groups, max_batch=options.max_batch, record_features=options.cache_features
+        )
     except Exception as exc:  # noqa: BLE001
         if len(groups) == 1 and len(groups[0].targets) == 1:
             return [[exc]]
-        logger.warning("batched edit failed (%s: %s); retrying per source and target", type(exc).__name__, exc)
+        logger.warning(
+            "batched edit failed (%s: %s); retrying per source and target", type(exc).__name__, exc
+        )
     out: list[list[EditResult | Exception]] = []
     for g in groups:
         try:
-            out.append(edit(model, [g], max_batch=options.max_batch, record_features=options.cache_features)[0])
+            out.append(
+                edit(
+                    model, [g], max_batch=options.max_batch, record_features=options.cache_features
+                )[0]
+            )
         except Exception:  # noqa: BLE001
             per = []
             for t in g.targets:
                 try:
-                    per.append(edit(model, [SourceGroup(g.inversion, [t], g.features)], max_batch=1)[0][0])
+                    per.append(
+                        edit(model, [SourceGroup(g.inversion, [t], g.features)], max_batch=1)[0][0]
+                    )
                 except Exception as exc:  # noqa: BLE001
                     per.append(exc)
             out.append(per)
     return out
 
 
-def _edit_in_waves(model: EditModel, groups: list[SourceGroup], options: RunOptions, progress: ShardProgress | None) -> list[list[EditResult | Exception]]:
+def _edit_in_waves(
+    model: EditModel, groups: list[SourceGroup], options: RunOptions, progress: ShardProgress | None
+) -> list[list[EditResult | Exception]]:
     """:func:`_edit_with_fallback` one wave at a time (at most `max_batch` targets of one method, the
     engine's own batch), reporting each wave's edits to `progress`; results per group, as the input."""
     out: list[list[EditResult | Exception | None]] = [[None] * len(g.targets) for g in groups]
     for wave in _waves(groups, options.max_batch):
-        sub = [SourceGroup(groups[gi].inversion, [groups[gi].targets[ti] for ti in tis], groups[gi].features) for gi, tis in wave]
+        sub = [
+            SourceGroup(
+                groups[gi].inversion, [groups[gi].targets[ti] for ti in tis], groups[gi].features
+            )
+            for gi, tis in wave
+        ]
         for (gi, tis), res in zip(wave, _edit_with_fallback(model, sub, options)):
             for ti, r in zip(tis, res):
                 out[gi][ti] = r
@@ -240,7 +291,11 @@ def _waves(groups: list[SourceGroup], max_batch: int) -> list[list[tuple[int, li
         wave: list[tuple[int, list[int]]] = []
         used = 0
         for gi, g in enumerate(groups):
-            idxs = [ti for ti, t in enumerate(g.targets) if METHOD_OF_CONFIG.get(type(t.config)) == method]
+            idxs = [
+                ti
+                for ti, t in enumerate(g.targets)
+                if METHOD_OF_CONFIG.get(type(t.config)) == method
+            ]
             while idxs:
                 take, idxs = idxs[: max_batch - used], idxs[max_batch - used :]
                 wave.append((gi, take))
@@ -253,7 +308,16 @@ def _waves(groups: list[SourceGroup], max_batch: int) -> list[list[tuple[int, li
     return waves
 
 
-def _metadata(row: EditRow, src: _Source, res: EditResult, model: EditModel, config, unet_evals: float, seconds: float, run_id: str) -> dict[str, Any]:
+def _metadata(
+    row: EditRow,
+    src: _Source,
+    res: EditResult,
+    model: EditModel,
+    config,
+    unet_evals: float,
+    seconds: float,
+    run_id: str,
+) -> dict[str, Any]:
     return {
         "edit_id": row.edit_id,
         "run_id": run_id,
@@ -300,12 +364,21 @@ def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, A
             results[row.edit_id] = prev
         else:  # planning left out finished edits; a race or an earlier crash is caught at write time
             todo.append(row)
-    progress = ShardProgress(run_id, shard_index, len(rows))  # finished edits, published per batch (tasks.progress)
+    progress = ShardProgress(
+        run_id, shard_index, len(rows)
+    )  # finished edits, published per batch (tasks.progress)
     progress.set(len(results))
     threads = None
     if todo:
-        threads = apply_thread_policy(options.threads)  # once per worker process: its share of the CPUs
-        model = get_model(options.model_ref, device=options.device, dtype=options.dtype, allow_pickle=options.allow_pickle)
+        threads = apply_thread_policy(
+            options.threads
+        )  # once per worker process: its share of the CPUs
+        model = get_model(
+            options.model_ref,
+            device=options.device,
+            dtype=options.dtype,
+            allow_pickle=options.allow_pickle,
+        )
         with model_lock(model):
             _run_rows(model, todo, options, run_id, out, cache, stats, results, progress)
     for r in results.values():
@@ -332,7 +405,9 @@ def _run_rows(
     # 1. Sources: read each image once, get or compute its inversion
     sources: dict[tuple, _Source] = {}
     for row in todo:
-        sources.setdefault((row.image_uri, row.source_prompt, row.num_steps), _Source(rows=[])).rows.append(row)
+        sources.setdefault(
+            (row.image_uri, row.source_prompt, row.num_steps), _Source(rows=[])
+        ).rows.append(row)
     missing = []
     for src in sources.values():
         try:
@@ -358,7 +433,9 @@ def _run_rows(
                 model.tokenize(row.target_prompt)
                 config = row.config()
             except ValueError as exc:
-                results[row.edit_id] = _result(row, "failed", error=f"row {row.row}: target_prompt/settings: {exc}")
+                results[row.edit_id] = _result(
+                    row, "failed", error=f"row {row.row}: target_prompt/settings: {exc}"
+                )
                 continue
             targets.append(Target(row.target_prompt, config, edit_id=row.edit_id, seed=row.seed))
             kept.append(row)
@@ -384,7 +461,9 @@ def _run_rows(
             _store_features(model, src, group, res_list, cache)
         for row, target, res in zip(kept, group.targets, res_list):
             if isinstance(res, Exception):
-                results[row.edit_id] = _result(row, "failed", error=f"row {row.row}: edit failed: {type(res).__name__}: {res}")
+                results[row.edit_id] = _result(
+                    row, "failed", error=f"row {row.row}: edit failed: {type(res).__name__}: {res}"
+                )
                 continue
             evals = inv_share + res.unet_evals["source"] + res.unet_evals["target"]
             stats.unet_evals += evals
@@ -392,23 +471,48 @@ def _run_rows(
             meta = _metadata(row, src, res, model, target.config, evals, seconds, run_id)
             jobs.append((row, res.image, meta, src.cache_hit, evals, seconds))
     with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
-        for row, outcome in zip([j[0] for j in jobs], pool.map(lambda j: _write_one(out, options, j), jobs)):
+        for row, outcome in zip(
+            [j[0] for j in jobs], pool.map(lambda j: _write_one(out, options, j), jobs)
+        ):
             results[row.edit_id] = outcome
     stats.seconds["write"] += time.perf_counter() - t0
 
 
-WRITE_THREADS = 8  # concurrent encodes + storage requests per shard (S3 latency, not bandwidth, dominates)
+WRITE_THREADS = (
+    8  # concurrent encodes + storage requests per shard (S3 latency, not bandwidth, dominates)
+)
 
 
 def _write_one(out, options: RunOptions, job: tuple) -> dict[str, Any]:
     """Encode one edit (PNG text chunk with the essentials) and write it and its sidecar, first-writer-wins."""
     row, image, meta, cache_hit, evals, seconds = job
-    essentials = {k: meta[k] for k in ("edit_id", "source_prompt", "target_prompt", "method", "settings", "seed", "model_id", "model_revision", "source_sha256")}
+    essentials = {
+        k: meta[k]
+        for k in (
+            "edit_id",
+            "source_prompt",
+            "target_prompt",
+            "method",
+            "settings",
+            "seed",
+            "model_id",
+            "model_revision",
+            "source_sha256",
+        )
+    }
     try:
-        data = encode_image(image, options.image_format, {"editflow": json.dumps(essentials, sort_keys=True)})
-        asset_uri, sidecar_uri, written = write_asset(out, row.edit_id, data, options.image_format, meta)
+        data = encode_image(
+            image, options.image_format, {"editflow": json.dumps(essentials, sort_keys=True)}
+        )
+        asset_uri, sidecar_uri, written = write_asset(
+            out, row.edit_id, data, options.image_format, meta
+        )
     except Exception as exc:  # noqa: BLE001 - a storage failure of one edit fails that edit
-        return _result(row, "failed", error=f"row {row.row}: writing output failed: {type(exc).__name__}: {exc}")
+        return _result(
+            row,
+            "failed",
+            error=f"row {row.row}: writing output failed: {type(exc).__name__}: {exc}",
+        )
     return _result(
         row, "succeeded" if written else "skipped", output_uri=asset_uri, metadata_uri=sidecar_uri, cache_hit=cache_hit,
         unet_evals=evals, seconds=seconds, error=None if written else "finished earlier or by another worker",
@@ -417,13 +521,25 @@ def _write_one(out, options: RunOptions, job: tuple) -> dict[str, Any]:
 
 def _pnp_config_of(targets: list[Target]) -> PnPConfig | None:
     """The one PnP config whose features a group can share (None if mixed or no PnP targets)."""
-    cfgs = {(t.config.feature_layers, t.config.attn_layers, t.config.feature_t, t.config.attn_t, t.config.source_text) for t in targets if isinstance(t.config, PnPConfig)}
+    cfgs = {
+        (
+            t.config.feature_layers,
+            t.config.attn_layers,
+            t.config.feature_t,
+            t.config.attn_t,
+            t.config.source_text,
+        )
+        for t in targets
+        if isinstance(t.config, PnPConfig)
+    }
     if len(cfgs) != 1:
         return None
     return next(t.config for t in targets if isinstance(t.config, PnPConfig))
 
 
-def _attach_features(model: EditModel, src: _Source, targets: list[Target], cache: BlobCache) -> None:
+def _attach_features(
+    model: EditModel, src: _Source, targets: list[Target], cache: BlobCache
+) -> None:
     config = _pnp_config_of(targets)
     if config is None:
         return
@@ -436,27 +552,43 @@ def _attach_features(model: EditModel, src: _Source, targets: list[Target], cach
     if blob is None:
         return
     try:
-        features = PnPFeatures.from_bytes(blob, expect={"inversion": pnp_feature_facts(model, src.inversion, config)["inversion"]})
+        features = PnPFeatures.from_bytes(
+            blob, expect={"inversion": pnp_feature_facts(model, src.inversion, config)["inversion"]}
+        )
         _check_finite_tensors(*features.tensors.values())
         src.features = features
     except ValueError as exc:
-        logger.warning("feature cache entry %s is unusable (%s); recomputing it", src.features_key, exc)
+        logger.warning(
+            "feature cache entry %s is unusable (%s); recomputing it", src.features_key, exc
+        )
         src.stale_features = True
 
 
-def _store_features(model: EditModel, src: _Source, group: SourceGroup, res_list: list, cache: BlobCache) -> None:
+def _store_features(
+    model: EditModel, src: _Source, group: SourceGroup, res_list: list, cache: BlobCache
+) -> None:
     if not src.features_key:
         return
     for t, r in zip(group.targets, res_list):
-        if isinstance(r, EditResult) and r.features is not None and METHOD_OF_CONFIG[type(t.config)] == "pnp":
-            (cache.replace if src.stale_features else cache.put)(src.features_key, r.features.to_bytes())
+        if (
+            isinstance(r, EditResult)
+            and r.features is not None
+            and METHOD_OF_CONFIG[type(t.config)] == "pnp"
+        ):
+            (cache.replace if src.stale_features else cache.put)(
+                src.features_key, r.features.to_bytes()
+            )
             return
 
 
 def read_run_results(options: RunOptions, run_id: str) -> pa.Table:
     """All results files of a run concatenated (skipped rows included)."""
     out = open_store(options.out, s3_endpoint=options.s3_endpoint)
-    tables = [read_parquet(out, k) for k in sorted(out.list(keys.run_prefix(run_id) + "results/")) if k.endswith(".parquet")]
+    tables = [
+        read_parquet(out, k)
+        for k in sorted(out.list(keys.run_prefix(run_id) + "results/"))
+        if k.endswith(".parquet")
+    ]
     if not tables:
         return pa.table({})
     return pa.concat_tables(tables, promote_options="permissive")

@@ -31,20 +31,53 @@ def retry_transient(task, task_run, state) -> bool:
     return False
 
 
-@task(name="plan", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE, log_prints=False)
-def plan_task(manifest_uri: str, options: dict[str, Any], run_id: str, shard_size: int, claim: str | None = None) -> dict[str, Any]:
+@task(
+    name="plan",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+    log_prints=False,
+)
+def plan_task(
+    manifest_uri: str,
+    options: dict[str, Any],
+    run_id: str,
+    shard_size: int,
+    claim: str | None = None,
+) -> dict[str, Any]:
     """Validate and plan the run; write the plan under {out}/runs/{run_id}/ (`claim`: a token that lets
     this task's retries take the run id they claimed)."""
-    return plan_run(manifest_uri, RunOptions.from_dict(options), run_id=run_id, shard_size=shard_size, claim=claim)
+    return plan_run(
+        manifest_uri,
+        RunOptions.from_dict(options),
+        run_id=run_id,
+        shard_size=shard_size,
+        claim=claim,
+    )
 
 
-@task(name="edit-shard", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE, log_prints=False)
+@task(
+    name="edit-shard",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+    log_prints=False,
+)
 def shard_task(options: dict[str, Any], run_id: str, shard_index: int) -> dict[str, Any]:
     """Edit one shard (model loaded once per worker process); return its counts and timings."""
     return run_shard(RunOptions.from_dict(options), run_id, shard_index)
 
 
-@task(name="report", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE, log_prints=False)
+@task(
+    name="report",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+    log_prints=False,
+)
 def report_task(options: dict[str, Any], run_id: str, summary: dict[str, Any]) -> dict[str, Any]:
     """Write the run's report.html and contact_sheet.png next to its results; return their URIs."""
     opts = RunOptions.from_dict(options)

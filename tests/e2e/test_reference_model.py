@@ -56,4 +56,6 @@ def test_colour_swaps_keep_structure_and_background(metrics, method):
     assert s["success"] >= success
     assert s["iou"] >= iou
     assert s["bg_psnr"] >= bg
-    assert s["iou"] > metrics["edits"]["none/colour"]["iou"] + 0.1  # clearly better structure than no control
+    assert (
+        s["iou"] > metrics["edits"]["none/colour"]["iou"] + 0.1
+    )  # clearly better structure than no control

@@ -17,7 +17,9 @@ from editing.sampling import denoise
 from .conftest import STEPS, make_image
 
 log = logging.getLogger(__name__)
-TIGHT = 1e-7  # relative tolerance (max |dz| / max |z|) for "the same computation, batched differently"
+TIGHT = (
+    1e-7  # relative tolerance (max |dz| / max |z|) for "the same computation, batched differently"
+)
 RECON = 1e-8  # max |dz| of a reconstruction through STEPS chained steps, in fp64 (latents ~0.1)
 
 
@@ -34,20 +36,32 @@ def _processors(unet):
 
 
 @pytest.mark.parametrize(
-    "config", [PnPConfig(target_correction=True, inject_uncond=False), P2PConfig(target_correction=True)], ids=["pnp", "p2p"]
+    "config",
+    [PnPConfig(target_correction=True, inject_uncond=False), P2PConfig(target_correction=True)],
+    ids=["pnp", "p2p"],
 )
 def test_unchanged_prompt_reproduces_the_source(tiny, cat_inversion, config):
     """Direct Inversion: the source prompt as target gives back z_0 (and so the VAE round trip)."""
-    [[res]] = edit(tiny, [SourceGroup(cat_inversion, [Target(cat_inversion.source_prompt, config)])])
+    [[res]] = edit(
+        tiny, [SourceGroup(cat_inversion, [Target(cat_inversion.source_prompt, config)])]
+    )
     di_err = _max_err(res.latent, cat_inversion.latents[0])
-    plain = denoise(tiny, cat_inversion.latents[-1][None], [cat_inversion.source_prompt], num_steps=STEPS)
+    plain = denoise(
+        tiny, cat_inversion.latents[-1][None], [cat_inversion.source_prompt], num_steps=STEPS
+    )
     ddim_err = _max_err(plain[0], cat_inversion.latents[0])
-    log.info("reconstruction max |dz|: direct inversion %.2e, plain DDIM (guidance 7.5) %.2e", di_err, ddim_err)
+    log.info(
+        "reconstruction max |dz|: direct inversion %.2e, plain DDIM (guidance 7.5) %.2e",
+        di_err,
+        ddim_err,
+    )
     assert di_err < RECON
     assert ddim_err > 10 * di_err  # plain DDIM with guidance drifts; Direct Inversion does not
 
 
-@pytest.mark.parametrize("config", [PnPConfig(), P2PConfig(), PnPConfig(target_correction=False, inject_uncond=True)])
+@pytest.mark.parametrize(
+    "config", [PnPConfig(), P2PConfig(), PnPConfig(target_correction=False, inject_uncond=True)]
+)
 def test_a_different_prompt_changes_the_result(tiny, cat_inversion, config):
     [[res]] = edit(tiny, [SourceGroup(cat_inversion, [Target("a photo of a dog", config)])])
     assert _max_err(res.latent, cat_inversion.latents[0]) > 0.05
@@ -63,7 +77,12 @@ def test_pnp_without_injection_is_plain_denoising(tiny, cat_inversion):
 @pytest.mark.parametrize("method", ["pnp", "p2p"])
 def test_batched_targets_equal_single_edits(tiny, cat_inversion, method):
     cfg = PnPConfig() if method == "pnp" else P2PConfig()
-    prompts = ["a photo of a dog", "a photo of a red cat", "a photo of a cat", "a photo of a turquoise cat"]
+    prompts = [
+        "a photo of a dog",
+        "a photo of a red cat",
+        "a photo of a cat",
+        "a photo of a turquoise cat",
+    ]
     targets = [Target(p, cfg) for p in prompts]
     [batched] = METHODS[method](tiny, [SourceGroup(cat_inversion, targets)], max_batch=8)
     for t, b in zip(targets, batched):
@@ -78,8 +97,14 @@ def test_batched_targets_equal_single_edits(tiny, cat_inversion, method):
 def test_several_sources_share_a_batch(tiny, cat_inversion):
     other = invert(tiny, make_image(7), "a photo of a car", num_steps=STEPS)
     groups = [
-        SourceGroup(cat_inversion, [Target("a photo of a dog", P2PConfig()), Target("a photo of a red cat", PnPConfig())]),
-        SourceGroup(other, [Target("a photo of a red car", P2PConfig()), Target("a photo of a car", PnPConfig())]),
+        SourceGroup(
+            cat_inversion,
+            [Target("a photo of a dog", P2PConfig()), Target("a photo of a red cat", PnPConfig())],
+        ),
+        SourceGroup(
+            other,
+            [Target("a photo of a red car", P2PConfig()), Target("a photo of a car", PnPConfig())],
+        ),
     ]
     together = edit(tiny, groups, max_batch=8)
     for g, res in zip(groups, together):
@@ -131,20 +156,41 @@ def test_controlled_layers_and_restoration(tiny, cat_inversion, monkeypatch):
 
     monkeypatch.setattr("editing.methods.controlled_unet", spy)
     edit_pnp(tiny, [SourceGroup(cat_inversion, [Target("a photo of a dog", PnPConfig())])])
-    sd_attn = [f"{p}.transformer_blocks.0.attn1" for p in (
-        "up_blocks.1.attentions.1", "up_blocks.1.attentions.2", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1",
-        "up_blocks.2.attentions.2", "up_blocks.3.attentions.0", "up_blocks.3.attentions.1", "up_blocks.3.attentions.2")]
-    assert seen["names"] == sd_attn + ["up_blocks.1.resnets.1"]  # PnP's decoder layers 4-11 + layer-4 features
+    sd_attn = [
+        f"{p}.transformer_blocks.0.attn1"
+        for p in (
+            "up_blocks.1.attentions.1",
+            "up_blocks.1.attentions.2",
+            "up_blocks.2.attentions.0",
+            "up_blocks.2.attentions.1",
+            "up_blocks.2.attentions.2",
+            "up_blocks.3.attentions.0",
+            "up_blocks.3.attentions.1",
+            "up_blocks.3.attentions.2",
+        )
+    ]
+    assert seen["names"] == sd_attn + [
+        "up_blocks.1.resnets.1"
+    ]  # PnP's decoder layers 4-11 + layer-4 features
     assert seen["state"].acted == set(seen["names"])  # and every one of them really injected
-    assert _processors(tiny.unet) == before and not tiny.unet.up_blocks[1].resnets[1].conv2._forward_hooks
+    assert (
+        _processors(tiny.unet) == before
+        and not tiny.unet.up_blocks[1].resnets[1].conv2._forward_hooks
+    )
 
     edit_p2p(tiny, [SourceGroup(cat_inversion, [Target("a photo of a dog", P2PConfig())])])
     all_layers = attention_layer_names(tiny.unet)
-    assert seen["names"] == all_layers and len(all_layers) == 32  # every layer has a P2P processor...
+    assert (
+        seen["names"] == all_layers and len(all_layers) == 32
+    )  # every layer has a P2P processor...
     cross = {n for n in all_layers if n.endswith("attn2")}
     latent = cat_inversion.latents.shape[-1] ** 2
     # ...cross-attention edited everywhere, self-attention only at <= 1/4 of the latent's positions
-    low_res_self = {n for n in all_layers if n.endswith("attn1") and not n.startswith(("down_blocks.0", "up_blocks.3"))}
+    low_res_self = {
+        n
+        for n in all_layers
+        if n.endswith("attn1") and not n.startswith(("down_blocks.0", "up_blocks.3"))
+    }
     assert seen["state"].acted == cross | low_res_self and latent == 64
     assert _processors(tiny.unet) == before
 
@@ -195,17 +241,28 @@ def test_cached_pnp_features_replay_the_source_branch(tiny, cat_inversion):
         assert b.unet_evals["source"] == 0
     other = PnPConfig(attn_t=0.9)
     with pytest.raises(ValueError, match="do not cover"):
-        edit_pnp(tiny, [SourceGroup(cat_inversion, [Target("a photo of a dog", other)], features=back)])
+        edit_pnp(
+            tiny, [SourceGroup(cat_inversion, [Target("a photo of a dog", other)], features=back)]
+        )
 
 
 def test_local_blend_keeps_the_outside_of_the_mask(tiny, dog_inversion):
-    cfg = P2PConfig(blend_source_words=("dog",), blend_target_words=("cat",), blend_fraction=1.0, blend_threshold=0.99)
-    [[res]] = edit_p2p(tiny, [SourceGroup(dog_inversion, [Target("a photo of a cat on gray background", cfg)])])
+    cfg = P2PConfig(
+        blend_source_words=("dog",),
+        blend_target_words=("cat",),
+        blend_fraction=1.0,
+        blend_threshold=0.99,
+    )
+    [[res]] = edit_p2p(
+        tiny, [SourceGroup(dog_inversion, [Target("a photo of a cat on gray background", cfg)])]
+    )
     same = (res.latent - dog_inversion.latents[0]).abs().amax(0) < RECON
     assert 0 < int(same.sum()) < same.numel()  # part of the latent kept exactly, part edited
     with pytest.raises(ValueError, match="not in the prompt"):
         bad = dataclasses.replace(cfg, blend_source_words=("horse",))
-        edit_p2p(tiny, [SourceGroup(dog_inversion, [Target("a photo of a cat on gray background", bad)])])
+        edit_p2p(
+            tiny, [SourceGroup(dog_inversion, [Target("a photo of a cat on gray background", bad)])]
+        )
 
 
 def test_local_blend_mask_is_the_union_of_thresholded_pooled_maps():
@@ -222,19 +279,31 @@ def test_local_blend_mask_is_the_union_of_thresholded_pooled_maps():
     expected[:2, :2] = 1  # 3x3 max-pool spreads the source peak by one cell
     expected[2:, 2:] = 1  # and the target's
     assert torch.equal(m4, expected)
-    assert torch.equal(local_blend_mask(src, tgt, (8, 8), threshold=0.999), local_blend_mask(src, tgt * 2, (8, 8), 0.999))
+    assert torch.equal(
+        local_blend_mask(src, tgt, (8, 8), threshold=0.999),
+        local_blend_mask(src, tgt * 2, (8, 8), 0.999),
+    )
 
 
 def test_reweighting_changes_the_result_only_when_weighted(tiny, cat_inversion):
     src = cat_inversion.source_prompt
     [[plain]] = edit_p2p(tiny, [SourceGroup(cat_inversion, [Target(src, P2PConfig())])])
-    [[heavy]] = edit_p2p(tiny, [SourceGroup(cat_inversion, [Target(src, P2PConfig(equalizer={"cat": 4.0}))])])
+    [[heavy]] = edit_p2p(
+        tiny, [SourceGroup(cat_inversion, [Target(src, P2PConfig(equalizer={"cat": 4.0}))])]
+    )
     assert _max_err(plain.latent, heavy.latent) > 0.01
 
 
 def test_word_swap_with_different_word_counts_is_refused(tiny, cat_inversion):
     with pytest.raises(ValueError, match="same number of words"):
-        edit_p2p(tiny, [SourceGroup(cat_inversion, [Target("a photo of a big cat", P2PConfig(kind="replace"))])])
+        edit_p2p(
+            tiny,
+            [
+                SourceGroup(
+                    cat_inversion, [Target("a photo of a big cat", P2PConfig(kind="replace"))]
+                )
+            ],
+        )
 
 
 def test_config_type_must_match_method(tiny, cat_inversion):
@@ -249,7 +318,10 @@ def test_invariants_in_fp16_on_gpu(tiny_dir):
 
     model = load_model(tiny_dir, device="cuda", dtype=torch.float16)
     inv = invert(model, make_image(0), "a photo of a cat", num_steps=STEPS)
-    for cfg in (PnPConfig(target_correction=True, inject_uncond=False), P2PConfig(target_correction=True)):
+    for cfg in (
+        PnPConfig(target_correction=True, inject_uncond=False),
+        P2PConfig(target_correction=True),
+    ):
         [[same]] = edit(model, [SourceGroup(inv, [Target(inv.source_prompt, cfg)])])
         assert _max_err(same.latent, inv.latents[0].cpu()) < 5e-2  # fp16 UNet, fp32 latent math
         [[other]] = edit(model, [SourceGroup(inv, [Target("a photo of a dog", cfg)])])
@@ -260,7 +332,9 @@ def test_layers_may_be_given_as_parents_or_attention_paths(tiny):
     from editing.attention import self_attention_names
 
     by_parent = self_attention_names(tiny.unet, ("up_blocks.2.attentions.0",))
-    by_path = self_attention_names(tiny.unet, ("up_blocks.2.attentions.0.transformer_blocks.0.attn1",))
+    by_path = self_attention_names(
+        tiny.unet, ("up_blocks.2.attentions.0.transformer_blocks.0.attn1",)
+    )
     assert by_parent == by_path == ["up_blocks.2.attentions.0.transformer_blocks.0.attn1"]
     with pytest.raises(ValueError, match="no self-attention layer"):
         self_attention_names(tiny.unet, ("up_blocks.2.attentions.0.transformer_blocks.0.attn2",))
@@ -270,7 +344,12 @@ def test_inverting_several_images_at_once_equals_one_by_one(tiny, cat_inversion)
     from editing.inversion import invert_many
 
     other = invert(tiny, make_image(7), "a photo of a car", num_steps=STEPS)
-    both = invert_many(tiny, [make_image(0), make_image(7)], ["a photo of a cat", "a photo of a car"], num_steps=STEPS)
+    both = invert_many(
+        tiny,
+        [make_image(0), make_image(7)],
+        ["a photo of a cat", "a photo of a car"],
+        num_steps=STEPS,
+    )
     for alone, batched in zip((cat_inversion, other), both):
         assert _rel_err(batched.latents, alone.latents) < TIGHT
         assert _rel_err(batched.corrections, alone.corrections) < TIGHT

@@ -39,7 +39,9 @@ def test_pickle_only_weights_are_refused_unless_allowed(tiny_dir, tmp_path):
 
 
 def test_unknown_hub_id_is_a_clear_error():
-    with pytest.raises(ValueError, match="neither a local folder nor in the local Hugging Face cache"):
+    with pytest.raises(
+        ValueError, match="neither a local folder nor in the local Hugging Face cache"
+    ):
         load_model("no-such-org/no-such-model-xyz")
 
 
@@ -50,7 +52,12 @@ def test_not_a_pipeline_folder(tmp_path):
 
 @pytest.mark.parametrize(
     "size,policy,expected",
-    [((16, 16), "fit", (16, 16)), ((64, 16), "fit", (32, 16)), ((20, 40), "square", (16, 16)), ((32, 48), "exact", (32, 48))],
+    [
+        ((16, 16), "fit", (16, 16)),
+        ((64, 16), "fit", (32, 16)),
+        ((20, 40), "square", (16, 16)),
+        ((32, 48), "exact", (32, 48)),
+    ],
 )
 def test_size_policy(tiny, size, policy, expected):
     pixels = tiny.prepare_image(Image.new("RGB", size, (10, 200, 30)), policy)
@@ -75,7 +82,10 @@ def test_v_prediction_model_reconstructs(tmp_path):
     model = load_model(folder, dtype=torch.float64)
     assert model.prediction_type == "v_prediction"
     inv = invert(model, make_image(2), "a photo of a cat", num_steps=STEPS)
-    for cfg in (PnPConfig(target_correction=True, inject_uncond=False), P2PConfig(target_correction=True)):
+    for cfg in (
+        PnPConfig(target_correction=True, inject_uncond=False),
+        P2PConfig(target_correction=True),
+    ):
         [[res]] = edit(model, [SourceGroup(inv, [Target("a photo of a cat", cfg)])])
         assert float((res.latent - inv.latents[0]).abs().max()) < 1e-9
 

@@ -81,10 +81,23 @@ def write_manifest(s3_client, uri: str, rows: list[dict]) -> None:
 
 def demo_rows(images: list[str], steps: int = STEPS) -> list[dict]:
     """9 edits over 3 sources (3, 4 and 2 targets), both methods, a passthrough `sku`."""
-    src = ["a red circle on a gray background", "a blue square on a black background", "a green triangle on a white background"]
+    src = [
+        "a red circle on a gray background",
+        "a blue square on a black background",
+        "a green triangle on a white background",
+    ]
     targets = [
-        ["a blue circle on a gray background", "a red square on a gray background", "a red circle on a white background"],
-        ["a red square on a black background", "a blue circle on a black background", "a yellow square on a black background", "a blue square on a gray background"],
+        [
+            "a blue circle on a gray background",
+            "a red square on a gray background",
+            "a red circle on a white background",
+        ],
+        [
+            "a red square on a black background",
+            "a blue circle on a black background",
+            "a yellow square on a black background",
+            "a blue square on a gray background",
+        ],
         ["a purple triangle on a white background", "a green circle on a white background"],
     ]
     rows = []

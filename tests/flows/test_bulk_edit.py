@@ -16,7 +16,9 @@ from .conftest import demo_rows, get, keys_under, put, scene_png, write_manifest
 
 
 def _results(s3_client, out: str, run_id: str):
-    keys = [k for k in keys_under(s3_client, f"{out}/runs/{run_id}/results/") if k.endswith(".parquet")]
+    keys = [
+        k for k in keys_under(s3_client, f"{out}/runs/{run_id}/results/") if k.endswith(".parquet")
+    ]
     bucket = out[len("s3://") :].split("/", 1)[0]
     tables = [pq.read_table(io.BytesIO(get(s3_client, f"s3://{bucket}/{k}"))) for k in keys]
     rows = [r for t in tables for r in t.to_pylist()]
@@ -34,7 +36,14 @@ def catalog(s3_bucket, s3_client):
 
 
 def _run(catalog, s3_server, flow_model, **kw):
-    return bulk_edit(catalog["manifest"], catalog["out"], model=flow_model, s3_endpoint=s3_server, shard_size=4, **kw)
+    return bulk_edit(
+        catalog["manifest"],
+        catalog["out"],
+        model=flow_model,
+        s3_endpoint=s3_server,
+        shard_size=4,
+        **kw,
+    )
 
 
 def test_end_to_end_then_nothing_redone(prefect_server, s3_server, s3_client, flow_model, catalog):
@@ -70,10 +79,14 @@ def test_end_to_end_then_nothing_redone(prefect_server, s3_server, s3_client, fl
     assert again["counts"] == {"succeeded": 0, "failed": 0, "skipped": 9}
     assert again["inversions_computed"] == 0 and again["unet_evals"] == 0
     after = keys_under(s3_client, catalog["out"])
-    assert {k: v for k, v in after.items() if "/runs/" not in k} == {k: v for k, v in objects.items() if "/runs/" not in k}
+    assert {k: v for k, v in after.items() if "/runs/" not in k} == {
+        k: v for k, v in objects.items() if "/runs/" not in k
+    }
 
 
-def test_missing_source_fails_its_rows_then_rerun_finishes_only_those(prefect_server, s3_server, s3_client, flow_model, catalog):
+def test_missing_source_fails_its_rows_then_rerun_finishes_only_those(
+    prefect_server, s3_server, s3_client, flow_model, catalog
+):
     missing = catalog["images"][1]
     bucket, key = missing[len("s3://") :].split("/", 1)
     s3_client.delete_object(Bucket=bucket, Key=key)
@@ -93,11 +106,15 @@ def test_missing_source_fails_its_rows_then_rerun_finishes_only_those(prefect_se
     after = keys_under(s3_client, catalog["out"])
     changed = {k for k in before if "/runs/" not in k and after.get(k) != before[k]}
     assert not changed  # nothing finished was touched
-    new_assets = {k.rsplit("/", 1)[1].split(".")[0] for k in set(after) - set(before) if "/assets/" in k}
+    new_assets = {
+        k.rsplit("/", 1)[1].split(".")[0] for k in set(after) - set(before) if "/assets/" in k
+    }
     assert new_assets == failed  # exactly the failed rows were edited
 
 
-def test_changed_source_under_same_uri_gets_a_new_inversion(prefect_server, s3_server, s3_client, flow_model, catalog):
+def test_changed_source_under_same_uri_gets_a_new_inversion(
+    prefect_server, s3_server, s3_client, flow_model, catalog
+):
     first = _run(catalog, s3_server, flow_model)
     assert first["inversions_computed"] == 3
     uri = catalog["images"][0]
@@ -108,7 +125,11 @@ def test_changed_source_under_same_uri_gets_a_new_inversion(prefect_server, s3_s
     second = _run(catalog, s3_server, flow_model)
     assert second["counts"] == {"succeeded": 1, "failed": 0, "skipped": 9}
     assert second["inversions_computed"] == 1 and second["inversion_cache_hits"] == 0
-    new = [r for r in _results(s3_client, catalog["out"], second["run_id"]).values() if r["status"] == "succeeded"]
+    new = [
+        r
+        for r in _results(s3_client, catalog["out"], second["run_id"]).values()
+        if r["status"] == "succeeded"
+    ]
     side = json.loads(get(s3_client, new[0]["metadata_uri"]))
     assert side["inversion_cache_hit"] is False
     import hashlib
@@ -116,9 +137,13 @@ def test_changed_source_under_same_uri_gets_a_new_inversion(prefect_server, s3_s
     assert side["source_sha256"] == hashlib.sha256(scene_png(42)).hexdigest()
 
 
-def test_restyle_catalog_times_styles(prefect_server, s3_server, s3_client, flow_model, catalog, tmp_path):
+def test_restyle_catalog_times_styles(
+    prefect_server, s3_server, s3_client, flow_model, catalog, tmp_path
+):
     csv = tmp_path / "catalog.csv"
-    lines = ["image_uri,caption,sku"] + [f"{u},a shape on a background,S{i}" for i, u in enumerate(catalog["images"])]
+    lines = ["image_uri,caption,sku"] + [
+        f"{u},a shape on a background,S{i}" for i, u in enumerate(catalog["images"])
+    ]
     csv.write_text("\n".join(lines) + "\n")
     summary = restyle(str(csv), ["in watercolor style", "red"], catalog["out"], template="{caption} {style}",
                       model=flow_model, s3_endpoint=s3_server, shard_size=4)  # fmt: skip
@@ -128,12 +153,19 @@ def test_restyle_catalog_times_styles(prefect_server, s3_server, s3_client, flow
     assert sorted(r["style"] for r in results.values()) == ["in watercolor style"] * 3 + ["red"] * 3
 
 
-def test_dask_cluster_gives_the_same_results(prefect_server, s3_server, s3_client, flow_model, catalog):
+def test_dask_cluster_gives_the_same_results(
+    prefect_server, s3_server, s3_client, flow_model, catalog
+):
     local = _run(catalog, s3_server, flow_model)
     runner, gpu = make_task_runner("dask", dask_workers=2)
     out2 = catalog["out"] + "-dask"
     dask_summary = bulk_edit.with_options(task_runner=runner)(
-        catalog["manifest"], out2, model=flow_model, s3_endpoint=s3_server, shard_size=4, gpu_resources=gpu
+        catalog["manifest"],
+        out2,
+        model=flow_model,
+        s3_endpoint=s3_server,
+        shard_size=4,
+        gpu_resources=gpu,
     )
     assert dask_summary["counts"] == local["counts"] == {"succeeded": 9, "failed": 0, "skipped": 0}
     a = _results(s3_client, catalog["out"], local["run_id"])
@@ -142,6 +174,8 @@ def test_dask_cluster_gives_the_same_results(prefect_server, s3_server, s3_clien
     for e in a:
         ia = Image.open(io.BytesIO(get(s3_client, a[e]["output_uri"])))
         ib = Image.open(io.BytesIO(get(s3_client, b[e]["output_uri"])))
-        diff = max(abs(x - y) for pa_, pb in zip(ia.getdata(), ib.getdata()) for x, y in zip(pa_, pb))
+        diff = max(
+            abs(x - y) for pa_, pb in zip(ia.getdata(), ib.getdata()) for x, y in zip(pa_, pb)
+        )
         assert diff <= 1, e  # same edit; thread counts may differ by one rounding step
         assert a[e]["unet_evals"] == b[e]["unet_evals"]

@@ -15,9 +15,27 @@ from .conftest import demo_rows, scene_png
 
 def test_validate_reports_every_problem_with_row_and_column(capsys, tmp_path):
     rows = [
-        {"image_uri": "http://example.com/a.png", "source_prompt": "a cat", "target_prompt": "a dog", "method": "pnp", "seed": 1},
-        {"image_uri": "a.png", "source_prompt": "", "target_prompt": "a dog", "method": "magic", "seed": 2},
-        {"image_uri": "a.png", "source_prompt": "a cat", "target_prompt": None, "method": "p2p", "seed": 3},
+        {
+            "image_uri": "http://example.com/a.png",
+            "source_prompt": "a cat",
+            "target_prompt": "a dog",
+            "method": "pnp",
+            "seed": 1,
+        },
+        {
+            "image_uri": "a.png",
+            "source_prompt": "",
+            "target_prompt": "a dog",
+            "method": "magic",
+            "seed": 2,
+        },
+        {
+            "image_uri": "a.png",
+            "source_prompt": "a cat",
+            "target_prompt": None,
+            "method": "p2p",
+            "seed": 3,
+        },
     ]
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
@@ -48,27 +66,56 @@ def test_run_exit_status_and_summary(prefect_server, flow_model, tmp_path, capsy
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.Table.from_pylist(rows), manifest)
     out = tmp_path / "out"
-    code = main(["run", str(manifest), "--out", str(out), "--model", flow_model, "--shard-size", "3", "--run-id", "r1"])
+    code = main(
+        [
+            "run",
+            str(manifest),
+            "--out",
+            str(out),
+            "--model",
+            flow_model,
+            "--shard-size",
+            "3",
+            "--run-id",
+            "r1",
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 1
     assert "run r1: 8 succeeded, 1 failed, 0 skipped (of 9)" in text
     assert "inversions: 3 computed" in text
     summary = json.loads((out / "runs" / "r1" / "summary.json").read_text())
     assert summary["counts"]["failed"] == 1
-    results = pa.concat_tables([pq.read_table(p) for p in sorted((out / "runs" / "r1" / "results").glob("*.parquet"))])
+    results = pa.concat_tables(
+        [pq.read_table(p) for p in sorted((out / "runs" / "r1" / "results").glob("*.parquet"))]
+    )
     failed = [r for r in results.to_pylist() if r["status"] == "failed"]
     assert failed[0]["row"] == 0 and "image_uri: no object at" in failed[0]["error"]
     assert len(list((out / "assets").glob("*.png"))) == 8
 
     (tmp_path / "missing.png").write_bytes(scene_png(5))
-    assert main(["rerun", "r1", "--out", str(out), "--model", flow_model]) == 0  # the model comes from the command line
+    assert (
+        main(["rerun", "r1", "--out", str(out), "--model", flow_model]) == 0
+    )  # the model comes from the command line
     assert "run r1: 9 succeeded, 0 failed, 0 skipped (of 9)" in capsys.readouterr().out
 
 
 def test_run_refuses_an_invalid_manifest_before_loading_a_model(tmp_path, capsys):
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"image_uri": ["a.png"], "source_prompt": ["x"]}), path)
-    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--model", str(tmp_path / "no-model")]) == 2
+    assert (
+        main(
+            [
+                "run",
+                str(path),
+                "--out",
+                str(tmp_path / "out"),
+                "--model",
+                str(tmp_path / "no-model"),
+            ]
+        )
+        == 2
+    )
     out = capsys.readouterr().out
     assert "target_prompt" in out and "nothing was run" in out
     assert not (tmp_path / "out").exists()

@@ -22,7 +22,10 @@ def test_summary_lists_failed_rows_progress_lines_and_skipped_rows_keep_their_ur
     monkeypatch.delenv("EDITFLOW_PROGRESS", raising=False)
     image = tmp_path / "scene.png"
     image.write_bytes(scene_png(0))
-    good = [{**r, "edit_id": f"good-{i}"} for i, r in enumerate(demo_rows([str(image)] * 3, steps=2)[:2])]
+    good = [
+        {**r, "edit_id": f"good-{i}"}
+        for i, r in enumerate(demo_rows([str(image)] * 3, steps=2)[:2])
+    ]
     bad = [
         {**good[0], "image_uri": str(tmp_path / f"missing-{i}.png"), "edit_id": f"missing-{i}"}
         for i in range(12)

@@ -83,7 +83,9 @@ def test_write_asset_idempotent(store: ObjectStore) -> None:
 def test_write_asset_after_crash_keeps_existing_image_of_the_same_edit(store: ObjectStore) -> None:
     """An image left without a sidecar is kept when it embeds the same edit identity (e.g. encoded on
     other hardware), and the sidecar describes that image."""
-    earlier = png_bytes(_image((10, 20, 30)), {"editflow": '{"edit_id": "e2", "target_prompt": "x"}'})
+    earlier = png_bytes(
+        _image((10, 20, 30)), {"editflow": '{"edit_id": "e2", "target_prompt": "x"}'}
+    )
     new = png_bytes(_image((11, 20, 30)), {"editflow": '{"edit_id": "e2", "target_prompt": "x"}'})
     store.put("assets/e2.png", earlier)
     _, _, written = write_asset(store, "e2", new, "png", {})
@@ -98,7 +100,9 @@ def test_write_asset_after_crash_keeps_existing_image_of_the_same_edit(store: Ob
      png_bytes(Image.new("RGB", (4, 4)))],
     ids=["non-image", "other-prompt", "no-identity"],
 )  # fmt: skip
-def test_write_asset_after_crash_replaces_an_image_of_another_edit(store: ObjectStore, left: bytes) -> None:
+def test_write_asset_after_crash_replaces_an_image_of_another_edit(
+    store: ObjectStore, left: bytes
+) -> None:
     new = png_bytes(_image(), {"editflow": '{"edit_id": "e2", "target_prompt": "new"}'})
     store.put("assets/e2.png", left)
     _, _, written = write_asset(store, "e2", new, "png", {})
@@ -119,7 +123,9 @@ def test_write_asset_counts_its_own_sidecar_whose_reply_was_lost(store: ObjectSt
     lossy.__dict__.update(store.__dict__)
     image = png_bytes(_image(), {"editflow": "{}"})
     assert write_asset(lossy, "e4", image, "png", {"k": 1})[2] is True
-    assert write_asset(lossy, "e4", image, "png", {"k": 1})[2] is False  # really finished now: skipped
+    assert (
+        write_asset(lossy, "e4", image, "png", {"k": 1})[2] is False
+    )  # really finished now: skipped
     assert store.get("assets/e4.png") == image
 
 
