@@ -3,7 +3,7 @@
 Pure torch + diffusers + PIL (no Prefect, no boto3), usable from a notebook::
 
     from editing import load_model, invert, edit, SourceGroup, Target, PnPConfig
-    model = load_model("refmodel/shapes-v1")            # or any SD 1.x/2.x folder / hub id
+    model = load_model("refmodel/shapes-v2")            # or any SD 1.x/2.x folder / hub id
     inv = invert(model, image, "a red circle on a gray background")
     [results] = edit(model, [SourceGroup(inv, [Target("a blue circle on a gray background", PnPConfig())])])
     results[0].image.save("edit.png")

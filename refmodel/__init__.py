@@ -10,6 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REFERENCE_MODEL_DIR = Path(__file__).parent / "shapes-v1"
+REFERENCE_MODEL_DIR = Path(__file__).parent / "shapes-v2"
 
 __all__ = ["REFERENCE_MODEL_DIR"]

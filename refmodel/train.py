@@ -30,7 +30,7 @@ so a resumed run is statistically, not bitwise, identical.
     python -m refmodel.train --out refmodel/checkpoints/run1 --minutes 110
     python -m refmodel.train --out refmodel/checkpoints/run1 --minutes 110 --resume
     python -m refmodel.train --export-from refmodel/checkpoints/run1/checkpoint.pt --to refmodel/shapes-v1
-    python -m refmodel.train --probe refmodel/shapes-v1 --probe-n 60
+    python -m refmodel.train --probe refmodel/shapes-v2 --probe-n 60
 """
 
 from __future__ import annotations
