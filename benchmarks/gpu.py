@@ -4,6 +4,8 @@
     python -m benchmarks.gpu --quick         # fewer sources and iterations, no torch.compile
     python -m benchmarks.gpu --no-compile --sources 4
     python -m benchmarks.gpu --smoke         # developers: the same code paths on CPU with a small config
+    python -m benchmarks.gpu --check         # pass/fail check of every engine path, fp16 + bf16 (< 4 min)
+    python -m benchmarks.gpu --check --device cpu --tiny   # the same check on CPU with a tiny model
 
 Without a CUDA device it prints "no CUDA device: skipped" and exits 0 (nothing is written).
 
@@ -76,7 +78,12 @@ SD15_UNET = dict(
     center_input_sample=False,
     flip_sin_to_cos=True,
     freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    down_block_types=(
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
     mid_block_type="UNetMidBlock2DCrossAttn",
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     block_out_channels=(320, 640, 1280, 1280),
@@ -102,15 +109,45 @@ SD15_VAE = dict(
     sample_size=512,
     scaling_factor=0.18215,
 )
-SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu",
-                 projection_dim=768, max_position_embeddings=77)
+SD15_TEXT = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    max_position_embeddings=77,
+)
 # --smoke: the same block structure, small, for a CPU check of the code paths
-SMOKE_UNET = {**SD15_UNET, "sample_size": 8, "block_out_channels": (32, 64, 64, 64), "cross_attention_dim": 64, "attention_head_dim": 4}
-SMOKE_VAE = {**SD15_VAE, "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
-             "block_out_channels": (32, 32), "sample_size": 16}
-SMOKE_TEXT = {**SD15_TEXT, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "projection_dim": 64}
+SMOKE_UNET = {
+    **SD15_UNET,
+    "sample_size": 8,
+    "block_out_channels": (32, 64, 64, 64),
+    "cross_attention_dim": 64,
+    "attention_head_dim": 4,
+}
+SMOKE_VAE = {
+    **SD15_VAE,
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "block_out_channels": (32, 32),
+    "sample_size": 16,
+}
+SMOKE_TEXT = {
+    **SD15_TEXT,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "projection_dim": 64,
+}
 
-SOURCE_PROMPTS = ("a photo of a cat", "a photo of a dog", "a red car on gray background", "a blue bag on gray background")
+SOURCE_PROMPTS = (
+    "a photo of a cat",
+    "a photo of a dog",
+    "a red car on gray background",
+    "a blue bag on gray background",
+)
 STYLES = ("in watercolor style", "with a hat", "on a crowded street", "in green")
 
 
@@ -123,42 +160,109 @@ def peak_tflops(name: str, override: float | None) -> float | None:
     return None
 
 
-def build_model(device, dtype, smoke: bool, via_folder: Path | None):
-    """An EditModel of SD 1.5's shape with random weights (or loaded from a saved folder)."""
+def _random_modules(device, smoke: bool):
+    """SD 1.5-shaped (or, with `smoke`, small) UNet, VAE, text encoder, tokenizer and scheduler; random fp32 weights."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from editing.model import EditModel, load_model
     from refmodel.tokenizer import write_tokenizer_files
     from refmodel.toy import TOY_WORDS
 
     tmp = Path(tempfile.mkdtemp(prefix="editflow-gpu-"))
     # SD 1.5 pads every prompt to CLIP's 77 tokens (the cross-attention cost depends on it), whatever
     # length the toy tokenizer files say
-    tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer_files(tmp / "tokenizer", TOY_WORDS)), model_max_length=77)
-    unet_cfg, vae_cfg, text_cfg = (SMOKE_UNET, SMOKE_VAE, SMOKE_TEXT) if smoke else (SD15_UNET, SD15_VAE, SD15_TEXT)
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(write_tokenizer_files(tmp / "tokenizer", TOY_WORDS)), model_max_length=77
+    )
+    unet_cfg, vae_cfg, text_cfg = (
+        (SMOKE_UNET, SMOKE_VAE, SMOKE_TEXT) if smoke else (SD15_UNET, SD15_VAE, SD15_TEXT)
+    )
     torch.manual_seed(0)
     with torch.device(device):  # initialise the weights where they will run (fast on a GPU)
         unet = UNet2DConditionModel(**unet_cfg)
         vae = AutoencoderKL(**vae_cfg)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text_cfg))
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-    if via_folder is not None:
-        from diffusers import StableDiffusionPipeline
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **text_cfg,
+            )
+        )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return unet, vae, text, tokenizer, scheduler
 
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.to(dtype=dtype)
-        pipe.save_pretrained(str(via_folder), safe_serialization=True)
-        del pipe, unet, vae, text
-        return load_model(via_folder, device=device, dtype=dtype)
+
+def save_model_folder(folder: Path, device, dtype, smoke: bool, out_gain: float = 1.0) -> Path:
+    """Write the random-weight model as a diffusers folder (weights in `dtype`), loadable by editing.load_model.
+
+    `out_gain` scales the UNet's output layer (the GPU check uses 0.1: see benchmarks/gpu_check.py).
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    unet, vae, text, tokenizer, scheduler = _random_modules(device, smoke)
+    if out_gain != 1.0:
+        with torch.no_grad():
+            unet.conv_out.weight.mul_(out_gain)
+            unet.conv_out.bias.mul_(out_gain)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to(dtype=dtype)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)
+
+
+def build_model(device, dtype, smoke: bool, via_folder: Path | None):
+    """An EditModel of SD 1.5's shape with random weights (or loaded from a saved folder)."""
+    import torch
+
+    from editing.model import EditModel, load_model, vae_precision
+
+    if via_folder is not None:
+        return load_model(
+            save_model_folder(via_folder, device, dtype, smoke), device=device, dtype=dtype
+        )
+    unet, vae, text, tokenizer, scheduler = _random_modules(device, smoke)
     for m in (unet, vae, text):
-        m.to(dtype=dtype).eval().requires_grad_(False)
-    return EditModel(vae=vae, unet=unet, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler, device=torch.device(device),
-                     dtype=dtype, model_id="random-sd15-shape" if not smoke else "random-smoke", revision="random")
+        m.eval().requires_grad_(False)
+    unet.to(dtype=dtype)
+    text.to(dtype=dtype)
+    vae_dtype = vae_precision(
+        dtype, vae.config
+    )  # the engine's one VAE precision rule (fp32 VAE for fp16)
+    vae.to(dtype=vae_dtype)
+    return EditModel(
+        vae=vae,
+        unet=unet,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        device=torch.device(device),
+        dtype=dtype,
+        model_id="random-sd15-shape" if not smoke else "random-smoke",
+        revision="random",
+        vae_dtype=vae_dtype,
+    )
 
 
 def sync(device) -> None:
@@ -175,7 +279,9 @@ def unet_throughput(model, batch: int, iters: int, warmup: int) -> float:
     unet = model.unet
     side = unet.config.sample_size
     x = torch.randn(batch, 4, side, side, device=model.device, dtype=model.dtype)
-    emb = torch.randn(batch, 77, unet.config.cross_attention_dim, device=model.device, dtype=model.dtype)
+    emb = torch.randn(
+        batch, 77, unet.config.cross_attention_dim, device=model.device, dtype=model.dtype
+    )
     if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     t = torch.tensor(500, device=model.device)
@@ -203,14 +309,24 @@ def engine_run(model, n_sources: int, k: int, steps: int, modes: tuple[str, ...]
     sources = []
     for i in range(n_sources):
         prompt = SOURCE_PROMPTS[i % len(SOURCE_PROMPTS)]
-        sources.append((smooth_image(100 + i, size), prompt, [Target(f"{prompt} {STYLES[j % len(STYLES)]}", cfg) for j in range(k)]))
-    with torch.no_grad():  # warm-up (allocations, kernels, compile), in the same grad mode as the timed runs
+        sources.append(
+            (
+                smooth_image(100 + i, size),
+                prompt,
+                [Target(f"{prompt} {STYLES[j % len(STYLES)]}", cfg) for j in range(k)],
+            )
+        )
+    with (
+        torch.no_grad()
+    ):  # warm-up (allocations, kernels, compile), in the same grad mode as the timed runs
         inv = invert(model, sources[0][0], sources[0][1], num_steps=2)
         edit(model, [SourceGroup(inv, sources[0][2])])
         edit(model, [SourceGroup(inv, sources[0][2][:1])])
         blobs = [invert(model, img, p, num_steps=steps).to_bytes() for img, p, _ in sources]
         t0 = time.perf_counter()
-        edit(model, [SourceGroup(Inversion.from_bytes(blobs[0]), sources[0][2])])  # every step once (torch.compile variants)
+        edit(
+            model, [SourceGroup(Inversion.from_bytes(blobs[0]), sources[0][2])]
+        )  # every step once (torch.compile variants)
         sync(model.device)
         warmup_s = time.perf_counter() - t0
     secs = {m: 0.0 for m in modes}
@@ -218,7 +334,7 @@ def engine_run(model, n_sources: int, k: int, steps: int, modes: tuple[str, ...]
     counter = UNetCounter(model.unet)
     with counter, torch.no_grad():
         for i, (img, prompt, targets) in enumerate(sources):
-            order = modes[i % len(modes):] + modes[: i % len(modes)]
+            order = modes[i % len(modes) :] + modes[: i % len(modes)]
             for mode in order:
                 counter.reset()
                 sync(model.device)
@@ -238,22 +354,80 @@ def engine_run(model, n_sources: int, k: int, steps: int, modes: tuple[str, ...]
             log(f"source {i + 1}/{n_sources}: " + ", ".join(f"{m} {secs[m]:.1f}s" for m in modes))
     edits = n_sources * k
     log(f"untimed full warm-up edit: {warmup_s:.1f}s")
-    return {m: {"seconds": secs[m], "warmup_s": warmup_s, "edits": edits, "edits_per_gpu_hour": edits / secs[m] * 3600, "seconds_per_edit": secs[m] / edits,
-                "unet_evals": rows[m], "unet_evals_per_s": rows[m] / secs[m]} for m in modes}
+    return {
+        m: {
+            "seconds": secs[m],
+            "warmup_s": warmup_s,
+            "edits": edits,
+            "edits_per_gpu_hour": edits / secs[m] * 3600,
+            "seconds_per_edit": secs[m] / edits,
+            "unet_evals": rows[m],
+            "unet_evals_per_s": rows[m] / secs[m],
+        }
+        for m in modes
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 sources, fewer iterations, no torch.compile")
-    p.add_argument("--sources", type=int, default=None, help="source images per engine run (default 3; 2 with --quick)")
+    p.add_argument(
+        "--quick", action="store_true", help="2 sources, fewer iterations, no torch.compile"
+    )
+    p.add_argument(
+        "--sources",
+        type=int,
+        default=None,
+        help="source images per engine run (default 3; 2 with --quick)",
+    )
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--steps", type=int, default=None, help="T (default 50)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile toggles")
-    p.add_argument("--compile", action="store_true", help="run the torch.compile toggles even with --quick/--smoke")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense fp16 peak (default: from the device name)")
-    p.add_argument("--via-folder", action="store_true", help="save a diffusers folder and load it with editing.load_model")
-    p.add_argument("--smoke", action="store_true", help="run on CPU with a small config (a check of the code, not a benchmark)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the torch.compile toggles even with --quick/--smoke",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense fp16 peak (default: from the device name)",
+    )
+    p.add_argument(
+        "--via-folder",
+        action="store_true",
+        help="save a diffusers folder and load it with editing.load_model",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="run on CPU with a small config (a check of the code, not a benchmark)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="the pass/fail check of every engine path (see benchmarks/gpu_check.py)",
+    )
+    p.add_argument(
+        "--device", default=None, help="--check: cuda (default when available), cuda:N or cpu"
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="--check: a tiny model instead of SD 1.5's shape (needed on CPU)",
+    )
+    p.add_argument(
+        "--dtypes",
+        default=None,
+        help="--check: comma-separated, e.g. float16,bfloat16 (default: those; CPU: float32,bfloat16)",
+    )
     args = p.parse_args(argv)
+
+    if args.check:
+        from benchmarks.gpu_check import main as check_main
+
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()] if args.dtypes else None
+        return check_main(args.device, args.tiny, dtypes, args.steps)
 
     import torch
 
@@ -282,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="editflow-gpu-model-")) if args.via_folder else None
     model = build_model(device, dtype, smoke, folder)
     params = sum(p.numel() for p in model.unet.parameters())
-    log(f"model built in {time.perf_counter() - t_start:.1f}s: UNet {params / 1e6:.0f}M parameters, {model.native_size}px, {dtype}, {name}, peak {peak} TFLOP/s")
+    log(
+        f"model built in {time.perf_counter() - t_start:.1f}s: UNet {params / 1e6:.0f}M parameters, {model.native_size}px, {dtype}, {name}, peak {peak} TFLOP/s"
+    )
 
     def mfu(evals_per_s: float) -> float | None:
         return evals_per_s * TFLOP_PER_EVAL / peak if peak and not smoke else None
@@ -292,14 +468,26 @@ def main(argv: list[str] | None = None) -> int:
 
     batches = (1, 3) if smoke else (1, 3, 9, 17)
     unet_rows = []
-    variants = [("fused SDPA (default)", {}), ("unfused attention", {"unfused": True}), ("channels_last", {"cl": True})]
+    variants = [
+        ("fused SDPA (default)", {}),
+        ("unfused attention", {"unfused": True}),
+        ("channels_last", {"cl": True}),
+    ]
     for label, opt in variants:
         model.unet.set_attn_processor(AttnProcessor() if opt.get("unfused") else AttnProcessor2_0())
         if opt.get("cl"):
             model.unet.to(memory_format=torch.channels_last)
         for b in batches:
             eps = unet_throughput(model, b, iters, warmup)
-            unet_rows.append({"variant": label, "batch": b, "evals_per_s": eps, "ms_per_call": b / eps * 1000, "mfu": mfu(eps)})
+            unet_rows.append(
+                {
+                    "variant": label,
+                    "batch": b,
+                    "evals_per_s": eps,
+                    "ms_per_call": b / eps * 1000,
+                    "mfu": mfu(eps),
+                }
+            )
             log(f"UNet {label}, batch {b}: {eps:.1f} evals/s")
         if opt.get("cl"):
             model.unet.to(memory_format=torch.contiguous_format)
@@ -313,17 +501,36 @@ def main(argv: list[str] | None = None) -> int:
             model.unet = compiled_unet
             t0 = time.perf_counter()
             eps = unet_throughput(model, b, iters, warmup)
-            unet_rows.append({"variant": "torch.compile", "batch": b, "evals_per_s": eps, "ms_per_call": b / eps * 1000, "mfu": mfu(eps),
-                              "first_calls_s": time.perf_counter() - t0})
+            unet_rows.append(
+                {
+                    "variant": "torch.compile",
+                    "batch": b,
+                    "evals_per_s": eps,
+                    "ms_per_call": b / eps * 1000,
+                    "mfu": mfu(eps),
+                    "first_calls_s": time.perf_counter() - t0,
+                }
+            )
             log(f"UNet torch.compile, batch {b}: {eps:.1f} evals/s")
             model.unet = plain
         except Exception as exc:  # noqa: BLE001 - report, do not fail the whole benchmark
-            unet_rows.append({"variant": "torch.compile", "batch": b, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            unet_rows.append(
+                {
+                    "variant": "torch.compile",
+                    "batch": b,
+                    "error": f"{type(exc).__name__}: {exc}"[:300],
+                }
+            )
             log(f"torch.compile failed: {type(exc).__name__}: {exc}")
             compiled_unet = None
-    print_table(["UNet variant", "batch", "evals/s", "ms/call", "MFU"],
-                [[r["variant"], r["batch"], r.get("evals_per_s"), r.get("ms_per_call"), r.get("mfu")] for r in unet_rows],
-                title=f"UNet level ({name}, {dtype}, {model.native_size}px)")
+    print_table(
+        ["UNet variant", "batch", "evals/s", "ms/call", "MFU"],
+        [
+            [r["variant"], r["batch"], r.get("evals_per_s"), r.get("ms_per_call"), r.get("mfu")]
+            for r in unet_rows
+        ],
+        title=f"UNet level ({name}, {dtype}, {model.native_size}px)",
+    )
 
     # 2. the engine
     engine = {}
@@ -343,9 +550,18 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = torch._dynamo.config
                 name_ = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
                 setattr(cfg, name_, max(getattr(cfg, name_), 4 * steps + 64))
-                model.unet = torch.compile(plain)  # a wrapper: the counting hooks stay outside the graph
+                model.unet = torch.compile(
+                    plain
+                )  # a wrapper: the counting hooks stay outside the graph
             t0 = time.perf_counter()
-            res = engine_run(model, n_sources, args.k, steps, modes if label == "baseline" else ("editflow warm",), log)
+            res = engine_run(
+                model,
+                n_sources,
+                args.k,
+                steps,
+                modes if label == "baseline" else ("editflow warm",),
+                log,
+            )
             for d in res.values():
                 d["mfu"] = mfu(d["unet_evals_per_s"])
             engine[label] = {"modes": res, "wall_s": time.perf_counter() - t0}
@@ -359,20 +575,67 @@ def main(argv: list[str] | None = None) -> int:
     base = engine.get("baseline", {}).get("modes", {})
     for label, e in engine.items():
         for m, d in e.get("modes", {}).items():
-            ratio = d["edits_per_gpu_hour"] / base["naive"]["edits_per_gpu_hour"] if "naive" in base else None
-            rows.append([label, m, d["edits"], d["seconds_per_edit"], d["edits_per_gpu_hour"], ratio, d["unet_evals"] / d["edits"],
-                         d["unet_evals_per_s"], d["mfu"]])
+            ratio = (
+                d["edits_per_gpu_hour"] / base["naive"]["edits_per_gpu_hour"]
+                if "naive" in base
+                else None
+            )
+            rows.append(
+                [
+                    label,
+                    m,
+                    d["edits"],
+                    d["seconds_per_edit"],
+                    d["edits_per_gpu_hour"],
+                    ratio,
+                    d["unet_evals"] / d["edits"],
+                    d["unet_evals_per_s"],
+                    d["mfu"],
+                ]
+            )
         if "error" in e:
-            rows.append([label, "error: " + e["error"][:80], None, None, None, None, None, None, None])
-    print_table(["config", "mode", "edits", "s/edit", "edits/GPU-hour", "x naive", "UNet evals/edit", "UNet evals/s", "MFU"], rows,
-                title=f"engine: PnP, K = {args.k}, T = {steps}, {n_sources} sources ({name}, {dtype})")
+            rows.append(
+                [label, "error: " + e["error"][:80], None, None, None, None, None, None, None]
+            )
+    print_table(
+        [
+            "config",
+            "mode",
+            "edits",
+            "s/edit",
+            "edits/GPU-hour",
+            "x naive",
+            "UNet evals/edit",
+            "UNet evals/s",
+            "MFU",
+        ],
+        rows,
+        title=f"engine: PnP, K = {args.k}, T = {steps}, {n_sources} sources ({name}, {dtype})",
+    )
     print(f"(wall {time.perf_counter() - t_start:.0f}s)")
     if smoke:
         print("smoke run: code paths checked on CPU; nothing written")
         return 0
-    write_result("gpu", {"settings": {"device": name, "dtype": str(dtype), "T": steps, "k": args.k, "sources": n_sources, "iters": iters,
-                                      "peak_tflops": peak, "tflop_per_eval": TFLOP_PER_EVAL, "unet_params": params, "via_folder": args.via_folder},
-                         "unet": unet_rows, "engine": engine}, facts=facts)
+    write_result(
+        "gpu",
+        {
+            "settings": {
+                "device": name,
+                "dtype": str(dtype),
+                "T": steps,
+                "k": args.k,
+                "sources": n_sources,
+                "iters": iters,
+                "peak_tflops": peak,
+                "tflop_per_eval": TFLOP_PER_EVAL,
+                "unet_params": params,
+                "via_folder": args.via_folder,
+            },
+            "unet": unet_rows,
+            "engine": engine,
+        },
+        facts=facts,
+    )
     return 0
 
 

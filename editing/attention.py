@@ -76,7 +76,7 @@ class CrossControl:
     """Prompt-to-Prompt's cross-attention edit of the conditional target rows, on the UNet's device."""
 
     rows: StepRows
-    mapper: torch.Tensor  # (n, L, L) compute dtype
+    mapper: torch.Tensor  # (n, L, L) in the model's dtype
     alpha: torch.Tensor  # (n, 1, 1, L)
     equalizer: torch.Tensor  # (n, 1, 1, L)
     weight: tuple[torch.Tensor, ...]  # per step (n, 1, 1, L): the cross-replace schedule
@@ -148,7 +148,9 @@ class ControlState:
         self.cross = None
         if host.cross_schedule is not None:
             rows = rows_where(host.cond_target)
-            r = rows.rows.cpu()
+            r = torch.nonzero(
+                host.cond_target, as_tuple=False
+            ).flatten()  # the same rows, on the host
 
             def cols(t: torch.Tensor) -> torch.Tensor:  # (n, L) -> (n, 1, 1, L) on device
                 return t.to(device, dtype)[:, None, None, :]
@@ -184,12 +186,14 @@ class ControlState:
         return tensor[sel.src]
 
 
-def tensors_in(obj, _seen: set[int] | None = None) -> list[torch.Tensor]:
+def tensors_in(obj, _seen: dict[int, object] | None = None) -> list[torch.Tensor]:
     """Every tensor reachable from `obj` through dataclass fields, dicts, lists and tuples (for checks)."""
-    seen = set() if _seen is None else _seen
+    seen = (
+        {} if _seen is None else _seen
+    )  # id -> object: holding the object keeps its id from being reused
     if id(obj) in seen:
         return []
-    seen.add(id(obj))
+    seen[id(obj)] = obj
     if isinstance(obj, torch.Tensor):
         return [obj]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

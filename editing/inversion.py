@@ -70,7 +70,9 @@ class Inversion:
     """A real image's DDIM trajectory under its source prompt, with Direct Inversion corrections."""
 
     latents: torch.Tensor  # (T+1, C, h, w) fp32 (fp64 for fp64 models); latents[k] = z*_k, latents[0] = VAE latent of the image
-    corrections: torch.Tensor  # (T, C, h, w) fp32; corrections[k-1] = d_k, added after the step k -> k-1
+    corrections: (
+        torch.Tensor
+    )  # (T, C, h, w) fp32; corrections[k-1] = d_k, added after the step k -> k-1
     cond: torch.Tensor  # (L, D) source prompt embedding
     uncond: torch.Tensor  # (L, D) empty prompt embedding
     facts: dict[str, Any]  # inversion_facts(...) plus image size
@@ -106,13 +108,19 @@ class Inversion:
             tensors = st_load(data)
             facts = json.loads(_read_metadata(data)["facts"])
         except Exception as exc:  # noqa: BLE001 - any decoding problem means "unreadable"
-            raise InversionMismatch(f"unreadable inversion blob ({type(exc).__name__}: {exc})") from exc
+            raise InversionMismatch(
+                f"unreadable inversion blob ({type(exc).__name__}: {exc})"
+            ) from exc
         if facts.get("format") != FORMAT_VERSION:
-            raise InversionMismatch(f"inversion format {facts.get('format')!r}, expected {FORMAT_VERSION!r}")
+            raise InversionMismatch(
+                f"inversion format {facts.get('format')!r}, expected {FORMAT_VERSION!r}"
+            )
         if expect:
             diff = {k: (facts.get(k), v) for k, v in expect.items() if facts.get(k) != v}
             if diff:
-                desc = "; ".join(f"{k}: blob has {a!r}, wanted {b!r}" for k, (a, b) in sorted(diff.items()))
+                desc = "; ".join(
+                    f"{k}: blob has {a!r}, wanted {b!r}" for k, (a, b) in sorted(diff.items())
+                )
                 raise InversionMismatch(f"inversion was made for other facts: {desc}")
         inv = cls(
             latents=tensors["latents"],
@@ -121,8 +129,12 @@ class Inversion:
             uncond=tensors["uncond"],
             facts=facts,
         )
-        if inv.latents.shape[0] != inv.corrections.shape[0] + 1 or inv.num_steps != facts.get("num_steps"):
-            raise InversionMismatch("inversion blob is inconsistent: trajectory and corrections lengths differ")
+        if inv.latents.shape[0] != inv.corrections.shape[0] + 1 or inv.num_steps != facts.get(
+            "num_steps"
+        ):
+            raise InversionMismatch(
+                "inversion blob is inconsistent: trajectory and corrections lengths differ"
+            )
         return inv
 
 
@@ -147,7 +159,14 @@ def invert(
     Costs num_steps UNet evaluations for the inversion and 2 * num_steps for the guided source pass.
     `guidance_scale` is the source branch's guidance (the corrections are exact for it).
     """
-    [inv] = invert_many(model, [image], [source_prompt], num_steps=num_steps, guidance_scale=guidance_scale, size_policy=size_policy)
+    [inv] = invert_many(
+        model,
+        [image],
+        [source_prompt],
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        size_policy=size_policy,
+    )
     return inv
 
 
@@ -177,10 +196,20 @@ def invert_many(
     for idxs in by_shape.values():
         for b in range(0, len(idxs), max_batch):
             part = idxs[b : b + max_batch]
-            invs = _invert_batch(model, schedule, torch.cat([pixels[i] for i in part]), [source_prompts[i] for i in part], guidance_scale)
+            invs = _invert_batch(
+                model,
+                schedule,
+                torch.cat([pixels[i] for i in part]),
+                [source_prompts[i] for i in part],
+                guidance_scale,
+            )
             for i, inv in zip(part, invs):
                 inv.facts = inversion_facts(
-                    model, source_prompts[i], num_steps=num_steps, guidance_scale=guidance_scale, size_policy=size_policy
+                    model,
+                    source_prompts[i],
+                    num_steps=num_steps,
+                    guidance_scale=guidance_scale,
+                    size_policy=size_policy,
                 ) | {"height": int(pixels[i].shape[2]), "width": int(pixels[i].shape[3])}
                 out[i] = inv
     seconds = (time.perf_counter() - start) / max(1, len(images))
@@ -189,17 +218,24 @@ def invert_many(
     return out  # type: ignore[return-value]
 
 
-def _invert_batch(model: EditModel, schedule: Schedule, pixels: torch.Tensor, prompts: list[str], guidance_scale: float) -> list[Inversion]:
+def _invert_batch(
+    model: EditModel,
+    schedule: Schedule,
+    pixels: torch.Tensor,
+    prompts: list[str],
+    guidance_scale: float,
+) -> list[Inversion]:
     n, steps = pixels.shape[0], schedule.num_steps
     # 2. Encode prompts and the images
     emb = model.encode_prompts([""] * n + prompts)
     uncond, cond = emb[:n], emb[n:]
     z = model.encode_image(pixels)  # (n, C, h, w) fp32 (fp64 for fp64 models)
     _check_finite("the image latent", z)
+    timesteps = schedule.timesteps_on(model.device)  # once; indexed on the device per step
     # 3. Invert: z_0 -> z_T with the source prompt, guidance 1
     latents = [z]
     for level in range(1, steps + 1):
-        out = model.unet(z.to(model.dtype), schedule.timestep(level).to(model.device), encoder_hidden_states=cond).sample
+        out = model.unet(z.to(model.dtype), timesteps[level - 1], encoder_hidden_states=cond).sample
         z = invert_step(out, z, schedule, level)
         latents.append(z)
     traj = torch.stack(latents, 1)  # (n, T+1, C, h, w)
@@ -208,7 +244,7 @@ def _invert_batch(model: EditModel, schedule: Schedule, pixels: torch.Tensor, pr
     gaps = torch.empty_like(traj[:, 1:])
     for level in range(steps, 0, -1):
         x = traj[:, level]
-        out = model.unet(torch.cat([x, x]).to(model.dtype), schedule.timestep(level).to(model.device),
+        out = model.unet(torch.cat([x, x]).to(model.dtype), timesteps[level - 1],
                          encoder_hidden_states=torch.cat([uncond, cond])).sample  # fmt: skip
         produced = denoise_step(guide(out[:n], out[n:], guidance_scale), x, schedule, level)
         gaps[:, level - 1] = traj[:, level - 1] - produced

@@ -1,7 +1,8 @@
 """Loading a Stable Diffusion 1.x/2.x checkpoint once, and the small model-level helpers the methods share.
 
 `load_model` takes a local diffusers folder or a hub id (from the local cache; nothing downloads unless the
-caller allows it), refuses pickle-only weights unless asked, and picks device and dtype sensibly.
+caller allows it), refuses pickle-only weights unless asked, and picks device and dtype sensibly. The VAE's
+precision is chosen once, at load (:func:`vae_precision`); nothing here moves or re-casts a module later.
 """
 
 from __future__ import annotations
@@ -28,9 +29,32 @@ class PickleWeightsRefused(ValueError):
     """The checkpoint only has pickle (.bin/.ckpt) weights and the caller did not opt in."""
 
 
+def vae_precision(dtype: torch.dtype, vae_config: Any) -> torch.dtype:
+    """The dtype the VAE runs in for a model running in `dtype`: the one precision rule.
+
+    fp32 when the model runs in fp16 and the VAE's config sets ``force_upcast`` (missing counts as set, as in
+    diffusers): SD 1.x/2.x VAEs overflow to NaN/inf in fp16, which is why diffusers' pipelines upcast them
+    at decode time. Every other case (fp32, fp64, bf16 whose range does not overflow, or a VAE with
+    ``force_upcast`` false such as an fp16-fixed one) runs the VAE in the model's dtype.
+    :func:`load_model` applies this once; pass the same rule when building an :class:`EditModel` by hand.
+    """
+    get = (
+        vae_config.get
+        if hasattr(vae_config, "get")
+        else lambda k, d=None: getattr(vae_config, k, d)
+    )
+    if dtype == torch.float16 and get("force_upcast", True):
+        return torch.float32
+    return dtype
+
+
 @dataclass
 class EditModel:
-    """A loaded SD pipeline's parts plus identity facts. Load once with :func:`load_model`; reuse it."""
+    """A loaded SD pipeline's parts plus identity facts. Load once with :func:`load_model`; reuse it.
+
+    `vae_dtype` is the dtype the VAE runs in (see :func:`vae_precision`); left out, it is the VAE's own
+    dtype as given. It must match the VAE's parameters: nothing casts the VAE after construction.
+    """
 
     vae: Any
     unet: Any
@@ -41,8 +65,20 @@ class EditModel:
     dtype: torch.dtype
     model_id: str
     revision: str
-    defaults: dict[str, Any] = field(default_factory=dict)  # from the folder's editflow.json, if any
+    defaults: dict[str, Any] = field(
+        default_factory=dict
+    )  # from the folder's editflow.json, if any
+    vae_dtype: torch.dtype | None = None  # the VAE's precision; None = the VAE's parameters' dtype
     _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        have = self.vae.dtype
+        if self.vae_dtype is None:
+            self.vae_dtype = have
+        elif have != self.vae_dtype:
+            raise ValueError(
+                f"vae_dtype is {self.vae_dtype} but the VAE's parameters are {have}; cast the VAE first"
+            )
 
     @property
     def vae_scale_factor(self) -> int:
@@ -85,7 +121,9 @@ class EditModel:
     # ---- text ----
     def tokenize(self, prompt: str) -> torch.Tensor:
         """Token ids (1, L) padded to the tokenizer's length; a prompt that does not fit is refused."""
-        ids = self.tokenizer(prompt, padding="max_length", truncation=False, return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            prompt, padding="max_length", truncation=False, return_tensors="pt"
+        ).input_ids
         if ids.shape[1] > self.max_tokens:
             raise ValueError(
                 f"prompt is too long: {ids.shape[1]} tokens, the model takes {self.max_tokens}: {prompt!r}"
@@ -111,7 +149,9 @@ class EditModel:
         m = self.size_multiple
         if size_policy == "exact":
             if width % m or height % m:
-                raise ValueError(f"image is {width}x{height}; size_policy 'exact' needs multiples of {m}")
+                raise ValueError(
+                    f"image is {width}x{height}; size_policy 'exact' needs multiples of {m}"
+                )
             return width, height
         if size_policy == "square":
             return self.native_size, self.native_size
@@ -145,8 +185,7 @@ class EditModel:
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """VAE-encode (B, 3, H, W) pixels in [-1, 1] to scaled latents (fp32 or wider; posterior mean)."""
-        vae_dtype = self._vae_dtype()
-        dist = self.vae.encode(pixels.to(self.device, vae_dtype)).latent_dist
+        dist = self.vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist
         return dist.mean.to(self.latent_dtype) * float(self.vae.config.scaling_factor)
 
     @property
@@ -157,24 +196,31 @@ class EditModel:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
         """Decode scaled latents (B, C, h, w) to PIL images."""
-        vae_dtype = self._vae_dtype()
         images = []
         for z in latents.split(8):
-            x = self.vae.decode(z.to(self.device, vae_dtype) / float(self.vae.config.scaling_factor)).sample
-            x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            x = self.vae.decode(
+                z.to(self.device, self.vae_dtype) / float(self.vae.config.scaling_factor)
+            ).sample
+            x = (
+                ((x.float().clamp(-1, 1) + 1) * 127.5)
+                .round()
+                .to(torch.uint8)
+                .permute(0, 2, 3, 1)
+                .cpu()
+                .numpy()
+            )
             images.extend(Image.fromarray(a) for a in x)
         return images
 
-    def _vae_dtype(self) -> torch.dtype:
-        # SD VAEs overflow in fp16 (NaNs); their config asks for an fp32 upcast.
-        if self.dtype == torch.float16 and self.vae.config.get("force_upcast", True):
-            self.vae.to(torch.float32)
-            return torch.float32
-        return self.vae.dtype
 
-
-def _default_device_dtype(device: str | torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _default_device_dtype(
+    device: str | torch.device | None, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
     return dev, dtype
@@ -204,10 +250,14 @@ def _check_weights(folder: Path, allow_pickle: bool) -> None:
     for comp in _COMPONENTS:
         sub = folder / comp
         if not sub.is_dir():
-            raise ValueError(f"{folder} is not a diffusers Stable Diffusion folder: no {comp}/ subfolder")
+            raise ValueError(
+                f"{folder} is not a diffusers Stable Diffusion folder: no {comp}/ subfolder"
+            )
         if any(sub.glob("*.safetensors")):
             continue
-        pickles = sorted(p.name for p in sub.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
+        pickles = sorted(
+            p.name for p in sub.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth")
+        )
         if not pickles:
             raise ValueError(f"{sub} has no weights (.safetensors)")
         if not allow_pickle:
@@ -228,7 +278,9 @@ def model_folder(
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(source), revision=revision, local_files_only=local_files_only))
+        return Path(
+            snapshot_download(str(source), revision=revision, local_files_only=local_files_only)
+        )
     except Exception as exc:  # noqa: BLE001 - rephrase hub errors for the user
         raise ValueError(
             f"model {str(source)!r} is neither a local folder nor in the local Hugging Face cache "
@@ -248,7 +300,9 @@ def load_model(
     """Load an SD 1.x/2.x diffusers checkpoint (local folder or hub id) for editing.
 
     Defaults: CUDA + fp16 when available, else CPU + fp32. Hub ids resolve from the local Hugging Face
-    cache unless ``local_files_only=False``. Safetensors only unless ``allow_pickle``.
+    cache unless ``local_files_only=False``. Safetensors only unless ``allow_pickle``. The UNet and text
+    encoder run in `dtype`; the VAE in :func:`vae_precision` of it (fp32 for an fp16 model whose VAE config
+    sets ``force_upcast``), cast here once.
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -257,9 +311,11 @@ def load_model(
     model_id = str(source)
     rev = (revision or _local_fingerprint(folder)) if Path(source).is_dir() else folder.name
     _check_weights(folder, allow_pickle)
+    vae_config = folder / "vae" / "config.json"
+    vae_dt = vae_precision(dt, json.loads(vae_config.read_text()) if vae_config.is_file() else {})
     pipe = StableDiffusionPipeline.from_pretrained(
         folder,
-        dtype=dt,
+        dtype={"default": dt, "vae": vae_dt},  # the VAE's precision, chosen once, here
         use_safetensors=None if allow_pickle else True,
         safety_checker=None,
         feature_extractor=None,
@@ -267,6 +323,11 @@ def load_model(
         local_files_only=True,
     )
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    if (
+        pipe.vae.dtype != vae_dt
+    ):  # a component folder without a config.json: read the loaded config instead
+        vae_dt = vae_precision(dt, pipe.vae.config)
+        pipe.vae.to(dtype=vae_dt)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.to(dev)
         module.eval()
@@ -274,7 +335,7 @@ def load_model(
     defaults: dict[str, Any] = {}
     if (folder / "editflow.json").is_file():
         defaults = json.loads((folder / "editflow.json").read_text())
-    logger.info("loaded %s (%s) on %s/%s", model_id, rev, dev, dt)
+    logger.info("loaded %s (%s) on %s/%s (VAE %s)", model_id, rev, dev, dt, vae_dt)
     return EditModel(
         vae=pipe.vae,
         unet=pipe.unet,
@@ -286,4 +347,5 @@ def load_model(
         model_id=model_id,
         revision=rev,
         defaults=defaults,
+        vae_dtype=vae_dt,
     )
