@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -434,5 +435,8 @@ def main(device: str | None, tiny: bool, dtypes: list[str] | None, steps: int | 
         rows,
         f"GPU check ({name}, {'tiny model' if tiny else 'SD 1.5 shape, random weights'}, T = {steps})",
     )
-    print(f"(wall {wall:.0f}s; scratch folder {work})")
+    print(f"(wall {wall:.0f}s)")
+    shutil.rmtree(
+        work, ignore_errors=True
+    )  # the model folder (~2 GB for SD 1.5's shape) and the stores
     return code
