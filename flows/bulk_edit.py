@@ -373,6 +373,7 @@ def restyle(
     method: str = "pnp",
     image_column: str = "image_uri",
     caption_column: str = "caption",
+    settings: str | None = None,
     model: str = "",
     cache: str = "",
     shard_size: int = 64,
@@ -390,7 +391,7 @@ def restyle(
     """Catalog x styles -> a manifest (written under the run), then a bulk edit of it."""
     table = restyle_manifest(
         catalog, styles, template=template, method=method, image_column=image_column,
-        caption_column=caption_column, s3_endpoint=s3_endpoint,
+        caption_column=caption_column, s3_endpoint=s3_endpoint, settings=settings,
     )  # fmt: skip
     run_id = run_id or keys.new_run_id()
     store = open_store(out, s3_endpoint=s3_endpoint)

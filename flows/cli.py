@@ -199,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
         help='target prompt template (default "{caption}, {style}")',
     )
     rs.add_argument("--method", choices=("pnp", "p2p"), default="pnp")
+    rs.add_argument(
+        "--settings",
+        default=None,
+        help="the method's settings for every row, a JSON object (e.g. '{\"attn_t\": 0.8}')",
+    )
     rs.add_argument("--image-column", default="image_uri")
     rs.add_argument("--caption-column", default="caption")
     _common(rs)
@@ -359,7 +364,7 @@ def _restyle_problems(args: argparse.Namespace) -> list:
 
     table = restyle_manifest(
         args.catalog, args.style, template=args.template, method=args.method, image_column=args.image_column,
-        caption_column=args.caption_column, s3_endpoint=args.s3_endpoint,
+        caption_column=args.caption_column, settings=args.settings, s3_endpoint=args.s3_endpoint,
     )  # fmt: skip
     problems = validate_table(table) + prompt_length_problems(table, _prompt_budget(args.model))
     n = len(args.style)  # manifest row r = catalog row r // n with style r % n
@@ -591,7 +596,7 @@ def _main(argv: list[str] | None = None) -> int:
         else:
             summary = flows_mod.restyle.with_options(task_runner=runner)(
                 args.catalog, args.style, args.out, template=args.template, method=args.method,
-                image_column=args.image_column, caption_column=args.caption_column, gpu_resources=gpu, **_bulk_kwargs(args),
+                image_column=args.image_column, caption_column=args.caption_column, settings=args.settings, gpu_resources=gpu, **_bulk_kwargs(args),
             )  # fmt: skip
     except ManifestError as exc:
         progress.close()

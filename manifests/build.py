@@ -43,12 +43,15 @@ def restyle_manifest(
     image_column: str = "image_uri",
     caption_column: str = "caption",
     s3_endpoint: str | None = None,
+    settings: str | None = None,
 ) -> pa.Table:
     """Catalog x styles -> a manifest: one row per (catalog row, style), catalog order then style order.
 
     ``source_prompt`` is the caption; ``target_prompt`` is ``template`` formatted with
     ``caption``, ``style`` and any other catalog column (e.g. ``"{caption} in {style}"``).
-    The other catalog columns are kept as passthrough, plus a ``style`` column.
+    The other catalog columns are kept as passthrough, plus a ``style`` column. ``settings`` (a JSON
+    object of the method's settings, e.g. ``'{"attn_t": 0.8}'``) goes into every row; validation
+    checks it like any manifest's.
     """
     # 1. Validate the arguments
     if isinstance(styles, str):
@@ -82,7 +85,8 @@ def restyle_manifest(
     clash = [
         c
         for c in extras
-        if c in ("source_prompt", "target_prompt", "method", "style", "image_uri", "edit_id")
+        if c
+        in ("source_prompt", "target_prompt", "method", "settings", "style", "image_uri", "edit_id")
     ]
     if clash:
         raise ValueError(
@@ -116,6 +120,8 @@ def restyle_manifest(
         "target_prompt": pa.array(targets, pa.string()),
         "method": pa.array([method] * (n * k), pa.string()),
     }
+    if settings is not None:
+        columns["settings"] = pa.array([settings] * (n * k), pa.string())
     for c in extras:
         columns[c] = expanded.column(c)
     columns["style"] = style_col

@@ -14,7 +14,7 @@ from refmodel import REFERENCE_MODEL_DIR
 from refmodel.evaluate import evaluate_edits
 from tasks.options import RunOptions
 
-SOURCES = 6  # drawn scenes; each gets a colour swap and a shape swap per method
+SOURCES = 6  # drawn scenes; each gets a colour, shape and background swap and a restyle per method
 STEPS = 50
 
 
@@ -34,28 +34,38 @@ def test_bundled_model_is_the_default_and_records_its_layers(ref_model):
 
 @pytest.fixture(scope="module")
 def metrics(ref_model):
-    m, _ = evaluate_edits(ref_model, SOURCES, STEPS, methods=["p2p_swap", "pnp"])
+    m, _ = evaluate_edits(
+        ref_model, SOURCES, STEPS, methods=sorted({floor[0] for floor in FLOORS.values()})
+    )
     return m
 
 
 def test_direct_inversion_reconstructs_as_well_as_the_vae(metrics):
     recon = metrics["reconstruction_psnr"]
     assert recon["direct_inversion"] >= recon["vae"] - 0.5
+    assert recon["direct_inversion"] >= 32.0  # issue 10's target; measured 37.9 dB here
     assert recon["direct_inversion"] > recon["ddim_g7.5"] + 1.0  # plain DDIM with guidance drifts
 
 
-# A margin below what this test's 6 sources measured with the bundled model (2026-11-25):
-# p2p_swap 83% / IoU 0.63 / 26.1 dB, pnp 67% / IoU 0.75 / 33.6 dB, no control IoU 0.45.
-FLOORS = {"p2p_swap": (0.5, 0.55, 24.0), "pnp": (0.5, 0.65, 30.0)}  # success, IoU, background PSNR
+# Each kind of edit with the method the README recommends for it, and floors a margin below what this
+# test's 6 sources measured with shapes-v2 (2026-12-01): colour (pnp) 100% / IoU 0.81 / 48.7 dB, shape
+# (p2p_swap) 100%, background (pnp) 100% / IoU 0.73, restyle (pnp, attn_t 0.8) 83% / IoU 0.80 / 43.1 dB;
+# no control: colour IoU 0.45. (The 30-source evaluation in the README is the reference figure.)
+FLOORS = {  # kind: (method, success, IoU or None, background PSNR or None)
+    "colour": ("pnp", 0.8, 0.7, 40.0),
+    "shape": ("p2p_swap", 0.8, None, 40.0),
+    "background": ("pnp", 0.8, 0.6, None),
+    "style": ("pnp_attn0.8", 0.6, 0.7, 38.0),
+}
 
 
-@pytest.mark.parametrize("method", sorted(FLOORS))
-def test_colour_swaps_keep_structure_and_background(metrics, method):
-    s = metrics["edits"][f"{method}/colour"]
-    success, iou, bg = FLOORS[method]
-    assert s["success"] >= success
-    assert s["iou"] >= iou
-    assert s["bg_psnr"] >= bg
-    assert (
-        s["iou"] > metrics["edits"]["none/colour"]["iou"] + 0.1
-    )  # clearly better structure than no control
+@pytest.mark.parametrize("kind", sorted(FLOORS))
+def test_recommended_method_meets_its_floors(metrics, kind):
+    method, success, iou, bg = FLOORS[kind]
+    s = metrics["edits"][f"{method}/{kind}"]
+    assert s["success"] >= success, s
+    if iou is not None:
+        assert s["iou"] >= iou, s
+        assert s["iou"] > metrics["edits"][f"none/{kind}"]["iou"] + 0.1, s  # clearly kept structure
+    if bg is not None:
+        assert s["bg_psnr"] >= bg, s

@@ -102,3 +102,18 @@ def test_restyle_rejects_clashing_or_empty_catalogs(tmp_path: Path) -> None:
     (tmp_path / "catalog.json").write_text("{}")
     with pytest.raises(ValueError, match=".parquet or .csv"):
         restyle_manifest(tmp_path / "catalog.json", ["a"])
+
+
+def test_restyle_settings_go_into_every_row_and_are_validated() -> None:
+    import pyarrow as pa
+
+    from manifests.build import restyle_manifest
+    from manifests.validate import validate_table
+
+    catalog = pa.table({"image_uri": ["a.png", "b.png"], "caption": ["a red circle", "a cat"]})
+    table = restyle_manifest(catalog, ["striped"], settings='{"attn_t": 0.8}')
+    assert table.column("settings").to_pylist() == ['{"attn_t": 0.8}'] * 2
+    assert validate_table(table) == []
+    bad = restyle_manifest(catalog, ["striped"], settings='{"attn_t": 2.0}')
+    assert {(p.row, p.column) for p in validate_table(bad)} == {(0, "settings"), (1, "settings")}
+    assert "settings" not in restyle_manifest(catalog, ["striped"]).column_names
