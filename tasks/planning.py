@@ -20,13 +20,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from editing.prompts import prompt_budget
 from manifests.validate import (
     ManifestError,
     load_manifest,
     normalize,
     passthrough_columns,
-    prompt_length_problems,
     validate_table,
 )
 from storage import keys
@@ -132,7 +130,6 @@ def plan_run(
     t0 = time.perf_counter()
     table = load_manifest(manifest_uri, s3_endpoint=options.s3_endpoint)
     problems = validate_table(table)
-    problems += prompt_length_problems(table, prompt_budget(options.model_ref))
     if problems:
         raise ManifestError(problems)
     norm = normalize(table)

@@ -8,7 +8,7 @@ import pytest
 
 from editing.prompts import prompt_budget
 from flows.cli import main
-from manifests.validate import ManifestError, prompt_length_problems
+from manifests.validate import prompt_length_problems
 from refmodel import REFERENCE_MODEL_DIR
 
 SOURCE = "a yellow triangle on a black background"
@@ -79,11 +79,3 @@ def test_restyle_refuses_a_style_that_does_not_fit_before_starting(tmp_path, cap
     text = capsys.readouterr().out
     assert "prompt is too long" in text and "catalog row 2" in text
     assert not out.exists()
-
-
-def test_planning_refuses_a_too_long_prompt(tmp_path) -> None:
-    from tasks.options import RunOptions
-    from tasks.planning import plan_run
-
-    with pytest.raises(ManifestError, match="prompt is too long"):
-        plan_run(str(_manifest(tmp_path, LONG)), RunOptions(out=str(tmp_path / "o")), run_id="r")
