@@ -30,8 +30,9 @@ RESULTS_DIR = Path(
 )  # override for scratch runs
 
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
-os.environ.setdefault("MKL_NUM_THREADS", str(THREADS))
+if os.environ.get("BENCH_POLICY_MODE") != "1":  # cpu_threads' policy workers start as editflow's do
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    os.environ.setdefault("MKL_NUM_THREADS", str(THREADS))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 

@@ -123,7 +123,9 @@ def run_mode(
         env["BENCH_THREADS"] = str(default_threads)
     else:
         env["EDITFLOW_WORKERS_PER_MACHINE"] = str(workers)
-        env["BENCH_POLICY_MODE"] = "1"  # the worker drops benchmarks._common's OMP_NUM_THREADS=1
+        env["BENCH_POLICY_MODE"] = (
+            "1"  # benchmarks._common then sets no OMP_NUM_THREADS in the worker
+        )
     go = root / "go"
     procs = []
     for w in range(workers):
@@ -180,14 +182,6 @@ def worker_main(spec_path: str) -> int:
     from tasks.shard import run_shard
     from tasks.worker import apply_thread_policy, get_model
 
-    if os.environ.get("BENCH_POLICY_MODE") == "1":
-        # benchmarks._common set OMP_NUM_THREADS=1 at import, which the policy would honour as the
-        # user's choice: the policy mode must start as a plain editflow worker does, with none set
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.pop(name, None)
-        import tasks.worker
-
-        tasks.worker._USER_OMP = None
     setup_torch()  # quiet loading (its thread count is replaced by the policy's next)
     spec = json.loads(Path(spec_path).read_text())
     options = RunOptions.from_dict(spec["options"])

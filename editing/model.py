@@ -246,7 +246,7 @@ def _local_fingerprint(folder: Path) -> str:
     return "local-" + h.hexdigest()[:16]
 
 
-def _check_weights(folder: Path, allow_pickle: bool) -> None:
+def check_weights(folder: Path, allow_pickle: bool) -> None:
     for comp in _COMPONENTS:
         sub = folder / comp
         if not sub.is_dir():
@@ -310,7 +310,7 @@ def load_model(
     folder = model_folder(source, revision=revision, local_files_only=local_files_only)
     model_id = str(source)
     rev = (revision or _local_fingerprint(folder)) if Path(source).is_dir() else folder.name
-    _check_weights(folder, allow_pickle)
+    check_weights(folder, allow_pickle)
     vae_config = folder / "vae" / "config.json"
     vae_dt = vae_precision(dt, json.loads(vae_config.read_text()) if vae_config.is_file() else {})
     pipe = StableDiffusionPipeline.from_pretrained(

@@ -16,13 +16,13 @@ class BadModel(RunError):
 def check_model(model: str, *, allow_pickle: bool = False) -> None:
     """``BadModel`` unless `model` ("" = the bundled reference model) resolves to a diffusers SD folder
     whose weights may be loaded under the pickle policy (nothing is loaded here)."""
-    from editing.model import PickleWeightsRefused, _check_weights, model_folder
+    from editing.model import PickleWeightsRefused, check_weights, model_folder
     from tasks.options import default_model
 
     ref = model or default_model()
     try:
         folder = model_folder(ref)
-        _check_weights(Path(folder), allow_pickle)
+        check_weights(Path(folder), allow_pickle)
     except PickleWeightsRefused as exc:
         raise BadModel(f"--model {ref}: {exc}") from None
     except ValueError as exc:
