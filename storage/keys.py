@@ -25,15 +25,29 @@ __all__ = [
     "check_id",
     "derive_edit_id",
     "derive_edit_id_json",
+    "IMAGE_FORMATS",
+    "IMAGE_EXTENSIONS",
+    "assets_prefix",
     "asset_key",
     "sidecar_key",
+    "edit_id_of_sidecar",
+    "edit_id_of_image",
     "new_run_id",
     "run_prefix",
     "run_file_key",
     "plan_key",
     "summary_key",
+    "run_manifest_key",
+    "report_key",
+    "contact_sheet_key",
+    "failures_key",
+    "report_info_key",
     "shard_plan_key",
+    "run_results_prefix",
     "shard_results_key",
+    "skipped_results_key",
+    "is_results_file",
+    "is_shard_results_file",
     "inversion_key",
     "inversion_object_key",
     "features_object_key",
@@ -53,6 +67,15 @@ _json_str = (
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 _EXT_RE = re.compile(r"^[a-z0-9]{1,10}$")
 EDIT_ID_HEX_LEN = 32  # derived edit ids: 128 bits of sha256, ample against collisions
+
+# The output image formats; each is also its asset key's extension (``assets/{edit_id}.{format}``).
+IMAGE_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
+# Extensions recognised as an edit's image under ``assets/`` (the formats, and "jpg" for JPEG).
+IMAGE_EXTENSIONS: tuple[str, ...] = (*IMAGE_FORMATS, "jpg")
+_ASSETS = "assets/"
+_SIDECAR = ".json"
+_PARQUET = ".parquet"
+_SHARD = "shard-"
 
 
 def sha256_hex(data: bytes) -> str:
@@ -157,14 +180,35 @@ def _ext(ext: str) -> str:
     return ext
 
 
+def assets_prefix() -> str:
+    """``assets/``: every edited image and its sidecar (shared by all runs under one output root)."""
+    return _ASSETS
+
+
 def asset_key(edit_id: str, ext: str) -> str:
     """``assets/{edit_id}.{ext}``: the edited image."""
-    return f"assets/{check_id(edit_id)}.{_ext(ext)}"
+    return f"{_ASSETS}{check_id(edit_id)}.{_ext(ext)}"
 
 
 def sidecar_key(edit_id: str) -> str:
     """``assets/{edit_id}.json``: the metadata sidecar, written last (the "finished" marker)."""
-    return f"assets/{check_id(edit_id)}.json"
+    return f"{_ASSETS}{check_id(edit_id)}{_SIDECAR}"
+
+
+def edit_id_of_sidecar(key: str) -> str | None:
+    """The edit id whose sidecar `key` is (``assets/{edit_id}.json``), or None for any other key."""
+    if key.startswith(_ASSETS) and key.endswith(_SIDECAR):
+        return key[len(_ASSETS) : -len(_SIDECAR)]
+    return None
+
+
+def edit_id_of_image(key: str) -> str | None:
+    """The edit id whose image `key` is (``assets/{edit_id}.{ext}``, ext one of ``IMAGE_EXTENSIONS``),
+    or None for any other key."""
+    if not key.startswith(_ASSETS):
+        return None
+    stem, dot, ext = key[len(_ASSETS) :].rpartition(".")
+    return stem if dot and ext in IMAGE_EXTENSIONS else None
 
 
 def new_run_id() -> str:
@@ -192,10 +236,40 @@ def summary_key(run_id: str) -> str:
     return run_file_key(run_id, "summary.json")
 
 
+def run_manifest_key(run_id: str) -> str:
+    """``runs/{run_id}/manifest.parquet``: a manifest the run made itself (restyle's catalog x styles)."""
+    return run_file_key(run_id, "manifest.parquet")
+
+
+REPORT_NAME = "report.html"  # the run's report page, next to the files it links by these names
+CONTACT_SHEET_NAME = "contact_sheet.png"
+FAILURES_NAME = "failures.csv"
+
+
+def report_key(run_id: str) -> str:
+    """``runs/{run_id}/report.html``: the run's report page."""
+    return run_file_key(run_id, REPORT_NAME)
+
+
+def contact_sheet_key(run_id: str) -> str:
+    """``runs/{run_id}/contact_sheet.png``: the report's contact sheet."""
+    return run_file_key(run_id, CONTACT_SHEET_NAME)
+
+
+def failures_key(run_id: str) -> str:
+    """``runs/{run_id}/failures.csv``: every failed row of the run (written when there are any)."""
+    return run_file_key(run_id, FAILURES_NAME)
+
+
+def report_info_key(run_id: str) -> str:
+    """``runs/{run_id}/report.json``: what the report shows, as JSON."""
+    return run_file_key(run_id, "report.json")
+
+
 def _shard(shard_index: int) -> str:
     if not isinstance(shard_index, int) or isinstance(shard_index, bool) or shard_index < 0:
         raise ValueError(f"shard_index must be a non-negative int, got {shard_index!r}")
-    return f"shard-{shard_index:05d}.parquet"
+    return f"{_SHARD}{shard_index:05d}{_PARQUET}"
 
 
 def shard_plan_key(run_id: str, shard_index: int) -> str:
@@ -203,9 +277,30 @@ def shard_plan_key(run_id: str, shard_index: int) -> str:
     return run_file_key(run_id, "shards/" + _shard(shard_index))
 
 
+def run_results_prefix(run_id: str) -> str:
+    """``runs/{run_id}/results/``: the run's results files (one per shard, and the skipped rows)."""
+    return run_file_key(run_id, "results/")
+
+
 def shard_results_key(run_id: str, shard_index: int) -> str:
     """``runs/{run_id}/results/shard-{i:05d}.parquet``: one shard's results."""
-    return run_file_key(run_id, "results/" + _shard(shard_index))
+    return run_results_prefix(run_id) + _shard(shard_index)
+
+
+def skipped_results_key(run_id: str) -> str:
+    """``runs/{run_id}/results/skipped.parquet``: the rows planning found finished by earlier runs."""
+    return run_results_prefix(run_id) + "skipped" + _PARQUET
+
+
+def is_results_file(run_id: str, key: str) -> bool:
+    """Whether `key` (from a listing) is one of the run's results files (a Parquet object under
+    :func:`run_results_prefix`)."""
+    return key.startswith(run_results_prefix(run_id)) and key.endswith(_PARQUET)
+
+
+def is_shard_results_file(key: str) -> bool:
+    """Whether results file `key` is a shard's (:func:`shard_results_key`), not the skipped rows'."""
+    return key.rsplit("/", 1)[-1].startswith(_SHARD)
 
 
 def inversion_key(content_sha256: str, facts: Mapping[str, Any]) -> str:

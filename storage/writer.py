@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from PIL import Image, PngImagePlugin
 
 from storage.base import NotFound, ObjectStore
-from storage.keys import asset_key, sha256_hex, sidecar_key
+from storage.keys import IMAGE_FORMATS, asset_key, sha256_hex, sidecar_key
 
 __all__ = [
     "IMAGE_FORMATS",
@@ -43,7 +43,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ImageFormat = Literal["png", "jpeg", "webp"]
-IMAGE_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
 _EXIF_IMAGE_DESCRIPTION = 0x010E
 EMBED_KEY = "editflow"  # the text item holding an asset's edit identity (see tasks.shard)
 

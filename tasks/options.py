@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from editing.model import SIZE_POLICIES
-
-IMAGE_FORMATS = ("png", "jpeg", "webp")
+from storage.keys import IMAGE_FORMATS
 
 
 def default_model() -> str:

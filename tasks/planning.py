@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from manifests.schema import EditRow
 from manifests.validate import (
     ManifestError,
     load_manifest,
@@ -36,31 +37,27 @@ from tasks.results import results_table
 
 logger = logging.getLogger(__name__)
 
+# The source of an edit: rows with equal values here share one inversion (and one engine batch).
 GROUP_COLUMNS = ("image_uri", "source_prompt", "num_steps")
 
 
-IMAGE_EXTS = ("png", "jpeg", "jpg", "webp")
+def source_key(row: EditRow) -> tuple:
+    """The row's :data:`GROUP_COLUMNS` values: the shard groups its rows by this, as planning does."""
+    return tuple(getattr(row, c) for c in GROUP_COLUMNS)
 
 
 def finished_assets(store) -> dict[str, str | None]:
     """Finished edit id -> the key of its image (None if none is found), from one listing of ``assets/``."""
     sidecars, images = set(), {}
-    for key in store.list("assets/"):
-        name = key[len("assets/") :]
-        if name.endswith(".json"):
-            sidecars.add(name[: -len(".json")])
-        elif "." in name and name.rsplit(".", 1)[1] in IMAGE_EXTS:
-            images[name.rsplit(".", 1)[0]] = key
+    for key in store.list(keys.assets_prefix()):
+        edit_id = keys.edit_id_of_sidecar(key)
+        if edit_id is not None:
+            sidecars.add(edit_id)
+            continue
+        edit_id = keys.edit_id_of_image(key)
+        if edit_id is not None:
+            images[edit_id] = key
     return {e: images.get(e) for e in sidecars}
-
-
-def finished_edit_ids(store) -> set[str]:
-    """Edit ids whose sidecar exists under ``assets/`` (one listing, not one request per edit)."""
-    done = set()
-    for key in store.list("assets/"):
-        if key.endswith(".json"):
-            done.add(key[len("assets/") : -len(".json")])
-    return done
 
 
 def pack_shards(group_codes: np.ndarray, shard_size: int) -> np.ndarray:
@@ -182,9 +179,7 @@ def plan_run(
             }  # fmt: skip
             for e in skipped.column("edit_id").to_pylist()
         ]
-        write_parquet(
-            out, keys.run_file_key(run_id, "results/skipped.parquet"), results_table(rows, skipped)
-        )
+        write_parquet(out, keys.skipped_results_key(run_id), results_table(rows, skipped))
     plan = {
         "run_id": run_id,
         "manifest": manifest_uri,
@@ -210,8 +205,3 @@ def plan_run(
     return {k: plan[k] for k in ("run_id", "rows", "pending", "skipped", "sources", "seconds")} | {
         "shards": num_shards
     }
-
-
-def load_plan(options: RunOptions, run_id: str) -> dict[str, Any]:
-    out = open_store(options.out, s3_endpoint=options.s3_endpoint)
-    return read_json(out, keys.plan_key(run_id))

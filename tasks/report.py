@@ -38,9 +38,9 @@ from storage.writer import png_bytes, read_json, read_parquet, write_json
 
 logger = logging.getLogger(__name__)
 
-REPORT_NAME = "report.html"
-CONTACT_SHEET_NAME = "contact_sheet.png"
-FAILURES_NAME = "failures.csv"
+REPORT_NAME = keys.REPORT_NAME  # the page links the files next to it by these names
+CONTACT_SHEET_NAME = keys.CONTACT_SHEET_NAME
+FAILURES_NAME = keys.FAILURES_NAME
 MAX_SOURCES = 30  # sources shown in the page (an evenly spread sample beyond that)
 MAX_EDITS_PER_SOURCE = 12  # edits shown per source (the rest counted)
 SHEET_SOURCES = 12  # rows of the contact sheet
@@ -107,7 +107,7 @@ class RunFiles:
 
     @property
     def shards_with_results(self) -> int:
-        return sum(1 for k in self.result_files if k.rsplit("/", 1)[-1].startswith("shard-"))
+        return sum(1 for k in self.result_files if keys.is_shard_results_file(k))
 
 
 def load_run(store: ObjectStore, run_id: str) -> RunFiles:
@@ -118,7 +118,9 @@ def load_run(store: ObjectStore, run_id: str) -> RunFiles:
         if store.exists(keys.summary_key(run_id))
         else None
     )
-    files = [k for k in store.list(keys.run_prefix(run_id) + "results/") if k.endswith(".parquet")]
+    files = [
+        k for k in store.list(keys.run_results_prefix(run_id)) if keys.is_results_file(run_id, k)
+    ]
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
         tables = list(pool.map(lambda k: read_parquet(store, k), files))
     tagged = [
@@ -177,7 +179,7 @@ def run_overview(store: ObjectStore, run_id: str) -> dict[str, Any]:
         "failures": failures(run.results),
         "summary": summary,
     }
-    report = keys.run_file_key(run_id, REPORT_NAME)
+    report = keys.report_key(run_id)
     info["report_uri"] = store.uri(report) if store.exists(report) else None
     return info
 
@@ -693,15 +695,15 @@ def write_report(
         writer = csv.DictWriter(buf, fieldnames=["row", "edit_id", "reason"])
         writer.writeheader()
         writer.writerows(fails)
-        key = keys.run_file_key(run_id, FAILURES_NAME)
+        key = keys.failures_key(run_id)
         store.put(key, buf.getvalue().encode("utf-8"))
         failures_uri = store.uri(key)
     page = render_html(
         run, t, sources, fails, sources_total=sources_total, failures_uri=failures_uri
     )
-    report_key = keys.run_file_key(run_id, REPORT_NAME)
+    report_key = keys.report_key(run_id)
     store.put(report_key, page.encode("utf-8"))
-    sheet_key = keys.run_file_key(run_id, CONTACT_SHEET_NAME)
+    sheet_key = keys.contact_sheet_key(run_id)
     store.put(sheet_key, png_bytes(render_contact_sheet(sources[:SHEET_SOURCES])))
     info = {
         "report_uri": store.uri(report_key),
@@ -713,7 +715,7 @@ def write_report(
         + sum(e.image is not None for s in sources for e in s.edits),
         "bytes": len(page.encode("utf-8")),
     }
-    write_json(store, keys.run_file_key(run_id, "report.json"), {**info, "totals": t})
+    write_json(store, keys.report_info_key(run_id), {**info, "totals": t})
     logger.info("report of run %s: %s", run_id, info["report_uri"])
     return info
 

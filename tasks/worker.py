@@ -22,7 +22,6 @@ logger = logging.getLogger(__name__)
 
 _MODELS: dict[tuple, EditModel] = {}
 _LOCK = threading.Lock()
-LOADS = {"count": 0}  # how many times this process loaded a model (tests and reports read it)
 
 
 THREADS_ENV = "EDITFLOW_THREADS"  # intra-op threads per worker process; overrides the policy
@@ -226,7 +225,6 @@ def get_model(
                 model_ref, device=device, dtype=torch_dtype, allow_pickle=allow_pickle
             )
             _MODELS[key] = model
-            LOADS["count"] += 1
             logger.info("worker loaded model %s", model_ref)
         return model
 
