@@ -1,21 +1,33 @@
-"""editflow manifests: the format (one row per edit), validation that reports every problem,
-loading from files, folders and S3 prefixes, normalising into `EditRow`s, and builders.
+"""editflow manifests: the format (one row per edit), loading from files, folders and S3 prefixes,
+validation that reports every problem, normalising into typed `EditRow`s, edit identity, builders.
 
-    from manifests import check_manifest, normalize, edit_rows
-    table, problems = check_manifest("s3://bucket/manifests/", s3_endpoint=endpoint)
-    rows = list(edit_rows(normalize(table)))
+    from manifests import edit_rows, format_problems, prepare_manifest
+    prepared = prepare_manifest("s3://bucket/manifests/", s3_endpoint=endpoint, budget=budget)
+    if prepared.problems:
+        print(format_problems(prepared.problems))
+    else:
+        rows = list(edit_rows(prepared.normalized))
+
+Modules: ``load`` (reading through ``storage``), ``validate`` (the checks), ``prompts`` (prompt
+lengths), ``normalise`` (normalised table, ``EditRow``s), ``prepare`` (all of it in one pass),
+``identity`` (derived edit ids), ``problems``, ``schema``, ``build``.
 """
 
 from __future__ import annotations
 
 from manifests.build import read_catalog, restyle_manifest
+from manifests.identity import derive_edit_id, derive_edit_id_json
+from manifests.load import load_manifest, manifest_files
+from manifests.normalise import edit_rows, normalize, normalized_table, passthrough_columns
+from manifests.prepare import PreparedManifest, check_manifest, prepare_manifest, prepare_table
+from manifests.problems import ManifestError, Problem, format_problems
+from manifests.prompts import prompt_length_problems
 from manifests.schema import (
     DEFAULT_METHOD,
     DEFAULT_NUM_STEPS,
     DEFAULT_SEED,
     GUIDANCE_RANGE,
     KNOWN_COLUMNS,
-    MANIFEST_SCHEMA,
     METHODS,
     NORMALIZED_SCHEMA,
     NUM_STEPS_RANGE,
@@ -24,18 +36,7 @@ from manifests.schema import (
     RESERVED_COLUMNS,
     EditRow,
 )
-from manifests.validate import (
-    ManifestError,
-    Problem,
-    check_manifest,
-    edit_rows,
-    format_problems,
-    load_manifest,
-    manifest_files,
-    normalize,
-    passthrough_columns,
-    validate_table,
-)
+from manifests.validate import analyse, validate_table
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -43,7 +44,6 @@ __all__ = [
     "DEFAULT_SEED",
     "GUIDANCE_RANGE",
     "KNOWN_COLUMNS",
-    "MANIFEST_SCHEMA",
     "METHODS",
     "NORMALIZED_SCHEMA",
     "NUM_STEPS_RANGE",
@@ -52,14 +52,22 @@ __all__ = [
     "RESERVED_COLUMNS",
     "EditRow",
     "ManifestError",
+    "PreparedManifest",
     "Problem",
+    "analyse",
     "check_manifest",
+    "derive_edit_id",
+    "derive_edit_id_json",
     "edit_rows",
     "format_problems",
     "load_manifest",
     "manifest_files",
     "normalize",
+    "normalized_table",
     "passthrough_columns",
+    "prepare_manifest",
+    "prepare_table",
+    "prompt_length_problems",
     "read_catalog",
     "restyle_manifest",
     "validate_table",

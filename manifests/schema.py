@@ -9,14 +9,19 @@ column is passthrough: carried untouched into metadata and results.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-from editing.configs import METHOD_CONFIGS, P2PConfig, PnPConfig, config_from_settings
+from editing.configs import (
+    METHOD_CONFIGS,
+    P2PConfig,
+    PnPConfig,
+    config_from_settings,
+    config_to_settings,
+)
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -29,7 +34,6 @@ __all__ = [
     "DEFAULT_NUM_STEPS",
     "NUM_STEPS_RANGE",
     "GUIDANCE_RANGE",
-    "MANIFEST_SCHEMA",
     "NORMALIZED_SCHEMA",
     "default_guidance",
     "EditRow",
@@ -65,23 +69,6 @@ DEFAULT_NUM_STEPS = 50  # DDIM steps of inversion and editing; both papers use 5
 NUM_STEPS_RANGE = (1, 1000)  # inclusive; 1000 = the training schedule's length
 GUIDANCE_RANGE = (1.0, 30.0)  # inclusive; the configs' own bounds
 
-# The types of the known columns as a writer should produce them (readers accept any
-# compatible type: large strings, dictionary strings, narrower ints, ints for floats).
-MANIFEST_SCHEMA = pa.schema(
-    [
-        pa.field("image_uri", pa.string(), nullable=False),
-        pa.field("source_prompt", pa.string(), nullable=False),
-        pa.field("target_prompt", pa.string(), nullable=False),
-        pa.field("edit_id", pa.string()),
-        pa.field("method", pa.string()),
-        pa.field("seed", pa.int64()),
-        pa.field("num_steps", pa.int64()),
-        pa.field("guidance_scale", pa.float64()),
-        pa.field("negative_prompt", pa.string()),
-        pa.field("settings", pa.string()),
-    ]
-)
-
 # What `normalize` returns before the passthrough columns: every value filled.
 # `settings` is the canonical JSON of the row's method settings without guidance_scale and
 # negative_prompt (those are resolved into their own columns).
@@ -115,7 +102,7 @@ class EditRow:
     """One validated manifest row with defaults filled: what the planner and shard tasks consume."""
 
     row: int  # 0-based position in the (concatenated) manifest
-    edit_id: str  # user-given (key-safe) or derived by storage.keys.derive_edit_id
+    edit_id: str  # user-given (key-safe) or derived (manifests.identity.derive_edit_id)
     image_uri: (
         str  # as in the manifest: s3://..., file:///... or a path (relative = to the working dir)
     )
@@ -126,27 +113,25 @@ class EditRow:
     num_steps: int  # in NUM_STEPS_RANGE
     guidance_scale: float  # in GUIDANCE_RANGE
     negative_prompt: str
-    # Everything config_from_settings(method, ...) needs, guidance_scale and negative_prompt included.
-    settings: dict[str, Any] = field(default_factory=dict)
+    # The method config of this edit (settings, guidance_scale and negative_prompt included),
+    # built once per distinct value by manifests.edit_rows and shared by its rows.
+    config: PnPConfig | P2PConfig
     passthrough: dict[str, Any] = field(default_factory=dict)  # the manifest's other columns
 
-    def config(self) -> PnPConfig | P2PConfig:
-        """The method config of this edit (``editing.configs.config_from_settings``)."""
-        return config_from_settings(self.method, self.settings)
-
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict (JSON-ready when the passthrough values are)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """A plain dict (JSON-ready when the passthrough values are); the config as its settings."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["config"] = config_to_settings(self.config)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EditRow:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        """Inverse of :meth:`to_dict`; unknown keys or bad settings raise ``ValueError``."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown EditRow field(s) {unknown}")
-        return cls(**data)
-
-    def settings_json(self) -> str:
-        """The settings as canonical JSON (sorted keys)."""
-        return json.dumps(self.settings, sort_keys=True, separators=(",", ":"))
+        values = dict(data)
+        if isinstance(values.get("config"), Mapping):
+            values["config"] = config_from_settings(values.get("method", ""), values["config"])
+        return cls(**values)

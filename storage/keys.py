@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import secrets
 import time
@@ -23,8 +22,6 @@ __all__ = [
     "canonical_json",
     "digest",
     "check_id",
-    "derive_edit_id",
-    "derive_edit_id_json",
     "IMAGE_FORMATS",
     "IMAGE_EXTENSIONS",
     "assets_prefix",
@@ -61,12 +58,8 @@ EDIT_ID_MAX_LEN = EDIT_ID_MAX_BYTES  # the older name
 # control characters. Shared with the vectorised manifest check.
 UNSAFE_ID_PATTERN = r"[/\\\x00-\x1f\x7f]|\.\."
 _UNSAFE_ID_RE = re.compile(UNSAFE_ID_PATTERN)
-_json_str = (
-    json.encoder.encode_basestring
-)  # JSON string literal, non-ASCII kept (as canonical_json)
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 _EXT_RE = re.compile(r"^[a-z0-9]{1,10}$")
-EDIT_ID_HEX_LEN = 32  # derived edit ids: 128 bits of sha256, ample against collisions
 
 # The output image formats; each is also its asset key's extension (``assets/{edit_id}.{format}``).
 IMAGE_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
@@ -116,61 +109,6 @@ def check_id(value: str, *, what: str = "edit_id") -> str:
             f"{what} {value!r} is not key-safe (no '/', '\\', '..' or control characters)"
         )
     return value
-
-
-def derive_edit_id(
-    image_uri: str,
-    source_prompt: str,
-    target_prompt: str,
-    method: str,
-    settings: Mapping[str, Any],
-    seed: int,
-    num_steps: int,
-    guidance_scale: float,
-    negative_prompt: str = "",
-) -> str:
-    """A deterministic edit id: 32 hex digits of the sha256 of everything that shapes the edit.
-
-    Pass resolved values (defaults filled). `settings` are the method settings other than
-    guidance_scale and negative_prompt (which are passed on their own), hashed as canonical
-    JSON, so key order does not matter. Passthrough columns are not part of the identity.
-    """
-    return derive_edit_id_json(
-        image_uri,
-        source_prompt,
-        target_prompt,
-        method,
-        canonical_json(dict(settings)),
-        seed,
-        num_steps,
-        guidance_scale,
-        negative_prompt,
-    )
-
-
-def derive_edit_id_json(
-    image_uri: str,
-    source_prompt: str,
-    target_prompt: str,
-    method: str,
-    settings_json: str,
-    seed: int,
-    num_steps: int,
-    guidance_scale: float,
-    negative_prompt: str = "",
-) -> str:
-    """:func:`derive_edit_id` with the settings already as :func:`canonical_json` text (fast path)."""
-    guidance = float(guidance_scale)
-    if not math.isfinite(guidance):
-        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
-    # Exactly canonical_json([...8 values]), spelt out: ~3x faster for million-row manifests.
-    q = _json_str
-    head = (
-        f"[{q(image_uri)},{q(source_prompt)},{q(target_prompt)},{q(method)},"
-        f"{int(seed)},{int(num_steps)},{float.__repr__(guidance)},{q(negative_prompt)}]"
-    )
-    text = f"edit-v1\n{head}\n{settings_json}"
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:EDIT_ID_HEX_LEN]
 
 
 def _ext(ext: str) -> str:

@@ -20,14 +20,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from manifests import prepare_manifest
 from manifests.schema import EditRow
-from manifests.validate import (
-    ManifestError,
-    load_manifest,
-    normalize,
-    passthrough_columns,
-    validate_table,
-)
 from storage import keys
 from storage.uri import open_store
 from storage.writer import read_json, write_json, write_parquet
@@ -125,11 +119,8 @@ def plan_run(
 ) -> dict[str, Any]:
     """Validate, claim the run id (``RunExists`` if taken), plan and write the plan; returns a small summary dict."""
     t0 = time.perf_counter()
-    table = load_manifest(manifest_uri, s3_endpoint=options.s3_endpoint)
-    problems = validate_table(table)
-    if problems:
-        raise ManifestError(problems)
-    norm = normalize(table)
+    prepared = prepare_manifest(manifest_uri, s3_endpoint=options.s3_endpoint)
+    norm = prepared.require_normalized()  # ManifestError listing every problem
     t_validate = time.perf_counter() - t0
     out = open_store(options.out, s3_endpoint=options.s3_endpoint)
     claim_run(out, run_id, claim or secrets.token_hex(8))
@@ -190,7 +181,7 @@ def plan_run(
         "pending": pending.num_rows,
         "skipped": skipped.num_rows,
         "sources": int(codes.max()) + 1 if len(codes) else 0,
-        "passthrough": passthrough_columns(table),
+        "passthrough": prepared.passthrough,
         "shards": shards,
         "seconds": {"validate": t_validate, "plan": time.perf_counter() - t0 - t_validate},
     }

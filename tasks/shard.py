@@ -34,7 +34,7 @@ from editing.methods import (
 )
 from editing.model import EditModel
 from manifests.schema import EditRow
-from manifests.validate import edit_rows
+from manifests import edit_rows
 from storage import keys
 from storage.base import NotFound
 from storage.cache import BlobCache, CorruptEntry
@@ -431,7 +431,7 @@ def _run_rows(
         for row in src.rows:
             try:
                 model.tokenize(row.target_prompt)
-                config = row.config()
+                config = row.config
             except ValueError as exc:
                 results[row.edit_id] = _result(
                     row, "failed", error=f"row {row.row}: target_prompt/settings: {exc}"

@@ -78,48 +78,6 @@ def test_object_key_errors() -> None:
         keys.features_object_key(keys.inversion_key(CONTENT, FACTS), "a/b")
 
 
-EDIT = dict(
-    image_uri="s3://b/img.png",
-    source_prompt="a cat",
-    target_prompt="a dog",
-    method="pnp",
-    settings={"feature_t": 0.8, "attn_t": 0.5},
-    seed=0,
-    num_steps=50,
-    guidance_scale=7.5,
-    negative_prompt="",
-)
-
-
-def test_derive_edit_id_deterministic() -> None:
-    eid = keys.derive_edit_id(**EDIT)
-    assert len(eid) == 32 and eid == keys.derive_edit_id(**EDIT)
-    reordered = {**EDIT, "settings": {"attn_t": 0.5, "feature_t": 0.8}}
-    assert keys.derive_edit_id(**reordered) == eid
-    assert keys.derive_edit_id(**{**EDIT, "guidance_scale": 7.5}) == keys.derive_edit_id(
-        **{**EDIT, "guidance_scale": 7.50}
-    )
-    assert keys.derive_edit_id(**{**EDIT, "num_steps": 50.0}) == eid  # numeric types normalised
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"image_uri": "s3://b/img2.png"},
-        {"source_prompt": "a cat "},
-        {"target_prompt": "a fox"},
-        {"method": "p2p"},
-        {"settings": {"feature_t": 0.7, "attn_t": 0.5}},
-        {"seed": 1},
-        {"num_steps": 49},
-        {"guidance_scale": 7.0},
-        {"negative_prompt": "blurry"},
-    ],
-)
-def test_derive_edit_id_sensitive(change: dict) -> None:
-    assert keys.derive_edit_id(**{**EDIT, **change}) != keys.derive_edit_id(**EDIT)
-
-
 def test_layout() -> None:
     assert keys.asset_key("e1", "png") == "assets/e1.png"
     assert keys.asset_key("e1", ".JPEG") == "assets/e1.jpeg"
@@ -152,16 +110,3 @@ def test_safe_ids_accepted(good: str) -> None:
 def test_bad_shard_index(bad) -> None:
     with pytest.raises(ValueError, match="shard_index"):
         keys.shard_results_key("r1", bad)
-
-
-def test_derive_edit_id_fast_path_matches_canonical_json() -> None:
-    """derive_edit_id_json spells out canonical_json; the two must never drift apart."""
-    values = ['s3://b/"q".png', "café ✓", "tab\there", "pnp", 2**62, 7, 7.25, "ünï\\"]
-    settings = {"b": [1, 2], "a": "x"}
-    text = (
-        f"edit-v1\n{keys.canonical_json(values[:4] + values[4:])}\n{keys.canonical_json(settings)}"
-    )
-    expected = keys.sha256_hex(text.encode())[:32]
-    assert keys.derive_edit_id(*values[:4], settings, *values[4:]) == expected
-    with pytest.raises(ValueError, match="finite"):
-        keys.derive_edit_id(*values[:4], settings, 1, 50, float("inf"))

@@ -1,4 +1,4 @@
-"""normalize() and edit_rows(): defaults, derived edit ids, passthrough columns, EditRow."""
+"""normalize() and edit_rows(): defaults, derived edit ids, passthrough columns, EditRow and its config."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from editing.configs import P2PConfig, PnPConfig
 from manifests import NORMALIZED_SCHEMA, EditRow, ManifestError, edit_rows, normalize
-from storage.keys import derive_edit_id
+from manifests.identity import derive_edit_id
 
 TABLE = pa.table(
     {
@@ -88,12 +88,12 @@ def test_edit_rows() -> None:
         num_steps=50,
         guidance_scale=7.5,
         negative_prompt="",
-        settings={"guidance_scale": 7.5, "negative_prompt": ""},
+        config=PnPConfig(),
         passthrough={"sku": "A", "price": 1.5, "tags": ["x"]},
     )
-    assert first.config() == PnPConfig()
-    assert rows[1].config() == PnPConfig(guidance_scale=5.0, attn_t=0.4)
-    assert rows[2].config() == P2PConfig(kind="replace", guidance_scale=9.0)
+    assert first.config == PnPConfig()
+    assert rows[1].config == PnPConfig(guidance_scale=5.0, attn_t=0.4)
+    assert rows[2].config == P2PConfig(kind="replace", guidance_scale=9.0)
     assert EditRow.from_dict(rows[2].to_dict()) == rows[2]
     with pytest.raises(ValueError, match="unknown EditRow field"):
         EditRow.from_dict({**rows[2].to_dict(), "extra": 1})
@@ -142,3 +142,52 @@ def test_pandas_written_manifest_with_missing_values() -> None:
     out = normalize(pa.Table.from_pandas(frame))
     assert out.column("seed").to_pylist() == [1, 0]
     assert out.column("num_steps").to_pylist() == [50, 25]
+
+
+def test_edit_rows_build_each_distinct_config_once(monkeypatch) -> None:
+    """Rows with the same method, settings, guidance and negative prompt share one config object,
+    built once (not once per row, not once per access)."""
+    import manifests.normalise as normalise
+
+    table = pa.table(
+        {
+            "image_uri": [f"img-{i}.png" for i in range(6)],
+            "source_prompt": ["a cat"] * 6,
+            "target_prompt": ["a dog"] * 6,
+            "method": ["pnp", "pnp", "pnp", "p2p", "pnp", "pnp"],
+            # rows 0, 1 and 5 spell one settings value in two ways; row 4 differs by guidance
+            "settings": [
+                '{"attn_t": 0.4}',
+                '{"attn_t": 0.4}',
+                None,
+                None,
+                '{"attn_t": 0.4}',
+                '{ "attn_t" : 0.4 }',
+            ],  # fmt: skip
+            "guidance_scale": [None, None, None, None, 9.0, None],
+        }
+    )
+    built = []
+    real = normalise.config_from_settings
+
+    def counting(method, settings):
+        built.append((method, dict(settings)))
+        return real(method, settings)
+
+    monkeypatch.setattr(normalise, "config_from_settings", counting)
+    rows = list(edit_rows(normalize(table), batch_size=2))  # shared across batches too
+    assert len(built) == 4  # (pnp, attn_t 0.4, 7.5), (pnp, {}), (p2p, {}), (pnp, attn_t 0.4, 9.0)
+    assert rows[0].config is rows[1].config is rows[5].config
+    assert rows[0].config == PnPConfig(attn_t=0.4)
+    assert rows[2].config == PnPConfig() and rows[3].config == P2PConfig()
+    assert rows[4].config == PnPConfig(attn_t=0.4, guidance_scale=9.0)
+    assert not hasattr(EditRow, "settings_json") and "settings" not in EditRow.__dataclass_fields__
+
+
+def test_edit_rows_name_the_row_of_settings_a_config_refuses() -> None:
+    norm = normalize(TABLE)
+    broken = norm.set_column(
+        norm.schema.get_field_index("settings"), "settings", pa.array(["{}", '{"attn_t": 7}', "{}"])
+    )
+    with pytest.raises(ValueError, match="row 1: settings"):
+        list(edit_rows(broken))

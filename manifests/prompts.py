@@ -1,0 +1,92 @@
+"""Prompt lengths: rows whose prompt does not fit the model's text encoder.
+
+Only prompts that might not fit are tokenised. CLIP's tokenizer drops whitespace, splits the rest
+into pre-tokens and byte-pair-encodes each one into at most one token per byte (every merge joins
+two pieces), and adds a start and an end token. So an ASCII prompt with at most ``max_tokens - 2``
+non-whitespace characters always fits; a million-row manifest of short prompts costs a few
+vectorised passes, and only the other distinct prompts go through the tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from manifests.problems import Problem, show_value
+from manifests.validate import is_string_type
+
+__all__ = ["PROMPT_COLUMNS", "surely_fits", "prompt_problems", "prompt_length_problems"]
+
+PROMPT_COLUMNS = ("source_prompt", "target_prompt", "negative_prompt")
+
+# Whitespace as RE2 sees it (space, \t, \n, \f, \r): the tokenizers drop every one of these, so
+# not counting them never undercounts tokens. Other whitespace counts as a character (safe).
+_WHITESPACE = r"\s"
+
+
+def surely_fits(prompts: pa.Array | pa.ChunkedArray, max_tokens: int) -> np.ndarray:
+    """Per prompt: True when it cannot exceed `max_tokens` (start and end included) without
+    tokenising it (ASCII, at most ``max_tokens - 2`` non-whitespace characters); null = True."""
+    ascii_ = pc.string_is_ascii(prompts)
+    chars = pc.subtract(pc.binary_length(prompts), pc.count_substring_regex(prompts, _WHITESPACE))
+    fits = pc.and_kleene(ascii_, pc.less_equal(chars, max_tokens - 2))
+    return np.asarray(
+        pc.fill_null(fits, pc.is_null(prompts)).to_numpy(zero_copy_only=False), dtype=bool
+    )
+
+
+def prompt_problems(
+    columns: Mapping[str, pa.Array | pa.ChunkedArray], budget: Any
+) -> list[Problem]:
+    """Rows whose prompt does not fit, for each prompt column of `columns` (strings), by row.
+
+    `budget` is an :class:`editing.prompts.PromptBudget` (``max_tokens`` and ``counts(prompts)``).
+    Each distinct prompt that might not fit (see :func:`surely_fits`) is tokenised once.
+    """
+    problems: list[Problem] = []
+    for name in PROMPT_COLUMNS:
+        column = columns.get(name)
+        if column is None:
+            continue
+        column = column.cast(pa.string())
+        unsure = column.filter(pa.array(~surely_fits(column, budget.max_tokens)))
+        distinct = [p for p in pc.unique(unsure).to_pylist() if p]
+        counts = dict(zip(distinct, budget.counts(distinct), strict=True))
+        too_long = [p for p in distinct if counts[p] > budget.max_tokens]
+        if not too_long:
+            continue
+        rows = np.flatnonzero(
+            pc.fill_null(pc.is_in(column, value_set=pa.array(too_long)), False).to_numpy(
+                zero_copy_only=False
+            )
+        )
+        values = column.take(pa.array(rows)).to_pylist()
+        for row, prompt in zip(rows.tolist(), values, strict=True):
+            problems.append(
+                Problem(
+                    row,
+                    name,
+                    f"prompt is too long for the model: {counts[prompt]} tokens, the model takes "
+                    f"{budget.max_tokens} (start and end tokens included): {show_value(prompt)}",
+                )
+            )
+    problems.sort(key=lambda p: (p.row, p.column))
+    return problems
+
+
+def prompt_length_problems(table: pa.Table, budget: Any) -> list[Problem]:
+    """:func:`prompt_problems` of a table's string prompt columns (other columns are skipped).
+
+    ``manifests.prepare_manifest(uri, budget=...)`` checks prompt lengths in the same pass as the
+    rest; this is for a table at hand.
+    """
+    columns = {
+        name: table.column(name)
+        for name in PROMPT_COLUMNS
+        if name in table.column_names and is_string_type(table.schema.field(name).type)
+    }
+    return prompt_problems(columns, budget)
