@@ -203,14 +203,6 @@ class P2PConfig:
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
 
-    def cross_fraction(self, word: str | None = None) -> float:
-        """The cross-replace fraction for `word` (or the default)."""
-        if isinstance(self.cross_replace_steps, Mapping):
-            if word is not None and word in self.cross_replace_steps:
-                return float(self.cross_replace_steps[word])
-            return float(self.cross_replace_steps.get("default_", 0.8))
-        return float(self.cross_replace_steps)
-
 
 METHOD_CONFIGS: dict[str, type] = {"pnp": PnPConfig, "p2p": P2PConfig}
 

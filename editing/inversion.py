@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,7 +78,6 @@ class Inversion:
     facts: dict[str, Any]  # inversion_facts(...) plus image size
     unet_evals: int = 0  # UNet image-evaluations spent computing it (0 when loaded from bytes)
     seconds: float = 0.0
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 
+from editing.configs import SD_PNP_ATTN_LAYERS, SD_PNP_FEATURE_LAYERS
 from refmodel.domain import (
     BACKGROUNDS,
     COLOURS,
@@ -84,18 +85,11 @@ logger = logging.getLogger("refmodel.train")
 
 MODEL_NAME = "shapes-v2"  # the name the export records in editflow.json
 
-# PnP defaults (paper's decoder layer 4 features, self-attention of decoder layers 4-11).
-PNP_FEATURE_LAYERS = ["up_blocks.1.resnets.1"]
-PNP_ATTN_LAYERS = [
-    "up_blocks.1.attentions.1.transformer_blocks.0.attn1",
-    "up_blocks.1.attentions.2.transformer_blocks.0.attn1",
-    "up_blocks.2.attentions.0.transformer_blocks.0.attn1",
-    "up_blocks.2.attentions.1.transformer_blocks.0.attn1",
-    "up_blocks.2.attentions.2.transformer_blocks.0.attn1",
-    "up_blocks.3.attentions.0.transformer_blocks.0.attn1",
-    "up_blocks.3.attentions.1.transformer_blocks.0.attn1",
-    "up_blocks.3.attentions.2.transformer_blocks.0.attn1",
-]
+# PnP defaults: editing's SD layers (decoder layer 4's features, self-attention of decoder layers 4-11),
+# the attention ones written as the attn1 paths the export records in editflow.json (each of SD's
+# attention parents holds one transformer block in this UNet too)
+PNP_FEATURE_LAYERS = list(SD_PNP_FEATURE_LAYERS)
+PNP_ATTN_LAYERS = [f"{parent}.transformer_blocks.0.attn1" for parent in SD_PNP_ATTN_LAYERS]
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,8 @@ class HostReads(TorchDispatchMode):
 
 
 def _spy_loop(monkeypatch, on_enter=None):
-    """Wrap editing.methods.controlled_unet: its body is exactly the denoising loop. Returns a dict that
-    collects each chunk's state and the host reads counted inside the loop."""
+    """Wrap the methods' controlled_unet (editing.pnp, editing.p2p): its body is exactly the denoising
+    loop. Returns a dict that collects each chunk's state and the host reads counted inside the loop."""
     real = attention.controlled_unet
     seen: dict = {"states": [], "reads": Counter()}
 
@@ -77,7 +77,8 @@ def _spy_loop(monkeypatch, on_enter=None):
             seen["reads"].update(self.mode.seen)
             return self.ctx.__exit__(*exc)
 
-    monkeypatch.setattr("editing.methods.controlled_unet", Spy)
+    for module in ("editing.pnp", "editing.p2p"):
+        monkeypatch.setattr(f"{module}.controlled_unet", Spy)
     return seen
 
 

@@ -84,12 +84,12 @@ def test_batched_targets_equal_single_edits(tiny, cat_inversion, method):
         "a photo of a turquoise cat",
     ]
     targets = [Target(p, cfg) for p in prompts]
-    [batched] = METHODS[method](tiny, [SourceGroup(cat_inversion, targets)], max_batch=8)
+    [batched] = METHODS[method].run(tiny, [SourceGroup(cat_inversion, targets)], max_batch=8)
     for t, b in zip(targets, batched):
-        [[alone]] = METHODS[method](tiny, [SourceGroup(cat_inversion, [t])])
+        [[alone]] = METHODS[method].run(tiny, [SourceGroup(cat_inversion, [t])])
         assert _rel_err(b.latent, alone.latent) < TIGHT, t.prompt
     # chunking to max_batch=3 splits the group over two chunks with the same results
-    chunked = METHODS[method](tiny, [SourceGroup(cat_inversion, targets)], max_batch=3)[0]
+    chunked = METHODS[method].run(tiny, [SourceGroup(cat_inversion, targets)], max_batch=3)[0]
     for b, c in zip(batched, chunked):
         assert _rel_err(b.latent, c.latent) < TIGHT
 
@@ -154,7 +154,8 @@ def test_controlled_layers_and_restoration(tiny, cat_inversion, monkeypatch):
 
         return Wrap()
 
-    monkeypatch.setattr("editing.methods.controlled_unet", spy)
+    for module in ("editing.pnp", "editing.p2p"):
+        monkeypatch.setattr(f"{module}.controlled_unet", spy)
     edit_pnp(tiny, [SourceGroup(cat_inversion, [Target("a photo of a dog", PnPConfig())])])
     sd_attn = [
         f"{p}.transformer_blocks.0.attn1"
@@ -354,3 +355,24 @@ def test_inverting_several_images_at_once_equals_one_by_one(tiny, cat_inversion)
         assert _rel_err(batched.latents, alone.latents) < TIGHT
         assert _rel_err(batched.corrections, alone.corrections) < TIGHT
         assert batched.facts == alone.facts and batched.unet_evals == alone.unet_evals
+
+
+def test_the_registry_has_one_method_per_config():
+    from editing.configs import METHOD_CONFIGS
+    from editing.methods import METHOD_OF_CONFIG
+
+    assert list(METHODS) == list(METHOD_CONFIGS)
+    assert METHOD_OF_CONFIG == {cls: name for name, cls in METHOD_CONFIGS.items()}
+    assert METHODS["pnp"].options == {"record_features"} and not METHODS["p2p"].options
+    with pytest.raises(TypeError, match="record_features"):  # a Plug-and-Play option only
+        edit_p2p(None, [], record_features=True)
+
+
+def test_edit_gives_options_and_features_to_the_methods_that_take_them(tiny, cat_inversion):
+    pnp, p2p = Target("a photo of a dog", PnPConfig()), Target("a photo of a dog", P2PConfig())
+    live = edit(tiny, [SourceGroup(cat_inversion, [pnp, p2p])], record_features=True)[0]
+    assert live[0].features is not None and live[1].features is None
+    # a group's cached features replay its PnP targets; its P2P targets run their source row as before
+    warm = edit(tiny, [SourceGroup(cat_inversion, [pnp, p2p], features=live[0].features)])[0]
+    assert warm[0].unet_evals["source"] == 0 and warm[1].unet_evals["source"] == STEPS
+    assert torch.equal(warm[1].latent, live[1].latent)
