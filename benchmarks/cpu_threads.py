@@ -116,7 +116,7 @@ def run_mode(
     root.mkdir()
     options = RunOptions(out=str(root / "out"), model=str(model))
     planned = plan_run(str(manifest), options, run_id="bench", shard_size=shard_size)
-    shards = list(range(planned["shards"]))
+    shards = list(range(len(planned["shards"])))
     env = {k: v for k, v in os.environ.items() if k not in _CHILD_ENV_CLEARED}
     if policy == "torch default":
         env["EDITFLOW_THREADS"] = str(default_threads)

@@ -327,13 +327,13 @@ class Checks:
         from tasks.shard import run_shard
 
         options, planned, n = self._plan("shard", shard_size=8)
-        for s in range(planned["shards"]):
+        for s in range(len(planned["shards"])):
             run_shard(options, "shard", s)
-        return self._results_ok(options, "shard", n) + f" in {planned['shards']} shard(s)"
+        return self._results_ok(options, "shard", n) + f" in {len(planned['shards'])} shard(s)"
 
     def two_workers(self) -> str:
         options, planned, n = self._plan("workers", shard_size=2)
-        expect(planned["shards"] == 2, f"planned {planned['shards']} shards, want 2")
+        expect(len(planned["shards"]) == 2, f"planned {len(planned['shards'])} shards, want 2")
         code = ("import json, sys; from tasks.options import RunOptions; from tasks.shard import run_shard; "
                 "print(json.dumps(run_shard(RunOptions.from_dict(json.loads(sys.argv[1])), sys.argv[2], int(sys.argv[3]))))")  # fmt: skip
         env = dict(

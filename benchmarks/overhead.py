@@ -31,6 +31,7 @@ Target (issue 5): under 50 ms per edit (so that at ~1 s of GPU per edit it stays
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -181,7 +182,7 @@ def run_pass(label: str, manifest_uri: str, options, shard_size: int, probes: Pr
     stages: dict[str, float] = defaultdict(float)
     counts: Counter = Counter()
     t1 = time.perf_counter()
-    for s in range(planned["shards"]):
+    for s in range(len(planned["shards"])):
         st = run_shard(options, run_id, s)
         for k, v in st["seconds"].items():
             stages[k] += v
@@ -191,12 +192,12 @@ def run_pass(label: str, manifest_uri: str, options, shard_size: int, probes: Pr
     wall = time.perf_counter() - t0
     d = _delta(probes.snapshot(), before)
     log(
-        f"{label}: {planned['rows']} edits in {planned['shards']} shards, {wall:.1f}s ({counts['succeeded']} succeeded, {counts['failed']} failed)"
+        f"{label}: {planned['rows']} edits in {len(planned['shards'])} shards, {wall:.1f}s ({counts['succeeded']} succeeded, {counts['failed']} failed)"
     )
     return {
         "label": label,
         "edits": planned["rows"],
-        "shards": planned["shards"],
+        "shards": len(planned["shards"]),
         "wall": wall,
         "plan": t_plan,
         "plan_seconds": planned["seconds"],
@@ -216,10 +217,8 @@ def run_flow_pass(
     runner, gpu = make_task_runner("local")
     before = probes.snapshot()
     t0 = time.perf_counter()
-    summary = bulk_edit.with_options(task_runner=runner)(
-        manifest_uri, options.out, model=options.model, cache=options.cache, shard_size=shard_size,
-        s3_endpoint=options.s3_endpoint, device=options.device, dtype=options.dtype, gpu_resources=gpu,
-    )  # fmt: skip
+    options = dataclasses.replace(options, shard_size=shard_size)
+    summary = bulk_edit.with_options(task_runner=runner)(manifest_uri, options, gpu_resources=gpu)
     wall = time.perf_counter() - t0
     d = _delta(probes.snapshot(), before)
     secs = summary["seconds"]

@@ -106,7 +106,7 @@ def child(manifest: str, out: str, shard_size: int, endpoint: str | None = None)
         "plan_s": summary["seconds"]["plan"],
         "rows": summary["rows"],
         "sources": summary["sources"],
-        "shards": summary["shards"],
+        "shards": len(summary["shards"]),
         "files": files,
         "import_s": t_import,
         "peak_rss_mb": peak_kb / 1024,

@@ -1,46 +1,52 @@
-"""The bulk-edit flows: validate -> plan -> fan out shards -> collect -> summarise; rerun; restyle.
+"""The bulk-edit flows: plan (validating the manifest) -> fan out shards -> collect -> summarise; rerun;
+restyle (a manifest from a catalog, then bulk edit as a subflow).
 
-Orchestration only: the work lives in :mod:`tasks` (plain functions wrapped as Prefect tasks). One task
-per shard, never per image (Prefect's per-task overhead is large). The task runner is chosen by the
-caller (:func:`flows.runners.make_task_runner`): a bounded thread pool by default, Dask for clusters.
+Orchestration only: every read and write is a task of :mod:`tasks.units` (with the transient-error
+retry); the flows wire them, notify progress and publish artifacts. One task per shard, never per image
+(Prefect's per-task overhead is large). The task runner is chosen by the caller
+(:func:`flows.runners.make_task_runner`): a bounded thread pool by default, Dask for clusters.
+Every flow takes the run's options as one :class:`~tasks.options.RunOptions` (a dict is coerced to one:
+deployments store parameters as JSON).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import pyarrow.compute as pc
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.runners import device_count
-from manifests.build import DEFAULT_TEMPLATE, restyle_manifest
+from manifests import ManifestError
 from storage import keys
-from storage.base import NotFound
-from storage.errors import describe_storage_error
-from storage.uri import open_store
-from storage.writer import read_json, read_parquet, write_json, write_parquet
-from tasks.errors import RunExists, RunIncomplete, RunMismatch, RunNotFound
-from tasks.options import RunOptions
+from tasks.options import RestyleSpec, RunOptions
 from tasks.progress import RunWatch
-from tasks.report import failures as report_failures
 from tasks.report import report_markdown
-from tasks.shard import read_run_results
-from tasks.units import plan_task, report_task, shard_task
+from tasks.runs import restyle_problems, summary_error, trusted_options
+from tasks.units import (
+    collect_task,
+    discard_restyle_manifest_task,
+    plan_task,
+    read_plan_task,
+    report_task,
+    restyle_manifest_task,
+    shard_task,
+    shards_to_rerun_task,
+    write_summary_task,
+)
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict[str, Any]], None]
-_progress: list[
-    ProgressFn
-] = []  # set by the CLI (a callable is no flow parameter: parameters are stored)
+# set by the CLI (a callable is no flow parameter: parameters are stored)
+_progress: list[ProgressFn] = []
 
 
 def set_progress_callback(fn: ProgressFn | None) -> None:
@@ -55,32 +61,35 @@ def _notify(event: dict[str, Any]) -> None:
         fn(event)
 
 
+def _current_task_runner():
+    """The task runner of the running flow (progress listens to Dask workers through it)."""
+    ctx = FlowRunContext.get()
+    return ctx.task_runner if ctx is not None else None
+
+
+def _submit_shards(options: RunOptions, run_id: str, shards: Sequence[int], gpu_resources: bool):
+    if not gpu_resources:
+        return [shard_task.submit(options, run_id, i) for i in shards]
+    import dask
+
+    with dask.annotate(resources={"GPU": 1}):
+        return [shard_task.submit(options, run_id, i) for i in shards]
+
+
 def _fan_out(
-    options: RunOptions, run_id: str, shards: Sequence[int], gpu_resources: bool
+    options: RunOptions, run_id: str, shards: Sequence[dict], gpu_resources: bool
 ) -> tuple[list[dict], list[str]]:
-    """Submit one task per shard; collect their stats as they finish."""
-    opts = options.to_dict()
-    plan = read_json(
-        open_store(options.out, s3_endpoint=options.s3_endpoint), keys.plan_key(run_id)
-    )
-    edits_of = {
-        sh["index"]: sh["edits"] for sh in plan.get("shards", []) if sh["index"] in set(shards)
-    }
+    """Submit one task per shard (`shards`: the plan's entries); collect their stats as they finish."""
     watch = RunWatch(
         run_id,
-        edits_of,
+        {sh["index"]: sh["edits"] for sh in shards},
         _notify,
         task_runner=_current_task_runner(),
         artifact_key=f"progress-{run_id.lower()}"[:100],
     ).start()
-    if gpu_resources:
-        import dask
-
-        with dask.annotate(resources={"GPU": 1}):
-            futures = [shard_task.submit(opts, run_id, i) for i in shards]
-    else:
-        futures = [shard_task.submit(opts, run_id, i) for i in shards]
-    index_of = {f.task_run_id: i for f, i in zip(futures, shards)}
+    indices = [sh["index"] for sh in shards]
+    futures = _submit_shards(options, run_id, indices, gpu_resources)
+    index_of = {f.task_run_id: i for f, i in zip(futures, indices)}
     stats, failed = [], []
     for fut in as_completed(futures):
         try:
@@ -97,111 +106,53 @@ def _fan_out(
     return stats, failed
 
 
-def _current_task_runner():
-    """The task runner of the running flow (progress listens to Dask workers through it)."""
-    from prefect.context import FlowRunContext
-
-    ctx = FlowRunContext.get()
-    return ctx.task_runner if ctx is not None else None
-
-
-FAILED_ROWS_SHOWN = 10  # failed rows listed in the summary; the results table has them all
-
-
-def _failed_rows(results, limit: int) -> list[dict[str, Any]]:
-    """The first `limit` failed rows of a run's results (row, edit_id, error), in manifest order."""
-    if not results.num_rows:
-        return []
-    failed = results.filter(pc.equal(results.column("status"), "failed")).select(
-        ["row", "edit_id", "error"]
-    )
-    order = pc.sort_indices(failed, sort_keys=[("row", "ascending")])
-    return failed.take(order).slice(0, limit).to_pylist()
-
-
-def _summarise(
-    options: RunOptions,
-    run_id: str,
-    plan: dict,
-    stats: list[dict],
-    failed_shards: list[str],
-    wall: float,
-) -> dict[str, Any]:
-    out = open_store(options.out, s3_endpoint=options.s3_endpoint)
-    results = read_run_results(options, run_id)
-    counts = {s: 0 for s in ("succeeded", "failed", "skipped")}
-    cache_hits = 0
-    if results.num_rows:
-        for s in counts:
-            counts[s] = int(pc.sum(pc.equal(results.column("status"), s)).as_py() or 0)
-        cache_hits = int(pc.sum(pc.fill_null(results.column("cache_hit"), False)).as_py() or 0)
-    failed_rows = _failed_rows(results, FAILED_ROWS_SHOWN)
-    unplanned = plan["rows"] - results.num_rows  # rows of shards that failed as a whole
-    counts["failed"] += max(0, unplanned)
-    seconds: dict[str, float] = {"wall": wall, **plan.get("seconds", {})}
-    for s in stats:
-        for k, v in s.get("seconds", {}).items():
-            seconds[f"shards_{k}"] = seconds.get(f"shards_{k}", 0.0) + v
-    summary = {
-        "run_id": run_id,
-        "out": options.out,
-        "rows": plan["rows"],
-        "counts": counts,
-        "inversions_computed": sum(s.get("inversions_computed", 0) for s in stats),
-        "inversion_cache_hits": sum(s.get("inversion_cache_hits", 0) for s in stats),
-        "edit_cache_hits": cache_hits,
-        "unet_evals": sum(s.get("unet_evals", 0.0) for s in stats),
-        "failed_shards": failed_shards,
-        "failed_rows": failed_rows,  # the first FAILED_ROWS_SHOWN failed rows: row, edit_id, error
-        "threads_per_worker": sorted(
-            {s["threads"] for s in stats if s.get("threads")}
-        ),  # CPU policy in force
-        "seconds": seconds,
-        "results_uri": out.uri(keys.run_prefix(run_id) + "results/"),
-    }
-    summary.update(_report(options, run_id, summary))
-    try:
-        write_json(out, keys.summary_key(run_id), summary)
-    except Exception as exc:  # noqa: BLE001 - e.g. a full disk: the caller still gets (and prints) the summary
-        summary["summary_error"] = (
-            describe_storage_error(exc)
-            or f"could not write {out.uri(keys.summary_key(run_id))}: {type(exc).__name__}: {exc}"
-        )
-        logger.error("%s", summary["summary_error"])
-    if results.num_rows:
-        cols = [
-            c
-            for c in (
-                "edit_id",
-                "status",
-                "output_uri",
-                "error",
-                "cache_hit",
-                "unet_evals",
-                "seconds",
-            )
-            if c in results.column_names
-        ]
-        create_table_artifact(
-            results.select(cols).slice(0, 500).to_pylist(),
-            key=f"results-{run_id.lower()}"[:100],
-            description="first 500 results",
-        )
-    create_markdown_artifact(
-        report_markdown(summary, summary, report_failures(results)),
-        key=f"summary-{run_id.lower()}"[:100],
-    )
-    return summary
-
-
 def _report(options: RunOptions, run_id: str, summary: dict[str, Any]) -> dict[str, Any]:
     """Write the run report (report.html, contact_sheet.png); a report that cannot be written never fails the run."""
     try:
-        info = report_task(options.to_dict(), run_id, summary)
+        info = report_task(options, run_id, summary)
     except Exception as exc:  # noqa: BLE001 - the results are complete without it
         logger.warning("could not write the run report: %s: %s", type(exc).__name__, exc)
         return {"report_uri": None, "contact_sheet_uri": None}
     return {"report_uri": info["report_uri"], "contact_sheet_uri": info["contact_sheet_uri"]}
+
+
+def _write_summary(options: RunOptions, run_id: str, summary: dict[str, Any]) -> None:
+    try:
+        write_summary_task(options, run_id, summary)
+    except Exception as exc:  # noqa: BLE001 - e.g. a full disk: the caller still gets (and prints) the summary
+        summary["summary_error"] = summary_error(options, run_id, exc)
+        logger.error("%s", summary["summary_error"])
+
+
+def _publish(
+    run_id: str, summary: dict[str, Any], preview: list[dict], failures: list[dict]
+) -> None:
+    """The run's Prefect artifacts: the first results rows and the summary as markdown."""
+    if preview:
+        create_table_artifact(
+            preview, key=f"results-{run_id.lower()}"[:100], description="first 500 results"
+        )
+    create_markdown_artifact(
+        report_markdown(summary, summary, failures), key=f"summary-{run_id.lower()}"[:100]
+    )
+
+
+def _edit_and_summarise(
+    options: RunOptions,
+    run_id: str,
+    plan: dict[str, Any],
+    shards: Sequence[dict],
+    gpu_resources: bool,
+    t0: float,
+) -> dict[str, Any]:
+    """Fan out `shards` (entries of `plan`), then collect, report and write the run's summary."""
+    stats, failed = _fan_out(options, run_id, shards, gpu_resources)
+    collected = collect_task(options, run_id, plan, stats, failed, time.perf_counter() - t0)
+    summary = collected.summary
+    summary.update(_report(options, run_id, summary))
+    _write_summary(options, run_id, summary)
+    _publish(run_id, summary, collected.preview, collected.failures)
+    return summary
 
 
 # Deployments (infra/prefect.yaml) use these defaults: one shard at a time per GPU (one on CPU).
@@ -210,196 +161,49 @@ _DEFAULT_RUNNER = ThreadPoolTaskRunner(max_workers=max(1, device_count()))
 
 @flow(name="bulk-edit", log_prints=False, task_runner=_DEFAULT_RUNNER)
 def bulk_edit(
-    manifest: str,
-    out: str,
-    model: str = "",
-    cache: str = "",
-    shard_size: int = 64,
-    s3_endpoint: str | None = None,
-    run_id: str | None = None,
-    image_format: str = "png",
-    max_batch: int = 8,
-    cache_features: bool = False,
-    device: str | None = None,
-    dtype: str | None = None,
-    allow_pickle: bool = False,
-    gpu_resources: bool = False,
-    threads: int | None = None,
+    manifest: str, options: RunOptions, run_id: str | None = None, gpu_resources: bool = False
 ) -> dict[str, Any]:
-    """Edit every row of `manifest` into `out`: validate, plan, one task per shard, summarise."""
+    """Edit every row of `manifest` into ``options.out``: plan (``ManifestError`` for an invalid
+    manifest, before anything is written), one task per shard, summarise. `gpu_resources`: each shard
+    task asks the Dask cluster for one "GPU" resource."""
     t0 = time.perf_counter()
-    options = RunOptions(
-        out=out, model=model, cache=cache, s3_endpoint=s3_endpoint, image_format=image_format,
-        max_batch=max_batch, cache_features=cache_features, device=device, dtype=dtype, allow_pickle=allow_pickle,
-        threads=threads,
-    )  # fmt: skip
     run_id = run_id or keys.new_run_id()
-    planned = plan_task(manifest, options.to_dict(), run_id, shard_size, claim=secrets.token_hex(8))
-    plan = read_json(open_store(out, s3_endpoint=s3_endpoint), keys.plan_key(run_id))
-    _notify({"planned": planned})
-    stats, failed = _fan_out(options, run_id, range(planned["shards"]), gpu_resources)
-    return _summarise(options, run_id, plan, stats, failed, time.perf_counter() - t0)
-
-
-def shards_to_rerun(options: RunOptions, run_id: str, plan: dict) -> list[int]:
-    """Shards without a results file, or whose results hold failed rows."""
-    out = open_store(options.out, s3_endpoint=options.s3_endpoint)
-    todo = []
-    for shard in plan["shards"]:
-        key = keys.shard_results_key(run_id, shard["index"])
-        if not out.exists(key):
-            todo.append(shard["index"])
-            continue
-        status = read_parquet(out, key).column("status")
-        if pc.any(pc.equal(status, "failed")).as_py():
-            todo.append(shard["index"])
-    return todo
-
-
-def refuse_existing_run(store, run_id: str) -> None:
-    """``RunExists`` when `run_id` already has a plan under `store` (planning claims ids race-free too)."""
-    key = keys.plan_key(run_id)
-    if store.exists(key):
-        raise RunExists(
-            f"run {run_id} already exists under {store.uri()} ({store.uri(key)}); choose another --run-id, "
-            f"or finish that run with `editflow rerun {run_id} --out {store.uri()}`"
-        )
-
-
-def read_plan(store, run_id: str) -> dict[str, Any]:
-    """The complete plan of `run_id` in `store`; ``RunNotFound`` / ``RunIncomplete`` otherwise."""
-    key = keys.plan_key(run_id)
-    try:
-        plan = read_json(store, key)
-    except NotFound:
-        raise RunNotFound(
-            f"no run {run_id} under {store.uri()} (no {store.uri(key)}); the run ids are the folders of {store.uri('runs/')}"
-        ) from None
-    if not isinstance(plan, dict) or "shards" not in plan or "options" not in plan:
-        raise RunIncomplete(
-            f"run {run_id} under {store.uri()} was never planned completely ({store.uri(key)} is a placeholder); start a new run"
-        )
-    return plan
-
-
-def trusted_options(
-    plan: dict[str, Any],
-    *,
-    run_id: str,
-    out: str,
-    s3_endpoint: str | None,
-    model: str,
-    cache: str,
-    allow_pickle: bool,
-) -> RunOptions:
-    """The rerun's options: the security-relevant ones (model, allow_pickle, cache, endpoint) from the
-    caller, never from the stored plan (anyone who can write the output can change it); the model and
-    cache the plan records must match them (``RunMismatch``). The rest (format, batch, ...) is the plan's."""
-    recorded = dict(plan["options"])
-    options = RunOptions.from_dict(
-        {
-            **recorded,
-            "out": out,
-            "s3_endpoint": s3_endpoint,
-            "model": model,
-            "cache": cache,
-            "allow_pickle": allow_pickle,
-        }
-    )
-    where = open_store(out, s3_endpoint=s3_endpoint).uri(keys.plan_key(run_id))
-    rec_model = RunOptions(out=out, model=str(recorded.get("model") or "")).model_ref
-    if rec_model != options.model_ref:
-        raise RunMismatch(
-            f"run {run_id}: {where} records model {rec_model!r} but this rerun uses {options.model_ref!r}; "
-            f"pass --model {rec_model} if you trust that model (the model is never taken from the stored plan)"
-        )
-    rec_cache = str(recorded.get("cache") or "")
-    if rec_cache != cache:
-        flag = f"--cache {rec_cache}" if rec_cache else "no --cache"
-        raise RunMismatch(
-            f"run {run_id}: {where} records cache {rec_cache or '(default)'!r} but this rerun uses "
-            f"{cache or '(default)'!r}; pass {flag} to use the same one"
-        )
-    return options
+    plan = plan_task(manifest, options, run_id, claim=secrets.token_hex(8))
+    planned = {k: plan[k] for k in ("run_id", "rows", "pending", "skipped", "sources", "seconds")}
+    _notify({"planned": {**planned, "shards": len(plan["shards"])}})
+    return _edit_and_summarise(options, run_id, plan, plan["shards"], gpu_resources, t0)
 
 
 @flow(name="bulk-edit-rerun", log_prints=False, task_runner=_DEFAULT_RUNNER)
-def rerun(
-    run_id: str,
-    out: str,
-    s3_endpoint: str | None = None,
-    gpu_resources: bool = False,
-    threads: int | None = None,
-    model: str = "",
-    cache: str = "",
-    allow_pickle: bool = False,
-) -> dict[str, Any]:
+def rerun(run_id: str, options: RunOptions, gpu_resources: bool = False) -> dict[str, Any]:
     """Finish run `run_id`: redo only shards without results and rows that failed; keep the rest.
-    `threads` (None: the recorded value, else the CPU policy) sets the workers' CPU threads.
-    `model`, `cache` and `allow_pickle` come from the caller and must match what the plan records."""
+    From `options`, the output root, endpoint, model, cache and allow_pickle are taken (the model and
+    cache must match what the plan records) and the CPU threads unless None; the rest is the plan's."""
     t0 = time.perf_counter()
-    store = open_store(out, s3_endpoint=s3_endpoint)
-    plan = read_plan(store, run_id)
-    options = trusted_options(
-        plan,
-        run_id=run_id,
-        out=out,
-        s3_endpoint=s3_endpoint,
-        model=model,
-        cache=cache,
-        allow_pickle=allow_pickle,
-    )
-    if threads is not None:
-        options = dataclasses.replace(options, threads=threads)
-    todo = shards_to_rerun(options, run_id, plan)
-    _notify(
-        {
-            "planned": {
-                "shards": len(todo),
-                "pending": sum(s["edits"] for s in plan["shards"] if s["index"] in todo),
-            }
-        }
-    )
-    stats, failed = _fan_out(options, run_id, todo, gpu_resources)
-    return _summarise(options, run_id, plan, stats, failed, time.perf_counter() - t0)
+    plan = read_plan_task(options, run_id)
+    options = trusted_options(plan, options, run_id=run_id)
+    todo = set(shards_to_rerun_task(options, run_id, plan))
+    shards = [s for s in plan["shards"] if s["index"] in todo]
+    _notify({"planned": {"shards": len(shards), "pending": sum(s["edits"] for s in shards)}})
+    return _edit_and_summarise(options, run_id, plan, shards, gpu_resources, t0)
 
 
 @flow(name="restyle", log_prints=False, task_runner=_DEFAULT_RUNNER)
 def restyle(
     catalog: str,
-    styles: list[str],
-    out: str,
-    template: str = DEFAULT_TEMPLATE,
-    method: str = "pnp",
-    image_column: str = "image_uri",
-    caption_column: str = "caption",
-    settings: str | None = None,
-    model: str = "",
-    cache: str = "",
-    shard_size: int = 64,
-    s3_endpoint: str | None = None,
+    spec: RestyleSpec,
+    options: RunOptions,
     run_id: str | None = None,
-    image_format: str = "png",
-    max_batch: int = 8,
-    cache_features: bool = False,
-    device: str | None = None,
-    dtype: str | None = None,
-    allow_pickle: bool = False,
     gpu_resources: bool = False,
-    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Catalog x styles -> a manifest (written under the run), then a bulk edit of it."""
-    table = restyle_manifest(
-        catalog, styles, template=template, method=method, image_column=image_column,
-        caption_column=caption_column, s3_endpoint=s3_endpoint, settings=settings,
-    )  # fmt: skip
+    """Catalog x styles -> a manifest (written under the run), then :func:`bulk_edit` of it as a subflow
+    on this flow's task runner. An invalid manifest: ``ManifestError`` whose rows name their catalog row
+    and style, and the manifest removed again."""
     run_id = run_id or keys.new_run_id()
-    store = open_store(out, s3_endpoint=s3_endpoint)
-    refuse_existing_run(store, run_id)  # the plan claims the id; check before writing next to it
-    key = keys.run_file_key(run_id, "manifest.parquet")
-    write_parquet(store, key, table)
-    return bulk_edit.fn(
-        store.uri(key), out, model=model, cache=cache, shard_size=shard_size, s3_endpoint=s3_endpoint,
-        run_id=run_id, image_format=image_format, max_batch=max_batch, cache_features=cache_features,
-        device=device, dtype=dtype, allow_pickle=allow_pickle, gpu_resources=gpu_resources, threads=threads,
-    )  # fmt: skip
+    manifest = restyle_manifest_task(catalog, spec, options, run_id)
+    edit = bulk_edit.with_options(task_runner=_current_task_runner() or _DEFAULT_RUNNER)
+    try:
+        return edit(manifest, options, run_id=run_id, gpu_resources=gpu_resources)
+    except ManifestError as exc:
+        discard_restyle_manifest_task(options, run_id)
+        raise ManifestError(restyle_problems(exc.problems, spec)) from None

@@ -24,6 +24,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -58,7 +60,18 @@ EDITFLOW_LOGGERS = (
 )  # what -v shows
 
 
-def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return n
+
+
+# The options' flags: each dest is the name of a RunOptions field (the CLI builds one from them).
+def _location_args(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
     p.add_argument(
         "--out",
         required=out_required,
@@ -70,6 +83,9 @@ def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
         default=None,
         help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)",
     )
+
+
+def _runner_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--runner",
         choices=("local", "dask"),
@@ -93,30 +109,38 @@ def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
     )  # fmt: skip
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return n
+def _trusted_args(p: argparse.ArgumentParser, *, rerun: bool = False) -> None:
+    """--model, --cache (and --allow-pickle): for a rerun never taken from the stored plan (anyone who can
+    write --out could change it), but checked against it."""
+    run = "the run's model, as given to `run`" if rerun else "diffusers SD 1.x/2.x folder or hub id"
+    cache = "the run's inversion cache, as given to `run`" if rerun else "inversion cache root"
+    p.add_argument("--model", default="", help=f"{run} (default: the bundled reference model)")
+    p.add_argument("--cache", default="", help=f"{cache} (default: {{out}}/cache)")
+
+
+def _pickle_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load a checkpoint that only has pickle weights (they can run code)",
+    )
 
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
+    from tasks.options import DEFAULT_MAX_BATCH, DEFAULT_SHARD_SIZE, DTYPES, IMAGE_FORMATS
+
+    _location_args(p)
+    _runner_args(p)
+    _trusted_args(p)
     p.add_argument(
-        "--model",
-        default="",
-        help="diffusers SD 1.x/2.x folder or hub id (default: the bundled reference model)",
-    )
-    p.add_argument("--cache", default="", help="inversion cache root (default: {out}/cache)")
+        "--shard-size", type=_positive_int, default=DEFAULT_SHARD_SIZE,
+        help=f"edits per shard task (default {DEFAULT_SHARD_SIZE})",
+    )  # fmt: skip
+    p.add_argument("--format", dest="image_format", choices=IMAGE_FORMATS, default=IMAGE_FORMATS[0])
     p.add_argument(
-        "--shard-size", type=_positive_int, default=64, help="edits per shard task (default 64)"
-    )
-    p.add_argument("--format", dest="image_format", choices=("png", "jpeg", "webp"), default="png")
-    p.add_argument(
-        "--max-batch", type=_positive_int, default=8, help="targets per UNet batch (default 8)"
-    )
+        "--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH,
+        help=f"targets per UNet batch (default {DEFAULT_MAX_BATCH})",
+    )  # fmt: skip
     p.add_argument(
         "--cache-features",
         action="store_true",
@@ -126,17 +150,10 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
     )
     p.add_argument(
-        "--dtype",
-        default=None,
-        choices=("float16", "bfloat16", "float32"),
-        help="default: float16 on CUDA, float32 on CPU",
+        "--dtype", default=None, choices=DTYPES, help="default: float16 on CUDA, float32 on CPU"
     )
     p.add_argument("--run-id", default=None, help="run id (default: time + random suffix)")
-    p.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="load a checkpoint that only has pickle weights (they can run code)",
-    )
+    _pickle_arg(p)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -144,6 +161,84 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} -h`)\n")
+
+
+def _add_validate(sub) -> None:
+    v = sub.add_parser(
+        "validate", help="check a manifest; report every problem with row, column and reason"
+    )
+    v.add_argument("manifest")
+    v.add_argument("--s3-endpoint", default=None)
+    v.add_argument(
+        "--model",
+        default="",
+        help="also check that every prompt fits this model's text encoder (default: the bundled reference model)",
+    )
+
+
+def _add_run(sub) -> None:
+    r = sub.add_parser("run", help="validate and run a manifest")
+    r.add_argument("manifest")
+    _edit_args(r)
+
+
+def _add_rerun(sub) -> None:
+    rr = sub.add_parser(
+        "rerun", help="finish a run: redo shards without results and failed rows only"
+    )
+    rr.add_argument("run_id", help="the run id (with --out), or the run's URI: OUT/runs/RUN_ID")
+    _location_args(rr, out_required=False)
+    _runner_args(rr)
+    _trusted_args(rr, rerun=True)
+    _pickle_arg(rr)
+
+
+def _add_restyle(sub) -> None:
+    from manifests import METHODS
+    from tasks.options import RestyleSpec
+
+    spec = {f.name: f.default for f in dataclasses.fields(RestyleSpec)}
+    rs = sub.add_parser("restyle", help="a catalog (image_uri, caption) x styles as one bulk edit")
+    rs.add_argument("catalog")
+    rs.add_argument(
+        "--style", dest="styles", metavar="STYLE", action="append", required=True,
+        help="a style; repeat for several",
+    )  # fmt: skip
+    template = spec["template"]
+    rs.add_argument(
+        "--template", default=template, help=f'target prompt template (default "{template}")'
+    )
+    rs.add_argument("--method", choices=METHODS, default=spec["method"])
+    rs.add_argument(
+        "--settings",
+        default=spec["settings"],
+        help="the method's settings for every row, a JSON object (e.g. '{\"attn_t\": 0.8}')",
+    )
+    rs.add_argument("--image-column", default=spec["image_column"])
+    rs.add_argument("--caption-column", default=spec["caption_column"])
+    _edit_args(rs)
+
+
+def _add_show(sub) -> None:
+    sh = sub.add_parser(
+        "show", help="a finished or interrupted run: its summary, failures and report"
+    )
+    sh.add_argument(
+        "run_id", metavar="RUN", help="the run id (with --out), or the run's URI: OUT/runs/RUN_ID"
+    )
+    sh.add_argument("--out", default=None, help="output root of the run (when RUN is a run id)")
+    sh.add_argument("--s3-endpoint", default=None)
+    sh.add_argument("--limit", type=int, default=50, help="failures listed (default 50; 0 = all)")
+
+
+def _add_serve(sub) -> None:
+    sv = sub.add_parser(
+        "serve", help="serve the bulk-edit flow on a cron schedule from this machine"
+    )
+    sv.add_argument("manifest")
+    sv.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *"')
+    sv.add_argument("--name", default="editflow-bulk-edit")
+    _edit_args(sv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,76 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="editflow's own log at INFO level"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    v = sub.add_parser(
-        "validate", help="check a manifest; report every problem with row, column and reason"
-    )
-    v.add_argument("manifest")
-    v.add_argument("--s3-endpoint", default=None)
-    v.add_argument(
-        "--model",
-        default="",
-        help="also check that every prompt fits this model's text encoder (default: the bundled reference model)",
-    )
-    r = sub.add_parser("run", help="validate and run a manifest")
-    r.add_argument("manifest")
-    _common(r)
-    _edit_args(r)
-    rr = sub.add_parser(
-        "rerun", help="finish a run: redo shards without results and failed rows only"
-    )
-    rr.add_argument("run_id", help="the run id (with --out), or the run's URI: OUT/runs/RUN_ID")
-    _common(rr, out_required=False)
-    # never taken from the stored plan (anyone who can write --out could change it); checked against it
-    rr.add_argument(
-        "--model",
-        default="",
-        help="the run's model, as given to `run` (default: the bundled reference model)",
-    )
-    rr.add_argument(
-        "--cache",
-        default="",
-        help="the run's inversion cache, as given to `run` (default: {out}/cache)",
-    )
-    rr.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="load a checkpoint that only has pickle weights (they can run code)",
-    )
-    rs = sub.add_parser("restyle", help="a catalog (image_uri, caption) x styles as one bulk edit")
-    rs.add_argument("catalog")
-    rs.add_argument("--style", action="append", required=True, help="a style; repeat for several")
-    rs.add_argument(
-        "--template",
-        default="{caption}, {style}",
-        help='target prompt template (default "{caption}, {style}")',
-    )
-    rs.add_argument("--method", choices=("pnp", "p2p"), default="pnp")
-    rs.add_argument(
-        "--settings",
-        default=None,
-        help="the method's settings for every row, a JSON object (e.g. '{\"attn_t\": 0.8}')",
-    )
-    rs.add_argument("--image-column", default="image_uri")
-    rs.add_argument("--caption-column", default="caption")
-    _common(rs)
-    _edit_args(rs)
-    sh = sub.add_parser(
-        "show", help="a finished or interrupted run: its summary, failures and report"
-    )
-    sh.add_argument(
-        "run_id", metavar="RUN", help="the run id (with --out), or the run's URI: OUT/runs/RUN_ID"
-    )
-    sh.add_argument("--out", default=None, help="output root of the run (when RUN is a run id)")
-    sh.add_argument("--s3-endpoint", default=None)
-    sh.add_argument("--limit", type=int, default=50, help="failures listed (default 50; 0 = all)")
-    sv = sub.add_parser(
-        "serve", help="serve the bulk-edit flow on a cron schedule from this machine"
-    )
-    sv.add_argument("manifest")
-    sv.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *"')
-    sv.add_argument("--name", default="editflow-bulk-edit")
-    _common(sv)
-    _edit_args(sv)
+    for add in (_add_validate, _add_run, _add_rerun, _add_restyle, _add_show, _add_serve):
+        add(sub)
     return parser
 
 
@@ -330,15 +357,6 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
 
 
-def _bulk_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(
-        model=args.model, cache=args.cache, shard_size=args.shard_size, s3_endpoint=args.s3_endpoint,
-        run_id=args.run_id, image_format=args.image_format, max_batch=args.max_batch,
-        cache_features=args.cache_features, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
-        threads=args.threads,
-    )  # fmt: skip
-
-
 def _prompt_budget(model: str):
     """The token limit of the run's model (its tokenizer only; the weights are not loaded)."""
     from editing.prompts import prompt_budget
@@ -347,35 +365,26 @@ def _prompt_budget(model: str):
     return prompt_budget(model or default_model())
 
 
-def _check(manifest: str, s3_endpoint: str | None, model: str) -> tuple[Any, list]:
-    """Load and validate a manifest; when it is valid, also check its prompts against the model's tokenizer."""
-    from manifests.validate import check_manifest, prompt_length_problems
+def _prepare(args: argparse.Namespace, *, prompts: bool = True):
+    """Load and validate the manifest once (:func:`manifests.prepare_manifest`); with `prompts`, its
+    prompts are checked against the model's tokenizer as well."""
+    from manifests import prepare_manifest
 
-    table, problems = check_manifest(manifest, s3_endpoint=s3_endpoint)
-    if table is not None and not problems:
-        problems = prompt_length_problems(table, _prompt_budget(model))
-    return table, problems
+    budget = _prompt_budget(args.model) if prompts else None
+    return prepare_manifest(args.manifest, s3_endpoint=args.s3_endpoint, budget=budget)
 
 
-def _restyle_problems(args: argparse.Namespace) -> list:
-    """Build the restyle manifest here and check it (prompt lengths included) before any flow starts."""
-    from manifests.build import restyle_manifest
-    from manifests.validate import prompt_length_problems, validate_table
+def _report_invalid(args: argparse.Namespace, problems: list) -> int:
+    """Print a manifest's problems and that nothing was run; exit status 2."""
+    from manifests import format_problems
 
-    table = restyle_manifest(
-        args.catalog, args.style, template=args.template, method=args.method, image_column=args.image_column,
-        caption_column=args.caption_column, settings=args.settings, s3_endpoint=args.s3_endpoint,
-    )  # fmt: skip
-    problems = validate_table(table) + prompt_length_problems(table, _prompt_budget(args.model))
-    n = len(args.style)  # manifest row r = catalog row r // n with style r % n
-    return [
-        dataclasses.replace(
-            p, reason=f"{p.reason} (catalog row {p.row // n}, style {args.style[p.row % n]!r})"
-        )
-        if p.row is not None
-        else p
-        for p in problems
-    ]
+    print(format_problems(problems, limit=1000))
+    if args.command == "restyle":
+        what = f"{args.catalog}: the restyle manifest is INVALID"
+    else:
+        what = f"{args.manifest}: INVALID"
+    print(f"{what} ({len(problems)} problem(s)); nothing was run")
+    return 2
 
 
 EXIT_STORAGE = 3  # storage unreachable, denied, read-only or full (see describe_storage_error)
@@ -446,33 +455,82 @@ def _check_locations(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             check_id(args.run_id, what="run_id")
         except ValueError as exc:
             parser.error(str(exc))
-    if args.command in ("run", "rerun", "restyle", "serve"):
-        from tasks.preflight import BadModel, check_model
+
+
+def _check_model(args: argparse.Namespace) -> list:
+    """``BadModel`` (one line, exit 2) for a model that cannot be used, found before any work. For `run`
+    and `serve` an invalid manifest is reported first: then its problems are returned instead."""
+    from tasks.preflight import BadModel, check_model
+
+    try:
+        check_model(args.model, allow_pickle=args.allow_pickle)
+    except BadModel:
+        if args.command in ("run", "serve"):
+            problems = _prepare(args, prompts=False).problems  # no tokenizer: the model is bad
+            if problems:
+                return problems
+        raise
+    return []
+
+
+def _check_environment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """EDITFLOW_THREADS must parse; serve takes no --run-id."""
+    if args.command != "validate":
+        from tasks.worker import THREADS_ENV, parse_threads
 
         try:
-            check_model(args.model, allow_pickle=args.allow_pickle)  # BadModel: one line, exit 2
-        except BadModel:
-            if args.command in ("run", "serve"):  # an invalid manifest is reported first, as before
-                from manifests.validate import check_manifest
+            parse_threads(os.environ.get(THREADS_ENV))
+        except ValueError as exc:
+            parser.error(str(exc))
+    if args.command == "serve" and args.run_id:
+        parser.error("serve: --run-id is not accepted: every scheduled run gets a new run id")
 
-                if check_manifest(args.manifest, s3_endpoint=args.s3_endpoint)[1]:
-                    return
-            raise
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    """Quiet third-party output (Prefect, Dask, Hugging Face); editflow's own log at INFO with -v."""
+    _quiet_prefect_defaults()
+    # Dask's INFO lines only with -v (its worker processes inherit the variable)
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if args.verbose else "warning")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:  # editflow's own log at INFO; third-party libraries stay at warnings
+        for name in EDITFLOW_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
+
+
+def _absent_folder(uri: str) -> Path | None:
+    """The outermost folder of a local output root that does not exist yet (None: S3, or it exists)."""
+    from storage.uri import split_uri
+
+    scheme, _, path = split_uri(uri)
+    folder = Path(path)
+    if scheme == "s3" or folder.exists():
+        return None
+    while not folder.parent.exists():
+        folder = folder.parent
+    return folder
+
+
+def _remove_empty_folders(folder: Path | None) -> None:
+    """Remove `folder` and the folders below it that hold no file (what the write probe made)."""
+    if folder is None:
+        return
+    for dirpath, _dirs, _files in os.walk(folder, topdown=False):
+        try:
+            os.rmdir(dirpath)  # only an empty folder
+        except OSError:
+            pass
 
 
 def _preflight(args: argparse.Namespace) -> None:
     """Before any flow: --out must be writable (probe object), a rerun's run must exist; then the
     temporary Prefect server, when the CLI runs as the program and none is configured."""
     from storage.uri import check_writable, open_store
+    from tasks.runs import read_plan, refuse_existing_run
 
     check_writable(args.out, s3_endpoint=args.s3_endpoint)
     if args.command in ("run", "restyle") and args.run_id:
-        from flows.bulk_edit import refuse_existing_run
-
         refuse_existing_run(open_store(args.out, s3_endpoint=args.s3_endpoint), args.run_id)
     if args.command == "rerun":
-        from flows.bulk_edit import read_plan
-
         read_plan(open_store(args.out, s3_endpoint=args.s3_endpoint), args.run_id)
     from flows.server import quiet_prefect_failures, start_temporary_server
 
@@ -480,6 +538,138 @@ def _preflight(args: argparse.Namespace) -> None:
         quiet_prefect_failures()
     if _PROGRAM["on"]:
         start_temporary_server()
+
+
+def _run_options(args: argparse.Namespace):
+    """The run's options from the command line: every flag named after a RunOptions field."""
+    from tasks.options import RunOptions
+
+    given = vars(args)
+    return RunOptions(
+        **{f.name: given[f.name] for f in dataclasses.fields(RunOptions) if f.name in given}
+    )
+
+
+def _task_runner(args: argparse.Namespace):
+    from flows.runners import make_task_runner
+
+    return make_task_runner(
+        args.runner,
+        dask_address=args.dask_address,
+        dask_workers=args.dask_workers,
+        dask_gpu=args.dask_gpu,
+        threads=args.threads,
+    )
+
+
+def _execute(args: argparse.Namespace, start: Callable[[Any, bool], dict[str, Any]]) -> int:
+    """Run a flow (`start(task_runner, gpu_resources)` calls it) with the progress display; print its
+    summary. Exit status 0 when every edit succeeded, 1 when any failed, 2 for an invalid manifest
+    (nothing was run, nothing is left: the folder the write probe made is removed), 3 when the
+    summary could not be stored."""
+    from flows import bulk_edit as flows_mod
+    from manifests import ManifestError
+
+    absent = _absent_folder(args.out)
+    _preflight(args)
+    runner, gpu = _task_runner(args)
+    progress = _Progress(_progress_mode())
+    flows_mod.set_progress_callback(progress)
+    t0 = time.perf_counter()
+    try:
+        summary = start(runner, gpu)
+    except ManifestError as exc:
+        progress.close()
+        _remove_empty_folders(absent)
+        return _report_invalid(args, exc.problems)
+    finally:
+        flows_mod.set_progress_callback(None)
+    progress.close()
+    _print_summary(summary)
+    if args.verbose:
+        print(json.dumps(summary, indent=2, default=str))
+    logging.getLogger(__name__).debug("cli finished in %.1fs", time.perf_counter() - t0)
+    if summary.get("summary_error"):  # the run's record could not be stored (e.g. a full disk)
+        print(f"editflow: error: {summary['summary_error']}", file=sys.stderr)
+        return EXIT_STORAGE
+    return 0 if summary["counts"]["failed"] == 0 else 1
+
+
+def _validate(args: argparse.Namespace) -> int:
+    """`editflow validate`: every problem of the manifest (prompt lengths included), or its row count."""
+    from manifests import format_problems
+
+    prepared = _prepare(args)
+    if prepared.problems:
+        print(format_problems(prepared.problems, limit=1000))
+        print(f"{args.manifest}: INVALID ({len(prepared.problems)} problem(s))")
+        return 2
+    print(f"{args.manifest}: valid ({prepared.table.num_rows} rows)")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """`editflow run`: the bulk-edit flow (its plan task validates the manifest)."""
+    from flows.bulk_edit import bulk_edit
+
+    options = _run_options(args)
+    return _execute(
+        args,
+        lambda runner, gpu: bulk_edit.with_options(task_runner=runner)(
+            args.manifest, options, run_id=args.run_id, gpu_resources=gpu
+        ),
+    )
+
+
+def _rerun(args: argparse.Namespace) -> int:
+    """`editflow rerun`: finish a run (its plan supplies the options the command line does not)."""
+    from flows.bulk_edit import rerun
+
+    options = _run_options(args)
+    return _execute(
+        args,
+        lambda runner, gpu: rerun.with_options(task_runner=runner)(
+            args.run_id, options, gpu_resources=gpu
+        ),
+    )
+
+
+def _restyle(args: argparse.Namespace) -> int:
+    """`editflow restyle`: the catalog x styles manifest, edited in one run."""
+    from flows.bulk_edit import restyle
+    from tasks.options import RestyleSpec
+
+    spec = RestyleSpec(
+        styles=args.styles, template=args.template, method=args.method,
+        image_column=args.image_column, caption_column=args.caption_column, settings=args.settings,
+    )  # fmt: skip
+    options = _run_options(args)
+    return _execute(
+        args,
+        lambda runner, gpu: restyle.with_options(task_runner=runner)(
+            args.catalog, spec, options, run_id=args.run_id, gpu_resources=gpu
+        ),
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """`editflow serve`: check the manifest once (no run), then serve the flow on its schedule."""
+    from flows.bulk_edit import bulk_edit
+
+    problems = _prepare(args).problems
+    if problems:
+        return _report_invalid(args, problems)
+    _preflight(args)
+    runner, gpu = _task_runner(args)
+    parameters = {
+        "manifest": args.manifest,
+        "options": _run_options(args).to_dict(),  # stored as JSON; the flow coerces it back
+        "gpu_resources": gpu,
+    }
+    bulk_edit.with_options(task_runner=runner).serve(
+        name=args.name, cron=args.cron, parameters=parameters
+    )
+    return 0
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -502,117 +692,39 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "validate": _validate,
+    "run": _run,
+    "rerun": _rerun,
+    "restyle": _restyle,
+    "serve": _serve,
+}
+
+
+def _resolve_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """RUN_ID --out URI, or the run's URI: sets args.out and args.run_id."""
+    from tasks.report import resolve_run
+
+    try:
+        args.out, args.run_id = resolve_run(args.run_id, args.out)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
 def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("rerun", "show"):  # RUN_ID --out URI, or the run's URI
-        from tasks.report import resolve_run
-
-        try:
-            args.out, args.run_id = resolve_run(args.run_id, args.out)
-        except ValueError as exc:
-            parser.error(str(exc))
+    if args.command in ("rerun", "show"):
+        _resolve_run(parser, args)
         if args.command == "show":
             return _show(args)
     _check_locations(parser, args)
-    if args.command != "validate":
-        from tasks.worker import THREADS_ENV, parse_threads
-
-        try:
-            parse_threads(os.environ.get(THREADS_ENV))
-        except ValueError as exc:
-            parser.error(str(exc))
-    _quiet_prefect_defaults()
-    # Dask's INFO lines only with -v (its worker processes inherit the variable)
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if args.verbose else "warning")
-    if args.command == "serve" and args.run_id:
-        parser.error("serve: --run-id is not accepted: every scheduled run gets a new run id")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.verbose:  # editflow's own log at INFO; third-party libraries stay at warnings
-        for name in EDITFLOW_LOGGERS:
-            logging.getLogger(name).setLevel(logging.INFO)
-    if args.command == "validate":
-        from manifests.validate import format_problems
-
-        table, problems = _check(args.manifest, args.s3_endpoint, args.model)
-        if problems:
-            print(format_problems(problems, limit=1000))
-            print(f"{args.manifest}: INVALID ({len(problems)} problem(s))")
-            return 2
-        print(f"{args.manifest}: valid ({table.num_rows} rows)")
-        return 0
-
-    from flows import bulk_edit as flows_mod
-    from flows.runners import make_task_runner
-    from manifests.validate import ManifestError, format_problems
-
-    if args.command == "restyle":
-        problems = _restyle_problems(args)
-        if problems:
-            print(format_problems(problems, limit=1000))
-            print(
-                f"{args.catalog}: the restyle manifest is INVALID ({len(problems)} problem(s)); nothing was run"
-            )
-            return 2
-    if args.command in ("run", "serve"):
-        _, problems = _check(args.manifest, args.s3_endpoint, args.model)
-        if problems:
-            print(format_problems(problems, limit=1000))
-            print(f"{args.manifest}: INVALID ({len(problems)} problem(s)); nothing was run")
-            return 2
-    _preflight(args)
-    runner, gpu = make_task_runner(
-        args.runner,
-        dask_address=args.dask_address,
-        dask_workers=args.dask_workers,
-        dask_gpu=args.dask_gpu,
-        threads=args.threads,
-    )
-    if args.command == "serve":
-        kwargs = {
-            "manifest": args.manifest,
-            "out": args.out,
-            "gpu_resources": gpu,
-            **_bulk_kwargs(args),
-        }
-        kwargs.pop("run_id")
-        flows_mod.bulk_edit.with_options(task_runner=runner).serve(
-            name=args.name, cron=args.cron, parameters=kwargs
-        )
-        return 0
-    progress = _Progress(_progress_mode())
-    flows_mod.set_progress_callback(progress)
-    t0 = time.perf_counter()
-    try:
-        if args.command == "run":
-            summary = flows_mod.bulk_edit.with_options(task_runner=runner)(
-                args.manifest, args.out, gpu_resources=gpu, **_bulk_kwargs(args)
-            )
-        elif args.command == "rerun":
-            summary = flows_mod.rerun.with_options(task_runner=runner)(
-                args.run_id, args.out, s3_endpoint=args.s3_endpoint, gpu_resources=gpu, threads=args.threads,
-                model=args.model, cache=args.cache, allow_pickle=args.allow_pickle,
-            )  # fmt: skip
-        else:
-            summary = flows_mod.restyle.with_options(task_runner=runner)(
-                args.catalog, args.style, args.out, template=args.template, method=args.method,
-                image_column=args.image_column, caption_column=args.caption_column, settings=args.settings, gpu_resources=gpu, **_bulk_kwargs(args),
-            )  # fmt: skip
-    except ManifestError as exc:
-        progress.close()
-        print(format_problems(exc.problems, limit=1000))
-        return 2
-    finally:
-        flows_mod.set_progress_callback(None)
-    progress.close()
-    _print_summary(summary)
-    if args.verbose:
-        print(json.dumps(summary, indent=2, default=str))
-    logging.getLogger(__name__).debug("cli finished in %.1fs", time.perf_counter() - t0)
-    if summary.get("summary_error"):  # the run's record could not be stored (e.g. a full disk)
-        print(f"editflow: error: {summary['summary_error']}", file=sys.stderr)
-        return EXIT_STORAGE
-    return 0 if summary["counts"]["failed"] == 0 else 1
+    invalid = _check_model(args) if args.command != "validate" else []
+    _check_environment(parser, args)
+    _configure_logging(args)
+    if invalid:
+        return _report_invalid(args, invalid)
+    return _COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

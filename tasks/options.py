@@ -1,4 +1,5 @@
-"""Run options shared by planning and shard tasks: a frozen, JSON-ready dataclass passed by value."""
+"""Run options: THE object a run's flows and tasks pass whole (frozen, JSON-ready, pickles for Dask; Prefect
+validates a dict given for it, e.g. a deployment's parameters). Defaults are defined here, once."""
 
 from __future__ import annotations
 
@@ -6,8 +7,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from editing.model import SIZE_POLICIES
+from manifests.build import DEFAULT_TEMPLATE
+from manifests.schema import DEFAULT_METHOD
 from storage.keys import IMAGE_FORMATS
+
+DEFAULT_SHARD_SIZE = 64  # edits per shard task
+DEFAULT_MAX_BATCH = 8  # targets per UNet batch (rows = 2 x targets + sources)
+DTYPES = ("float16", "bfloat16", "float32")  # the --dtype choices; None = fp16 on CUDA, fp32 on CPU
+_ACCEPTED_DTYPES = (None, *DTYPES, "float64")  # float64 too, for numerical checks through the API
 
 
 def default_model() -> str:
@@ -30,8 +37,11 @@ class RunOptions:
     device: str | None = None  # None = CUDA if available, else CPU
     dtype: str | None = None  # "float16" / "bfloat16" / "float32"; None = fp16 on CUDA, fp32 on CPU
     allow_pickle: bool = False  # load pickle-only checkpoints (they can run code)
-    image_format: str = "png"  # output format
-    max_batch: int = 8  # targets per UNet batch (rows = 2 x targets + sources)
+    image_format: str = IMAGE_FORMATS[0]  # output format, one of IMAGE_FORMATS
+    max_batch: int = DEFAULT_MAX_BATCH  # targets per UNet batch (rows = 2 x targets + sources)
+    shard_size: int = (
+        DEFAULT_SHARD_SIZE  # edits per shard task (planning packs sources into shards)
+    )
     inversion_guidance: float = (
         7.5  # the source branch's guidance: Direct Inversion corrections are exact for it
     )
@@ -42,6 +52,8 @@ class RunOptions:
     )
 
     def __post_init__(self) -> None:
+        from editing.model import SIZE_POLICIES  # here, not at import: editing.model imports torch
+
         if not self.out:
             raise ValueError("out must be a URI or a folder")
         if self.image_format not in IMAGE_FORMATS:
@@ -54,11 +66,13 @@ class RunOptions:
             )
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {self.max_batch!r}")
+        if not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise ValueError(f"shard_size must be a positive integer, got {self.shard_size!r}")
         if self.threads is not None and (
             not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
         ):
             raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
-        if self.dtype not in (None, "float16", "bfloat16", "float32", "float64"):
+        if self.dtype not in _ACCEPTED_DTYPES:
             raise ValueError(
                 f"dtype must be float16, bfloat16, float32 or float64, got {self.dtype!r}"
             )
@@ -77,3 +91,26 @@ class RunOptions:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunOptions:
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class RestyleSpec:
+    """What ``restyle`` makes of a catalog: one manifest row per (catalog row, style), catalog order then
+    style order (:func:`manifests.build.restyle_manifest`)."""
+
+    styles: tuple[str, ...]  # a list is taken too (kept as a tuple)
+    template: str = DEFAULT_TEMPLATE  # the target prompt, from {caption} and {style}
+    method: str = DEFAULT_METHOD
+    image_column: str = "image_uri"  # the catalog's columns
+    caption_column: str = "caption"
+    settings: str | None = None  # the method's settings for every row, a JSON object
+
+    def __post_init__(self) -> None:
+        if isinstance(self.styles, str):
+            raise ValueError(f"styles must be a list of styles, got the string {self.styles!r}")
+        object.__setattr__(self, "styles", tuple(self.styles))
+
+    def style_of(self, row: int) -> tuple[int, str]:
+        """(catalog row, style) of manifest row `row`."""
+        n = len(self.styles)
+        return row // n, self.styles[row % n]

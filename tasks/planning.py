@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from editing.prompts import prompt_budget
 from manifests import prepare_manifest
 from manifests.schema import EditRow
 from storage import keys
@@ -117,9 +118,11 @@ def plan_run(
     shard_size: int = 64,
     claim: str | None = None,
 ) -> dict[str, Any]:
-    """Validate, claim the run id (``RunExists`` if taken), plan and write the plan; returns a small summary dict."""
+    """Validate, claim the run id (``RunExists`` if taken), plan and write the plan; returns the plan
+    (what ``plan.json`` holds: ``shards`` lists each shard's index, edits and sources)."""
     t0 = time.perf_counter()
-    prepared = prepare_manifest(manifest_uri, s3_endpoint=options.s3_endpoint)
+    budget = prompt_budget(options.model_ref)  # prompt lengths: the model's tokenizer (no weights)
+    prepared = prepare_manifest(manifest_uri, s3_endpoint=options.s3_endpoint, budget=budget)
     norm = prepared.require_normalized()  # ManifestError listing every problem
     t_validate = time.perf_counter() - t0
     out = open_store(options.out, s3_endpoint=options.s3_endpoint)
@@ -193,6 +196,4 @@ def plan_run(
         skipped.num_rows,
         num_shards,
     )
-    return {k: plan[k] for k in ("run_id", "rows", "pending", "skipped", "sources", "seconds")} | {
-        "shards": num_shards
-    }
+    return plan

@@ -11,6 +11,7 @@ from PIL import Image
 
 from flows.bulk_edit import bulk_edit, rerun, restyle
 from flows.runners import make_task_runner
+from tasks.options import RestyleSpec, RunOptions
 
 from .conftest import demo_rows, get, keys_under, put, scene_png, write_manifest
 
@@ -36,14 +37,10 @@ def catalog(s3_bucket, s3_client):
 
 
 def _run(catalog, s3_server, flow_model, **kw):
-    return bulk_edit(
-        catalog["manifest"],
-        catalog["out"],
-        model=flow_model,
-        s3_endpoint=s3_server,
-        shard_size=4,
-        **kw,
+    options = RunOptions(
+        out=catalog["out"], model=flow_model, s3_endpoint=s3_server, shard_size=4, **kw
     )
+    return bulk_edit(catalog["manifest"], options)
 
 
 def test_end_to_end_then_nothing_redone(prefect_server, s3_server, s3_client, flow_model, catalog):
@@ -100,7 +97,9 @@ def test_missing_source_fails_its_rows_then_rerun_finishes_only_those(
     before = keys_under(s3_client, catalog["out"])
 
     put(s3_client, missing, scene_png(1))
-    again = rerun(first["run_id"], catalog["out"], s3_endpoint=s3_server, model=flow_model)
+    again = rerun(
+        first["run_id"], RunOptions(out=catalog["out"], s3_endpoint=s3_server, model=flow_model)
+    )
     assert again["counts"] == {"succeeded": 9, "failed": 0, "skipped": 0}
     assert again["inversions_computed"] == 1
     after = keys_under(s3_client, catalog["out"])
@@ -145,8 +144,9 @@ def test_restyle_catalog_times_styles(
         f"{u},a shape on a background,S{i}" for i, u in enumerate(catalog["images"])
     ]
     csv.write_text("\n".join(lines) + "\n")
-    summary = restyle(str(csv), ["in watercolor style", "red"], catalog["out"], template="{caption} {style}",
-                      model=flow_model, s3_endpoint=s3_server, shard_size=4)  # fmt: skip
+    spec = RestyleSpec(styles=["in watercolor style", "red"], template="{caption} {style}")
+    options = RunOptions(out=catalog["out"], model=flow_model, s3_endpoint=s3_server, shard_size=4)
+    summary = restyle(str(csv), spec, options)
     assert summary["counts"] == {"succeeded": 6, "failed": 0, "skipped": 0}
     assert summary["inversions_computed"] == 3
     results = _results(s3_client, catalog["out"], summary["run_id"])
@@ -159,13 +159,9 @@ def test_dask_cluster_gives_the_same_results(
     local = _run(catalog, s3_server, flow_model)
     runner, gpu = make_task_runner("dask", dask_workers=2)
     out2 = catalog["out"] + "-dask"
+    options = RunOptions(out=out2, model=flow_model, s3_endpoint=s3_server, shard_size=4)
     dask_summary = bulk_edit.with_options(task_runner=runner)(
-        catalog["manifest"],
-        out2,
-        model=flow_model,
-        s3_endpoint=s3_server,
-        shard_size=4,
-        gpu_resources=gpu,
+        catalog["manifest"], options, gpu_resources=gpu
     )
     assert dask_summary["counts"] == local["counts"] == {"succeeded": 9, "failed": 0, "skipped": 0}
     a = _results(s3_client, catalog["out"], local["run_id"])

@@ -18,6 +18,7 @@ from PIL import Image
 
 from flows.bulk_edit import bulk_edit
 from flows.cli import main
+from tasks.options import RunOptions
 
 from .conftest import demo_rows, get, put, scene_png, write_manifest
 
@@ -125,9 +126,10 @@ def test_an_s3_runs_report_embeds_its_thumbnails(
         put(s3_client, uri, scene_png(i))
     manifest = f"{s3_bucket}/manifests/m.parquet"
     write_manifest(s3_client, manifest, demo_rows(images)[:7])  # 3 + 4 edits
-    summary = bulk_edit(
-        manifest, f"{s3_bucket}/out", model=flow_model, s3_endpoint=s3_server, shard_size=4
+    options = RunOptions(
+        out=f"{s3_bucket}/out", model=flow_model, s3_endpoint=s3_server, shard_size=4
     )
+    summary = bulk_edit(manifest, options)
     assert summary["report_uri"] == f"{s3_bucket}/out/runs/{summary['run_id']}/report.html"
     page = tmp_path / "report.html"  # downloaded: the page needs nothing from S3 to render
     page.write_bytes(get(s3_client, summary["report_uri"]))

@@ -7,6 +7,7 @@ import pytest
 
 from flows import bulk_edit as flows_mod
 from flows.runners import make_task_runner
+from tasks.options import RunOptions
 from tasks.progress import RunProgress, ShardProgress, describe, format_seconds
 
 from .conftest import demo_rows, put, scene_png, write_manifest
@@ -61,15 +62,10 @@ def _run_collecting(manifest, out, s3_server, flow_model, runner=None):
             else flows_mod.bulk_edit.with_options(task_runner=runner)
         )
         # one shard of 9 edits, batches of 2: the shard finishes only at the end
-        summary = fl(
-            manifest,
-            out,
-            model=flow_model,
-            s3_endpoint=s3_server,
-            shard_size=9,
-            max_batch=2,
-            gpu_resources=False,
+        options = RunOptions(
+            out=out, model=flow_model, s3_endpoint=s3_server, shard_size=9, max_batch=2
         )
+        summary = fl(manifest, options, gpu_resources=False)
     finally:
         flows_mod.set_progress_callback(None)
     return summary, events

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 
 from flows.bulk_edit import bulk_edit
 from flows.cli import main
+from tasks.options import RunOptions
 
 from .conftest import demo_rows, put, scene_png, write_manifest
 
@@ -82,7 +83,9 @@ def test_show_and_rerun_by_uri_on_s3(
     manifest = f"{s3_bucket}/manifests/m.parquet"
     write_manifest(s3_client, manifest, demo_rows(images)[:7])
     out = f"{s3_bucket}/out"
-    first = bulk_edit(manifest, out, model=flow_model, s3_endpoint=s3_server, shard_size=4)
+    first = bulk_edit(
+        manifest, RunOptions(out=out, model=flow_model, s3_endpoint=s3_server, shard_size=4)
+    )
     assert first["counts"] == {"succeeded": 3, "failed": 4, "skipped": 0}
     run_uri = f"{out}/runs/{first['run_id']}"
     assert main(["show", run_uri, "--s3-endpoint", s3_server]) == 0

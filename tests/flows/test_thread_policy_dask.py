@@ -9,6 +9,7 @@ import pytest
 
 from flows.bulk_edit import bulk_edit
 from flows.runners import make_task_runner
+from tasks.options import RunOptions
 from tasks.worker import WORKERS_ENV, cpu_budget
 
 from .conftest import demo_rows, scene_png
@@ -30,7 +31,9 @@ def test_workers_of_an_existing_cluster_take_the_cpus_of_their_host(
     ) as cluster:
         runner, gpu = make_task_runner("dask", dask_address=cluster.scheduler_address)
         summary = bulk_edit.with_options(task_runner=runner)(
-            str(manifest), str(tmp_path / "out"), model=flow_model, gpu_resources=gpu
+            str(manifest),
+            RunOptions(out=str(tmp_path / "out"), model=flow_model),
+            gpu_resources=gpu,
         )
     assert summary["counts"]["succeeded"] == 2
     assert summary["threads_per_worker"] == [cpu_budget()]  # one worker on the host: all its CPUs

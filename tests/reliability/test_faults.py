@@ -160,6 +160,7 @@ def test_s3_errors_and_lost_replies_through_a_proxy(
 ):
     from flows.bulk_edit import bulk_edit
     from storage.s3 import clear_client_cache
+    from tasks.options import RunOptions
 
     from .faultproxy import FaultProxy
 
@@ -172,9 +173,8 @@ def test_s3_errors_and_lost_replies_through_a_proxy(
     try:
         clear_client_cache()
         out = f"{s3_bucket}/out"
-        summary = bulk_edit(
-            manifest, out, model=flow_model, s3_endpoint=proxy.url, shard_size=3, run_id="p1"
-        )
+        options = RunOptions(out=out, model=flow_model, s3_endpoint=proxy.url, shard_size=3)
+        summary = bulk_edit(manifest, options, run_id="p1")
     finally:
         proxy.close()
         clear_client_cache()
@@ -297,6 +297,7 @@ def test_damaged_cache_entry_is_replaced(
 # ---- racing runs and run ids
 def test_two_racing_runs_write_each_edit_once(prefect_server, flow_model, tmp_path, tally):
     from flows.bulk_edit import bulk_edit
+    from tasks.options import RunOptions
 
     images = scene_files(tmp_path / "img", 3)
     manifest = write_rows(tmp_path / "m.parquet", demo_rows(images))
@@ -304,9 +305,8 @@ def test_two_racing_runs_write_each_edit_once(prefect_server, flow_model, tmp_pa
     summaries: dict[str, dict] = {}
 
     def go(run_id: str) -> None:
-        summaries[run_id] = bulk_edit(
-            manifest, str(out), model=flow_model, shard_size=3, run_id=run_id
-        )
+        options = RunOptions(out=str(out), model=flow_model, shard_size=3)
+        summaries[run_id] = bulk_edit(manifest, options, run_id=run_id)
 
     threads = [threading.Thread(target=go, args=(r,)) for r in ("ra", "rb")]
     for t in threads:

@@ -125,6 +125,7 @@ def test_no_unpickling_without_the_flag_on_any_path(
     prefect_server, flow_model, tmp_path, capsys, booby_trapped_model
 ):
     from flows.bulk_edit import bulk_edit, rerun
+    from tasks.options import RunOptions
 
     trap, marker = booby_trapped_model
     images = scene_files(tmp_path / "img", 1)
@@ -144,7 +145,7 @@ def test_no_unpickling_without_the_flag_on_any_path(
         text = "".join(capsys.readouterr())
         assert code == 2 and "pickle" in text, text
     # the flow called directly: the shard refuses to load the model
-    summary = bulk_edit(manifest, str(out), model=trap, run_id="direct")
+    summary = bulk_edit(manifest, RunOptions(out=str(out), model=trap), run_id="direct")
     assert summary["counts"]["succeeded"] == 0 and "PickleWeightsRefused" in " ".join(
         summary["failed_shards"]
     )
@@ -163,7 +164,7 @@ def test_no_unpickling_without_the_flag_on_any_path(
     )  # the trap, but no --allow-pickle
     capsys.readouterr()
     again = rerun(
-        "r", str(out), model=trap
+        "r", RunOptions(out=str(out), model=trap)
     )  # the flow API: allow_pickle defaults to off, not to the plan's
     assert "PickleWeightsRefused" in " ".join(again["failed_shards"])
     assert not marker.exists()

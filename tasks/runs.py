@@ -1,0 +1,247 @@
+"""A run's own records, read and written for the flows: its plan, which shards a rerun redoes, the
+results collected into the summary, and restyle's manifest. Plain functions; :mod:`tasks.units` wraps
+them as Prefect tasks with the transient-error retry, and the flows only call those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from manifests import Problem
+from manifests.build import restyle_manifest
+from storage import keys
+from storage.base import NotFound, ObjectStore
+from storage.errors import describe_storage_error
+from storage.local import LocalStore
+from storage.uri import open_store
+from storage.writer import read_json, read_parquet, write_json, write_parquet
+from tasks.errors import RunExists, RunIncomplete, RunMismatch, RunNotFound
+from tasks.options import RestyleSpec, RunOptions
+from tasks.report import failures as report_failures
+from tasks.shard import read_run_results
+
+logger = logging.getLogger(__name__)
+
+FAILED_ROWS_SHOWN = 10  # failed rows listed in the summary; the results table has them all
+PREVIEW_ROWS = 500  # results rows in the flow's table artifact
+PREVIEW_COLUMNS = ("edit_id", "status", "output_uri", "error", "cache_hit", "unet_evals", "seconds")
+
+
+def _store(options: RunOptions) -> ObjectStore:
+    return open_store(options.out, s3_endpoint=options.s3_endpoint)
+
+
+def refuse_existing_run(store: ObjectStore, run_id: str) -> None:
+    """``RunExists`` when `run_id` already has a plan under `store` (planning claims ids race-free too)."""
+    key = keys.plan_key(run_id)
+    if store.exists(key):
+        raise RunExists(
+            f"run {run_id} already exists under {store.uri()} ({store.uri(key)}); choose another --run-id, "
+            f"or finish that run with `editflow rerun {run_id} --out {store.uri()}`"
+        )
+
+
+def read_plan(store: ObjectStore, run_id: str) -> dict[str, Any]:
+    """The complete plan of `run_id` in `store`; ``RunNotFound`` / ``RunIncomplete`` otherwise."""
+    key = keys.plan_key(run_id)
+    try:
+        plan = read_json(store, key)
+    except NotFound:
+        raise RunNotFound(
+            f"no run {run_id} under {store.uri()} (no {store.uri(key)}); the run ids are the folders of {store.uri('runs/')}"
+        ) from None
+    if not isinstance(plan, dict) or "shards" not in plan or "options" not in plan:
+        raise RunIncomplete(
+            f"run {run_id} under {store.uri()} was never planned completely ({store.uri(key)} is a placeholder); start a new run"
+        )
+    return plan
+
+
+def read_run_plan(options: RunOptions, run_id: str) -> dict[str, Any]:
+    """:func:`read_plan` under the output root of `options`."""
+    return read_plan(_store(options), run_id)
+
+
+def trusted_options(plan: dict[str, Any], caller: RunOptions, *, run_id: str) -> RunOptions:
+    """A rerun's options: the security-relevant ones (model, allow_pickle, cache, endpoint) and the output
+    root from the caller, never from the stored plan (anyone who can write the output can change it); the
+    model and cache the plan records must match them (``RunMismatch``). The CPU threads are the caller's
+    unless None (then the recorded ones); the rest (format, batch, ...) is the plan's."""
+    recorded = dict(plan["options"])
+    options = RunOptions.from_dict(
+        {
+            **recorded,
+            "out": caller.out,
+            "s3_endpoint": caller.s3_endpoint,
+            "model": caller.model,
+            "cache": caller.cache,
+            "allow_pickle": caller.allow_pickle,
+        }
+    )
+    if caller.threads is not None:
+        options = dataclasses.replace(options, threads=caller.threads)
+    where = _store(caller).uri(keys.plan_key(run_id))
+    rec_model = RunOptions(out=caller.out, model=str(recorded.get("model") or "")).model_ref
+    if rec_model != options.model_ref:
+        raise RunMismatch(
+            f"run {run_id}: {where} records model {rec_model!r} but this rerun uses {options.model_ref!r}; "
+            f"pass --model {rec_model} if you trust that model (the model is never taken from the stored plan)"
+        )
+    rec_cache = str(recorded.get("cache") or "")
+    if rec_cache != caller.cache:
+        flag = f"--cache {rec_cache}" if rec_cache else "no --cache"
+        raise RunMismatch(
+            f"run {run_id}: {where} records cache {rec_cache or '(default)'!r} but this rerun uses "
+            f"{caller.cache or '(default)'!r}; pass {flag} to use the same one"
+        )
+    return options
+
+
+def shards_to_rerun(options: RunOptions, run_id: str, plan: dict[str, Any]) -> list[int]:
+    """Shards without a results file, or whose results hold failed rows."""
+    out = _store(options)
+    todo = []
+    for shard in plan["shards"]:
+        key = keys.shard_results_key(run_id, shard["index"])
+        if not out.exists(key):
+            todo.append(shard["index"])
+            continue
+        status = read_parquet(out, key).column("status")
+        if pc.any(pc.equal(status, "failed")).as_py():
+            todo.append(shard["index"])
+    return todo
+
+
+@dataclass(frozen=True)
+class Collected:
+    """A finished run's results, collected: the summary (without the report's URIs yet), the first
+    results rows (for the flow's table artifact) and every failed row (for its markdown artifact)."""
+
+    summary: dict[str, Any]
+    preview: list[dict[str, Any]]
+    failures: list[dict[str, Any]]
+
+
+def _failed_rows(results: pa.Table, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` failed rows of a run's results (row, edit_id, error), in manifest order."""
+    if not results.num_rows:
+        return []
+    failed = results.filter(pc.equal(results.column("status"), "failed")).select(
+        ["row", "edit_id", "error"]
+    )
+    order = pc.sort_indices(failed, sort_keys=[("row", "ascending")])
+    return failed.take(order).slice(0, limit).to_pylist()
+
+
+def _add_up(stats: list[dict[str, Any]], key: str) -> Any:
+    return sum(s.get(key, 0) for s in stats)
+
+
+def collect_results(
+    options: RunOptions,
+    run_id: str,
+    plan: dict[str, Any],
+    stats: list[dict[str, Any]],
+    failed_shards: list[str],
+    wall: float,
+) -> Collected:
+    """Read the run's results and total them with the shards' stats into the run summary."""
+    results = read_run_results(options, run_id)
+    counts = {s: 0 for s in ("succeeded", "failed", "skipped")}
+    cache_hits = 0
+    if results.num_rows:
+        for s in counts:
+            counts[s] = int(pc.sum(pc.equal(results.column("status"), s)).as_py() or 0)
+        cache_hits = int(pc.sum(pc.fill_null(results.column("cache_hit"), False)).as_py() or 0)
+    unplanned = plan["rows"] - results.num_rows  # rows of shards that failed as a whole
+    counts["failed"] += max(0, unplanned)
+    seconds: dict[str, float] = {"wall": wall, **plan.get("seconds", {})}
+    for s in stats:
+        for k, v in s.get("seconds", {}).items():
+            seconds[f"shards_{k}"] = seconds.get(f"shards_{k}", 0.0) + v
+    summary = {
+        "run_id": run_id,
+        "out": options.out,
+        "rows": plan["rows"],
+        "counts": counts,
+        "inversions_computed": _add_up(stats, "inversions_computed"),
+        "inversion_cache_hits": _add_up(stats, "inversion_cache_hits"),
+        "edit_cache_hits": cache_hits,
+        "unet_evals": sum(s.get("unet_evals", 0.0) for s in stats),
+        "failed_shards": failed_shards,
+        # the first FAILED_ROWS_SHOWN failed rows: row, edit_id, error
+        "failed_rows": _failed_rows(results, FAILED_ROWS_SHOWN),
+        # the CPU policy in force
+        "threads_per_worker": sorted({s["threads"] for s in stats if s.get("threads")}),
+        "seconds": seconds,
+        "results_uri": _store(options).uri(keys.run_results_prefix(run_id)),
+    }
+    preview = []
+    if results.num_rows:
+        cols = [c for c in PREVIEW_COLUMNS if c in results.column_names]
+        preview = results.select(cols).slice(0, PREVIEW_ROWS).to_pylist()
+    return Collected(summary=summary, preview=preview, failures=report_failures(results))
+
+
+def write_summary(options: RunOptions, run_id: str, summary: dict[str, Any]) -> str:
+    """Write ``summary.json`` of the run; returns its URI."""
+    out = _store(options)
+    write_json(out, keys.summary_key(run_id), summary)
+    return out.uri(keys.summary_key(run_id))
+
+
+def summary_error(options: RunOptions, run_id: str, exc: BaseException) -> str:
+    """The line that says the summary could not be written (e.g. a full disk)."""
+    where = _store(options).uri(keys.summary_key(run_id))
+    return describe_storage_error(exc) or f"could not write {where}: {type(exc).__name__}: {exc}"
+
+
+def write_restyle_manifest(
+    catalog: str, spec: RestyleSpec, options: RunOptions, run_id: str
+) -> str:
+    """Catalog x styles -> the run's manifest, written under the run (``RunExists`` if the run id is
+    taken: the plan claims it, so check before writing next to it); returns its URI."""
+    table = restyle_manifest(
+        catalog, spec.styles, template=spec.template, method=spec.method,
+        image_column=spec.image_column, caption_column=spec.caption_column,
+        s3_endpoint=options.s3_endpoint, settings=spec.settings,
+    )  # fmt: skip
+    store = _store(options)
+    refuse_existing_run(store, run_id)
+    key = keys.run_manifest_key(run_id)
+    write_parquet(store, key, table)
+    return store.uri(key)
+
+
+def discard_restyle_manifest(options: RunOptions, run_id: str) -> None:
+    """Remove the manifest :func:`write_restyle_manifest` wrote (its run never started), and on a local
+    output root the run's folders it leaves empty: an invalid manifest leaves no run behind."""
+    store = _store(options)
+    store.delete(keys.run_manifest_key(run_id))
+    if isinstance(store, LocalStore):
+        run_folder = Path(store.uri(keys.run_prefix(run_id)))
+        for folder in (run_folder, run_folder.parent):
+            try:
+                folder.rmdir()  # only an empty folder
+            except OSError:
+                break
+
+
+def restyle_problems(problems: list[Problem], spec: RestyleSpec) -> list[Problem]:
+    """`problems` of a restyle manifest, each row's reason naming its catalog row and style."""
+    annotated = []
+    for p in problems:
+        if p.row is not None:
+            catalog_row, style = spec.style_of(p.row)
+            p = dataclasses.replace(
+                p, reason=f"{p.reason} (catalog row {catalog_row}, style {style!r})"
+            )
+        annotated.append(p)
+    return annotated
