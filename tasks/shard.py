@@ -1,9 +1,19 @@
 """Running one shard: read sources, get or compute inversions (content-keyed cache), edit in batches, write.
 
-Plain functions (no Prefect): :mod:`tasks.units` wraps them as tasks. A bad row (unreadable image, missing
-object, invalid prompt) is recorded as failed with its row, field and reason, and the shard carries on.
-A finished edit (its sidecar exists) is never redone or rewritten. Rerunning a shard keeps its earlier
-succeeded rows and retries only the failed ones.
+Plain functions (no Prefect): :mod:`tasks.units` wraps :func:`run_shard` as a task. The shard is a short
+pipeline of steps, each returning what the next one needs:
+
+1. :func:`load_shard`: the shard's rows and the results of an earlier attempt;
+2. :func:`prepare_sources`: per source image (rows grouped by :func:`tasks.planning.source_key`), read it,
+   key its inversion by content, get it from the cache or compute it;
+3. :func:`prepare_edits`: per-row checks, the engine's source groups (with cached PnP features);
+4. :func:`edit_sources`: the batched edit, in waves, falling back per source and per target;
+5. :func:`write_jobs` + :func:`write_outputs`: assets and sidecars, first-writer-wins;
+6. :func:`shard_results`: the shard's results table.
+
+A bad row (unreadable image, missing object, invalid prompt) is recorded as failed with its row, field and
+reason, and the shard carries on. A finished edit (its sidecar exists) is never redone or rewritten.
+Rerunning a shard keeps its earlier succeeded rows and retries only the failed ones.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import logging
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -33,15 +43,16 @@ from editing.methods import (
     pnp_feature_facts,
 )
 from editing.model import EditModel
+from manifests.validate import edit_rows
 from manifests.schema import EditRow
-from manifests import edit_rows
 from storage import keys
-from storage.base import NotFound
+from storage.base import NotFound, ObjectStore
 from storage.cache import BlobCache, CorruptEntry
 from storage.uri import open_store, read_uri
 from storage.writer import encode_image, read_parquet, write_asset, write_parquet
 from tasks.images import check_shape, to_rgb
 from tasks.options import RunOptions
+from tasks.planning import source_key
 from tasks.progress import ShardProgress
 from tasks.results import results_table
 from tasks.worker import apply_thread_policy, get_model, model_lock
@@ -57,27 +68,15 @@ def _version(pkg: str) -> str:
 
 
 VERSIONS = {p: _version(p) for p in ("editflow", "diffusers", "torch", "transformers")}
+# concurrent encodes + storage requests per shard (S3 latency, not bandwidth, dominates)
+WRITE_THREADS = 8
+# The sidecar items also embedded in the image (PNG text chunk, JPEG comment, WebP EXIF)
+EMBEDDED = ("edit_id", "source_prompt", "target_prompt", "method", "settings", "seed", "model_id",
+            "model_revision", "source_sha256")  # fmt: skip
 
 
 class RowError(Exception):
     """A problem with one manifest row, phrased for the user (row, field, reason)."""
-
-
-@dataclass
-class _Source:
-    """One source image of the shard and the rows that edit it."""
-
-    rows: list[EditRow]
-    inversion: Inversion | None = None
-    content_sha256: str = ""
-    inversion_key: str = ""
-    cache_hit: bool = False
-    features: PnPFeatures | None = None
-    features_key: str = ""
-    facts: dict[str, Any] = field(default_factory=dict)
-    stale_entry: bool = False  # a cached entry existed but was unusable: replace it
-    stale_features: bool = False  # the same for the PnP feature cache entry
-    error: str | None = None
 
 
 @dataclass
@@ -108,13 +107,90 @@ class ShardStats:
         return d
 
 
-def _read_source(
-    model: EditModel, src: _Source, options: RunOptions, cache: BlobCache, stats: ShardStats
-) -> Image.Image | None:
-    """Read the source image, key its inversion by content, and load a cached one; returns the image
-    when the inversion still has to be computed."""
-    row = src.rows[0]
-    t0 = time.perf_counter()
+def _result(row: EditRow, status: str, **kw: Any) -> dict[str, Any]:
+    """One results row (see :mod:`tasks.results`) of `row`."""
+    return {"edit_id": row.edit_id, "status": status, "output_uri": None, "metadata_uri": None, "error": None,
+            "cache_hit": None, "unet_evals": None, "seconds": None} | kw  # fmt: skip
+
+
+# ---------------------------------------------------------------- 1. the shard's rows
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """A planned shard: its normalised rows (as planned, and typed) and an earlier attempt's results."""
+
+    table: pa.Table
+    rows: list[EditRow]
+    previous: dict[str, dict[str, Any]]  # edit id -> its results row from an earlier attempt
+
+    def kept(self) -> dict[str, dict[str, Any]]:
+        """The earlier results that stand: succeeded or skipped edits are never redone."""
+        return {r.edit_id: self.previous[r.edit_id] for r in self.rows if self._finished(r.edit_id)}
+
+    def todo(self) -> list[EditRow]:
+        """The rows to edit now (planning left out finished edits; a race or an earlier crash is caught
+        at write time)."""
+        return [r for r in self.rows if not self._finished(r.edit_id)]
+
+    def _finished(self, edit_id: str) -> bool:
+        prev = self.previous.get(edit_id)
+        return prev is not None and prev["status"] in ("succeeded", "skipped")
+
+
+def load_shard(out: ObjectStore, run_id: str, shard_index: int) -> ShardRows:
+    """The planned rows of shard `shard_index` and the results it wrote before (if it ran before)."""
+    table = read_parquet(out, keys.shard_plan_key(run_id, shard_index))
+    res_key = keys.shard_results_key(run_id, shard_index)
+    previous: dict[str, dict[str, Any]] = {}
+    if out.exists(res_key):
+        previous = {r["edit_id"]: r for r in read_parquet(out, res_key).to_pylist()}
+    return ShardRows(table, list(edit_rows(table)), previous)
+
+
+# ---------------------------------------------------------------- 2. sources and their inversions
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source image of the shard: the rows that edit it and its inversion, or the error that fails
+    them all."""
+
+    rows: list[EditRow]
+    content_sha256: str = ""
+    inversion_key: str = ""
+    inversion: Inversion | None = None
+    cache_hit: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PreparedSources:
+    """:func:`prepare_sources`' result: the sources in first-row order, and the seconds it spent."""
+
+    sources: list[Source]
+    seconds: dict[str, float]  # "read" (read, decode, check) and "inversion" (key, cache, invert)
+
+    @property
+    def inversions_computed(self) -> int:
+        return sum(s.inversion is not None and not s.cache_hit for s in self.sources)
+
+    @property
+    def cache_hits(self) -> int:
+        return sum(s.cache_hit for s in self.sources)
+
+
+def group_sources(rows: list[EditRow]) -> list[list[EditRow]]:
+    """`rows` grouped by source (:func:`tasks.planning.source_key`, as planning groups them), in order."""
+    groups: dict[tuple, list[EditRow]] = {}
+    for row in rows:
+        groups.setdefault(source_key(row), []).append(row)
+    return list(groups.values())
+
+
+def read_source(model: EditModel, row: EditRow, options: RunOptions) -> tuple[bytes, Image.Image]:
+    """The source image of `row`: its bytes and the decoded, checked RGB image; ``RowError`` naming
+    the field when it cannot be read or edited (the source prompt is checked here too)."""
     try:
         data = read_uri(row.image_uri, s3_endpoint=options.s3_endpoint)
     except NotFound:
@@ -131,9 +207,8 @@ def _read_source(
             f"image_uri: {row.image_uri} is not a readable image ({type(exc).__name__}: {exc})"
         ) from exc
     try:
-        image = to_rgb(
-            image
-        )  # 16-bit, float, CMYK + profile, EXIF orientation, alpha: see tasks.images
+        # 16-bit, float, CMYK + profile, EXIF orientation, alpha: see tasks.images
+        image = to_rgb(image)
         check_shape(image.width, image.height)
     except Exception as exc:  # noqa: BLE001 - an image that decodes but cannot be edited is this row's problem
         raise RowError(f"image_uri: {row.image_uri}: {type(exc).__name__}: {exc}") from exc
@@ -141,35 +216,48 @@ def _read_source(
         model.tokenize(row.source_prompt)
     except ValueError as exc:
         raise RowError(f"source_prompt: {exc}") from exc
-    stats.seconds["read"] += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    src.content_sha256 = keys.sha256_hex(data)
-    src.facts = inversion_facts(
+    return data, image
+
+
+@dataclass(frozen=True)
+class CachedInversion:
+    """An inversion cache look-up: the entry's key, and the inversion when a usable entry was found."""
+
+    content_sha256: str
+    inversion_key: str
+    inversion: Inversion | None
+    stale: bool  # an entry existed but was unusable: replace it
+
+
+def look_up_inversion(
+    model: EditModel, row: EditRow, data: bytes, options: RunOptions, cache: BlobCache
+) -> CachedInversion:
+    """Key the inversion of `row`'s source by content and facts (computed once here) and read it from
+    the cache; an unusable entry (corrupt, other facts, NaN/inf) counts as absent and stale."""
+    content = keys.sha256_hex(data)
+    facts = inversion_facts(
         model,
         row.source_prompt,
         num_steps=row.num_steps,
         guidance_scale=options.inversion_guidance,
         size_policy=options.size_policy,
     )
-    src.inversion_key = keys.inversion_key(src.content_sha256, src.facts)
-    obj = keys.inversion_object_key(src.inversion_key)
+    key = keys.inversion_key(content, facts)
+    obj = keys.inversion_object_key(key)
     try:
         blob = cache.get(obj)
     except CorruptEntry as exc:
         logger.warning("%s; recomputing it", exc)
-        blob, src.stale_entry = None, True
-    if blob is not None:
-        try:
-            inv = Inversion.from_bytes(blob, expect=src.facts)
-            _check_finite_tensors(inv.latents, inv.corrections, inv.cond, inv.uncond)
-            src.inversion = inv
-            src.cache_hit = True
-            stats.inversion_cache_hits += 1
-        except InversionMismatch as exc:
-            logger.warning("inversion cache entry %s is unusable (%s); recomputing it", obj, exc)
-            src.stale_entry = True
-    stats.seconds["inversion"] += time.perf_counter() - t0
-    return None if src.cache_hit else image
+        return CachedInversion(content, key, None, stale=True)
+    if blob is None:
+        return CachedInversion(content, key, None, stale=False)
+    try:
+        inv = Inversion.from_bytes(blob, expect=facts)
+        _check_finite_tensors(inv.latents, inv.corrections, inv.cond, inv.uncond)
+    except InversionMismatch as exc:
+        logger.warning("inversion cache entry %s is unusable (%s); recomputing it", obj, exc)
+        return CachedInversion(content, key, None, stale=True)
+    return CachedInversion(content, key, inv, stale=False)
 
 
 def _check_finite_tensors(*tensors) -> None:
@@ -181,90 +269,197 @@ def _check_finite_tensors(*tensors) -> None:
             raise InversionMismatch("entry holds non-finite values (NaN/inf)")
 
 
-def _invert_missing(
+def invert_sources(
     model: EditModel,
-    todo: list[tuple[_Source, Image.Image]],
+    images: list[Image.Image],
+    prompts: list[str],
+    num_steps: int,
     options: RunOptions,
-    cache: BlobCache,
-    stats: ShardStats,
-) -> None:
-    """Invert every source without a cached inversion, sharing UNet calls, and cache the results."""
-    t0 = time.perf_counter()
-    by_steps: dict[int, list[tuple[_Source, Image.Image]]] = {}
-    for src, image in todo:
-        by_steps.setdefault(src.rows[0].num_steps, []).append((src, image))
-    for steps, items in by_steps.items():
-        try:
-            invs = invert_many(
-                model, [im for _, im in items], [s.rows[0].source_prompt for s, _ in items], num_steps=steps,
-                guidance_scale=options.inversion_guidance, size_policy=options.size_policy, max_batch=options.max_batch,
-            )  # fmt: skip
-        except Exception:  # noqa: BLE001 - find the one that fails
-            invs = []
-            for src, image in items:
-                try:
-                    invs.append(invert(model, image, src.rows[0].source_prompt, num_steps=steps,
-                                       guidance_scale=options.inversion_guidance, size_policy=options.size_policy))  # fmt: skip
-                except Exception as exc:  # noqa: BLE001
-                    invs.append(exc)
-        for (src, _), inv in zip(items, invs):
-            if isinstance(inv, Exception):
-                src.error = f"image_uri/source_prompt: cannot invert: {type(inv).__name__}: {inv}"
-                continue
-            src.inversion = inv
-            obj = keys.inversion_object_key(src.inversion_key)
-            (cache.replace if src.stale_entry else cache.put)(obj, inv.to_bytes())
-            stats.inversions_computed += 1
-    stats.seconds["inversion"] += time.perf_counter() - t0
-
-
-def _feature_cache_key(model: EditModel, src: _Source, config: PnPConfig) -> str:
-    facts = pnp_feature_facts(model, src.inversion, config)
-    return keys.features_object_key(
-        src.inversion_key,
-        keys.digest({k: v for k, v in facts.items() if k != "inversion"}, length=16),
-    )
-
-
-def _edit_with_fallback(
-    model: EditModel, groups: list[SourceGroup], options: RunOptions
-) -> list[list[EditResult | Exception]]:
-    """Edit everything in shared batches; if that fails, per source, then per target, so one bad edit
-    fails alone."""
+) -> list[Inversion | Exception]:
+    """Invert the images (one step count) sharing UNet calls; if that fails, one by one, so a bad
+    source fails alone (its exception in its place)."""
     try:
-        return edit(
-            model, groups, max_batch=options.max_batch, record_features=options.cache_features
-        )
-    except Exception as exc:  # noqa: BLE001
-        if len(groups) == 1 and len(groups[0].targets) == 1:
-            return [[exc]]
-        logger.warning(
-            "batched edit failed (%s: %s); retrying per source and target", type(exc).__name__, exc
-        )
-    out: list[list[EditResult | Exception]] = []
-    for g in groups:
+        return list(invert_many(
+            model, images, prompts, num_steps=num_steps, guidance_scale=options.inversion_guidance,
+            size_policy=options.size_policy, max_batch=options.max_batch,
+        ))  # fmt: skip
+    except Exception:  # noqa: BLE001 - find the one that fails
+        pass
+    out: list[Inversion | Exception] = []
+    for image, prompt in zip(images, prompts):
         try:
-            out.append(
-                edit(
-                    model, [g], max_batch=options.max_batch, record_features=options.cache_features
-                )[0]
-            )
-        except Exception:  # noqa: BLE001
-            per = []
-            for t in g.targets:
-                try:
-                    per.append(
-                        edit(model, [SourceGroup(g.inversion, [t], g.features)], max_batch=1)[0][0]
-                    )
-                except Exception as exc:  # noqa: BLE001
-                    per.append(exc)
-            out.append(per)
+            out.append(invert(model, image, prompt, num_steps=num_steps,
+                              guidance_scale=options.inversion_guidance, size_policy=options.size_policy))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001
+            out.append(exc)
     return out
 
 
-def _edit_in_waves(
-    model: EditModel, groups: list[SourceGroup], options: RunOptions, progress: ShardProgress | None
-) -> list[list[EditResult | Exception]]:
+def prepare_sources(
+    model: EditModel, rows: list[EditRow], options: RunOptions, cache: BlobCache
+) -> PreparedSources:
+    """Each source of `rows` with its inversion: read, keyed, taken from the cache or computed (sources
+    without one share UNet calls, per step count) and cached; or with the error that fails its rows."""
+    seconds: dict[str, float] = defaultdict(float)
+    sources: list[Source] = []
+    missing: dict[int, list[tuple[int, Image.Image, CachedInversion]]] = {}  # steps -> to invert
+    for group in group_sources(rows):
+        t0 = time.perf_counter()
+        try:
+            data, image = read_source(model, group[0], options)
+        except RowError as exc:
+            sources.append(Source(group, error=str(exc)))
+            continue
+        seconds["read"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        found = look_up_inversion(model, group[0], data, options, cache)
+        seconds["inversion"] += time.perf_counter() - t0
+        source = Source(group, found.content_sha256, found.inversion_key, found.inversion,
+                        cache_hit=found.inversion is not None)  # fmt: skip
+        if found.inversion is None:
+            missing.setdefault(group[0].num_steps, []).append((len(sources), image, found))
+        sources.append(source)
+    t0 = time.perf_counter()
+    for steps, items in missing.items():
+        prompts = [sources[i].rows[0].source_prompt for i, _, _ in items]
+        invs = invert_sources(model, [im for _, im, _ in items], prompts, steps, options)
+        for (i, _, found), inv in zip(items, invs):
+            if isinstance(inv, Exception):
+                error = f"image_uri/source_prompt: cannot invert: {type(inv).__name__}: {inv}"
+                sources[i] = replace(sources[i], error=error)
+                continue
+            obj = keys.inversion_object_key(found.inversion_key)
+            (cache.replace if found.stale else cache.put)(obj, inv.to_bytes())
+            sources[i] = replace(sources[i], inversion=inv)
+    if missing:
+        seconds["inversion"] += time.perf_counter() - t0
+    return PreparedSources(sources, dict(seconds))
+
+
+# ---------------------------------------------------------------- 3. what to edit
+
+
+@dataclass(frozen=True)
+class EditGroup:
+    """A source's rows that passed the per-row checks, and the engine's group of them (same order)."""
+
+    source: Source
+    rows: list[EditRow]
+    group: SourceGroup  # the source's inversion, one target per row, cached PnP features if any
+    features_key: str = ""  # the PnP feature cache entry to fill ("" when features are not cached)
+    stale_features: bool = False  # that entry existed but was unusable: replace it
+
+
+@dataclass(frozen=True)
+class PreparedEdits:
+    """:func:`prepare_edits`' result: the groups to edit and the rows failed before editing."""
+
+    groups: list[EditGroup]
+    failed: dict[str, dict[str, Any]]  # edit id -> its results row
+
+
+def prepare_edits(
+    model: EditModel, sources: list[Source], options: RunOptions, cache: BlobCache
+) -> PreparedEdits:
+    """The edit groups of the sources with an inversion: each row's target prompt and settings checked
+    (a bad one fails its row), and, with ``cache_features``, the source's cached PnP features attached."""
+    groups: list[EditGroup] = []
+    failed: dict[str, dict[str, Any]] = {}
+    for src in sources:
+        if src.error:
+            for row in src.rows:
+                failed[row.edit_id] = _result(row, "failed", error=f"row {row.row}: {src.error}")
+            continue
+        targets, kept = [], []
+        for row in src.rows:
+            try:
+                model.tokenize(row.target_prompt)
+                config = row.config()
+            except ValueError as exc:
+                failed[row.edit_id] = _result(
+                    row, "failed", error=f"row {row.row}: target_prompt/settings: {exc}"
+                )
+                continue
+            targets.append(Target(row.target_prompt, config, edit_id=row.edit_id, seed=row.seed))
+            kept.append(row)
+        if not targets:
+            continue
+        features = CachedFeatures()
+        if options.cache_features:
+            features = look_up_features(model, src, targets, cache)
+        group = SourceGroup(src.inversion, targets, features.features)
+        groups.append(EditGroup(src, kept, group, features.key, features.stale))
+    return PreparedEdits(groups, failed)
+
+
+@dataclass(frozen=True)
+class CachedFeatures:
+    """A PnP feature cache look-up: the entry's key ("" when the group shares no PnP config) and the
+    features when a usable entry was found."""
+
+    key: str = ""
+    features: PnPFeatures | None = None
+    stale: bool = False
+
+
+def _pnp_config_of(targets: list[Target]) -> PnPConfig | None:
+    """The one PnP config whose features a group can share (None if mixed or no PnP targets)."""
+    cfgs = {
+        (
+            t.config.feature_layers,
+            t.config.attn_layers,
+            t.config.feature_t,
+            t.config.attn_t,
+            t.config.source_text,
+        )
+        for t in targets
+        if isinstance(t.config, PnPConfig)
+    }
+    if len(cfgs) != 1:
+        return None
+    return next(t.config for t in targets if isinstance(t.config, PnPConfig))
+
+
+def look_up_features(
+    model: EditModel, src: Source, targets: list[Target], cache: BlobCache
+) -> CachedFeatures:
+    """The source's cached PnP features for the targets' shared PnP config (facts computed once here)."""
+    config = _pnp_config_of(targets)
+    if config is None:
+        return CachedFeatures()
+    facts = pnp_feature_facts(model, src.inversion, config)
+    key = keys.features_object_key(
+        src.inversion_key,
+        keys.digest({k: v for k, v in facts.items() if k != "inversion"}, length=16),
+    )
+    try:
+        blob = cache.get(key)
+    except CorruptEntry as exc:
+        logger.warning("%s; recomputing it", exc)
+        return CachedFeatures(key, stale=True)
+    if blob is None:
+        return CachedFeatures(key)
+    try:
+        features = PnPFeatures.from_bytes(blob, expect={"inversion": facts["inversion"]})
+        _check_finite_tensors(*features.tensors.values())
+    except ValueError as exc:
+        logger.warning("feature cache entry %s is unusable (%s); recomputing it", key, exc)
+        return CachedFeatures(key, stale=True)
+    return CachedFeatures(key, features)
+
+
+# ---------------------------------------------------------------- 4. editing
+
+
+Edited = list[EditResult | Exception]  # one group's results, in its targets' order
+
+
+def edit_sources(
+    model: EditModel,
+    groups: list[SourceGroup],
+    options: RunOptions,
+    progress: ShardProgress | None = None,
+) -> list[Edited]:
     """:func:`_edit_with_fallback` one wave at a time (at most `max_batch` targets of one method, the
     engine's own batch), reporting each wave's edits to `progress`; results per group, as the input."""
     out: list[list[EditResult | Exception | None]] = [[None] * len(g.targets) for g in groups]
@@ -281,6 +476,42 @@ def _edit_in_waves(
         if progress is not None:
             progress.add(sum(len(tis) for _, tis in wave))
     return out  # type: ignore[return-value]
+
+
+def _edit_with_fallback(
+    model: EditModel, groups: list[SourceGroup], options: RunOptions
+) -> list[Edited]:
+    """Edit everything in shared batches; if that fails, per source, then per target, so one bad edit
+    fails alone."""
+    try:
+        return edit(
+            model, groups, max_batch=options.max_batch, record_features=options.cache_features
+        )
+    except Exception as exc:  # noqa: BLE001
+        if len(groups) == 1 and len(groups[0].targets) == 1:
+            return [[exc]]
+        logger.warning(
+            "batched edit failed (%s: %s); retrying per source and target", type(exc).__name__, exc
+        )
+    out: list[Edited] = []
+    for g in groups:
+        try:
+            out.append(
+                edit(
+                    model, [g], max_batch=options.max_batch, record_features=options.cache_features
+                )[0]
+            )
+        except Exception:  # noqa: BLE001
+            per: Edited = []
+            for t in g.targets:
+                try:
+                    per.append(
+                        edit(model, [SourceGroup(g.inversion, [t], g.features)], max_batch=1)[0][0]
+                    )
+                except Exception as exc:  # noqa: BLE001
+                    per.append(exc)
+            out.append(per)
+    return out
 
 
 def _waves(groups: list[SourceGroup], max_batch: int) -> list[list[tuple[int, list[int]]]]:
@@ -308,17 +539,68 @@ def _waves(groups: list[SourceGroup], max_batch: int) -> list[list[tuple[int, li
     return waves
 
 
-def _metadata(
-    row: EditRow,
-    src: _Source,
-    res: EditResult,
-    model: EditModel,
-    config,
-    unet_evals: float,
-    seconds: float,
-    run_id: str,
-) -> dict[str, Any]:
-    return {
+def store_features(cache: BlobCache, groups: list[EditGroup], edited: list[Edited]) -> int:
+    """Cache the PnP features recorded for each group that had none cached (the first PnP result's);
+    returns how many entries were written."""
+    written = 0
+    for eg, results in zip(groups, edited):
+        if not eg.features_key or eg.group.features is not None:
+            continue
+        for t, r in zip(eg.group.targets, results):
+            if (
+                isinstance(r, EditResult)
+                and r.features is not None
+                and METHOD_OF_CONFIG[type(t.config)] == "pnp"
+            ):
+                (cache.replace if eg.stale_features else cache.put)(
+                    eg.features_key, r.features.to_bytes()
+                )
+                written += 1
+                break
+    return written
+
+
+# ---------------------------------------------------------------- 5. writing
+
+
+@dataclass(frozen=True)
+class WriteJob:
+    """One edited image to store with its sidecar, and the cost its results row reports."""
+
+    row: EditRow
+    image: Image.Image
+    metadata: dict[str, Any]  # the sidecar (write_asset adds the output's uri and sha256)
+    cache_hit: bool  # the inversion came from the cache
+    unet_evals: float  # this edit's UNet evaluations, its share of the inversion's included
+    seconds: float
+
+
+def write_jobs(
+    model: EditModel, run_id: str, groups: list[EditGroup], edited: list[Edited]
+) -> tuple[list[WriteJob], dict[str, dict[str, Any]]]:
+    """A write job per edit that succeeded, and the results rows of those that failed."""
+    jobs: list[WriteJob] = []
+    failed: dict[str, dict[str, Any]] = {}
+    for eg, results in zip(groups, edited):
+        for row, target, res in zip(eg.rows, eg.group.targets, results):
+            if isinstance(res, Exception):
+                failed[row.edit_id] = _result(
+                    row, "failed", error=f"row {row.row}: edit failed: {type(res).__name__}: {res}"
+                )
+                continue
+            jobs.append(_write_job(model, run_id, eg, row, target, res))
+    return jobs, failed
+
+
+def _write_job(
+    model: EditModel, run_id: str, eg: EditGroup, row: EditRow, target: Target, res: EditResult
+) -> WriteJob:
+    """The job of one edit: its cost (a computed inversion shared by the source's edits) and sidecar."""
+    src, share = eg.source, len(eg.rows)
+    inv_share = (src.inversion.unet_evals if not src.cache_hit else 0) / share
+    evals = inv_share + res.unet_evals["source"] + res.unet_evals["target"]
+    seconds = res.seconds + src.inversion.seconds / share * (not src.cache_hit)
+    metadata = {
         "edit_id": row.edit_id,
         "run_id": run_id,
         "row": row.row,
@@ -327,186 +609,43 @@ def _metadata(
         "source_prompt": row.source_prompt,
         "target_prompt": row.target_prompt,
         "method": row.method,
-        "settings": config_to_settings(config),
+        "settings": config_to_settings(target.config),
         "seed": row.seed,
         "num_steps": row.num_steps,
         "model_id": model.model_id,
         "model_revision": model.revision,
         "inversion_key": src.inversion_key,
         "inversion_cache_hit": src.cache_hit,
-        "features_cache_hit": src.features is not None and row.method == "pnp",
-        "unet_evals": unet_evals,
+        "features_cache_hit": eg.group.features is not None and row.method == "pnp",
+        "unet_evals": evals,
         "unet_evals_detail": dict(res.unet_evals),
         "seconds": seconds,
         "size": list(res.image.size),
         "versions": VERSIONS,
         "passthrough": row.passthrough,
     }
+    return WriteJob(row, res.image, metadata, src.cache_hit, evals, seconds)
 
 
-def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, Any]:
-    """Run (or finish) one planned shard; write its results Parquet; return its stats."""
-    t_start = time.perf_counter()
-    out = open_store(options.out, s3_endpoint=options.s3_endpoint)
-    cache = BlobCache(open_store(options.cache_uri, s3_endpoint=options.s3_endpoint))
-    table = read_parquet(out, keys.shard_plan_key(run_id, shard_index))
-    rows = list(edit_rows(table))
-    res_key = keys.shard_results_key(run_id, shard_index)
-    previous: dict[str, dict[str, Any]] = {}
-    if out.exists(res_key):
-        previous = {r["edit_id"]: r for r in read_parquet(out, res_key).to_pylist()}
-    stats = ShardStats(edits=len(rows))
-    results: dict[str, dict[str, Any]] = {}
-    todo = []
-    for row in rows:
-        prev = previous.get(row.edit_id)
-        if prev is not None and prev["status"] in ("succeeded", "skipped"):
-            results[row.edit_id] = prev
-        else:  # planning left out finished edits; a race or an earlier crash is caught at write time
-            todo.append(row)
-    progress = ShardProgress(
-        run_id, shard_index, len(rows)
-    )  # finished edits, published per batch (tasks.progress)
-    progress.set(len(results))
-    threads = None
-    if todo:
-        threads = apply_thread_policy(
-            options.threads
-        )  # once per worker process: its share of the CPUs
-        model = get_model(
-            options.model_ref,
-            device=options.device,
-            dtype=options.dtype,
-            allow_pickle=options.allow_pickle,
-        )
-        with model_lock(model):
-            _run_rows(model, todo, options, run_id, out, cache, stats, results, progress)
-    for r in results.values():
-        stats.succeeded += r["status"] == "succeeded"
-        stats.failed += r["status"] == "failed"
-        stats.skipped += r["status"] == "skipped"
-    t0 = time.perf_counter()
-    write_parquet(out, res_key, results_table([results[r.edit_id] for r in rows], table))
-    stats.seconds["write"] += time.perf_counter() - t0
-    stats.seconds["total"] = time.perf_counter() - t_start
-    logger.info("shard %d: %s", shard_index, stats.to_dict())
-    return {"shard": shard_index, **stats.to_dict(), "threads": threads}
-
-
-def _result(row: EditRow, status: str, **kw: Any) -> dict[str, Any]:
-    return {"edit_id": row.edit_id, "status": status, "output_uri": None, "metadata_uri": None, "error": None,
-            "cache_hit": None, "unet_evals": None, "seconds": None} | kw  # fmt: skip
-
-
-def _run_rows(
-    model: EditModel, todo: list[EditRow], options: RunOptions, run_id: str, out, cache: BlobCache, stats: ShardStats, results: dict,
-    progress: ShardProgress | None = None,
-) -> None:  # fmt: skip
-    # 1. Sources: read each image once, get or compute its inversion
-    sources: dict[tuple, _Source] = {}
-    for row in todo:
-        sources.setdefault(
-            (row.image_uri, row.source_prompt, row.num_steps), _Source(rows=[])
-        ).rows.append(row)
-    missing = []
-    for src in sources.values():
-        try:
-            image = _read_source(model, src, options, cache, stats)
-        except RowError as exc:
-            src.error = str(exc)
-            continue
-        if image is not None:
-            missing.append((src, image))
-    if missing:
-        _invert_missing(model, missing, options, cache, stats)
-    # 2. Targets: per-row checks, then one batched edit over every source of the shard
-    groups: list[SourceGroup] = []
-    owners: list[tuple[_Source, list[EditRow]]] = []
-    for src in sources.values():
-        if src.error:
-            for row in src.rows:
-                results[row.edit_id] = _result(row, "failed", error=f"row {row.row}: {src.error}")
-            continue
-        targets, kept = [], []
-        for row in src.rows:
-            try:
-                model.tokenize(row.target_prompt)
-                config = row.config
-            except ValueError as exc:
-                results[row.edit_id] = _result(
-                    row, "failed", error=f"row {row.row}: target_prompt/settings: {exc}"
-                )
-                continue
-            targets.append(Target(row.target_prompt, config, edit_id=row.edit_id, seed=row.seed))
-            kept.append(row)
-        if not targets:
-            continue
-        if options.cache_features:
-            _attach_features(model, src, targets, cache)
-        groups.append(SourceGroup(src.inversion, targets, src.features))
-        owners.append((src, kept))
-    if progress is not None:  # rows kept from earlier and rows failed before editing are finished
-        progress.set(len(results), failed=sum(r["status"] == "failed" for r in results.values()))
-    if not groups:
-        return
-    t0 = time.perf_counter()
-    edited = _edit_in_waves(model, groups, options, progress)
-    stats.seconds["edit"] += time.perf_counter() - t0
-    # 3. Write assets and sidecars (encoding and storage requests overlap in a small thread pool)
-    t0 = time.perf_counter()
-    jobs = []
-    for (src, kept), group, res_list in zip(owners, groups, edited):
-        inv_share = (src.inversion.unet_evals if not src.cache_hit else 0) / len(kept)
-        if options.cache_features and src.features is None:
-            _store_features(model, src, group, res_list, cache)
-        for row, target, res in zip(kept, group.targets, res_list):
-            if isinstance(res, Exception):
-                results[row.edit_id] = _result(
-                    row, "failed", error=f"row {row.row}: edit failed: {type(res).__name__}: {res}"
-                )
-                continue
-            evals = inv_share + res.unet_evals["source"] + res.unet_evals["target"]
-            stats.unet_evals += evals
-            seconds = res.seconds + src.inversion.seconds / len(kept) * (not src.cache_hit)
-            meta = _metadata(row, src, res, model, target.config, evals, seconds, run_id)
-            jobs.append((row, res.image, meta, src.cache_hit, evals, seconds))
+def write_outputs(
+    out: ObjectStore, image_format: str, jobs: list[WriteJob]
+) -> dict[str, dict[str, Any]]:
+    """Write every job (encodes and storage requests overlap in a small thread pool); results rows by
+    edit id: succeeded, skipped (finished earlier or by another worker) or failed (storage error)."""
     with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
-        for row, outcome in zip(
-            [j[0] for j in jobs], pool.map(lambda j: _write_one(out, options, j), jobs)
-        ):
-            results[row.edit_id] = outcome
-    stats.seconds["write"] += time.perf_counter() - t0
+        outcomes = list(pool.map(lambda job: write_one(out, image_format, job), jobs))
+    return {job.row.edit_id: outcome for job, outcome in zip(jobs, outcomes)}
 
 
-WRITE_THREADS = (
-    8  # concurrent encodes + storage requests per shard (S3 latency, not bandwidth, dominates)
-)
-
-
-def _write_one(out, options: RunOptions, job: tuple) -> dict[str, Any]:
-    """Encode one edit (PNG text chunk with the essentials) and write it and its sidecar, first-writer-wins."""
-    row, image, meta, cache_hit, evals, seconds = job
-    essentials = {
-        k: meta[k]
-        for k in (
-            "edit_id",
-            "source_prompt",
-            "target_prompt",
-            "method",
-            "settings",
-            "seed",
-            "model_id",
-            "model_revision",
-            "source_sha256",
-        )
-    }
+def write_one(out: ObjectStore, image_format: str, job: WriteJob) -> dict[str, Any]:
+    """Encode one edit (its identity embedded) and write it and its sidecar, first-writer-wins."""
+    row, meta = job.row, job.metadata
+    essentials = {k: meta[k] for k in EMBEDDED}
     try:
         data = encode_image(
-            image, options.image_format, {"editflow": json.dumps(essentials, sort_keys=True)}
+            job.image, image_format, {"editflow": json.dumps(essentials, sort_keys=True)}
         )
-        asset_uri, sidecar_uri, written = write_asset(
-            out, row.edit_id, data, options.image_format, meta
-        )
+        asset_uri, sidecar_uri, written = write_asset(out, row.edit_id, data, image_format, meta)
     except Exception as exc:  # noqa: BLE001 - a storage failure of one edit fails that edit
         return _result(
             row,
@@ -514,71 +653,78 @@ def _write_one(out, options: RunOptions, job: tuple) -> dict[str, Any]:
             error=f"row {row.row}: writing output failed: {type(exc).__name__}: {exc}",
         )
     return _result(
-        row, "succeeded" if written else "skipped", output_uri=asset_uri, metadata_uri=sidecar_uri, cache_hit=cache_hit,
-        unet_evals=evals, seconds=seconds, error=None if written else "finished earlier or by another worker",
+        row, "succeeded" if written else "skipped", output_uri=asset_uri, metadata_uri=sidecar_uri,
+        cache_hit=job.cache_hit, unet_evals=job.unet_evals, seconds=job.seconds,
+        error=None if written else "finished earlier or by another worker",
     )  # fmt: skip
 
 
-def _pnp_config_of(targets: list[Target]) -> PnPConfig | None:
-    """The one PnP config whose features a group can share (None if mixed or no PnP targets)."""
-    cfgs = {
-        (
-            t.config.feature_layers,
-            t.config.attn_layers,
-            t.config.feature_t,
-            t.config.attn_t,
-            t.config.source_text,
+# ---------------------------------------------------------------- 6. results
+
+
+def shard_results(shard: ShardRows, results: dict[str, dict[str, Any]]) -> pa.Table:
+    """The shard's results table: one row per planned row, in plan order, with its passthrough columns."""
+    return results_table([results[r.edit_id] for r in shard.rows], shard.table)
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, Any]:
+    """Run (or finish) one planned shard; write its results Parquet; return its stats."""
+    t_start = time.perf_counter()
+    out = open_store(options.out, s3_endpoint=options.s3_endpoint)
+    cache = BlobCache(open_store(options.cache_uri, s3_endpoint=options.s3_endpoint))
+    shard = load_shard(out, run_id, shard_index)
+    stats = ShardStats(edits=len(shard.rows))
+    results = shard.kept()
+    todo = shard.todo()
+    # finished edits, published after the sources and per batch (tasks.progress)
+    progress = ShardProgress(run_id, shard_index, len(shard.rows))
+    progress.set(len(results))
+    threads = None
+    if todo:
+        # once per worker process: its share of the CPUs
+        threads = apply_thread_policy(options.threads)
+        model = get_model(
+            options.model_ref,
+            device=options.device,
+            dtype=options.dtype,
+            allow_pickle=options.allow_pickle,
         )
-        for t in targets
-        if isinstance(t.config, PnPConfig)
-    }
-    if len(cfgs) != 1:
-        return None
-    return next(t.config for t in targets if isinstance(t.config, PnPConfig))
-
-
-def _attach_features(
-    model: EditModel, src: _Source, targets: list[Target], cache: BlobCache
-) -> None:
-    config = _pnp_config_of(targets)
-    if config is None:
-        return
-    src.features_key = _feature_cache_key(model, src, config)
-    try:
-        blob = cache.get(src.features_key)
-    except CorruptEntry as exc:
-        logger.warning("%s; recomputing it", exc)
-        blob, src.stale_features = None, True
-    if blob is None:
-        return
-    try:
-        features = PnPFeatures.from_bytes(
-            blob, expect={"inversion": pnp_feature_facts(model, src.inversion, config)["inversion"]}
-        )
-        _check_finite_tensors(*features.tensors.values())
-        src.features = features
-    except ValueError as exc:
-        logger.warning(
-            "feature cache entry %s is unusable (%s); recomputing it", src.features_key, exc
-        )
-        src.stale_features = True
-
-
-def _store_features(
-    model: EditModel, src: _Source, group: SourceGroup, res_list: list, cache: BlobCache
-) -> None:
-    if not src.features_key:
-        return
-    for t, r in zip(group.targets, res_list):
-        if (
-            isinstance(r, EditResult)
-            and r.features is not None
-            and METHOD_OF_CONFIG[type(t.config)] == "pnp"
-        ):
-            (cache.replace if src.stale_features else cache.put)(
-                src.features_key, r.features.to_bytes()
+        with model_lock(model):
+            prepared = prepare_sources(model, todo, options, cache)
+            for stage, seconds in prepared.seconds.items():
+                stats.seconds[stage] += seconds
+            stats.inversions_computed += prepared.inversions_computed
+            stats.inversion_cache_hits += prepared.cache_hits
+            edits = prepare_edits(model, prepared.sources, options, cache)
+            results |= edits.failed
+            # rows kept from earlier and rows failed before editing are finished
+            progress.set(
+                len(results), failed=sum(r["status"] == "failed" for r in results.values())
             )
-            return
+            if edits.groups:
+                t0 = time.perf_counter()
+                edited = edit_sources(model, [eg.group for eg in edits.groups], options, progress)
+                stats.seconds["edit"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                store_features(cache, edits.groups, edited)
+                jobs, failed = write_jobs(model, run_id, edits.groups, edited)
+                stats.unet_evals += sum(job.unet_evals for job in jobs)
+                results |= failed | write_outputs(out, options.image_format, jobs)
+                stats.seconds["write"] += time.perf_counter() - t0
+    for r in results.values():
+        stats.succeeded += r["status"] == "succeeded"
+        stats.failed += r["status"] == "failed"
+        stats.skipped += r["status"] == "skipped"
+    t0 = time.perf_counter()
+    table = shard_results(shard, results)
+    write_parquet(out, keys.shard_results_key(run_id, shard_index), table)
+    stats.seconds["write"] += time.perf_counter() - t0
+    stats.seconds["total"] = time.perf_counter() - t_start
+    logger.info("shard %d: %s", shard_index, stats.to_dict())
+    return {"shard": shard_index, **stats.to_dict(), "threads": threads}
 
 
 def read_run_results(options: RunOptions, run_id: str) -> pa.Table:
@@ -586,8 +732,8 @@ def read_run_results(options: RunOptions, run_id: str) -> pa.Table:
     out = open_store(options.out, s3_endpoint=options.s3_endpoint)
     tables = [
         read_parquet(out, k)
-        for k in sorted(out.list(keys.run_prefix(run_id) + "results/"))
-        if k.endswith(".parquet")
+        for k in sorted(out.list(keys.run_results_prefix(run_id)))
+        if keys.is_results_file(run_id, k)
     ]
     if not tables:
         return pa.table({})
