@@ -8,7 +8,7 @@ import pytest
 
 from editing.prompts import prompt_budget
 from flows.cli import main
-from manifests.validate import prompt_length_problems
+from manifests import prompt_length_problems
 from refmodel import REFERENCE_MODEL_DIR
 
 SOURCE = "a yellow triangle on a black background"
