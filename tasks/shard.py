@@ -43,8 +43,8 @@ from editing.methods import (
     pnp_feature_facts,
 )
 from editing.model import EditModel
-from manifests.validate import edit_rows
 from manifests.schema import EditRow
+from manifests.validate import edit_rows
 from storage import keys
 from storage.base import NotFound, ObjectStore
 from storage.cache import BlobCache, CorruptEntry
