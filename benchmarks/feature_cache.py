@@ -132,8 +132,9 @@ def measure_model(
     from editing.configs import PnPConfig
     from editing.ddim import make_schedule
     from editing.inversion import invert
-    from editing.methods import PnPFeatures, SourceGroup, Target, edit, pnp_layers
+    from editing.methods import PnPFeatures, SourceGroup, Target, edit
     from editing.model import load_model
+    from editing.pnp import pnp_layers
     from storage.local import LocalStore
     from storage.uri import open_store
 

@@ -49,6 +49,7 @@ from benchmarks._common import (  # noqa: E402
     smooth_image,
     write_result,
 )
+from editing.configs import METHOD_CONFIGS  # noqa: E402  (torch-free)
 
 TARGET_RATIO = 3.0
 SOURCE_PROMPTS = (
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--k", type=int, default=4, help="targets per source (default 4)")
     p.add_argument("--steps", type=int, default=20, help="T (default 20; see the docstring)")
-    p.add_argument("--method", choices=("pnp", "p2p"), default="pnp")
+    p.add_argument("--method", choices=tuple(METHOD_CONFIGS), default="pnp")
     p.add_argument("--spec", default="BENCH", help="toy spec name in refmodel.toy (default BENCH)")
     args = p.parse_args(argv)
     n = args.sources or (2 if args.quick else 4)
