@@ -610,26 +610,3 @@ def validate_table(table: pa.Table) -> list[Problem]:
     in one pass.)
     """
     return analyse(table).problems
-
-
-# Names that lived here before the split, for callers not yet moved (flows/cli.py); to be removed.
-_MOVED = {
-    "ManifestError": "manifests.problems",
-    "format_problems": "manifests.problems",
-    "check_manifest": "manifests.prepare",
-    "prompt_length_problems": "manifests.prompts",
-    "load_manifest": "manifests.load",
-    "manifest_files": "manifests.load",
-    "normalize": "manifests.normalise",
-    "edit_rows": "manifests.normalise",
-    "passthrough_columns": "manifests.normalise",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _MOVED.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
