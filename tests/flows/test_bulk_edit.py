@@ -8,6 +8,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
 from flows.bulk_edit import bulk_edit, rerun, restyle
 from flows.runners import make_task_runner
@@ -151,6 +153,15 @@ def test_restyle_catalog_times_styles(
     assert summary["inversions_computed"] == 3
     results = _results(s3_client, catalog["out"], summary["run_id"])
     assert sorted(r["style"] for r in results.values()) == ["in watercolor style"] * 3 + ["red"] * 3
+    with get_client(sync_client=True) as client:  # bulk edit ran as a subflow of restyle
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["bulk-edit"]))
+        )
+        [child] = [r for r in runs if r.parameters.get("run_id") == summary["run_id"]]
+        assert child.parent_task_run_id is not None  # a subflow run, not the flow's body called
+        parent = client.read_flow_run(client.read_task_run(child.parent_task_run_id).flow_run_id)
+        assert client.read_flow(parent.flow_id).name == "restyle"
+    assert child.parameters["options"]["out"] == options.out  # stored as JSON
 
 
 def test_dask_cluster_gives_the_same_results(
