@@ -366,12 +366,14 @@ def _prompt_budget(model: str):
 
 
 def _prepare(args: argparse.Namespace, *, prompts: bool = True):
-    """Load and validate the manifest once (:func:`manifests.prepare_manifest`); with `prompts`, its
-    prompts are checked against the model's tokenizer as well."""
+    """Load and check the manifest once (:func:`manifests.prepare_manifest`; not normalised: the CLI
+    only reports); with `prompts`, its prompts are checked against the model's tokenizer as well."""
     from manifests import prepare_manifest
 
     budget = _prompt_budget(args.model) if prompts else None
-    return prepare_manifest(args.manifest, s3_endpoint=args.s3_endpoint, budget=budget)
+    return prepare_manifest(
+        args.manifest, s3_endpoint=args.s3_endpoint, budget=budget, normalize=False
+    )
 
 
 def _report_invalid(args: argparse.Namespace, problems: list) -> int:
