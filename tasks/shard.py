@@ -43,8 +43,8 @@ from editing.methods import (
     pnp_feature_facts,
 )
 from editing.model import EditModel
+from manifests import edit_rows
 from manifests.schema import EditRow
-from manifests.validate import edit_rows
 from storage import keys
 from storage.base import NotFound, ObjectStore
 from storage.cache import BlobCache, CorruptEntry
@@ -374,7 +374,7 @@ def prepare_edits(
         for row in src.rows:
             try:
                 model.tokenize(row.target_prompt)
-                config = row.config()
+                config = row.config
             except ValueError as exc:
                 failed[row.edit_id] = _result(
                     row, "failed", error=f"row {row.row}: target_prompt/settings: {exc}"
