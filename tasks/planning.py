@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from editing.prompts import prompt_budget
+from editing.prompts import PromptBudget
 from manifests import prepare_manifest
 from manifests.schema import EditRow
 from storage import keys
@@ -115,13 +115,15 @@ def plan_run(
     options: RunOptions,
     *,
     run_id: str,
-    shard_size: int = 64,
+    shard_size: int | None = None,
     claim: str | None = None,
+    budget: PromptBudget | None = None,
 ) -> dict[str, Any]:
-    """Validate, claim the run id (``RunExists`` if taken), plan and write the plan; returns the plan
-    (what ``plan.json`` holds: ``shards`` lists each shard's index, edits and sources)."""
+    """Validate (prompt lengths too when `budget` is given: the plan task passes the model's), claim
+    the run id (``RunExists`` if taken), plan and write the plan; returns the plan (what ``plan.json``
+    holds: ``shards`` lists each shard's index, edits and sources). `shard_size`: None = the options'."""
     t0 = time.perf_counter()
-    budget = prompt_budget(options.model_ref)  # prompt lengths: the model's tokenizer (no weights)
+    shard_size = options.shard_size if shard_size is None else shard_size
     prepared = prepare_manifest(manifest_uri, s3_endpoint=options.s3_endpoint, budget=budget)
     norm = prepared.require_normalized()  # ManifestError listing every problem
     t_validate = time.perf_counter() - t0

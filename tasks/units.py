@@ -14,6 +14,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from editing.prompts import prompt_budget
 from storage.errors import is_transient
 from tasks import runs
 from tasks.options import RestyleSpec, RunOptions
@@ -49,12 +50,11 @@ def _io_task(name: str, *, retry_delay_seconds: float = 2):
 def plan_task(
     manifest_uri: str, options: RunOptions, run_id: str, claim: str | None = None
 ) -> dict[str, Any]:
-    """Load and validate the manifest (``ManifestError``: every problem, nothing written), claim the run
-    id, plan, and write the plan under {out}/runs/{run_id}/; returns the plan (`claim`: a token that
+    """Load and validate the manifest, prompt lengths included (``ManifestError``: every problem,
+    nothing written), claim the run id, plan, and write the plan under {out}/runs/{run_id}/; returns the plan (`claim`: a token that
     lets this task's retries take the run id they claimed)."""
-    return plan_run(
-        manifest_uri, options, run_id=run_id, shard_size=options.shard_size, claim=claim
-    )
+    budget = prompt_budget(options.model_ref)  # prompt lengths: the model's tokenizer (no weights)
+    return plan_run(manifest_uri, options, run_id=run_id, claim=claim, budget=budget)
 
 
 @_io_task("edit-shard", retry_delay_seconds=5)
