@@ -45,6 +45,7 @@ __all__ = [
     "skipped_results_key",
     "is_results_file",
     "is_shard_results_file",
+    "shard_plan_key_of_results",
     "inversion_key",
     "inversion_object_key",
     "features_object_key",
@@ -239,6 +240,15 @@ def is_results_file(run_id: str, key: str) -> bool:
 def is_shard_results_file(key: str) -> bool:
     """Whether results file `key` is a shard's (:func:`shard_results_key`), not the skipped rows'."""
     return key.rsplit("/", 1)[-1].startswith(_SHARD)
+
+
+def shard_plan_key_of_results(key: str) -> str:
+    """The shard plan (:func:`shard_plan_key`) of shard results file `key` (:func:`shard_results_key`)."""
+    head, _, name = key.rpartition("/")
+    run, _, folder = head.rpartition("/")
+    if folder != "results" or not name.startswith(_SHARD):
+        raise ValueError(f"not a shard results key: {key!r}")
+    return f"{run}/shards/{name}"
 
 
 def inversion_key(content_sha256: str, facts: Mapping[str, Any]) -> str:

@@ -317,16 +317,14 @@ def _gather(
     shown = [r for u in chosen for r in by_uri.get(u, [])[:per_source]]
     # shard plans hold source prompts and settings; read each needed one once
     plan_keys = {
-        r["_file"].replace("/results/", "/shards/")
+        keys.shard_plan_key_of_results(r["_file"])
         for r in shown
-        if r["_file"].rsplit("/", 1)[-1].startswith("shard-")
+        if keys.is_shard_results_file(r["_file"])
     }
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
         plans = dict(zip(plan_keys, pool.map(lambda k: _read_plan_rows(store, k), plan_keys)))
         side_rows = [
-            r
-            for r in shown
-            if not r["_file"].rsplit("/", 1)[-1].startswith("shard-") and r.get("metadata_uri")
+            r for r in shown if not keys.is_shard_results_file(r["_file"]) and r.get("metadata_uri")
         ]
         sidecars = dict(
             zip(

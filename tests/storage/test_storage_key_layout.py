@@ -53,6 +53,14 @@ def test_run_results_files():
     assert not keys.is_results_file("r1", keys.shard_plan_key("r1", 0))
     assert keys.is_shard_results_file(keys.shard_results_key("r1", 7))
     assert not keys.is_shard_results_file(keys.skipped_results_key("r1"))
+    assert keys.shard_plan_key_of_results(keys.shard_results_key("r1", 7)) == keys.shard_plan_key(
+        "r1", 7
+    )
+    assert keys.shard_plan_key_of_results("out/runs/r1/results/shard-00002.parquet") == (
+        "out/runs/r1/shards/shard-00002.parquet"
+    )
+    with pytest.raises(ValueError, match="not a shard results key"):
+        keys.shard_plan_key_of_results(keys.skipped_results_key("r1"))
     with pytest.raises(ValueError, match="run_id"):
         keys.run_results_prefix("../x")
 
