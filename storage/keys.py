@@ -31,6 +31,7 @@ __all__ = [
     "edit_id_of_image",
     "new_run_id",
     "run_prefix",
+    "split_run_ref",
     "run_file_key",
     "plan_key",
     "summary_key",
@@ -70,6 +71,7 @@ _ASSETS = "assets/"
 _SIDECAR = ".json"
 _PARQUET = ".parquet"
 _SHARD = "shard-"
+_RUNS = "runs/"
 
 
 def sha256_hex(data: bytes) -> str:
@@ -157,7 +159,20 @@ def new_run_id() -> str:
 
 def run_prefix(run_id: str) -> str:
     """``runs/{run_id}/``: everything one run writes besides assets."""
-    return f"runs/{check_id(run_id, what='run_id')}/"
+    return f"{_RUNS}{check_id(run_id, what='run_id')}/"
+
+
+def split_run_ref(text: str) -> tuple[str | None, str] | None:
+    """``(root, run_id)`` of a run's URI or key: ``ROOT/runs/RUN_ID`` gives ``ROOT``, a bare
+    ``runs/RUN_ID`` gives None (relative to the output root); None when `text` names no run folder.
+    The run id is not checked (see :func:`check_id`); a trailing '/' is ignored."""
+    text = text.rstrip("/")
+    head, sep, run_id = text.rpartition("/" + _RUNS)
+    if sep and run_id and "/" not in run_id:
+        return head, run_id
+    if text.startswith(_RUNS) and "/" not in text[len(_RUNS) :]:
+        return None, text[len(_RUNS) :]
+    return None
 
 
 def run_file_key(run_id: str, name: str) -> str:

@@ -67,15 +67,14 @@ def resolve_run(ref: str, out: str | None = None) -> tuple[str, str]:
     """``(out_uri, run_id)`` from a run id plus `out`, or from the run's URI (``out/demo/runs/RUN_ID``,
     ``s3://bucket/prefix/runs/RUN_ID``, with or without a trailing '/')."""
     text = ref.rstrip("/")
-    head, sep, run_id = text.rpartition("/runs/")
-    if sep and run_id and "/" not in run_id:
+    found = keys.split_run_ref(text)
+    if found is not None and found[0] is not None:
+        head, run_id = found
         if out and _norm(out) != _norm(head):
             raise ValueError(f"{ref!r} is a run of {head!r}, not of --out {out!r}")
         return head, keys.check_id(run_id, what="run_id")
-    if (
-        text.startswith("runs/") and "/" not in text[5:]
-    ):  # 'runs/RUN_ID' relative to the working dir
-        return out or ".", keys.check_id(text[5:], what="run_id")
+    if found is not None:  # 'runs/RUN_ID' relative to the working dir
+        return out or ".", keys.check_id(found[1], what="run_id")
     if not out:
         raise ValueError(
             f"{ref!r} is not a run URI ('.../runs/RUN_ID'); give the run id with --out URI"
@@ -334,7 +333,9 @@ def _gather(
         )
     groups: dict[tuple[str, str], _Source] = {}
     for r in shown:
-        plan_row = plans.get(r["_file"].replace("/results/", "/shards/"), {}).get(r["edit_id"])
+        in_shard = keys.is_shard_results_file(r["_file"])  # else the skipped rows': no shard plan
+        plan = plans.get(keys.shard_plan_key_of_results(r["_file"])) if in_shard else None
+        plan_row = (plan or {}).get(r["edit_id"])
         side = sidecars.get(r["edit_id"]) or {}
         if plan_row is not None:
             src_prompt = plan_row["source_prompt"]

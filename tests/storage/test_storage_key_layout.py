@@ -83,3 +83,12 @@ def test_finished_assets_lists_finished_edits_with_their_image(store):
     store.put(f"assets/{no_image}.txt", b"not an image")
     store.put(keys.plan_key("r1"), b"{}")
     assert finished_assets(store) == {done: keys.asset_key(done, "webp"), no_image: None}
+
+
+def test_run_refs_split_into_root_and_run_id():
+    assert keys.split_run_ref("out/demo/runs/r1") == ("out/demo", "r1")
+    assert keys.split_run_ref("s3://b/p/runs/r1/") == ("s3://b/p", "r1")
+    assert keys.split_run_ref("runs/r1") == (None, "r1")  # relative to the output root
+    assert keys.split_run_ref(keys.run_prefix("r1")) == (None, "r1")
+    for other in ("r1", "out/runs/r1/results", "out/runs/", "runsx/r1"):
+        assert keys.split_run_ref(other) is None, other
