@@ -76,12 +76,15 @@ def _parts(uri: str, s3_endpoint: str | None) -> list[_Part]:
 
 
 def _read(part: _Part) -> pa.Table | None:
-    """The file's table; None when the file vanished since it was listed (a broken link, a race)."""
+    """The file's table; None for a broken local link (not a file: the old folder walk never took one).
+    Raises ``NotFound`` when a listed object is gone (removed while the manifest was being read)."""
     try:
         data = part.store.get(part.key)
     except NotFound:
-        logger.warning("manifest file %s is listed but cannot be read; skipped", part.name)
-        return None
+        if os.path.islink(part.name):  # local stores name their objects by path
+            logger.warning("manifest file %s is a broken link; skipped", part.name)
+            return None
+        raise
     return pq.ParquetFile(pa.BufferReader(data)).read()
 
 
@@ -149,6 +152,15 @@ def load_manifest(uri: str, *, s3_endpoint: str | None = None) -> pa.Table:
     for part in parts:
         try:
             table = _read(part)
+        except NotFound:
+            problems.append(
+                Problem(
+                    None,
+                    None,
+                    f"{part.name}: listed but gone when read (was it removed while loading?)",
+                )
+            )
+            continue
         except (pa.ArrowException, OSError) as exc:
             problems.append(Problem(None, None, f"{part.name}: cannot read as Parquet: {exc}"))
             continue

@@ -151,3 +151,37 @@ def test_a_broken_link_in_a_folder_is_skipped(tmp_path: Path):
     _fill(open_store(str(folder)))
     os.symlink(tmp_path / "gone.parquet", folder / "gone.parquet")
     assert load_manifest(str(folder)).num_rows == 6
+
+
+class _RemovedAfterListing(Recording):
+    """A store whose `victim` object is deleted by someone else right after the listing."""
+
+    victim = ""
+
+    def list(self, prefix: str = ""):
+        keys = list(self.inner.list(prefix))
+        self.inner.delete(self.victim)
+        return iter(keys)
+
+
+def test_an_object_removed_while_loading_is_a_problem_not_a_silent_skip(
+    s3_bucket, s3_server, monkeypatch
+):
+    """Skipping it would run the manifest without that file's rows."""
+    store = open_store(f"{s3_bucket}/race", s3_endpoint=s3_server)
+    store.put("a.parquet", _bytes(1))
+    store.put("b.parquet", _bytes(2))
+    _RemovedAfterListing.victim = "b.parquet"
+    monkeypatch.setattr(
+        load,
+        "open_store",
+        lambda uri, *, s3_endpoint=None: _RemovedAfterListing(
+            open_store(uri, s3_endpoint=s3_endpoint)
+        ),
+    )
+    with pytest.raises(ManifestError) as info:
+        load_manifest(f"{s3_bucket}/race", s3_endpoint=s3_server)
+    [problem] = info.value.problems
+    assert problem.reason == (
+        f"{s3_bucket}/race/b.parquet: listed but gone when read (was it removed while loading?)"
+    )
