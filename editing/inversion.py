@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,11 +152,13 @@ def invert(
     num_steps: int = 50,
     guidance_scale: float = 7.5,
     size_policy: str = "fit",
+    facts: Mapping[str, Any] | None = None,
 ) -> Inversion:
     """DDIM inversion (guidance 1) of `image` under `source_prompt`, then the Direct Inversion pass.
 
     Costs num_steps UNet evaluations for the inversion and 2 * num_steps for the guided source pass.
-    `guidance_scale` is the source branch's guidance (the corrections are exact for it).
+    `guidance_scale` is the source branch's guidance (the corrections are exact for it). `facts`: the
+    :func:`inversion_facts` of these arguments when the caller has them already (a cache key's).
     """
     [inv] = invert_many(
         model,
@@ -165,6 +167,7 @@ def invert(
         num_steps=num_steps,
         guidance_scale=guidance_scale,
         size_policy=size_policy,
+        facts=None if facts is None else [facts],
     )
     return inv
 
@@ -179,11 +182,21 @@ def invert_many(
     guidance_scale: float = 7.5,
     size_policy: str = "fit",
     max_batch: int = 16,
+    facts: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[Inversion]:
     """:func:`invert` for several images at once: images of the same size share every UNet call
-    (up to `max_batch` images per call). Results are identical to inverting each alone."""
+    (up to `max_batch` images per call). Results are identical to inverting each alone. `facts`: each
+    image's :func:`inversion_facts` when the caller has them already (computed here otherwise)."""
     if len(images) != len(source_prompts):
         raise ValueError(f"{len(images)} images for {len(source_prompts)} source prompts")
+    if facts is None:
+        facts = [
+            inversion_facts(model, p, num_steps=num_steps, guidance_scale=guidance_scale,
+                            size_policy=size_policy)
+            for p in source_prompts
+        ]  # fmt: skip
+    elif len(facts) != len(images):
+        raise ValueError(f"{len(images)} images for {len(facts)} facts")
     # 1. Validate and prepare
     start = time.perf_counter()
     schedule = make_schedule(model.scheduler, num_steps)
@@ -203,13 +216,10 @@ def invert_many(
                 guidance_scale,
             )
             for i, inv in zip(part, invs):
-                inv.facts = inversion_facts(
-                    model,
-                    source_prompts[i],
-                    num_steps=num_steps,
-                    guidance_scale=guidance_scale,
-                    size_policy=size_policy,
-                ) | {"height": int(pixels[i].shape[2]), "width": int(pixels[i].shape[3])}
+                inv.facts = dict(facts[i]) | {
+                    "height": int(pixels[i].shape[2]),
+                    "width": int(pixels[i].shape[3]),
+                }
                 out[i] = inv
     seconds = (time.perf_counter() - start) / max(1, len(images))
     for inv in out:

@@ -169,8 +169,12 @@ def _check_cached_features(model: EditModel, pieces: Sequence[Piece]) -> None:
     """Refuse cached features that lack this chunk's layers, source text or injected steps."""
     for piece in pieces:
         have = piece.group.features.facts
-        for target in piece.targets:
-            want = pnp_feature_facts(model, piece.group.inversion, target.config)
+        # the facts once per distinct config of the piece (its targets often share one)
+        wants = {
+            t.config: pnp_feature_facts(model, piece.group.inversion, t.config)
+            for t in piece.targets
+        }
+        for want in wants.values():
             if not _covers(have, want):
                 raise ValueError(
                     "cached PnP features do not cover this edit's layers/steps; "

@@ -110,6 +110,64 @@ def claim_run(out, run_id: str, claim: str) -> None:
     )
 
 
+def split_finished(norm: pa.Table, done: dict[str, str | None]) -> tuple[pa.Table, pa.Table]:
+    """(pending, skipped): the normalised rows without and with a finished edit in `done`."""
+    edit_ids = norm.column("edit_id").to_numpy(zero_copy_only=False)
+    finished = (
+        np.fromiter((e in done for e in edit_ids), dtype=bool, count=len(edit_ids))
+        if done
+        else np.zeros(len(edit_ids), bool)
+    )
+    return norm.filter(pa.array(~finished)), norm.filter(pa.array(finished))
+
+
+def source_codes(rows: pa.Table) -> np.ndarray:
+    """Each row's source group (numbered by first appearance) by :data:`GROUP_COLUMNS`."""
+    if not rows.num_rows:
+        return np.zeros(0, np.int64)
+    frame = pd.DataFrame({c: rows.column(c).to_numpy(zero_copy_only=False) for c in GROUP_COLUMNS})
+    return frame.groupby(list(GROUP_COLUMNS), sort=False).ngroup().to_numpy()
+
+
+def write_shard_plans(
+    out, run_id: str, pending: pa.Table, codes: np.ndarray, shard_size: int
+) -> list[dict[str, int]]:
+    """Pack `pending` (source groups `codes`) into shards, write each shard's rows; the plan's
+    ``shards`` entries (index, edits, sources)."""
+    shard_of = pack_shards(codes, shard_size)
+    num_shards = int(shard_of.max()) + 1 if len(shard_of) else 0
+    order = np.argsort(shard_of, kind="stable")
+    bounds = np.searchsorted(shard_of[order], np.arange(num_shards + 1))
+    members = [order[bounds[s] : bounds[s + 1]] for s in range(num_shards)]
+
+    def write_shard(s: int) -> None:
+        write_parquet(out, keys.shard_plan_key(run_id, s), pending.take(pa.array(members[s])))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # object-store writes are latency-bound
+        list(pool.map(write_shard, range(num_shards)))
+    return [
+        {"index": s, "edits": len(idx), "sources": int(len(np.unique(codes[idx])))}
+        for s, idx in enumerate(members)
+    ]
+
+
+def write_skipped(out, run_id: str, skipped: pa.Table, done: dict[str, str | None]) -> None:
+    """The results rows of edits finished in earlier runs (status "skipped"), when there are any."""
+    if not skipped.num_rows:
+        return
+    rows = [
+        {
+            "edit_id": e,
+            "status": "skipped",
+            "output_uri": out.uri(done[e]) if done[e] else None,
+            "metadata_uri": out.uri(keys.sidecar_key(e)),
+            "error": "finished in an earlier run",
+        }  # fmt: skip
+        for e in skipped.column("edit_id").to_pylist()
+    ]
+    write_parquet(out, keys.skipped_results_key(run_id), results_table(rows, skipped))
+
+
 def plan_run(
     manifest_uri: str,
     options: RunOptions,
@@ -130,52 +188,10 @@ def plan_run(
     out = open_store(options.out, s3_endpoint=options.s3_endpoint)
     claim_run(out, run_id, claim or secrets.token_hex(8))
     done = finished_assets(out)
-    edit_ids = norm.column("edit_id").to_numpy(zero_copy_only=False)
-    finished = (
-        np.fromiter((e in done for e in edit_ids), dtype=bool, count=len(edit_ids))
-        if done
-        else np.zeros(len(edit_ids), bool)
-    )
-    pending = norm.filter(pa.array(~finished))
-    skipped = norm.filter(pa.array(finished))
-    frame = pd.DataFrame(
-        {c: pending.column(c).to_numpy(zero_copy_only=False) for c in GROUP_COLUMNS}
-    )
-    codes = (
-        frame.groupby(list(GROUP_COLUMNS), sort=False).ngroup().to_numpy()
-        if len(frame)
-        else np.zeros(0, np.int64)
-    )
-    shard_of = pack_shards(codes, shard_size)
-    num_shards = int(shard_of.max()) + 1 if len(shard_of) else 0
-    order = np.argsort(shard_of, kind="stable")
-    bounds = np.searchsorted(shard_of[order], np.arange(num_shards + 1))
-    shards = []
-
-    def write_shard(s: int) -> None:
-        write_parquet(
-            out,
-            keys.shard_plan_key(run_id, s),
-            pending.take(pa.array(order[bounds[s] : bounds[s + 1]])),
-        )
-
-    with ThreadPoolExecutor(max_workers=8) as pool:  # object-store writes are latency-bound
-        list(pool.map(write_shard, range(num_shards)))
-    for s in range(num_shards):
-        idx = order[bounds[s] : bounds[s + 1]]
-        shards.append({"index": s, "edits": len(idx), "sources": int(len(np.unique(codes[idx])))})
-    if skipped.num_rows:
-        rows = [
-            {
-                "edit_id": e,
-                "status": "skipped",
-                "output_uri": out.uri(done[e]) if done[e] else None,
-                "metadata_uri": out.uri(keys.sidecar_key(e)),
-                "error": "finished in an earlier run",
-            }  # fmt: skip
-            for e in skipped.column("edit_id").to_pylist()
-        ]
-        write_parquet(out, keys.skipped_results_key(run_id), results_table(rows, skipped))
+    pending, skipped = split_finished(norm, done)
+    codes = source_codes(pending)
+    shards = write_shard_plans(out, run_id, pending, codes, shard_size)
+    write_skipped(out, run_id, skipped, done)
     plan = {
         "run_id": run_id,
         "manifest": manifest_uri,
@@ -193,9 +209,6 @@ def plan_run(
     write_json(out, keys.plan_key(run_id), plan)
     logger.info(
         "planned run %s: %d edits (%d skipped) in %d shards",
-        run_id,
-        norm.num_rows,
-        skipped.num_rows,
-        num_shards,
-    )
+        run_id, norm.num_rows, skipped.num_rows, len(shards),
+    )  # fmt: skip
     return plan

@@ -225,6 +225,9 @@ class CachedInversion:
 
     content_sha256: str
     inversion_key: str
+    facts: dict[
+        str, Any
+    ]  # the inversion's facts (editing.inversion.inversion_facts), for invert_many
     inversion: Inversion | None
     stale: bool  # an entry existed but was unusable: replace it
 
@@ -248,16 +251,16 @@ def look_up_inversion(
         blob = cache.get(obj)
     except CorruptEntry as exc:
         logger.warning("%s; recomputing it", exc)
-        return CachedInversion(content, key, None, stale=True)
+        return CachedInversion(content, key, facts, None, stale=True)
     if blob is None:
-        return CachedInversion(content, key, None, stale=False)
+        return CachedInversion(content, key, facts, None, stale=False)
     try:
         inv = Inversion.from_bytes(blob, expect=facts)
         _check_finite_tensors(inv.latents, inv.corrections, inv.cond, inv.uncond)
     except InversionMismatch as exc:
         logger.warning("inversion cache entry %s is unusable (%s); recomputing it", obj, exc)
-        return CachedInversion(content, key, None, stale=True)
-    return CachedInversion(content, key, inv, stale=False)
+        return CachedInversion(content, key, facts, None, stale=True)
+    return CachedInversion(content, key, facts, inv, stale=False)
 
 
 def _check_finite_tensors(*tensors) -> None:
@@ -275,20 +278,21 @@ def invert_sources(
     prompts: list[str],
     num_steps: int,
     options: RunOptions,
+    facts: list[dict[str, Any]],
 ) -> list[Inversion | Exception]:
     """Invert the images (one step count) sharing UNet calls; if that fails, one by one, so a bad
-    source fails alone (its exception in its place)."""
+    source fails alone (its exception in its place). `facts`: each image's, from its cache look-up."""
     try:
         return list(invert_many(
             model, images, prompts, num_steps=num_steps, guidance_scale=options.inversion_guidance,
-            size_policy=options.size_policy, max_batch=options.max_batch,
+            size_policy=options.size_policy, max_batch=options.max_batch, facts=facts,
         ))  # fmt: skip
     except Exception:  # noqa: BLE001 - find the one that fails
         pass
     out: list[Inversion | Exception] = []
-    for image, prompt in zip(images, prompts):
+    for image, prompt, f in zip(images, prompts, facts):
         try:
-            out.append(invert(model, image, prompt, num_steps=num_steps,
+            out.append(invert(model, image, prompt, num_steps=num_steps, facts=f,
                               guidance_scale=options.inversion_guidance, size_policy=options.size_policy))  # fmt: skip
         except Exception as exc:  # noqa: BLE001
             out.append(exc)
@@ -322,7 +326,8 @@ def prepare_sources(
     t0 = time.perf_counter()
     for steps, items in missing.items():
         prompts = [sources[i].rows[0].source_prompt for i, _, _ in items]
-        invs = invert_sources(model, [im for _, im, _ in items], prompts, steps, options)
+        facts = [found.facts for _, _, found in items]
+        invs = invert_sources(model, [im for _, im, _ in items], prompts, steps, options, facts)
         for (i, _, found), inv in zip(items, invs):
             if isinstance(inv, Exception):
                 error = f"image_uri/source_prompt: cannot invert: {type(inv).__name__}: {inv}"

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import editing.inversion as inversion_mod
 import tasks.shard as shard_mod
 from storage import keys, open_store
 from storage.cache import BlobCache
@@ -100,9 +101,17 @@ def test_prepare_sources_inverts_once_per_source_then_reads_the_cache(
     run = make_run(root, rows)
     todo, cache = run.shard().todo(), cache_of(run)
     facts_calls = counting(monkeypatch, "inversion_facts")
+    engine_calls = []  # the engine's own calls (invert_many takes the shard's facts instead)
+    real_facts = inversion_mod.inversion_facts
+    monkeypatch.setattr(
+        inversion_mod,
+        "inversion_facts",
+        lambda *a, **k: engine_calls.append(a) or real_facts(*a, **k),
+    )
     cold = prepare_sources(model, todo, run.options, cache)
     assert [[r.row for r in s.rows] for s in cold.sources] == [[0, 2], [1], [3]]
-    assert len(facts_calls) == 3  # inversion facts: once per source
+    assert len(facts_calls) == 3 and engine_calls == []  # inversion facts: once per source in all
+    assert [s.inversion.facts["num_steps"] for s in cold.sources] == [2, 2, 3]
     assert all(s.error is None and s.inversion is not None for s in cold.sources)
     assert (cold.inversions_computed, cold.cache_hits) == (3, 0)
     assert set(cold.seconds) == {"read", "inversion"}
