@@ -34,6 +34,18 @@ def read_catalog(catalog: str | os.PathLike[str], *, s3_endpoint: str | None = N
     raise ValueError(f"catalog must be a .parquet or .csv file, got {uri!r}")
 
 
+# Manifest columns a restyle writes itself: a catalog column of one of these names would clash.
+RESTYLE_COLUMNS = (
+    "source_prompt",
+    "target_prompt",
+    "method",
+    "settings",
+    "style",
+    "image_uri",
+    "edit_id",
+)
+
+
 def restyle_manifest(
     catalog: pa.Table | str | os.PathLike[str],
     styles: Sequence[str],
@@ -53,67 +65,17 @@ def restyle_manifest(
     object of the method's settings, e.g. ``'{"attn_t": 0.8}'``) goes into every row; validation
     checks it like any manifest's.
     """
-    # 1. Validate the arguments
-    if isinstance(styles, str):
-        raise ValueError("styles must be a list of strings, not one string")
-    styles = list(styles)
-    if not styles:
-        raise ValueError("need at least one style")
-    bad = [s for s in styles if not isinstance(s, str) or not s.strip()]
-    if bad:
-        raise ValueError(f"styles must be non-empty strings, got {bad!r}")
-    dupes = sorted({s for s in styles if styles.count(s) > 1})
-    if dupes:
-        raise ValueError(f"duplicate styles {dupes}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    styles = _checked_styles(styles, method)
     table = (
         catalog if isinstance(catalog, pa.Table) else read_catalog(catalog, s3_endpoint=s3_endpoint)
     )
-    names = table.column_names
-    for col, what in ((image_column, "image"), (caption_column, "caption")):
-        if col not in names:
-            raise ValueError(f"catalog has no {what} column {col!r}; columns: {names}")
-    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    allowed = {"caption", "style", *names}
-    unknown = sorted(fields - allowed)
-    if unknown or "" in fields:
-        raise ValueError(
-            f"template {template!r} uses unknown field(s) {unknown or ['{}']}; use {sorted(allowed)}"
-        )
-    extras = [c for c in names if c not in (image_column, caption_column)]
-    clash = [
-        c
-        for c in extras
-        if c
-        in ("source_prompt", "target_prompt", "method", "settings", "style", "image_uri", "edit_id")
-    ]
-    if clash:
-        raise ValueError(
-            f"catalog column(s) {clash} would clash with the manifest's own; rename them"
-        )
-    if table.num_rows == 0:
-        raise ValueError("catalog has no rows")
-
-    # 2. Expand: each catalog row once per style
+    fields, extras = _check_catalog(table, template, image_column, caption_column)
+    # each catalog row once per style
     n, k = table.num_rows, len(styles)
-    repeat = pa.array(np.repeat(np.arange(n, dtype=np.int64), k))
-    expanded = table.take(repeat)
+    expanded = table.take(pa.array(np.repeat(np.arange(n, dtype=np.int64), k)))
     style_col = pa.array(styles * n, pa.string())
-    captions = expanded.column(caption_column).to_pylist()
-    context_cols = {
-        c: expanded.column(c).to_pylist() for c in fields if c in names and c != caption_column
-    }
-    targets = []
-    for i, (cap, style) in enumerate(zip(captions, style_col.to_pylist(), strict=True)):
-        if cap is None or not str(cap).strip():
-            raise ValueError(
-                f"catalog row {i // k} has an empty caption in column {caption_column!r}"
-            )
-        values = {c: v[i] for c, v in context_cols.items()}
-        targets.append(template.format(**{**values, "caption": cap, "style": style}))
-
-    # 3. Assemble the manifest: known columns first, then passthrough
+    targets = _target_prompts(expanded, style_col, template, fields, caption_column, k)
+    # known columns first, then passthrough
     columns: dict[str, pa.Array | pa.ChunkedArray] = {
         "image_uri": pc.cast(expanded.column(image_column), pa.string()),
         "source_prompt": pc.cast(expanded.column(caption_column), pa.string()),
@@ -129,3 +91,73 @@ def restyle_manifest(
         c for c in columns if c not in KNOWN_COLUMNS
     ]
     return pa.table({c: columns[c] for c in known_first})
+
+
+def _checked_styles(styles: Sequence[str], method: str) -> list[str]:
+    """The styles as a list; ``ValueError`` for no, empty or repeated styles, or an unknown method."""
+    if isinstance(styles, str):
+        raise ValueError("styles must be a list of strings, not one string")
+    styles = list(styles)
+    if not styles:
+        raise ValueError("need at least one style")
+    bad = [s for s in styles if not isinstance(s, str) or not s.strip()]
+    if bad:
+        raise ValueError(f"styles must be non-empty strings, got {bad!r}")
+    dupes = sorted({s for s in styles if styles.count(s) > 1})
+    if dupes:
+        raise ValueError(f"duplicate styles {dupes}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return styles
+
+
+def _check_catalog(
+    table: pa.Table, template: str, image_column: str, caption_column: str
+) -> tuple[set[str], list[str]]:
+    """(the template's fields, the catalog's passthrough columns); ``ValueError`` for a missing image or
+    caption column, a template field that is no column, a clashing column name, or no rows."""
+    names = table.column_names
+    for col, what in ((image_column, "image"), (caption_column, "caption")):
+        if col not in names:
+            raise ValueError(f"catalog has no {what} column {col!r}; columns: {names}")
+    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    allowed = {"caption", "style", *names}
+    unknown = sorted(fields - allowed)
+    if unknown or "" in fields:
+        raise ValueError(
+            f"template {template!r} uses unknown field(s) {unknown or ['{}']}; use {sorted(allowed)}"
+        )
+    extras = [c for c in names if c not in (image_column, caption_column)]
+    clash = [c for c in extras if c in RESTYLE_COLUMNS]
+    if clash:
+        raise ValueError(
+            f"catalog column(s) {clash} would clash with the manifest's own; rename them"
+        )
+    if table.num_rows == 0:
+        raise ValueError("catalog has no rows")
+    return fields, extras
+
+
+def _target_prompts(
+    expanded: pa.Table,
+    style_col: pa.Array,
+    template: str,
+    fields: set[str],
+    caption_column: str,
+    per_row: int,
+) -> list[str]:
+    """The template filled for each (catalog row, style) row; ``ValueError`` for an empty caption."""
+    names = expanded.column_names
+    captions = expanded.column(caption_column).to_pylist()
+    context_cols = {
+        c: expanded.column(c).to_pylist() for c in fields if c in names and c != caption_column
+    }
+    targets = []
+    for i, (cap, style) in enumerate(zip(captions, style_col.to_pylist(), strict=True)):
+        if cap is None or not str(cap).strip():
+            raise ValueError(
+                f"catalog row {i // per_row} has an empty caption in column {caption_column!r}"
+            )
+        values = {c: v[i] for c, v in context_cols.items()}
+        targets.append(template.format(**{**values, "caption": cap, "style": style}))
+    return targets
