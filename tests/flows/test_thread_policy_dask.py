@@ -10,16 +10,18 @@ import pytest
 from flows.bulk_edit import bulk_edit
 from flows.runners import make_task_runner
 from tasks.options import RunOptions
-from tasks.worker import WORKERS_ENV, cpu_budget
+from tasks.worker import THREADS_ENV, WORKERS_ENV, cpu_budget
 
 from .conftest import demo_rows, scene_png
 
 
 @pytest.mark.slow
 def test_workers_of_an_existing_cluster_take_the_cpus_of_their_host(
-    prefect_server, flow_model, tmp_path
+    prefect_server, flow_model, tmp_path, monkeypatch
 ):
     from distributed import LocalCluster
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)  # the policy, not the caller's override
 
     image = tmp_path / "scene.png"
     image.write_bytes(scene_png(2))
