@@ -149,8 +149,10 @@ def _local_blend(
 
 @torch.no_grad()
 def _edit_chunk(model: EditModel, pieces: list[Piece]) -> list[EditResult]:
+    # 1. Validate: the chunk shares steps, latent shape and self-attention cap (its key)
     start = time.perf_counter()
     steps = pieces[0].group.inversion.num_steps
+    # 2. Encode prompts, lay out the rows, align each target's words with its source's
     row_steps = [
         RowSteps(attn_steps=int(t.config.self_replace_steps * steps)) for t in chunk_targets(pieces)
     ]
@@ -169,8 +171,10 @@ def _edit_chunk(model: EditModel, pieces: list[Piece]) -> list[EditResult]:
         blend_positions=plan.blend_positions,
     )
     state.place(steps, model.device, model.dtype)  # every index and schedule, once
+    # 3. Start every target from its source's z_T
     z = batch.start_latents()  # (n, C, h, w) fp32 (fp64 for fp64 models)
     finite = torch.ones(steps, dtype=torch.bool, device=model.device)  # read back after the loop
+    # 4. Install processors, 5. denoise (local blend after each step; no host round trip inside)
     with controlled_unet(model.unet, state, p2p=True):
         for i, level in enumerate(range(steps, 0, -1)):
             state.step = i
@@ -180,6 +184,7 @@ def _edit_chunk(model: EditModel, pieces: list[Piece]) -> list[EditResult]:
                 z = local_blend(plan, state, z, batch.source_latents(level - 1), i)
             finite[i] = torch.isfinite(z).all()
     check_finite(finite)
+    # 6. Decode
     return chunk_results(model, pieces, layout, z, "p2p", start=start)
 
 

@@ -135,12 +135,14 @@ def _row_steps(config: PnPConfig, steps: int) -> RowSteps:
 def _edit_chunk(
     model: EditModel, pieces: list[Piece], *, record_features: bool
 ) -> list[EditResult]:
+    # 1. Validate: the chunk shares layers and source text (its key); cached features must cover it
     live = pieces[0].group.features is None
     feats, attns = pnp_layers(model, pieces[0].targets[0].config)
     if not live:
         _check_cached_features(model, pieces)
     start = time.perf_counter()
     steps = pieces[0].group.inversion.num_steps
+    # 2. Encode prompts and lay out the rows (a source row per piece unless replaying)
     row_steps = [_row_steps(t.config, steps) for t in chunk_targets(pieces)]
     layout = layout_rows(pieces, live, row_steps)
     empty_source = [p.targets[0].config.source_text == "empty" for p in pieces]
@@ -153,14 +155,17 @@ def _edit_chunk(
         replay=None if live else _stack_features([p.group.features for p in pieces]),
     )
     state.place(steps, model.device, model.dtype)  # every index and replayed feature, once
+    # 3. Start every target from its source's z_T
     z = batch.start_latents()  # (n, C, h, w) fp32 (fp64 for fp64 models)
     finite = torch.ones(steps, dtype=torch.bool, device=model.device)  # read back after the loop
+    # 4. Install processors, 5. denoise (no host round trip inside)
     with controlled_unet(model.unet, state, pnp_attn_parents=attns, pnp_feature_layers=feats):
         for i, level in enumerate(range(steps, 0, -1)):
             state.step = i
             z = denoise_level(model, batch, z, level)
             finite[i] = torch.isfinite(z).all()
     check_finite(finite)
+    # 6. Decode (and split the recorded source features per piece)
     recorded = _split_features(state.record, pieces, model) if record else None
     return chunk_results(model, pieces, layout, z, "pnp", start=start, features=recorded)
 
