@@ -4,11 +4,7 @@ as one object (deployments' JSON parameters included)."""
 
 from __future__ import annotations
 
-import http.client
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +15,7 @@ from flows import bulk_edit as flows_mod
 from flows.cli import main
 from storage.s3 import MAX_ATTEMPTS, clear_client_cache
 from tasks.options import RestyleSpec, RunOptions
+from tests.reliability.faultproxy import FaultProxy
 
 from .conftest import demo_rows, put, scene_png, write_manifest
 
@@ -90,69 +87,6 @@ def test_an_invalid_restyle_manifest_names_catalog_rows_and_styles(
     assert _files(out) == []  # its manifest and run folder removed again
 
 
-class _FlakyS3:
-    """A loopback proxy in front of the S3 endpoint that answers 503 to the first `times` requests of
-    each (method, path substring) in `faults`, and forwards everything else."""
-
-    def __init__(self, upstream: str, faults: dict[tuple[str, str], int]) -> None:
-        up = urlsplit(upstream)
-        self.left = dict(faults)
-        self.failed: dict[tuple[str, str], int] = {k: 0 for k in faults}
-        lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def _any(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with lock:
-                    hit = next(
-                        (k for k in proxy.left if k[0] == self.command and k[1] in self.path),
-                        None,
-                    )
-                    if hit is not None and proxy.left[hit] > 0:
-                        proxy.left[hit] -= 1
-                        proxy.failed[hit] += 1
-                    else:
-                        hit = None
-                if hit is not None:
-                    payload = b"<Error><Code>ServiceUnavailable</Code><Message>x</Message></Error>"
-                    self.send_response(503)
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
-                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
-                conn.request(self.command, self.path, body=body or None, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                conn.close()
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_the_flows_reads_and_writes_retry_transient_errors(
     prefect_server, s3_server, s3_client, s3_bucket, flow_model
 ):
@@ -163,7 +97,7 @@ def test_the_flows_reads_and_writes_retry_transient_errors(
     write_manifest(s3_client, manifest, demo_rows(images)[:3])
     # every attempt boto3 makes fails, once for each: only the task's own retry gets through
     faults = {("PUT", "summary.json"): MAX_ATTEMPTS, ("GET", "results%2F"): MAX_ATTEMPTS}
-    proxy = _FlakyS3(s3_server, faults)
+    proxy = FaultProxy(s3_server, targeted=faults)
     try:
         clear_client_cache()
         options = RunOptions(out=f"{s3_bucket}/out", model=flow_model, s3_endpoint=proxy.url)
@@ -171,7 +105,7 @@ def test_the_flows_reads_and_writes_retry_transient_errors(
     finally:
         proxy.close()
         clear_client_cache()
-    assert proxy.failed == faults, proxy.failed  # the faults happened
+    assert proxy.targeted_failed == faults, proxy.targeted_failed  # the faults happened
     assert "summary_error" not in summary
     assert summary["counts"] == {"succeeded": 3, "failed": 0, "skipped": 0}
     bucket, prefix = s3_bucket[len("s3://") :].split("/", 1)

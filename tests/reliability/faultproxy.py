@@ -25,7 +25,10 @@ _HOP = {
 
 
 class FaultProxy:
-    """`FaultProxy(upstream, error=0.1, drop=0.05, lost_reply=0.05, seed=0)`; `.url`; `.counts`; `.close()`."""
+    """`FaultProxy(upstream, error=0.1, drop=0.05, lost_reply=0.05, seed=0)`; `.url`; `.counts`; `.close()`.
+
+    `targeted`: {(HTTP method, path substring): n}: the first n matching requests are answered 503
+    (before any drawn fault); `.targeted_failed` counts them per entry."""
 
     def __init__(
         self,
@@ -35,8 +38,11 @@ class FaultProxy:
         drop: float = 0.0,
         lost_reply: float = 0.0,
         seed: int = 0,
+        targeted: dict[tuple[str, str], int] | None = None,
     ) -> None:
         up = urlsplit(upstream)
+        self.targeted_left = dict(targeted or {})
+        self.targeted_failed = {k: 0 for k in self.targeted_left}
         self.host, self.port = up.hostname, up.port
         self.rates = (error, drop, lost_reply)
         self.rng = random.Random(seed)
@@ -53,7 +59,7 @@ class FaultProxy:
             def _any(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                fault = proxy._draw()
+                fault = proxy._targeted(self.command, self.path) or proxy._draw()
                 if fault == "error":
                     payload = b"<?xml version='1.0'?><Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
                     self.send_response(503)
@@ -99,6 +105,15 @@ class FaultProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def _targeted(self, method: str, path: str) -> str | None:
+        with self.lock:
+            for (m, part), left in self.targeted_left.items():
+                if m == method and part in path and left > 0:
+                    self.targeted_left[(m, part)] -= 1
+                    self.targeted_failed[(m, part)] += 1
+                    return "error"
+        return None
 
     def _draw(self) -> str | None:
         with self.lock:
