@@ -26,6 +26,8 @@ SD_PNP_ATTN_LAYERS: tuple[str, ...] = (  # decoder layers 4-11 (self-attention q
 )
 
 P2P_KINDS = ("auto", "replace", "refine", "reweight")
+# Targets per UNet batch (a chunk: rows = 2 x targets + one source row per image); runs override it.
+DEFAULT_MAX_BATCH = 8
 PNP_SOURCE_TEXTS = ("source", "empty")
 BLEND_NORMALIZATIONS = ("minmax", "max")
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from editing.batching import EditResult, Piece, SourceGroup, Target
-from editing.configs import METHOD_CONFIGS
+from editing.configs import DEFAULT_MAX_BATCH, METHOD_CONFIGS
 from editing.model import EditModel
 from editing.p2p import edit_p2p, local_blend_mask
 from editing.pnp import PnPFeatures, edit_pnp, pnp_feature_facts
@@ -63,7 +63,7 @@ def edit(
     model: EditModel,
     groups: Sequence[SourceGroup],
     *,
-    max_batch: int = 8,
+    max_batch: int = DEFAULT_MAX_BATCH,
     record_features: bool = False,
 ) -> list[list[EditResult]]:
     """Edit every group's targets, each with the method its config names; one result list per group.

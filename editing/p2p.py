@@ -38,12 +38,12 @@ from editing.batching import (
     pack_chunks,
     run_chunks,
 )
-from editing.configs import P2PConfig
+from editing.configs import DEFAULT_MAX_BATCH, P2PConfig
 from editing.model import EditModel
 
 
 def edit_p2p(
-    model: EditModel, groups: Sequence[SourceGroup], *, max_batch: int = 8
+    model: EditModel, groups: Sequence[SourceGroup], *, max_batch: int = DEFAULT_MAX_BATCH
 ) -> list[list[EditResult]]:
     """Prompt-to-Prompt cross-attention control (Hertz et al. 2022) on Direct-Inversion latents.
 

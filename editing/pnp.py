@@ -36,7 +36,12 @@ from editing.batching import (
     pack_chunks,
     run_chunks,
 )
-from editing.configs import SD_PNP_ATTN_LAYERS, SD_PNP_FEATURE_LAYERS, PnPConfig
+from editing.configs import (
+    DEFAULT_MAX_BATCH,
+    SD_PNP_ATTN_LAYERS,
+    SD_PNP_FEATURE_LAYERS,
+    PnPConfig,
+)
 from editing.inversion import Inversion
 from editing.model import EditModel
 
@@ -104,7 +109,7 @@ def edit_pnp(
     model: EditModel,
     groups: Sequence[SourceGroup],
     *,
-    max_batch: int = 8,
+    max_batch: int = DEFAULT_MAX_BATCH,
     record_features: bool = False,
 ) -> list[list[EditResult]]:
     """Plug-and-Play diffusion features (Tumanyan et al., CVPR 2023) on Direct-Inversion latents.

@@ -7,12 +7,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from editing.configs import DEFAULT_MAX_BATCH
 from manifests.build import DEFAULT_TEMPLATE
 from manifests.schema import DEFAULT_METHOD
 from storage.keys import IMAGE_FORMATS
 
 DEFAULT_SHARD_SIZE = 64  # edits per shard task
-DEFAULT_MAX_BATCH = 8  # targets per UNet batch (rows = 2 x targets + sources)
 DTYPES = ("float16", "bfloat16", "float32")  # the --dtype choices; None = fp16 on CUDA, fp32 on CPU
 _ACCEPTED_DTYPES = (None, *DTYPES, "float64")  # float64 too, for numerical checks through the API
 
