@@ -19,7 +19,7 @@ from manifests.build import read_catalog, restyle_manifest
 from manifests.identity import derive_edit_id, derive_edit_id_json
 from manifests.load import load_manifest, manifest_files
 from manifests.normalise import edit_rows, normalize, normalized_table, passthrough_columns
-from manifests.prepare import PreparedManifest, check_manifest, prepare_manifest, prepare_table
+from manifests.prepare import PreparedManifest, prepare_manifest, prepare_table
 from manifests.problems import ManifestError, Problem, format_problems
 from manifests.prompts import prompt_length_problems
 from manifests.schema import (
@@ -55,7 +55,6 @@ __all__ = [
     "PreparedManifest",
     "Problem",
     "analyse",
-    "check_manifest",
     "derive_edit_id",
     "derive_edit_id_json",
     "edit_rows",

@@ -19,7 +19,7 @@ from manifests.problems import ManifestError, Problem
 from manifests.prompts import prompt_problems
 from manifests.validate import analyse
 
-__all__ = ["PreparedManifest", "prepare_manifest", "prepare_table", "check_manifest"]
+__all__ = ["PreparedManifest", "prepare_manifest", "prepare_table"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,17 +44,16 @@ def prepare_table(
     *,
     budget: Any = None,
     normalize: bool = True,
-    prompts_when_invalid: bool = False,
 ) -> PreparedManifest:
     """Check `table` once and normalise it from that check.
 
     `budget` (an :class:`editing.prompts.PromptBudget`) adds prompt-length problems after the
-    others; they are looked for only when the table is otherwise valid, unless
-    ``prompts_when_invalid``. ``normalize=False`` skips the normalised table (a check only).
+    others; they are looked for only when the table is otherwise valid. ``normalize=False`` skips
+    the normalised table (a check only).
     """
     analysis = analyse(table)
     problems = list(analysis.problems)
-    if budget is not None and (prompts_when_invalid or not problems):
+    if budget is not None and not problems:
         problems += prompt_problems(analysis.arrays, budget)
     normalized = normalized_table(table, analysis) if normalize and not problems else None
     return PreparedManifest(
@@ -77,14 +76,3 @@ def prepare_manifest(
     except ManifestError as exc:
         return PreparedManifest(None, exc.problems, None, [], [])
     return prepare_table(table, budget=budget, normalize=normalize)
-
-
-def check_manifest(
-    uri: str, *, s3_endpoint: str | None = None
-) -> tuple[pa.Table | None, list[Problem]]:
-    """Load and validate the manifest at `uri`: ``(table, problems)``; table is None if unloadable.
-
-    (Kept for callers not yet on :func:`prepare_manifest`.)
-    """
-    prepared = prepare_manifest(uri, s3_endpoint=s3_endpoint, normalize=False)
-    return prepared.table, prepared.problems

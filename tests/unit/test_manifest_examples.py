@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from manifests import check_manifest, normalize, restyle_manifest
+from manifests import normalize, prepare_manifest, restyle_manifest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
 
 
 def _check_demo(path: Path) -> None:
-    table, problems = check_manifest(str(path))
+    prepared = prepare_manifest(str(path), normalize=False)
+    table, problems = prepared.table, prepared.problems
     assert problems == [] and table is not None
     norm = normalize(table)
     assert norm.num_rows == 9 and len(set(norm.column("image_uri").to_pylist())) == 3
@@ -25,7 +26,7 @@ def _check_demo(path: Path) -> None:
 
 
 def _check_bad(path: Path) -> None:
-    _, problems = check_manifest(str(path))
+    problems = prepare_manifest(str(path), normalize=False).problems
     columns = {p.column for p in problems}
     assert len(problems) == 11 and all(p.row is not None for p in problems)
     assert {
@@ -55,7 +56,7 @@ def test_make_examples(tmp_path: Path) -> None:
     written = make_examples(tmp_path, image_root="s3://bucket/images")
     _check_demo(written["demo"])
     _check_bad(written["bad"])
-    table, _ = check_manifest(str(written["demo"]))
+    table = prepare_manifest(str(written["demo"]), normalize=False).table
     assert table.column("image_uri")[0].as_py() == "s3://bucket/images/scene-0.png"
     # same seed, same files
     again = make_examples(tmp_path / "again", image_root="s3://bucket/images")

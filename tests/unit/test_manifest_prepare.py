@@ -18,7 +18,6 @@ from editing.prompts import prompt_budget
 from manifests import (
     ManifestError,
     Problem,
-    check_manifest,
     normalize,
     prepare_manifest,
     prepare_table,
@@ -97,7 +96,6 @@ def test_problems_as_before(tmp_path: Path, calls: list[str]) -> None:
     with pytest.raises(ManifestError) as info:
         prepared.require_normalized()
     assert info.value.problems == prepared.problems
-    assert (prepared.table, prepared.problems) == check_manifest(uri)
 
     missing = prepare_manifest(str(tmp_path / "nope"))
     assert missing.table is None and missing.normalized is None and missing.files == []
@@ -117,14 +115,15 @@ def test_prompt_lengths_in_the_same_pass(tmp_path: Path, calls: list[str], budge
 
 
 def test_prompt_lengths_only_when_otherwise_valid(budget) -> None:
-    """As the CLI combined them: prompt problems only for an otherwise valid manifest, unless asked
-    (restyle's check listed both)."""
+    """As the CLI combined them: prompt problems only for an otherwise valid manifest."""
     both = TABLE.set_column(2, "target_prompt", pa.array(["a dog", LONG, "a red square"]))
     both = both.set_column(3, "method", pa.array(["pnp", "pnp", "nope"]))
     assert prepare_table(both, budget=budget).problems == validate_table(both)
-    combined = prepare_table(both, budget=budget, prompts_when_invalid=True).problems
-    assert combined == validate_table(both) + prompt_length_problems(both, budget)
-    assert [(p.row, p.column) for p in combined] == [(2, "method"), (1, "target_prompt")]
+    fixed = both.set_column(3, "method", pa.array(["pnp", "pnp", "p2p"]))
+    assert prepare_table(fixed, budget=budget).problems == prompt_length_problems(fixed, budget)
+    assert [(p.row, p.column) for p in prepare_table(fixed, budget=budget).problems] == [
+        (1, "target_prompt")
+    ]
 
 
 def test_check_only_skips_normalising(calls: list[str]) -> None:

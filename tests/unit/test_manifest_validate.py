@@ -12,10 +12,10 @@ import pytest
 from manifests import (
     ManifestError,
     Problem,
-    check_manifest,
     format_problems,
     load_manifest,
     manifest_files,
+    prepare_manifest,
     validate_table,
 )
 from storage import open_store
@@ -368,8 +368,8 @@ def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="no Parquet files"):
         load_manifest(str(tmp_path / "empty"))
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
-    table, problems = check_manifest(str(tmp_path / "bad.parquet"))
-    assert table is None and "cannot read as Parquet" in problems[0].reason
+    prepared = prepare_manifest(str(tmp_path / "bad.parquet"))
+    assert prepared.table is None and "cannot read as Parquet" in prepared.problems[0].reason
 
 
 def test_load_s3_prefix_and_object(s3_bucket: str, s3_server: str) -> None:
@@ -390,8 +390,8 @@ def test_load_s3_prefix_and_object(s3_bucket: str, s3_server: str) -> None:
         ]
     single = load_manifest(f"{s3_bucket}/manifests/run1/part-1.parquet", s3_endpoint=s3_server)
     assert single.num_rows == 2
-    loaded, problems = check_manifest(f"{s3_bucket}/manifests/run1", s3_endpoint=s3_server)
-    assert problems == []
+    prepared = prepare_manifest(f"{s3_bucket}/manifests/run1", s3_endpoint=s3_server)
+    assert prepared.problems == [] and prepared.normalized.num_rows == 3
     with pytest.raises(ManifestError, match="no Parquet files"):
         load_manifest(f"{s3_bucket}/manifests/none/", s3_endpoint=s3_server)
 
