@@ -53,6 +53,22 @@ def scene_png(seed: int) -> bytes:
     return buf.getvalue()
 
 
+def scene_files(folder, n: int) -> list[str]:
+    """`n` scene PNGs (seeds 0..n-1) written as ``scene-{i}.png`` into `folder`; their paths."""
+    paths = []
+    for i in range(n):
+        path = folder / f"scene-{i}.png"
+        path.write_bytes(scene_png(i))
+        paths.append(str(path))
+    return paths
+
+
+def run_args(manifest, out, model: str, *, shard_size: int, run_id: str) -> list[str]:
+    """The `editflow run` arguments of the CLI tests."""
+    return ["run", str(manifest), "--out", str(out), "--model", model,
+            "--shard-size", str(shard_size), "--run-id", run_id]  # fmt: skip
+
+
 def put(s3_client, uri: str, data: bytes) -> None:
     bucket, key = uri[len("s3://") :].split("/", 1)
     s3_client.put_object(Bucket=bucket, Key=key, Body=data)

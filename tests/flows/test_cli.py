@@ -10,7 +10,7 @@ import pytest
 
 from flows.cli import main
 
-from .conftest import demo_rows, scene_png
+from .conftest import demo_rows, run_args, scene_files, scene_png
 
 
 def test_validate_reports_every_problem_with_row_and_column(capsys, tmp_path):
@@ -55,31 +55,14 @@ def test_validate_the_bundled_examples(capsys):
 
 
 def test_run_exit_status_and_summary(prefect_server, flow_model, tmp_path, capsys):
-    images = []
-    for i in range(3):
-        p = tmp_path / f"scene-{i}.png"
-        p.write_bytes(scene_png(i))
-        images.append(str(p))
+    images = scene_files(tmp_path, 3)
     rows = demo_rows(images)
     rows[0]["image_uri"] = str(tmp_path / "missing.png")  # one row whose source does not exist
     rows[0]["source_prompt"] = "a cat"
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.Table.from_pylist(rows), manifest)
     out = tmp_path / "out"
-    code = main(
-        [
-            "run",
-            str(manifest),
-            "--out",
-            str(out),
-            "--model",
-            flow_model,
-            "--shard-size",
-            "3",
-            "--run-id",
-            "r1",
-        ]
-    )
+    code = main(run_args(manifest, out, flow_model, shard_size=3, run_id="r1"))
     text = capsys.readouterr().out
     assert code == 1
     assert "run r1: 8 succeeded, 1 failed, 0 skipped (of 9)" in text

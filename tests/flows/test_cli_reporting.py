@@ -13,7 +13,7 @@ import pytest
 
 from flows.cli import main
 
-from .conftest import demo_rows, scene_png
+from .conftest import demo_rows, run_args, scene_png
 
 
 def test_summary_lists_failed_rows_progress_lines_and_skipped_rows_keep_their_uris(
@@ -33,23 +33,7 @@ def test_summary_lists_failed_rows_progress_lines_and_skipped_rows_keep_their_ur
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.Table.from_pylist(good + bad), manifest)
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "run",
-                str(manifest),
-                "--out",
-                str(out),
-                "--model",
-                flow_model,
-                "--shard-size",
-                "4",
-                "--run-id",
-                "r1",
-            ]
-        )
-        == 1
-    )
+    assert main(run_args(manifest, out, flow_model, shard_size=4, run_id="r1")) == 1
     captured = capsys.readouterr()
     text = captured.out
     assert "run r1: 2 succeeded, 12 failed, 0 skipped (of 14)" in text
@@ -65,23 +49,7 @@ def test_summary_lists_failed_rows_progress_lines_and_skipped_rows_keep_their_ur
     # stderr is no terminal here: plain progress lines, the last one complete
     assert "progress: 14/14 edits, 12 failed, 4/4 shards" in captured.err
 
-    assert (
-        main(
-            [
-                "run",
-                str(manifest),
-                "--out",
-                str(out),
-                "--model",
-                flow_model,
-                "--shard-size",
-                "4",
-                "--run-id",
-                "r2",
-            ]
-        )
-        == 1
-    )
+    assert main(run_args(manifest, out, flow_model, shard_size=4, run_id="r2")) == 1
     assert "run r2: 0 succeeded, 12 failed, 2 skipped (of 14)" in capsys.readouterr().out
     skipped = [
         r for r in pq.read_table(out / "runs" / "r2" / "results" / "skipped.parquet").to_pylist()

@@ -16,7 +16,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .conftest import demo_rows, scene_png
+from .conftest import demo_rows, scene_files
 
 NOISE = ("Warning", "warning", "accelerate", "Loading weights", "Prefect collects", "telemetry", "DO_NOT_TRACK",
          "Starting temporary server", "prefect.io", "INFO", "WARNING")  # fmt: skip
@@ -65,11 +65,7 @@ def _on_a_terminal(args: list[str], env: dict[str, str], timeout: float = 600) -
 def test_a_run_on_a_terminal_shows_no_third_party_noise_and_v_shows_editflows_log(
     flow_model, tmp_path
 ):
-    images = []
-    for i in range(2):
-        p = tmp_path / f"scene-{i}.png"
-        p.write_bytes(scene_png(i))
-        images.append(str(p))
+    images = scene_files(tmp_path, 2)
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.Table.from_pylist(demo_rows(images, steps=2)[:5]), manifest)
     out = tmp_path / "out"

@@ -20,7 +20,7 @@ from flows.bulk_edit import bulk_edit
 from flows.cli import main
 from tasks.options import RunOptions
 
-from .conftest import demo_rows, get, put, scene_png, write_manifest
+from .conftest import demo_rows, get, put, run_args, scene_files, scene_png, write_manifest
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -80,33 +80,13 @@ def check_rendered(
 def test_a_local_runs_report_renders_every_source_and_edit(
     prefect_server, flow_model, tmp_path, capsys
 ):
-    images = []
-    for i in range(3):
-        p = tmp_path / f"scene-{i}.png"
-        p.write_bytes(scene_png(i))
-        images.append(str(p))
+    images = scene_files(tmp_path, 3)
     rows = demo_rows(images)
     rows[4]["image_uri"] = str(tmp_path / "missing.png")  # one edit whose source is missing
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.Table.from_pylist(rows), manifest)
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "run",
-                str(manifest),
-                "--out",
-                str(out),
-                "--model",
-                flow_model,
-                "--shard-size",
-                "4",
-                "--run-id",
-                "r1",
-            ]
-        )
-        == 1
-    )
+    assert main(run_args(manifest, out, flow_model, shard_size=4, run_id="r1")) == 1
     text = capsys.readouterr().out
     report = out / "runs" / "r1" / "report.html"
     assert f"report: {report}" in text

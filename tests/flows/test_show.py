@@ -9,38 +9,18 @@ from flows.bulk_edit import bulk_edit
 from flows.cli import main
 from tasks.options import RunOptions
 
-from .conftest import demo_rows, put, scene_png, write_manifest
+from .conftest import demo_rows, put, run_args, scene_files, scene_png, write_manifest
 
 
 def test_show_and_rerun_by_uri_on_local_output(prefect_server, flow_model, tmp_path, capsys):
-    images = []
-    for i in range(3):
-        p = tmp_path / f"scene-{i}.png"
-        p.write_bytes(scene_png(i))
-        images.append(str(p))
+    images = scene_files(tmp_path, 3)
     rows = demo_rows(images)
     missing = tmp_path / "later.png"
     rows[0]["image_uri"] = str(missing)
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.Table.from_pylist(rows), manifest)
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "run",
-                str(manifest),
-                "--out",
-                str(out),
-                "--model",
-                flow_model,
-                "--shard-size",
-                "3",
-                "--run-id",
-                "r1",
-            ]
-        )
-        == 1
-    )
+    assert main(run_args(manifest, out, flow_model, shard_size=3, run_id="r1")) == 1
     capsys.readouterr()
     run_uri = f"{out}/runs/r1"
 
