@@ -4,9 +4,8 @@ validation that reports every problem, normalising into typed `EditRow`s, edit i
     from manifests import edit_rows, format_problems, prepare_manifest
     prepared = prepare_manifest("s3://bucket/manifests/", s3_endpoint=endpoint, budget=budget)
     if prepared.problems:
-        print(format_problems(prepared.problems))
-    else:
-        rows = list(edit_rows(prepared.normalized))
+        raise SystemExit(format_problems(prepared.problems))
+    rows = list(edit_rows(prepared.normalized))
 
 Modules: ``load`` (reading through ``storage``), ``validate`` (the checks), ``prompts`` (prompt
 lengths), ``normalise`` (normalised table, ``EditRow``s), ``prepare`` (all of it in one pass),
