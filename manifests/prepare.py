@@ -1,7 +1,7 @@
 """One pass over a manifest: load it once, check it once, normalise it from that same check.
 
-    prepared = prepare_manifest("s3://bucket/manifests/", s3_endpoint=endpoint, budget=budget)
-    rows = list(edit_rows(prepared.require_normalized()))  # ManifestError lists every problem
+prepared = prepare_manifest("s3://bucket/manifests/", s3_endpoint=endpoint, budget=budget)
+rows = list(edit_rows(prepared.require_normalized()))  # ManifestError lists every problem
 """
 
 from __future__ import annotations
