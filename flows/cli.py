@@ -141,6 +141,12 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
         "--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH,
         help=f"targets per UNet batch (default {DEFAULT_MAX_BATCH})",
     )  # fmt: skip
+    from storage.uri import DEFAULT_MAX_SOURCE_BYTES
+
+    p.add_argument(
+        "--max-source-bytes", type=_positive_int, default=DEFAULT_MAX_SOURCE_BYTES,
+        help=f"bytes a source image may hold; a larger one is a row error (default {DEFAULT_MAX_SOURCE_BYTES})",
+    )  # fmt: skip
     p.add_argument(
         "--cache-features",
         action="store_true",

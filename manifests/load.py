@@ -54,7 +54,7 @@ def _single_object(scheme: str, bucket: str, path: str, s3_endpoint: str | None)
     folder, name = os.path.split(path)
     if not name:
         return None
-    parent = open_store(folder or os.sep)
+    parent = open_store(folder or os.sep, follow_links=True)  # inputs: links are followed
     try:
         return _Part(parent, name) if parent.exists(name) else None
     except ValueError:  # a name that cannot be a key ('.', '..'): not a file
@@ -67,7 +67,7 @@ def _parts(uri: str, s3_endpoint: str | None) -> list[_Part]:
     single = _single_object(scheme, bucket, path, s3_endpoint)
     if single is not None:
         return [single]
-    store = open_store(uri, s3_endpoint=s3_endpoint)
+    store = open_store(uri, s3_endpoint=s3_endpoint, follow_links=True)
     listed = list(store.list())
     # An empty local folder and a missing one list alike; only the message tells them apart.
     if scheme == "file" and not listed and not os.path.isdir(path):

@@ -7,9 +7,19 @@ an S3 prefix and :meth:`ObjectStore.child` gives a store rooted deeper.
 from __future__ import annotations
 
 import abc
+import errno
+import stat
 from collections.abc import Iterator
 
-__all__ = ["NotFound", "ObjectStore", "check_key"]
+__all__ = [
+    "NotFound",
+    "NotRegularFile",
+    "ObjectStore",
+    "TooLarge",
+    "UnsafePath",
+    "check_key",
+    "file_kind",
+]
 
 
 class NotFound(KeyError):
@@ -21,6 +31,55 @@ class NotFound(KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the argument
         return f"no object at {self.uri}"
+
+
+class UnsafePath(PermissionError):
+    """A path below a local store's root that editflow refuses to follow or read: a symbolic link
+    (it could lead outside the root), or an entry that is not a regular file where an object is.
+    A ``PermissionError`` (EACCES) naming the path, so a run's error boundary reports it as storage."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(errno.EACCES, message, path)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NotRegularFile(ValueError):
+    """An input (a source image, a catalog) that is not a regular file: a FIFO, a device, a socket
+    or a folder. Only regular files are read: a FIFO would block, a device never ends."""
+
+    def __init__(self, path: str, kind: str) -> None:
+        super().__init__(f"{path} is {kind}, not a regular file")
+        self.path = path
+        self.kind = kind
+
+
+class TooLarge(ValueError):
+    """An input holding more bytes than the cap it was read with (nothing past cap + 1 is read)."""
+
+    def __init__(self, uri: str, cap: int, size: int | None = None) -> None:
+        held = f"{size} bytes" if size is not None else "more bytes"
+        super().__init__(f"{uri} holds {held}, over the cap of {cap} bytes per source")
+        self.uri = uri
+        self.cap = cap
+
+
+_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISREG, "a regular file"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What an ``st_mode`` names, for messages: 'a FIFO', 'a character device', 'a folder'..."""
+    return next((name for test, name in _KINDS if test(mode)), "an entry of unknown type")
 
 
 def check_key(key: str, *, allow_empty: bool = False) -> str:

@@ -19,7 +19,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from storage.base import NotFound, ObjectStore, check_key
+from storage.base import NotFound, ObjectStore, TooLarge, check_key
 
 __all__ = [
     "S3Store",
@@ -102,15 +102,34 @@ def _is_not_found(exc: ClientError) -> bool:
     return error_code(exc) in _NOT_FOUND_CODES or error_status(exc) == 404
 
 
-def read_s3_object(bucket: str, key: str, *, endpoint: str | None = None) -> bytes:
-    """The bytes of ``s3://bucket/key`` (any key S3 accepts); raises :class:`NotFound`."""
+def read_s3_object(
+    bucket: str, key: str, *, endpoint: str | None = None, max_bytes: int | None = None
+) -> bytes:
+    """The bytes of ``s3://bucket/key`` (any key S3 accepts); raises :class:`NotFound`.
+
+    With ``max_bytes``: :class:`TooLarge` when the GET's ``ContentLength`` is over the cap, and at
+    most ``max_bytes + 1`` bytes are read from the body (a server that under-reports is caught too).
+    """
+    uri = f"s3://{bucket}/{key}"
     try:
         response = get_s3_client(endpoint).get_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         if _is_not_found(exc):
-            raise NotFound(f"s3://{bucket}/{key}") from None
+            raise NotFound(uri) from None
         raise
-    return response["Body"].read()
+    body = response["Body"]
+    if max_bytes is None:
+        return body.read()
+    try:
+        size = response.get("ContentLength")
+        if size is not None and size > max_bytes:
+            raise TooLarge(uri, max_bytes, size)
+        data = body.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise TooLarge(uri, max_bytes)
+        return data
+    finally:
+        body.close()  # the rest of an oversized body is dropped with its connection, not read
 
 
 class S3Store(ObjectStore):

@@ -1,14 +1,21 @@
-"""URIs to stores: ``s3://bucket/prefix``, ``file:///abs/path`` or a plain (relative -> absolute) path."""
+"""URIs to stores: ``s3://bucket/prefix``, ``file:///abs/path`` or a plain (relative -> absolute) path.
+
+A ``file://`` URI is percent-decoded (``file:///a/space%20name.png``, what ``Path.as_uri()``
+writes); a plain path is taken literally. :func:`read_uri` reads only regular files (a FIFO,
+device, socket or folder is refused without blocking) and, with ``max_bytes``, at most that
+many bytes (local files and S3 objects alike).
+"""
 
 from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
+import urllib.parse
 
-from storage.base import NotFound, ObjectStore
+from storage.base import ObjectStore
 
 __all__ = [
+    "DEFAULT_MAX_SOURCE_BYTES",
     "SUPPORTED_SCHEMES",
     "split_uri",
     "open_store",
@@ -18,6 +25,9 @@ __all__ = [
 ]
 
 SUPPORTED_SCHEMES = ("s3://", "file://", "plain paths")  # for messages
+# Bytes a source image may hold (200 MB): far above any photo a diffusion model edits (a 512 px PNG is
+# < 1 MB, a 100 MP TIFF ~300 MB is beyond what the engine would resize anyway), far below memory.
+DEFAULT_MAX_SOURCE_BYTES = 200_000_000
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 # The same rules as regular expressions, for vectorised checks of a whole manifest column.
 SCHEME_PATTERN = r"^[A-Za-z][A-Za-z0-9+.\-]*://"
@@ -28,11 +38,14 @@ def split_uri(uri: str) -> tuple[str, str, str]:
     """Split `uri` into ``(scheme, bucket, path)``.
 
     ``s3://b/k`` -> ``("s3", "b", "k")``; ``file:///a/b`` and plain paths -> ``("file", "",
-    "/abs/path")`` (relative paths are made absolute against the working directory).
-    Raises ``ValueError`` for other schemes and malformed URIs.
+    "/abs/path")`` (relative paths are made absolute against the working directory; a
+    ``file://`` path is percent-decoded). Raises ``ValueError`` for other schemes, malformed
+    URIs and NUL bytes (literal, or ``%00`` in a ``file://`` URI).
     """
     if not isinstance(uri, str) or not uri:
         raise ValueError(f"expected a URI or path, got {uri!r}")
+    if "\x00" in uri:
+        raise ValueError(f"URI contains a NUL byte: {uri!r}")
     match = _SCHEME_RE.match(uri)
     if match is None:
         return "file", "", os.path.abspath(os.path.expanduser(uri))
@@ -47,7 +60,10 @@ def split_uri(uri: str) -> tuple[str, str, str]:
         host, slash, path = rest.partition("/")
         if host not in ("", "localhost") or not slash:
             raise ValueError(f"file URI must be absolute (file:///abs/path), got {uri!r}")
-        return "file", "", "/" + path
+        decoded = os.fsdecode(urllib.parse.unquote_to_bytes("/" + path))
+        if "\x00" in decoded:
+            raise ValueError(f"file URI decodes to a path with a NUL byte: {uri!r}")
+        return "file", "", decoded
     raise ValueError(
         f"unsupported URI scheme {scheme + '://'!r} in {uri!r}; supported: s3://bucket/prefix, "
         "file:///abs/path or a plain path"
@@ -61,8 +77,14 @@ def is_supported_uri(uri: str) -> bool:
     return re.match(SUPPORTED_URI_PATTERN, uri) is not None
 
 
-def open_store(uri: str, *, s3_endpoint: str | None = None) -> ObjectStore:
-    """The store rooted at `uri` (an S3 prefix or a local folder, created on first write)."""
+def open_store(
+    uri: str, *, s3_endpoint: str | None = None, follow_links: bool = False
+) -> ObjectStore:
+    """The store rooted at `uri` (an S3 prefix or a local folder, created on first write).
+
+    A local store follows no symbolic link below its root (see :mod:`storage.local`);
+    ``follow_links=True`` is for stores that only read inputs (a manifest folder).
+    """
     scheme, bucket, path = split_uri(uri)
     if scheme == "s3":
         from storage.s3 import S3Store  # boto3 is imported only when S3 is used
@@ -70,24 +92,27 @@ def open_store(uri: str, *, s3_endpoint: str | None = None) -> ObjectStore:
         return S3Store(bucket, path, endpoint=s3_endpoint)
     from storage.local import LocalStore
 
-    return LocalStore(path)
+    return LocalStore(path, follow_links=follow_links)
 
 
-def read_uri(uri: str, *, s3_endpoint: str | None = None) -> bytes:
-    """The bytes of the single object or file at `uri`; raises :class:`~storage.NotFound`."""
+def read_uri(uri: str, *, s3_endpoint: str | None = None, max_bytes: int | None = None) -> bytes:
+    """The bytes of the single object or file at `uri`; raises :class:`~storage.NotFound`.
+
+    Local: links are followed, but only a regular file is read (:class:`~storage.base.NotRegularFile`
+    for a FIFO, device, socket or folder, found on the open descriptor without blocking). With
+    ``max_bytes``, more than that many bytes raise :class:`~storage.base.TooLarge` after reading at
+    most ``max_bytes + 1`` (S3: the size the GET reports, then a bounded read of the body).
+    """
     scheme, bucket, path = split_uri(uri)
     if scheme == "s3":
         from storage.s3 import read_s3_object
 
         if not path or path.endswith("/"):
             raise ValueError(f"S3 URI names a prefix, not an object: {uri!r}")
-        return read_s3_object(bucket, path, endpoint=s3_endpoint)
-    try:
-        return Path(path).read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
-        raise NotFound(path) from None
-    except IsADirectoryError:
-        raise ValueError(f"{uri!r} is a folder, not a file") from None
+        return read_s3_object(bucket, path, endpoint=s3_endpoint, max_bytes=max_bytes)
+    from storage.local import read_file
+
+    return read_file(path, max_bytes=max_bytes)
 
 
 def check_writable(uri: str, *, s3_endpoint: str | None = None) -> None:

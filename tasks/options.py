@@ -11,6 +11,7 @@ from editing.configs import DEFAULT_MAX_BATCH
 from manifests.build import DEFAULT_TEMPLATE
 from manifests.schema import DEFAULT_METHOD
 from storage.keys import IMAGE_FORMATS
+from storage.uri import DEFAULT_MAX_SOURCE_BYTES
 
 DEFAULT_SHARD_SIZE = 64  # edits per shard task
 DTYPES = ("float16", "bfloat16", "float32")  # the --dtype choices; None = fp16 on CUDA, fp32 on CPU
@@ -46,6 +47,8 @@ class RunOptions:
         7.5  # the source branch's guidance: Direct Inversion corrections are exact for it
     )
     size_policy: str = "fit"  # editing.model.EditModel.prepare_image's rule
+    # bytes a source image may hold; a larger one is a row error (storage.uri explains the default)
+    max_source_bytes: int = DEFAULT_MAX_SOURCE_BYTES
     cache_features: bool = False  # also cache PnP source features (see benchmarks/feature_cache.py)
     threads: int | None = (
         None  # CPU intra-op threads per worker process; None = the policy (tasks.worker.apply_thread_policy)
@@ -66,6 +69,10 @@ class RunOptions:
             )
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {self.max_batch!r}")
+        if not isinstance(self.max_source_bytes, int) or self.max_source_bytes < 1:
+            raise ValueError(
+                f"max_source_bytes must be a positive integer, got {self.max_source_bytes!r}"
+            )
         if not isinstance(self.shard_size, int) or self.shard_size < 1:
             raise ValueError(f"shard_size must be a positive integer, got {self.shard_size!r}")
         if self.threads is not None and (

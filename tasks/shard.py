@@ -192,7 +192,9 @@ def read_source(model: EditModel, row: EditRow, options: RunOptions) -> tuple[by
     """The source image of `row`: its bytes and the decoded, checked RGB image; ``RowError`` naming
     the field when it cannot be read or edited (the source prompt is checked here too)."""
     try:
-        data = read_uri(row.image_uri, s3_endpoint=options.s3_endpoint)
+        data = read_uri(
+            row.image_uri, s3_endpoint=options.s3_endpoint, max_bytes=options.max_source_bytes
+        )
     except NotFound:
         raise RowError(f"image_uri: no object at {row.image_uri}") from None
     except Exception as exc:  # noqa: BLE001 - any read failure is this row's problem, with its reason
@@ -679,7 +681,12 @@ def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, A
     """Run (or finish) one planned shard; write its results Parquet; return its stats."""
     t_start = time.perf_counter()
     out = open_store(options.out, s3_endpoint=options.s3_endpoint)
-    cache = BlobCache(open_store(options.cache_uri, s3_endpoint=options.s3_endpoint))
+    # the default cache is the output root's child: a link at {out}/cache is refused, not followed
+    cache = BlobCache(
+        out.child("cache")
+        if not options.cache
+        else open_store(options.cache, s3_endpoint=options.s3_endpoint)
+    )
     shard = load_shard(out, run_id, shard_index)
     stats = ShardStats(edits=len(shard.rows))
     results = shard.kept()
