@@ -76,8 +76,8 @@ class Recording(ObjectStore):
 def recording(monkeypatch):
     Recording.calls = []
 
-    def opened(uri: str, *, s3_endpoint: str | None = None) -> ObjectStore:
-        return Recording(open_store(uri, s3_endpoint=s3_endpoint))
+    def opened(uri: str, *, s3_endpoint: str | None = None, **kw) -> ObjectStore:
+        return Recording(open_store(uri, s3_endpoint=s3_endpoint, **kw))
 
     monkeypatch.setattr(load, "open_store", opened)
 
@@ -175,8 +175,8 @@ def test_an_object_removed_while_loading_is_a_problem_not_a_silent_skip(
     monkeypatch.setattr(
         load,
         "open_store",
-        lambda uri, *, s3_endpoint=None: _RemovedAfterListing(
-            open_store(uri, s3_endpoint=s3_endpoint)
+        lambda uri, *, s3_endpoint=None, **kw: _RemovedAfterListing(
+            open_store(uri, s3_endpoint=s3_endpoint, **kw)
         ),
     )
     with pytest.raises(ManifestError) as info:
