@@ -70,6 +70,29 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text!r}")
+    return n
+
+
+def _settings_json(text: str) -> str:
+    """restyle's --settings: kept as given, once it parses as a JSON object (deep nesting refused)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise argparse.ArgumentTypeError("JSON nested too deeply") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+    return text
+
+
 # The options' flags: each dest is the name of a RunOptions field (the CLI builds one from them).
 def _location_args(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
     p.add_argument(
@@ -96,7 +119,10 @@ def _runner_args(p: argparse.ArgumentParser) -> None:
         "--dask-address", default=None, help="scheduler address of an existing Dask cluster"
     )
     p.add_argument(
-        "--dask-workers", type=int, default=2, help="worker processes of a new local Dask cluster"
+        "--dask-workers",
+        type=_positive_int,
+        default=2,
+        help="worker processes of a new local Dask cluster",
     )
     p.add_argument(
         "--dask-gpu",
@@ -218,6 +244,7 @@ def _add_restyle(sub) -> None:
     rs.add_argument(
         "--settings",
         default=spec["settings"],
+        type=_settings_json,
         help="the method's settings for every row, a JSON object (e.g. '{\"attn_t\": 0.8}')",
     )
     rs.add_argument("--image-column", default=spec["image_column"])
@@ -234,7 +261,9 @@ def _add_show(sub) -> None:
     )
     sh.add_argument("--out", default=None, help="output root of the run (when RUN is a run id)")
     sh.add_argument("--s3-endpoint", default=None)
-    sh.add_argument("--limit", type=int, default=50, help="failures listed (default 50; 0 = all)")
+    sh.add_argument(
+        "--limit", type=_count, default=50, help="failures listed (default 50; 0 = all)"
+    )
 
 
 def _add_serve(sub) -> None:
@@ -391,7 +420,8 @@ def _report_invalid(args: argparse.Namespace, problems: list) -> int:
         what = f"{args.catalog}: the restyle manifest is INVALID"
     else:
         what = f"{args.manifest}: INVALID"
-    print(f"{what} ({len(problems)} problem(s)); nothing was run")
+    ran = "" if args.command == "validate" else "; nothing was run"
+    print(f"{what} ({len(problems)} problem(s)){ran}")
     return 2
 
 
@@ -401,17 +431,20 @@ _PROGRAM = {"on": False}  # main() called as the program (argv None): may start 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The CLI. Expected failures print one line (what, where, what to do) and exit with their status:
-    2 bad arguments or run state, 3 storage; 130/143 interrupted. ``-v`` adds the traceback."""
-    from storage.errors import describe_storage_error
-    from tasks.errors import RunError
-
+    """The CLI, and its one error boundary: every failure prints one line (what, where, what to do) on
+    stderr and exits with its status: 2 bad arguments, input or run state, 3 storage; 130/143
+    interrupted; 1 an unexpected error (``-v`` adds the traceback). As the program, it ends the process
+    itself (:func:`_end_process`)."""
     _PROGRAM["on"] = argv is None
     verbose = any(a in ("-v", "--verbose") for a in (sys.argv[1:] if argv is None else argv))
     if _PROGRAM["on"]:
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _main(argv)
+        code = _main(argv)
+    except SystemExit as exc:  # argparse: -h, or an argument error (its one line is printed)
+        if not _PROGRAM["on"]:
+            raise
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     except (KeyboardInterrupt, _Terminated) as exc:
         code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
         print(
@@ -427,16 +460,63 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(code)
         return code
     except Exception as exc:
-        if isinstance(exc, RunError):
-            line, code = str(exc), 2
-        else:
-            line, code = describe_storage_error(exc), EXIT_STORAGE
-        if line is None:
-            raise
+        line, code = error_line(exc)
         print(f"editflow: error: {line}", file=sys.stderr)
         if verbose:
             traceback.print_exc()
-        return code
+    if _PROGRAM["on"]:
+        _end_process(code)
+    return code
+
+
+MAX_ERROR_LINE = 1000  # characters of an error line (a message may quote a long input)
+
+
+def error_line(exc: BaseException) -> tuple[str, int]:
+    """The one line (credentials redacted) and the exit status for `exc`: ``StorageUnusable`` and storage
+    failures 3; run state (``RunError``), bad input (``ValueError``, too deep nesting) and arguments
+    boto3 refuses 2; anything else 1, as an unexpected error."""
+    from storage.endpoints import redact
+    from storage.errors import describe_storage_error
+    from tasks.errors import RunError, StorageUnusable
+
+    described = None if isinstance(exc, RunError) else describe_storage_error(exc)
+    if isinstance(exc, StorageUnusable):
+        line, code = str(exc), EXIT_STORAGE
+    elif described is not None:
+        line, code = described, EXIT_STORAGE
+    elif isinstance(exc, RecursionError):
+        line, code = "the input is nested too deeply (JSON or settings); flatten it", 2
+    elif isinstance(exc, ValueError) or type(exc).__name__ == "ParamValidationError":
+        line, code = str(exc), 2  # RunError and ManifestError too; boto3's check of a parameter
+    else:
+        line = f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)"
+        code = 1
+    line = " ".join(redact(line).split()) or type(exc).__name__
+    if len(line) > MAX_ERROR_LINE:
+        line = line[: MAX_ERROR_LINE - 3] + "..."
+    return line, code
+
+
+def _end_process(code: int) -> None:
+    """End the program without the C++ static destructors: Arrow's thread pool, torn down while a worker
+    thread is still joinable, made 1 exit in 10 abort with "terminate called without an active
+    exception" (SIGABRT, status 134). Python's own exit steps run first: wait for non-daemon threads, then
+    the atexit handlers (Prefect's, the temporary server's), then flush."""
+    main_thread = threading.main_thread()
+    for t in threading.enumerate():
+        if t is not main_thread and not t.daemon:
+            t.join()
+    import atexit
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`editflow show ... | head`)
+            pass
+    os._exit(code)
 
 
 class _Terminated(BaseException):
@@ -448,16 +528,30 @@ def _on_sigterm(signum, frame) -> None:  # noqa: ARG001
 
 
 def _check_locations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Bad --out / --cache URIs and --run-id values are argument errors (exit 2), found before any work."""
+    """Bad --out / --cache URIs (an empty one, an S3 bucket name boto3 cannot send, a file where a folder
+    goes), a bad --s3-endpoint (credentials in it included) and bad --run-id values are argument errors
+    (exit 2), found before any work."""
+    from storage.endpoints import check_bucket, check_endpoint
     from storage.keys import check_id
     from storage.uri import split_uri
 
     for flag in ("out", "cache"):
-        if getattr(args, flag, ""):
-            try:
-                split_uri(getattr(args, flag))
-            except ValueError as exc:
-                parser.error(f"--{flag}: {exc}")
+        value = getattr(args, flag, None)
+        if value is None or (flag == "cache" and value == ""):  # no --cache: {out}/cache
+            continue
+        try:
+            scheme, bucket, path = split_uri(value)
+            if scheme == "s3":
+                check_bucket(bucket, what=f"--{flag}")
+            elif os.path.lexists(path) and not os.path.isdir(path):
+                raise ValueError(f"{path} exists and is not a folder")
+        except ValueError as exc:
+            parser.error(str(exc) if str(exc).startswith(f"--{flag}") else f"--{flag}: {exc}")
+    if getattr(args, "s3_endpoint", None) is not None:
+        try:
+            check_endpoint(args.s3_endpoint)
+        except ValueError as exc:
+            parser.error(str(exc))
     if getattr(args, "run_id", None):
         try:
             check_id(args.run_id, what="run_id")
@@ -466,14 +560,14 @@ def _check_locations(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 def _check_model(args: argparse.Namespace) -> list:
-    """``BadModel`` (one line, exit 2) for a model that cannot be used, found before any work. For `run`
-    and `serve` an invalid manifest is reported first: then its problems are returned instead."""
+    """``BadModel`` (one line, exit 2) for a model that cannot be used, found before any work. For `run`,
+    `serve` and `validate` an invalid manifest is reported first: then its problems are returned instead."""
     from tasks.preflight import BadModel, check_model
 
     try:
-        check_model(args.model, allow_pickle=args.allow_pickle)
+        check_model(args.model, allow_pickle=getattr(args, "allow_pickle", False))
     except BadModel:
-        if args.command in ("run", "serve"):
+        if args.command in ("run", "serve", "validate"):
             problems = _prepare(args, prompts=False).problems  # no tokenizer: the model is bad
             if problems:
                 return problems
@@ -482,7 +576,14 @@ def _check_model(args: argparse.Namespace) -> list:
 
 
 def _check_environment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """EDITFLOW_THREADS must parse; serve takes no --run-id."""
+    """EDITFLOW_THREADS must parse; --device must be one this machine has; serve takes no --run-id."""
+    if getattr(args, "device", None) is not None:
+        from tasks.preflight import BadDevice, check_device
+
+        try:
+            check_device(args.device)
+        except BadDevice as exc:
+            parser.error(str(exc))
     if args.command != "validate":
         from tasks.worker import THREADS_ENV, parse_threads
 
@@ -518,24 +619,29 @@ def _absent_folder(uri: str) -> Path | None:
     return folder
 
 
-def _remove_empty_folders(folder: Path | None) -> None:
-    """Remove `folder` and the folders below it that hold no file (what the write probe made)."""
-    if folder is None:
-        return
-    for dirpath, _dirs, _files in os.walk(folder, topdown=False):
-        try:
-            os.rmdir(dirpath)  # only an empty folder
-        except OSError:
-            pass
+def _remove_empty_folders(folders: list[Path | None]) -> None:
+    """Remove each folder and the folders below it that hold no file (what the write probes made)."""
+    for folder in folders:
+        if folder is None:
+            continue
+        for dirpath, _dirs, _files in os.walk(folder, topdown=False):
+            try:
+                os.rmdir(dirpath)  # only an empty folder
+            except OSError:
+                pass
 
 
 def _preflight(args: argparse.Namespace) -> None:
-    """Before any flow: --out must be writable (probe object), a rerun's run must exist; then the
-    temporary Prefect server, when the CLI runs as the program and none is configured."""
-    from storage.uri import check_writable, open_store
+    """Before any flow: --out and a given --cache must be writable (probe objects; ``StorageUnusable``,
+    exit 3), a rerun's run must exist; then the temporary Prefect server, when the CLI runs as the
+    program and none is configured."""
+    from storage.uri import open_store
+    from tasks.preflight import probe_location
     from tasks.runs import read_plan, refuse_existing_run
 
-    check_writable(args.out, s3_endpoint=args.s3_endpoint)
+    probe_location(args.out, flag="--out", s3_endpoint=args.s3_endpoint)
+    if args.cache:
+        probe_location(args.cache, flag="--cache", s3_endpoint=args.s3_endpoint)
     if args.command in ("run", "restyle") and args.run_id:
         refuse_existing_run(open_store(args.out, s3_endpoint=args.s3_endpoint), args.run_id)
     if args.command == "rerun":
@@ -573,26 +679,28 @@ def _task_runner(args: argparse.Namespace):
 def _execute(args: argparse.Namespace, start: Callable[[Any, bool], dict[str, Any]]) -> int:
     """Run a flow (`start(task_runner, gpu_resources)` calls it) with the progress display; print its
     summary. Exit status 0 when every edit succeeded, 1 when any failed, 2 for an invalid manifest
-    (nothing was run, nothing is left: the folder the write probe made is removed), 3 when the
-    summary could not be stored."""
+    (nothing was run, nothing is left: the folders the write probes made are removed, as for any error
+    before the run has a plan), 3 when storage failed (the summary or any output could not be stored)."""
     from flows import bulk_edit as flows_mod
     from manifests import ManifestError
 
-    absent = _absent_folder(args.out)
-    _preflight(args)
-    runner, gpu = _task_runner(args)
+    absent = [_absent_folder(uri) for uri in (args.out, args.cache) if uri]
     progress = _Progress(_progress_mode())
-    flows_mod.set_progress_callback(progress)
     t0 = time.perf_counter()
     try:
+        _preflight(args)
+        runner, gpu = _task_runner(args)
+        flows_mod.set_progress_callback(progress)
         summary = start(runner, gpu)
     except ManifestError as exc:
-        progress.close()
         _remove_empty_folders(absent)
         return _report_invalid(args, exc.problems)
+    except Exception:
+        _remove_empty_folders(absent)  # only folders that hold no file: a started run keeps its own
+        raise
     finally:
         flows_mod.set_progress_callback(None)
-    progress.close()
+        progress.close()
     _print_summary(summary)
     if args.verbose:
         print(json.dumps(summary, indent=2, default=str))
@@ -600,7 +708,25 @@ def _execute(args: argparse.Namespace, start: Callable[[Any, bool], dict[str, An
     if summary.get("summary_error"):  # the run's record could not be stored (e.g. a full disk)
         print(f"editflow: error: {summary['summary_error']}", file=sys.stderr)
         return EXIT_STORAGE
+    # edits failed because storage did (full, read-only...): fixing the rows would not help
+    storage = summary.get("storage_failures")
+    if storage:
+        print(f"editflow: error: {_storage_failures_line(summary)}", file=sys.stderr)
+        return EXIT_STORAGE
     return 0 if summary["counts"]["failed"] == 0 else 1
+
+
+def _storage_failures_line(summary: dict[str, Any]) -> str:
+    """One line for a run whose edits or shards failed because storage did (credentials redacted)."""
+    from storage.endpoints import redact
+
+    f = summary["storage_failures"]
+    error = re.sub(r"^(row \d+|shard \d+): ", "", f["error"])
+    return redact(
+        f"storage failed during run {summary['run_id']}: {f['edits']} edit(s) and {f['shards']} "
+        f"shard(s) could not be written ({error}); fix the storage, then "
+        f"`editflow rerun {summary['run_id']} --out {summary['out']}`"
+    )
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -724,10 +850,10 @@ def _main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("rerun", "show"):
         _resolve_run(parser, args)
-        if args.command == "show":
-            return _show(args)
     _check_locations(parser, args)
-    invalid = _check_model(args) if args.command != "validate" else []
+    if args.command == "show":
+        return _show(args)
+    invalid = _check_model(args)
     _check_environment(parser, args)
     _configure_logging(args)
     if invalid:

@@ -7,6 +7,7 @@ import errno
 import socket
 
 from storage.base import NotFound
+from storage.endpoints import redact
 
 __all__ = ["is_transient", "describe_storage_error"]
 
@@ -88,22 +89,29 @@ def is_transient(exc: BaseException) -> bool:
 
 
 _OS_ADVICE = {
-    errno.ENOSPC: ("no space left on the device", "free some space or choose another --out"),
-    errno.EDQUOT: ("disk quota exceeded", "free some space or choose another --out"),
-    errno.EROFS: ("read-only file system", "choose a writable --out"),
+    errno.ENOSPC: ("no space left on the device", "free some space or choose another location"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or choose another location"),
+    errno.EROFS: ("read-only file system", "choose a writable location"),
     errno.EACCES: ("permission denied", "choose a folder you can write, or fix its permissions"),
     errno.EPERM: (
         "operation not permitted",
         "choose a folder you can write, or fix its permissions",
     ),
     errno.ENAMETOOLONG: ("file name too long", "use shorter edit ids or a shorter --out path"),
+    errno.ENOENT: ("no such file or directory", "choose a location whose folders can be created"),
+    errno.ENOTDIR: ("a file is in the way of a folder", "choose a folder, not a file"),
+    errno.EEXIST: ("a file is in the way of a folder", "choose a folder, not a file"),
+    errno.EISDIR: ("a folder is in the way of a file", "choose another location"),
+    errno.ELOOP: ("too many levels of symbolic links", "choose a location without symlinks"),
+    errno.EIO: ("input/output error", "check the device"),
 }
 
 
 def describe_storage_error(exc: BaseException) -> str | None:
     """One line (what, where, what to do) for a storage failure the user must fix; None for others.
 
-    Follows the ``raise ... from`` chain. Never includes credentials (boto3 messages do not).
+    Follows the ``raise ... from`` chain. Never includes credentials: the userinfo and query string of
+    any URL in the line are replaced (:func:`storage.endpoints.redact`).
     """
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -111,7 +119,7 @@ def describe_storage_error(exc: BaseException) -> str | None:
         seen.add(id(current))
         line = _describe(current)
         if line is not None:
-            return line
+            return redact(line)
         current = current.__cause__ or current.__context__
     return None
 
@@ -134,7 +142,7 @@ def _describe(exc: BaseException) -> str | None:
             bucket = exc.response.get("Error", {}).get("BucketName", "")
             op = getattr(exc, "operation_name", "request")
             if code == "NoSuchBucket":
-                return f"S3 bucket {bucket or '(named in --out)'} does not exist at this endpoint; create it or fix --out"
+                return f"S3 bucket {bucket or '(named in the s3:// URI)'} does not exist at this endpoint; create it or fix the s3:// URI"
             if code in (
                 "AccessDenied",
                 "403",
@@ -146,8 +154,9 @@ def _describe(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno in _OS_ADVICE:
         what, todo = _OS_ADVICE[exc.errno]
         where = exc.filename or ""
+        verb = "write" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else "use"
         return (
-            f"cannot write {where}: {what}; {todo}"
+            f"cannot {verb} {where}: {what}; {todo}"
             if where
             else f"{what}: {exc.strerror or exc}; {todo}"
         )

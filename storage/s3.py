@@ -20,6 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from storage.base import NotFound, ObjectStore, TooLarge, check_key
+from storage.endpoints import check_endpoint
 
 __all__ = [
     "S3Store",
@@ -45,14 +46,15 @@ _clients_lock = threading.Lock()
 
 
 def resolve_endpoint(endpoint: str | None = None) -> str | None:
-    """The S3 endpoint: explicit, else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``, else None."""
-    for value in (
-        endpoint,
-        os.environ.get("AWS_ENDPOINT_URL_S3"),
-        os.environ.get("AWS_ENDPOINT_URL"),
+    """The S3 endpoint: explicit, else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``, else None;
+    checked by :func:`storage.endpoints.check_endpoint` (no credentials in it)."""
+    for what, value in (
+        ("--s3-endpoint", endpoint),
+        ("AWS_ENDPOINT_URL_S3", os.environ.get("AWS_ENDPOINT_URL_S3")),
+        ("AWS_ENDPOINT_URL", os.environ.get("AWS_ENDPOINT_URL")),
     ):
         if value:
-            return value
+            return check_endpoint(value, what=what)
     return None
 
 

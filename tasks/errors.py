@@ -1,11 +1,20 @@
 """Errors about a run as a whole, phrased for the user in one line (what, where, what to do).
 
-The CLI prints them without a traceback and exits with 2 (bad arguments or stored state).
+The CLI prints them without a traceback and exits with 2 (bad arguments or stored state), or 3 for
+:class:`StorageUnusable`.
 """
 
 from __future__ import annotations
 
-__all__ = ["RunError", "RunExists", "RunNotFound", "RunMismatch", "RunIncomplete"]
+__all__ = [
+    "RunError",
+    "RunExists",
+    "RunNotFound",
+    "RunMismatch",
+    "RunIncomplete",
+    "RunDamaged",
+    "StorageUnusable",
+]
 
 
 class RunError(ValueError):
@@ -26,3 +35,13 @@ class RunMismatch(RunError):
 
 class RunIncomplete(RunError):
     """The stored plan is a placeholder: planning of that run was interrupted."""
+
+
+class RunDamaged(RunError):
+    """The stored plan does not parse, or holds values no run writes (an image format or shard index
+    that would make keys outside the run); nothing is read or written from it."""
+
+
+class StorageUnusable(Exception):
+    """A location given on the command line (--out, --cache) cannot be written: found by a probe before
+    the run starts; the CLI exits with 3 (storage), not 2."""

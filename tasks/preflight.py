@@ -1,16 +1,21 @@
-"""Checks before a run starts, so that a bad argument is one clear line (exit 2), not a failed shard."""
+"""Checks before a run starts, so that a bad argument is one clear line (exit 2) and an unusable
+location one line with exit 3, not a failed shard."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.errors import RunError
+from tasks.errors import RunError, StorageUnusable
 
-__all__ = ["BadModel", "check_model"]
+__all__ = ["BadDevice", "BadModel", "check_device", "check_model", "probe_location"]
 
 
 class BadModel(RunError):
     """The model argument names nothing loadable (missing, not a diffusers SD folder, pickle-only)."""
+
+
+class BadDevice(RunError):
+    """The device argument is not a torch device, or not one this machine has."""
 
 
 def check_model(model: str, *, allow_pickle: bool = False) -> None:
@@ -27,3 +32,49 @@ def check_model(model: str, *, allow_pickle: bool = False) -> None:
         raise BadModel(f"--model {ref}: {exc}") from None
     except ValueError as exc:
         raise BadModel(f"--model {ref}: {exc}") from None
+
+
+def check_device(device: str | None) -> None:
+    """``BadDevice`` unless `device` (None = the default: CUDA if available, else CPU) is cpu, or a
+    cuda / mps device this machine has."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise BadDevice(
+            f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise BadDevice(
+                f"--device {device}: CUDA is not available on this machine; use --device cpu"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise BadDevice(f"--device {device}: this machine has {count} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise BadDevice(f"--device {device}: MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise BadDevice(f"--device {device}: editflow runs on cpu, cuda or mps")
+
+
+def probe_location(uri: str, *, flag: str, s3_endpoint: str | None = None) -> None:
+    """Write and delete a probe object at `uri` (:func:`storage.uri.check_writable`); a failure the user
+    must fix (endpoint down, bucket missing, denied, read-only, full, a path that cannot be a folder)
+    becomes ``StorageUnusable`` naming `flag`."""
+    from storage.errors import describe_storage_error
+    from storage.uri import check_writable
+
+    try:
+        check_writable(uri, s3_endpoint=s3_endpoint)
+    except Exception as exc:
+        line = describe_storage_error(exc)
+        if line is None:
+            if not isinstance(exc, OSError):
+                raise
+            line = f"{exc.strerror or type(exc).__name__}"
+        raise StorageUnusable(f"{flag} {uri}: {line}") from exc

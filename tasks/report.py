@@ -35,6 +35,7 @@ from storage import keys
 from storage.base import NotFound, ObjectStore
 from storage.uri import open_store, read_uri, split_uri
 from storage.writer import png_bytes, read_json, read_parquet, write_json
+from tasks.errors import RunDamaged
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +110,69 @@ class RunFiles:
         return sum(1 for k in self.result_files if keys.is_shard_results_file(k))
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_plan(plan: Any, where: str, run_id: str) -> dict[str, Any]:
+    """`plan` (read from `where`) when it has the shape planning writes: a placeholder (planning was
+    interrupted), or options with a known image format and shards with distinct non-negative indices
+    and counts. Else ``RunDamaged`` naming the field: a plan is as untrusted as anything under --out."""
+
+    def damaged(field: str, problem: str) -> RunDamaged:
+        return RunDamaged(
+            f"run {run_id}: {where} is damaged: {field} {problem}; it cannot be shown or rerun, start a new run"
+        )
+
+    if not isinstance(plan, dict):
+        raise damaged("the plan", f"is a JSON {type(plan).__name__}, not an object")
+    if "shards" not in plan and "options" not in plan:
+        return plan  # the placeholder that claims the run id while planning
+    options, shards = plan.get("options"), plan.get("shards")
+    if not isinstance(options, dict):
+        raise damaged("options", "is not an object")
+    if options.get("image_format", keys.IMAGE_FORMATS[0]) not in keys.IMAGE_FORMATS:
+        fmt = str(options["image_format"])[:80]
+        raise damaged("options.image_format", f"is {fmt!r}, not one of {keys.IMAGE_FORMATS}")
+    if not isinstance(shards, list):
+        raise damaged("shards", "is not a list")
+    if not _is_count(plan.get("rows", 0)):
+        raise damaged("rows", f"is {str(plan['rows'])[:80]!r}, not a count")
+    seen: set[int] = set()
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            raise damaged(f"shards[{i}]", "is not an object")
+        index = shard.get("index")
+        if not _is_count(index) or index in seen:
+            raise damaged(
+                f"shards[{i}].index", f"is {str(index)[:80]!r}, not a new non-negative integer"
+            )
+        seen.add(index)
+        if not _is_count(shard.get("edits", 0)):
+            raise damaged(f"shards[{i}].edits", f"is {str(shard['edits'])[:80]!r}, not a count")
+    return plan
+
+
+def read_run_plan_json(store: ObjectStore, run_id: str) -> dict[str, Any]:
+    """The plan of `run_id`, checked (:func:`check_plan`); ``NotFound`` without one, ``RunDamaged`` for
+    a plan that does not parse or is damaged."""
+    key = keys.plan_key(run_id)
+    try:
+        plan = read_json(store, key)
+    except NotFound:
+        raise
+    except (ValueError, RecursionError) as exc:  # not JSON (read_json names the object), too deep
+        why = str(exc) if isinstance(exc, ValueError) else f"{store.uri(key)} is nested too deeply"
+        raise RunDamaged(
+            f"run {run_id}: {why}; it cannot be shown or rerun, start a new run"
+        ) from None
+    return check_plan(plan, store.uri(key), run_id)
+
+
 def load_run(store: ObjectStore, run_id: str) -> RunFiles:
-    """Read the plan, the summary (if any) and every results file of `run_id`; ``NotFound`` without a plan."""
-    plan = read_json(store, keys.plan_key(run_id))
+    """Read the plan, the summary (if any) and every results file of `run_id`; ``NotFound`` without a plan,
+    ``RunDamaged`` for a damaged one."""
+    plan = read_run_plan_json(store, run_id)
     summary = (
         read_json(store, keys.summary_key(run_id))
         if store.exists(keys.summary_key(run_id))

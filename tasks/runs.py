@@ -6,7 +6,9 @@ them as Prefect tasks with the transient-error retry, and the flows only call th
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,11 @@ from storage.base import NotFound, ObjectStore
 from storage.errors import describe_storage_error
 from storage.local import LocalStore
 from storage.uri import open_store
-from storage.writer import read_json, read_parquet, write_json, write_parquet
+from storage.writer import read_parquet, write_json, write_parquet
 from tasks.errors import RunExists, RunIncomplete, RunMismatch, RunNotFound
 from tasks.options import RestyleSpec, RunOptions
 from tasks.report import failures as report_failures
+from tasks.report import read_run_plan_json
 from tasks.shard import read_run_results
 
 logger = logging.getLogger(__name__)
@@ -32,6 +35,10 @@ logger = logging.getLogger(__name__)
 FAILED_ROWS_SHOWN = 10  # failed rows listed in the summary; the results table has them all
 PREVIEW_ROWS = 500  # results rows in the flow's table artifact
 PREVIEW_COLUMNS = ("edit_id", "status", "output_uri", "error", "cache_hit", "unet_evals", "seconds")
+# a failed row's error when its output could not be stored (tasks.shard.write_one's phrase)
+WRITE_FAILED = "writing output failed"
+# a failed shard's error when the storage was full or read-only (an OSError's "[Errno N]")
+_STORAGE_ERRNO = re.compile(rf"\[Errno ({errno.ENOSPC}|{errno.EDQUOT}|{errno.EROFS})\]")
 
 
 def _store(options: RunOptions) -> ObjectStore:
@@ -49,10 +56,11 @@ def refuse_existing_run(store: ObjectStore, run_id: str) -> None:
 
 
 def read_plan(store: ObjectStore, run_id: str) -> dict[str, Any]:
-    """The complete plan of `run_id` in `store`; ``RunNotFound`` / ``RunIncomplete`` otherwise."""
+    """The complete plan of `run_id` in `store`, checked; ``RunNotFound`` / ``RunIncomplete`` /
+    ``RunDamaged`` otherwise."""
     key = keys.plan_key(run_id)
     try:
-        plan = read_json(store, key)
+        plan = read_run_plan_json(store, run_id)
     except NotFound:
         raise RunNotFound(
             f"no run {run_id} under {store.uri()} (no {store.uri(key)}); the run ids are the folders of {store.uri('runs/')}"
@@ -140,6 +148,22 @@ def _failed_rows(results: pa.Table, limit: int) -> list[dict[str, Any]]:
     return failed.take(order).slice(0, limit).to_pylist()
 
 
+def storage_failures(results: pa.Table, failed_shards: list[str]) -> dict[str, Any] | None:
+    """Edits whose output could not be written and shards that failed on a full or read-only store:
+    ``{"edits": n, "shards": m, "error": the first such error}``, or None when there are none. A run
+    with any is a storage failure (exit 3): fixing the manifest's rows would not help."""
+    errors: list[str] = []
+    edits = 0
+    if results.num_rows and "error" in results.column_names:
+        failed = results.filter(pc.equal(results.column("status"), "failed")).column("error")
+        hits = [e for e in failed.to_pylist() if e and WRITE_FAILED in e]
+        edits, errors = len(hits), hits[:1]
+    shards = [s for s in failed_shards if _STORAGE_ERRNO.search(s)]
+    if not edits and not shards:
+        return None
+    return {"edits": edits, "shards": len(shards), "error": (errors or shards)[0]}
+
+
 def _add_up(stats: list[dict[str, Any]], key: str) -> Any:
     return sum(s.get(key, 0) for s in stats)
 
@@ -178,6 +202,8 @@ def collect_results(
         "failed_shards": failed_shards,
         # the first FAILED_ROWS_SHOWN failed rows: row, edit_id, error
         "failed_rows": _failed_rows(results, FAILED_ROWS_SHOWN),
+        # edits and shards that failed because storage did (full, read-only, unreachable); None if none
+        "storage_failures": storage_failures(results, failed_shards),
         # the CPU policy in force
         "threads_per_worker": sorted({s["threads"] for s in stats if s.get("threads")}),
         "seconds": seconds,
