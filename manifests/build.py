@@ -1,4 +1,9 @@
-"""Manifest builders: a catalog (image URI + caption) times a list of styles -> a restyle manifest."""
+"""Manifest builders: a catalog (image URI + caption) times a list of styles -> a restyle manifest.
+
+Bad inputs (a missing or unreadable catalog, a malformed template, an unknown column, an empty
+style) raise :class:`~manifests.problems.ManifestError` naming the input and the problem, before
+anything is written.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from manifests.problems import ManifestError, Problem
 from manifests.schema import KNOWN_COLUMNS, METHODS
+from storage.base import NotFound
 from storage.uri import read_uri
 
 __all__ = ["read_catalog", "restyle_manifest"]
@@ -22,16 +29,38 @@ __all__ = ["read_catalog", "restyle_manifest"]
 DEFAULT_TEMPLATE = "{caption}, {style}"
 
 
+def _refuse(reason: str, column: str | None = None) -> ManifestError:
+    """The error of a restyle input that cannot be used (one problem, not about a row)."""
+    return ManifestError([Problem(None, column, reason)])
+
+
 def read_catalog(catalog: str | os.PathLike[str], *, s3_endpoint: str | None = None) -> pa.Table:
-    """A catalog file (``.parquet`` or ``.csv``, local path or URI) as a table."""
+    """A catalog file (``.parquet`` or ``.csv`` in UTF-8, local path or URI) as a table;
+    ``ManifestError`` naming the catalog when it is missing or cannot be read."""
     uri = os.fspath(catalog)
-    data = read_uri(uri, s3_endpoint=s3_endpoint)
     suffix = Path(uri.split("?")[0]).suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        raise _refuse(f"catalog must be a .parquet or .csv file, got {uri!r}")
+    try:
+        data = read_uri(uri, s3_endpoint=s3_endpoint)
+    except NotFound:
+        raise _refuse(f"catalog {uri!r} does not exist") from None
     if suffix == ".parquet":
-        return pq.read_table(pa.BufferReader(data))
-    if suffix == ".csv":
+        try:
+            return pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowException, OSError) as exc:
+            raise _refuse(f"catalog {uri!r} cannot be read as Parquet: {exc}") from None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _refuse(
+            f"catalog {uri!r} is not UTF-8 text (byte {exc.start}: {data[exc.start : exc.start + 1]!r}); "
+            "save the CSV as UTF-8"
+        ) from None
+    try:
         return pacsv.read_csv(io.BytesIO(data))
-    raise ValueError(f"catalog must be a .parquet or .csv file, got {uri!r}")
+    except (pa.ArrowException, OSError) as exc:
+        raise _refuse(f"catalog {uri!r} cannot be read as CSV: {exc}") from None
 
 
 # Manifest columns a restyle writes itself: a catalog column of one of these names would clash.
@@ -96,18 +125,18 @@ def restyle_manifest(
 def _checked_styles(styles: Sequence[str], method: str) -> list[str]:
     """The styles as a list; ``ValueError`` for no, empty or repeated styles, or an unknown method."""
     if isinstance(styles, str):
-        raise ValueError("styles must be a list of strings, not one string")
+        raise _refuse("styles must be a list of strings, not one string")
     styles = list(styles)
     if not styles:
-        raise ValueError("need at least one style")
+        raise _refuse("need at least one style")
     bad = [s for s in styles if not isinstance(s, str) or not s.strip()]
     if bad:
-        raise ValueError(f"styles must be non-empty strings, got {bad!r}")
+        raise _refuse(f"styles must be non-empty strings, got {bad!r} (an empty --style?)")
     dupes = sorted({s for s in styles if styles.count(s) > 1})
     if dupes:
-        raise ValueError(f"duplicate styles {dupes}")
+        raise _refuse(f"duplicate styles {dupes}")
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        raise _refuse(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     return styles
 
 
@@ -119,22 +148,26 @@ def _check_catalog(
     names = table.column_names
     for col, what in ((image_column, "image"), (caption_column, "caption")):
         if col not in names:
-            raise ValueError(f"catalog has no {what} column {col!r}; columns: {names}")
-    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+            raise _refuse(f"catalog has no {what} column {col!r}; columns: {names}")
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise _refuse(
+            f"template {template!r} is malformed ({exc}); write fields as {{caption}} and {{style}}, "
+            "and a literal brace as {{ or }}"
+        ) from None
     allowed = {"caption", "style", *names}
     unknown = sorted(fields - allowed)
     if unknown or "" in fields:
-        raise ValueError(
+        raise _refuse(
             f"template {template!r} uses unknown field(s) {unknown or ['{}']}; use {sorted(allowed)}"
         )
     extras = [c for c in names if c not in (image_column, caption_column)]
     clash = [c for c in extras if c in RESTYLE_COLUMNS]
     if clash:
-        raise ValueError(
-            f"catalog column(s) {clash} would clash with the manifest's own; rename them"
-        )
+        raise _refuse(f"catalog column(s) {clash} would clash with the manifest's own; rename them")
     if table.num_rows == 0:
-        raise ValueError("catalog has no rows")
+        raise _refuse("catalog has no rows")
     return fields, extras
 
 
@@ -155,9 +188,14 @@ def _target_prompts(
     targets = []
     for i, (cap, style) in enumerate(zip(captions, style_col.to_pylist(), strict=True)):
         if cap is None or not str(cap).strip():
-            raise ValueError(
+            raise _refuse(
                 f"catalog row {i // per_row} has an empty caption in column {caption_column!r}"
             )
         values = {c: v[i] for c, v in context_cols.items()}
-        targets.append(template.format(**{**values, "caption": cap, "style": style}))
+        try:
+            targets.append(template.format(**{**values, "caption": cap, "style": style}))
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+            raise _refuse(
+                f"template {template!r} cannot be filled for catalog row {i // per_row}: {exc}"
+            ) from None
     return targets

@@ -14,7 +14,7 @@ import pyarrow as pa
 from manifests.load import load_manifest, manifest_files
 from manifests.normalise import normalized_table, passthrough_columns
 from manifests.problems import ManifestError, Problem
-from manifests.prompts import prompt_problems
+from manifests.prompts import prompt_problems, word_problems
 from manifests.validate import analyse
 
 __all__ = ["PreparedManifest", "prepare_manifest", "prepare_table"]
@@ -46,13 +46,16 @@ def prepare_table(
     """Check `table` once and normalise it from that check.
 
     `budget` (an :class:`editing.prompts.PromptBudget`) adds prompt-length problems after the
-    others; they are looked for only when the table is otherwise valid. ``normalize=False`` skips
+    others, then P2P settings naming words that are not in their prompt (with the model's
+    tokenizer); they are looked for only when the table is otherwise valid. ``normalize=False`` skips
     the normalised table (a check only).
     """
     analysis = analyse(table)
     problems = list(analysis.problems)
     if budget is not None and not problems:
         problems += prompt_problems(analysis.arrays, budget)
+    if budget is not None and not problems and analysis.values is not None:
+        problems += word_problems(analysis.arrays, analysis.values, budget)
     normalized = normalized_table(table, analysis) if normalize and not problems else None
     return PreparedManifest(
         table=table,

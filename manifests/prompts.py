@@ -9,6 +9,7 @@ vectorised passes, and only the other distinct prompts go through the tokenizer.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,9 +18,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from manifests.problems import Problem, show_value
-from manifests.validate import is_string_type
+from manifests.validate import RowValues, is_string_type
 
-__all__ = ["PROMPT_COLUMNS", "surely_fits", "prompt_problems", "prompt_length_problems"]
+__all__ = [
+    "PROMPT_COLUMNS",
+    "surely_fits",
+    "prompt_problems",
+    "prompt_length_problems",
+    "word_problems",
+]
 
 PROMPT_COLUMNS = ("source_prompt", "target_prompt", "negative_prompt")
 
@@ -88,3 +95,72 @@ def prompt_length_problems(table: pa.Table, budget: Any) -> list[Problem]:
         if name in table.column_names and is_string_type(table.schema.field(name).type)
     }
     return prompt_problems(columns, budget)
+
+
+# Prompt-to-Prompt settings that name words of a prompt: (setting, the prompt column they name).
+WORD_SETTINGS = (
+    ("equalizer", "target_prompt"),
+    ("cross_replace_steps", "target_prompt"),
+    ("blend_source_words", "source_prompt"),
+    ("blend_target_words", "target_prompt"),
+)
+
+
+def _named_words(settings: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
+    """(setting, prompt column, words) for each P2P setting of `settings` that names words."""
+    out = []
+    for name, column in WORD_SETTINGS:
+        value = settings.get(name)
+        if isinstance(value, Mapping):
+            words = [w for w in value if w != "default_"]  # cross_replace_steps' own default
+        elif isinstance(value, list):
+            words = list(value)
+        else:
+            continue
+        if words:
+            out.append((name, column, words))
+    return out
+
+
+def word_problems(arrays: Mapping[str, pa.Array], values: RowValues, budget: Any) -> list[Problem]:
+    """P2P rows whose settings name a word (equalizer, cross_replace_steps, local blend) that is not
+    in the prompt it belongs to, by row; found with the engine's own word-to-token alignment
+    (``editing.alignment.positions_of``) and `budget`'s tokenizer, so validation and the run agree.
+    Each distinct (prompt, word) is looked up once."""
+    slots = {}
+    for slot, text in enumerate(values.settings_identity):
+        if any(f'"{name}"' in text for name, _ in WORD_SETTINGS):
+            named = _named_words(json.loads(text))
+            if named:
+                slots[slot] = named
+    if not slots:
+        return []
+    from editing.alignment import positions_of  # torch: only when some row names words
+
+    method = np.asarray(pc.equal(values.method, "p2p").fill_null(False), dtype=bool)
+    rows = np.flatnonzero(method & np.isin(values.settings_codes, list(slots)))
+    take = pa.array(rows)
+    prompts = {c: arrays[c].take(take).to_pylist() for c in ("source_prompt", "target_prompt")}
+    seen: dict[tuple[str, str], str | None] = {}
+    problems: list[Problem] = []
+    for i, row in enumerate(rows.tolist()):
+        for name, column, words in slots[int(values.settings_codes[row])]:
+            prompt = prompts[column][i]
+            for word in words:
+                if (prompt, word) not in seen:
+                    try:
+                        positions_of(budget.tokenizer, prompt, [word])
+                        seen[prompt, word] = None
+                    except ValueError as exc:
+                        seen[prompt, word] = str(exc)
+                error = seen[prompt, word]
+                if error is not None:
+                    problems.append(
+                        Problem(
+                            row,
+                            "settings",
+                            f"{name} names the word {word!r}, which is not in the {column} "
+                            f"{show_value(prompt)} (words as the model's tokenizer splits them)",
+                        )
+                    )
+    return problems

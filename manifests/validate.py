@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,13 @@ _STRING_COLUMNS = (
 _INT_COLUMNS = ("seed", "num_steps")
 _FLOAT_COLUMNS = ("guidance_scale",)
 _INT64_MAX = 2**63 - 1
+# Given edit ids become file names and show in listings and reports: no control or format
+# characters (bidi overrides, zero-width spaces), no line separators, no leading or trailing
+# whitespace and no leading dot (a hidden file). Derived ids are hex and never match.
+_SPOOFING_ID_PATTERN = r"[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]|^[\s\p{Z}]|[\s\p{Z}]$|^\."
+_CONTROL_PATTERN = r"\p{Cc}"  # NUL, newlines, escapes: never part of an image URI
+SETTINGS_MAX_BYTES = 64 * 1024  # a settings text's size in UTF-8; real ones are a few hundred bytes
+SETTINGS_MAX_DEPTH = 32  # nesting of JSON objects and arrays; the configs use at most 2
 
 Reason = str | Callable[[Any], str]  # a problem's text, or a function of the row's value
 
@@ -196,6 +204,9 @@ def _check_columns(table: pa.Table) -> tuple[list[Problem], dict[str, pa.Array]]
         if name not in names or names.count(name) > 1:
             continue
         column = table.column(name)
+        if name not in REQUIRED_COLUMNS and len(column) and column.null_count == len(column):
+            # every value missing (pandas types such a column float64 or object): the defaults
+            column = pa.chunked_array([pa.nulls(len(column))])
         reason = _type_problem(name, column.type)
         if reason is not None:
             problems.append(Problem(None, name, reason))
@@ -231,9 +242,15 @@ def _uris(arrays: dict[str, pa.Array]) -> list[Problem]:
     arr = arrays.get("image_uri")
     if arr is None:
         return []
+    control = _mask(pc.match_substring_regex(arr, _CONTROL_PATTERN))
     has_scheme = _mask(pc.match_substring_regex(arr, SCHEME_PATTERN))
     supported = _mask(pc.match_substring_regex(arr, SUPPORTED_URI_PATTERN))
-    return _row_problems(has_scheme & ~supported, "image_uri", _uri_reason, arr)
+    return _row_problems(
+        control,
+        "image_uri",
+        lambda v: f"image URI {show_value(v)} contains a control character (NUL, newline, ...)",
+        arr,
+    ) + _row_problems(has_scheme & ~supported & ~control, "image_uri", _uri_reason, arr)
 
 
 def _duplicates(
@@ -276,6 +293,17 @@ def _edit_ids(arrays: dict[str, pa.Array], n: int) -> tuple[list[Problem], np.nd
     )
     nbytes = pc.binary_length(arr)  # UTF-8 bytes: file names are limited in bytes, not characters
     too_long = _mask(pc.greater(nbytes, EDIT_ID_MAX_BYTES))
+    spoofing = _mask(pc.match_substring_regex(arr, _SPOOFING_ID_PATTERN)) & ~unsafe
+    problems += _row_problems(
+        spoofing,
+        "edit_id",
+        lambda v: (
+            f"edit_id {show_value(v)} has a control or invisible character (bidi, zero-width), "
+            "leading or trailing whitespace, or a leading '.'"
+        ),
+        arr,
+    )
+    unsafe |= spoofing
     problems += _row_problems(
         too_long & ~unsafe,
         "edit_id",
@@ -379,13 +407,53 @@ def _guidance_column(arrays: dict[str, pa.Array], n: int) -> tuple[list[Problem]
     return problems, np.where(valid & ok, x, math.nan)
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object with the same key twice (``json`` would keep the last silently)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object_pairs_hook: the object, or ``_DuplicateKey``."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+_JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _json_depth(text: str) -> int:
+    """How deeply JSON `text` nests objects and arrays (brackets inside strings do not count),
+    without parsing it: a parser would recurse once per level."""
+    bare = np.frombuffer(_JSON_STRING_RE.sub("", text).encode("utf-8", "surrogatepass"), np.uint8)
+    steps = np.isin(bare, (ord("["), ord("{"))).astype(np.int64)
+    steps -= np.isin(bare, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
+
+
 def _parse_settings(text: str) -> tuple[dict[str, Any] | None, str | None]:
     """One settings text: (its object, None) or (None, why it is not one)."""
     if text.strip() == "":
         return {}, None
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > SETTINGS_MAX_BYTES:
+        return None, f"settings is {size} bytes; at most {SETTINGS_MAX_BYTES} are allowed"
+    depth = _json_depth(text)
+    if depth > SETTINGS_MAX_DEPTH:
+        return None, (
+            f"settings nests {depth} levels deep; at most {SETTINGS_MAX_DEPTH} are allowed"
+        )
     try:
-        value = json.loads(text)
-    except ValueError as exc:
+        value = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        return None, f"settings has the key {exc.key!r} twice: {show_value(text)}"
+    except (ValueError, RecursionError) as exc:
         return None, f"settings is not valid JSON ({exc}): {show_value(text)}"
     if not isinstance(value, dict):
         return (
