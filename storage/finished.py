@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import secrets
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +48,6 @@ IO_THREADS = 16
 LIST_PAGE = 1000
 # Fixed so that hashes written by one version are read by the next (pandas' SipHash key is 16 bytes).
 _HASH_KEY = "editflow-finish1"
-_SCHEMA = pa.schema([("edit_hash", pa.uint64()), ("ext", pa.string())])
 _EXTS = keys.IMAGE_EXTENSIONS
 
 
@@ -65,8 +65,8 @@ def _ext_codes(exts: Sequence[str]) -> np.ndarray:
 
 
 def _part(hashes: np.ndarray, codes: np.ndarray) -> pa.Table:
-    exts = pa.array([_EXTS[c] for c in codes], pa.string())
-    return pa.table([pa.array(hashes, pa.uint64()), exts], schema=_SCHEMA)
+    exts = pa.DictionaryArray.from_arrays(pa.array(codes, pa.int16()), pa.array(_EXTS))
+    return pa.table({"edit_hash": pa.array(hashes, pa.uint64()), "ext": exts})
 
 
 class FinishedIndex:
@@ -119,19 +119,35 @@ class FinishedIndex:
             return np.fromiter(pool.map(self.store.exists, image_keys), bool, len(image_keys))
 
 
-def scan_assets(store: ObjectStore) -> FinishedIndex:
-    """The finished edits found by listing ``assets/`` (those with both a sidecar and an image)."""
-    sidecars, images = set(), {}
+def scan_assets(store: ObjectStore, *, chunk: int = 100_000) -> FinishedIndex:
+    """The finished edits found by listing ``assets/`` (those with both a sidecar and an image); ids
+    are hashed a chunk at a time, so memory stays ~10 bytes per object listed."""
+    sidecars: list[np.ndarray] = []
+    images: list[np.ndarray] = []
+    codes: list[np.ndarray] = []
+    side_ids: list[str] = []
+    image_ids: list[str] = []
+    image_exts: list[str] = []
+
+    def flush() -> None:
+        sidecars.append(hash_ids(side_ids))
+        images.append(hash_ids(image_ids))
+        codes.append(_ext_codes(image_exts))
+        side_ids.clear(), image_ids.clear(), image_exts.clear()
+
     for key in store.list(keys.assets_prefix()):
         edit_id = keys.edit_id_of_sidecar(key)
         if edit_id is not None:
-            sidecars.add(edit_id)
-            continue
-        edit_id = keys.edit_id_of_image(key)
-        if edit_id is not None:
-            images[edit_id] = key.rpartition(".")[2]
-    both = [e for e in sidecars if e in images]
-    return FinishedIndex(store, hash_ids(both), _ext_codes([images[e] for e in both]))
+            side_ids.append(edit_id)
+        elif (edit_id := keys.edit_id_of_image(key)) is not None:
+            image_ids.append(edit_id)
+            image_exts.append(key.rpartition(".")[2])
+        if len(side_ids) + len(image_ids) >= chunk:
+            flush()
+    flush()
+    image_hashes, image_codes = np.concatenate(images), np.concatenate(codes)
+    both = np.isin(image_hashes, np.concatenate(sidecars))
+    return FinishedIndex(store, image_hashes[both], image_codes[both])
 
 
 def record_finished(store: ObjectStore, run_id: str, shard_index: int, results: pa.Table) -> int:
@@ -158,12 +174,44 @@ def record_shard(store: ObjectStore, run_id: str, shard_index: int) -> int:
 
 
 def _read_parts(store: ObjectStore, part_keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The (hashes, extension codes) of index parts `part_keys`, read concurrently."""
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-        tables = list(pool.map(lambda k: read_parquet(store, k).cast(_SCHEMA), part_keys))
-    table = pa.concat_tables(tables) if tables else _SCHEMA.empty_table()
-    codes = _ext_codes(table.column("ext").to_pylist())
-    known = codes >= 0
-    return table.column("edit_hash").to_numpy()[known], codes[known]
+        tables = list(pool.map(lambda k: read_parquet(store, k), part_keys))
+    hashes, codes = [np.zeros(0, np.uint64)], [np.zeros(0, np.int16)]
+    for table in tables:
+        ext = pc.dictionary_encode(table.column("ext").combine_chunks())
+        if isinstance(ext, pa.ChunkedArray):
+            ext = ext.combine_chunks()
+        part_codes = _ext_codes(ext.dictionary.to_pylist())[
+            ext.indices.to_numpy(zero_copy_only=False)
+        ]
+        hashes.append(table.column("edit_hash").to_numpy().astype(np.uint64)[part_codes >= 0])
+        codes.append(part_codes[part_codes >= 0])
+    return np.concatenate(hashes), np.concatenate(codes)
+
+
+def merge_parts(
+    store: ObjectStore, part_keys: list[str], name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge index parts `part_keys` into one (:func:`storage.keys.finished_merged_key` of `name` and a
+    random token), then delete them; returns the merged (hashes, codes). A part a shard rewrites while
+    this runs may be lost: its edits are then redone, found finished at write time, and indexed again."""
+    hashes, codes = _read_parts(store, part_keys)
+    key = keys.finished_merged_key(f"{name}-{secrets.token_hex(4)}")
+    write_parquet(store, key, _part(hashes, codes))
+    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+        list(pool.map(store.delete, part_keys))
+    return hashes, codes
+
+
+def merge_run_parts(store: ObjectStore, run_id: str) -> int:
+    """Merge the index parts the shards of `run_id` wrote into one (after the run's fan-out), so that
+    planning reads one part per run; returns how many parts were merged."""
+    prefix = keys.finished_part_key(run_id, 0).rpartition("-shard-")[0] + "-shard-"
+    part_keys = [k for k in store.list(prefix) if re.fullmatch(r"\d+\.parquet", k[len(prefix) :])]
+    if len(part_keys) > 1:
+        merge_parts(store, part_keys, run_id)
+    return len(part_keys)
 
 
 def load_finished(store: ObjectStore) -> FinishedIndex:
@@ -173,20 +221,15 @@ def load_finished(store: ObjectStore) -> FinishedIndex:
     part_keys = [k for k in store.list(keys.finished_index_prefix()) if k.endswith(".parquet")]
     if not part_keys:
         index = scan_assets(store)
-        write_parquet(store, _merged_key(), _part(index.hashes, index.codes))
+        key = keys.finished_merged_key(f"listing-{secrets.token_hex(4)}")
+        write_parquet(store, key, _part(index.hashes, index.codes))
         logger.info("no finished-edit index under %s: listed assets/ once (%d finished)",
                     store.uri(), len(index))  # fmt: skip
         index._listed = index  # that listing is fresh: verify() need not look again
         return index
-    hashes, codes = _read_parts(store, part_keys)
-    index = FinishedIndex(store, hashes, codes)
     if len(part_keys) > COMPACT_AFTER:
-        write_parquet(store, _merged_key(), _part(index.hashes, index.codes))
-        with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-            list(pool.map(store.delete, part_keys))
+        hashes, codes = merge_parts(store, part_keys, "all")
         logger.info("merged %d finished-index parts under %s", len(part_keys), store.uri())
-    return index
-
-
-def _merged_key() -> str:
-    return keys.finished_merged_key(keys.new_run_id() + "-" + secrets.token_hex(4))
+    else:
+        hashes, codes = _read_parts(store, part_keys)
+    return FinishedIndex(store, hashes, codes)

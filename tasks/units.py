@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from editing.prompts import prompt_budget
 from storage.errors import is_transient
-from storage.finished import record_shard
+from storage.finished import merge_run_parts, record_shard
 from storage.uri import open_store
 from tasks import runs
 from tasks.options import RestyleSpec, RunOptions
@@ -67,6 +67,12 @@ def shard_task(options: RunOptions, run_id: str, shard_index: int) -> dict[str, 
     out = open_store(options.out, s3_endpoint=options.s3_endpoint)
     stats["indexed"] = record_shard(out, run_id, shard_index)
     return stats
+
+
+@_io_task("merge-finished-index")
+def merge_index_task(options: RunOptions, run_id: str) -> int:
+    """Merge the finished-index parts the run's shards wrote into one; returns how many there were."""
+    return merge_run_parts(open_store(options.out, s3_endpoint=options.s3_endpoint), run_id)
 
 
 @_io_task("read-plan")

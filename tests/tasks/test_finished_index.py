@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from storage import keys, open_store
 from storage.base import ObjectStore
-from storage.finished import COMPACT_AFTER, load_finished, record_finished
+from storage.finished import COMPACT_AFTER, load_finished, merge_run_parts, record_finished
 from storage.writer import read_json, read_parquet, sha256_hex
 from tasks.planning import plan_run
 from tasks.units import shard_task
@@ -151,3 +151,22 @@ def test_a_sidecar_without_its_image_is_written_again(local_root):
     assert read_json(store, keys.sidecar_key("e1"))["output_sha256"] == sha256_hex(b"new image")
     _, _, again = write_asset(store, "e1", b"other", "png", {"edit_id": "e1"})
     assert not again  # finished now: never rewritten
+
+
+def test_a_runs_parts_are_merged_into_one_and_other_runs_parts_kept(local_root):
+    store = open_store(str(local_root))
+
+    def record(run_id: str, i: int) -> str:
+        e = f"{run_id}-e{i}"
+        table = pa.table({"edit_id": [e], "status": ["succeeded"], "output_uri": [f"/x/{e}.png"]})
+        record_finished(store, run_id, i, table)
+        return e
+
+    edits = [record("a", i) for i in range(3)] + [record("a-shard-1", i) for i in range(2)]
+    assert merge_run_parts(store, "a") == 3
+    left = sorted(k.rpartition("/")[2] for k in store.list(keys.finished_index_prefix()))
+    assert len(left) == 3 and left[0].startswith("merged-a-")
+    assert left[1:] == ["part-a-shard-1-shard-00000.parquet", "part-a-shard-1-shard-00001.parquet"]
+    index = load_finished(store)
+    assert len(index) == 5 and all(e in index for e in edits)
+    assert merge_run_parts(store, "a") == 0  # nothing left to merge
