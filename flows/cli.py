@@ -397,6 +397,7 @@ _PROGRAM = {"on": False}  # main() called as the program (argv None): may start 
 def main(argv: list[str] | None = None) -> int:
     """The CLI. Expected failures print one line (what, where, what to do) and exit with their status:
     2 bad arguments or run state, 3 storage; 130/143 interrupted. ``-v`` adds the traceback."""
+    from flows.runners import ClusterUnreachable
     from storage.errors import describe_storage_error
     from tasks.errors import RunError
 
@@ -423,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if isinstance(exc, RunError):
             line, code = str(exc), 2
+        elif isinstance(exc, ClusterUnreachable):
+            line, code = str(exc), EXIT_STORAGE
         else:
             line, code = describe_storage_error(exc), EXIT_STORAGE
         if line is None:
@@ -714,6 +717,8 @@ def _resolve_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 
 def _main(argv: list[str] | None = None) -> int:
+    from flows.runners import check_scheduler
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("rerun", "show"):
@@ -721,6 +726,8 @@ def _main(argv: list[str] | None = None) -> int:
         if args.command == "show":
             return _show(args)
     _check_locations(parser, args)
+    if getattr(args, "dask_address", None):  # before the slow imports: one line, exit 3
+        check_scheduler(args.dask_address)
     invalid = _check_model(args) if args.command != "validate" else []
     _check_environment(parser, args)
     _configure_logging(args)
