@@ -33,6 +33,7 @@ from tasks.runs import restyle_problems, summary_error, trusted_options
 from tasks.units import (
     collect_task,
     discard_restyle_manifest_task,
+    merge_index_task,
     plan_task,
     read_plan_task,
     report_task,
@@ -116,6 +117,14 @@ def _report(options: RunOptions, run_id: str, summary: dict[str, Any]) -> dict[s
     return {"report_uri": info["report_uri"], "contact_sheet_uri": info["contact_sheet_uri"]}
 
 
+def _merge_index(options: RunOptions, run_id: str) -> None:
+    """One finished-index part for the run instead of one per shard (planning reads every part)."""
+    try:
+        merge_index_task(options, run_id)
+    except Exception as exc:  # noqa: BLE001 - the parts stay; the next planning reads or merges them
+        logger.warning("could not merge the finished-edit index: %s: %s", type(exc).__name__, exc)
+
+
 def _write_summary(options: RunOptions, run_id: str, summary: dict[str, Any]) -> None:
     try:
         write_summary_task(options, run_id, summary)
@@ -147,6 +156,7 @@ def _edit_and_summarise(
 ) -> dict[str, Any]:
     """Fan out `shards` (entries of `plan`), then collect, report and write the run's summary."""
     stats, failed = _fan_out(options, run_id, shards, gpu_resources)
+    _merge_index(options, run_id)
     collected = collect_task(options, run_id, plan, stats, failed, time.perf_counter() - t0)
     summary = collected.summary
     summary.update(_report(options, run_id, summary))

@@ -476,12 +476,13 @@ def error_line(exc: BaseException) -> tuple[str, int]:
     """The one line (credentials redacted) and the exit status for `exc`: ``StorageUnusable`` and storage
     failures 3; run state (``RunError``), bad input (``ValueError``, too deep nesting) and arguments
     boto3 refuses 2; anything else 1, as an unexpected error."""
+    from flows.runners import ClusterUnreachable
     from storage.endpoints import redact
     from storage.errors import describe_storage_error
     from tasks.errors import RunError, StorageUnusable
 
     described = None if isinstance(exc, RunError) else describe_storage_error(exc)
-    if isinstance(exc, StorageUnusable):
+    if isinstance(exc, (StorageUnusable, ClusterUnreachable)):
         line, code = str(exc), EXIT_STORAGE
     elif described is not None:
         line, code = described, EXIT_STORAGE
@@ -846,6 +847,8 @@ def _resolve_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 
 def _main(argv: list[str] | None = None) -> int:
+    from flows.runners import check_scheduler
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("rerun", "show"):
@@ -853,6 +856,8 @@ def _main(argv: list[str] | None = None) -> int:
     _check_locations(parser, args)
     if args.command == "show":
         return _show(args)
+    if getattr(args, "dask_address", None):  # before the slow imports: one line, exit 3
+        check_scheduler(args.dask_address)
     invalid = _check_model(args)
     _check_environment(parser, args)
     _configure_logging(args)

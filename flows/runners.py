@@ -4,8 +4,40 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 logger = logging.getLogger(__name__)
+
+# Seconds to wait for a Dask scheduler to accept a TCP connection before the run is refused.
+CONNECT_TIMEOUT_S = 10.0
+
+
+class ClusterUnreachable(ConnectionError):
+    """The Dask scheduler given by --dask-address does not answer; the message names the address."""
+
+
+def check_scheduler(address: str, *, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """``ClusterUnreachable`` unless a TCP connection to the Dask scheduler at `address` opens within
+    `timeout` seconds (``tcp://`` and ``tls://`` addresses; others are left to Dask)."""
+    from distributed.comm import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+        host, port = parse_host_port(location)
+    except ValueError as exc:
+        raise ClusterUnreachable(
+            f"--dask-address {address!r} is not a scheduler address ({exc}); expected tcp://HOST:PORT"
+        ) from None
+    if scheme not in ("tcp", "tls"):
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise ClusterUnreachable(
+            f"cannot reach the Dask scheduler at {address}: {reason}; start it "
+            "(`dask scheduler`) or fix --dask-address"
+        ) from None
 
 
 def device_count() -> int:
@@ -30,6 +62,8 @@ def make_task_runner(
 
     CPU threads (:func:`tasks.worker.apply_thread_policy`): each worker takes the CPU budget divided by
     the workers on the machine, or `threads` when given; the local cluster's workers are told both."""
+    if kind == "dask" and dask_address:
+        check_scheduler(dask_address)  # a clear error now, not Dask's long timeout in the flow
     from tasks.worker import THREADS_ENV, WORKERS_ENV, set_local_workers, threads_per_worker
 
     if kind == "local":

@@ -47,6 +47,9 @@ __all__ = [
     "is_results_file",
     "is_shard_results_file",
     "shard_plan_key_of_results",
+    "finished_index_prefix",
+    "finished_part_key",
+    "finished_merged_key",
     "inversion_key",
     "inversion_object_key",
     "features_object_key",
@@ -264,6 +267,24 @@ def shard_plan_key_of_results(key: str) -> str:
     if folder != "results" or not name.startswith(_SHARD):
         raise ValueError(f"not a shard results key: {key!r}")
     return f"{run}/shards/{name}"
+
+
+_FINISHED = "index/finished/"
+
+
+def finished_index_prefix() -> str:
+    """``index/finished/``: the finished-edit index (Parquet parts), shared by all runs under one root."""
+    return _FINISHED
+
+
+def finished_part_key(run_id: str, shard_index: int) -> str:
+    """``index/finished/part-{run_id}-shard-{i:05d}.parquet``: the edits one shard of a run finished."""
+    return f"{_FINISHED}part-{check_id(run_id, what='run_id')}-{_shard(shard_index)}"
+
+
+def finished_merged_key(token: str) -> str:
+    """``index/finished/merged-{token}.parquet``: parts merged by compaction, or an old root's listing."""
+    return f"{_FINISHED}merged-{check_id(token, what='token')}{_PARQUET}"
 
 
 def inversion_key(content_sha256: str, facts: Mapping[str, Any]) -> str:

@@ -176,9 +176,12 @@ def write_asset(
     """
     akey, skey = asset_key(edit_id, ext), sidecar_key(edit_id)
     asset_uri, sidecar_uri = store.uri(akey), store.uri(skey)
+    orphan = False  # a sidecar whose image was deleted: not finished, so redone and replaced
     if store.exists(skey):
-        logger.debug("edit %s already finished; not rewriting", edit_id)
-        return asset_uri, sidecar_uri, False
+        if store.exists(akey):
+            logger.debug("edit %s already finished; not rewriting", edit_id)
+            return asset_uri, sidecar_uri, False
+        orphan = True
     output_sha256 = sha256_hex(image_bytes)
     if not store.put(akey, image_bytes, if_absent=True):
         # an earlier (crashed or racing) attempt stored an image: keep it only if it is this edit
@@ -196,7 +199,7 @@ def write_asset(
             )
             store.put(akey, image_bytes)
     sidecar = json_bytes({**metadata, "output_uri": asset_uri, "output_sha256": output_sha256})
-    written = store.put(skey, sidecar, if_absent=True)
+    written = store.put(skey, sidecar, if_absent=not orphan)
     if not written:
         try:
             ours = store.get(skey) == sidecar  # our own earlier attempt whose reply was lost

@@ -24,6 +24,7 @@ from editing.prompts import PromptBudget
 from manifests import prepare_manifest
 from manifests.schema import EditRow
 from storage import keys
+from storage.finished import FinishedIndex, load_finished
 from storage.uri import open_store
 from storage.writer import read_json, write_json, write_parquet
 from tasks.errors import RunExists
@@ -41,18 +42,10 @@ def source_key(row: EditRow) -> tuple:
     return tuple(getattr(row, c) for c in GROUP_COLUMNS)
 
 
-def finished_assets(store) -> dict[str, str | None]:
-    """Finished edit id -> the key of its image (None if none is found), from one listing of ``assets/``."""
-    sidecars, images = set(), {}
-    for key in store.list(keys.assets_prefix()):
-        edit_id = keys.edit_id_of_sidecar(key)
-        if edit_id is not None:
-            sidecars.add(edit_id)
-            continue
-        edit_id = keys.edit_id_of_image(key)
-        if edit_id is not None:
-            images[edit_id] = key
-    return {e: images.get(e) for e in sidecars}
+def finished_assets(store) -> FinishedIndex:
+    """The finished edits under output root `store`, from its index (:mod:`storage.finished`; no listing
+    of ``assets/`` unless the root has no index yet)."""
+    return load_finished(store)
 
 
 def pack_shards(group_codes: np.ndarray, shard_size: int) -> np.ndarray:
@@ -110,14 +103,14 @@ def claim_run(out, run_id: str, claim: str) -> None:
     )
 
 
-def split_finished(norm: pa.Table, done: dict[str, str | None]) -> tuple[pa.Table, pa.Table]:
-    """(pending, skipped): the normalised rows without and with a finished edit in `done`."""
+def split_finished(norm: pa.Table, done: FinishedIndex) -> tuple[pa.Table, pa.Table]:
+    """(pending, skipped): the normalised rows without and with a finished edit; an edit the index
+    `done` holds counts as finished only while its image is still stored (:meth:`FinishedIndex.verify`)."""
     edit_ids = norm.column("edit_id").to_numpy(zero_copy_only=False)
-    finished = (
-        np.fromiter((e in done for e in edit_ids), dtype=bool, count=len(edit_ids))
-        if done
-        else np.zeros(len(edit_ids), bool)
-    )
+    codes = done.lookup(edit_ids)
+    finished = codes >= 0
+    if finished.any():
+        finished[finished] = done.verify(edit_ids[finished], codes[finished])
     return norm.filter(pa.array(~finished)), norm.filter(pa.array(finished))
 
 
@@ -151,19 +144,20 @@ def write_shard_plans(
     ]
 
 
-def write_skipped(out, run_id: str, skipped: pa.Table, done: dict[str, str | None]) -> None:
+def write_skipped(out, run_id: str, skipped: pa.Table, done: FinishedIndex) -> None:
     """The results rows of edits finished in earlier runs (status "skipped"), when there are any."""
     if not skipped.num_rows:
         return
+    edit_ids = skipped.column("edit_id").to_pylist()
     rows = [
         {
             "edit_id": e,
             "status": "skipped",
-            "output_uri": out.uri(done[e]) if done[e] else None,
+            "output_uri": out.uri(done.image_key(e, int(code))),
             "metadata_uri": out.uri(keys.sidecar_key(e)),
             "error": "finished in an earlier run",
         }  # fmt: skip
-        for e in skipped.column("edit_id").to_pylist()
+        for e, code in zip(edit_ids, done.lookup(edit_ids))
     ]
     write_parquet(out, keys.skipped_results_key(run_id), results_table(rows, skipped))
 

@@ -16,6 +16,8 @@ from prefect.cache_policies import NO_CACHE
 
 from editing.prompts import prompt_budget
 from storage.errors import is_transient
+from storage.finished import merge_run_parts, record_shard
+from storage.uri import open_store
 from tasks import runs
 from tasks.options import RestyleSpec, RunOptions
 from tasks.planning import plan_run
@@ -59,8 +61,18 @@ def plan_task(
 
 @_io_task("edit-shard", retry_delay_seconds=5)
 def shard_task(options: RunOptions, run_id: str, shard_index: int) -> dict[str, Any]:
-    """Edit one shard (model loaded once per worker process); return its counts and timings."""
-    return run_shard(options, run_id, shard_index)
+    """Edit one shard (model loaded once per worker process), record what it finished in the output's
+    finished-edit index; return its counts and timings."""
+    stats = run_shard(options, run_id, shard_index)
+    out = open_store(options.out, s3_endpoint=options.s3_endpoint)
+    stats["indexed"] = record_shard(out, run_id, shard_index)
+    return stats
+
+
+@_io_task("merge-finished-index")
+def merge_index_task(options: RunOptions, run_id: str) -> int:
+    """Merge the finished-index parts the run's shards wrote into one; returns how many there were."""
+    return merge_run_parts(open_store(options.out, s3_endpoint=options.s3_endpoint), run_id)
 
 
 @_io_task("read-plan")

@@ -74,7 +74,7 @@ def test_run_report_and_manifest_keys():
     assert keys.report_key("r1").endswith("/" + keys.REPORT_NAME)
 
 
-def test_finished_assets_lists_finished_edits_with_their_image(store):
+def test_finished_assets_of_an_old_root_are_the_edits_with_image_and_sidecar(store):
     done, unfinished, no_image = "a" * 32, "b" * 32, "c" * 32
     store.put(keys.asset_key(done, "webp"), b"img")
     store.put(keys.sidecar_key(done), b"{}")
@@ -82,7 +82,11 @@ def test_finished_assets_lists_finished_edits_with_their_image(store):
     store.put(keys.sidecar_key(no_image), b"{}")
     store.put(f"assets/{no_image}.txt", b"not an image")
     store.put(keys.plan_key("r1"), b"{}")
-    assert finished_assets(store) == {done: keys.asset_key(done, "webp"), no_image: None}
+    done_index = finished_assets(store)  # no index yet: one listing
+    assert len(done_index) == 1 and done in done_index and no_image not in done_index
+    assert done_index.image_key(done, int(done_index.lookup([done])[0])) == keys.asset_key(
+        done, "webp"
+    )
 
 
 def test_run_refs_split_into_root_and_run_id():
