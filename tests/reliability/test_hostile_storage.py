@@ -16,9 +16,8 @@ from flows.cli import main
 
 from .helpers import cli_env, one_row, results, scene_files, start_cli, write_rows
 
-RUN_TIMEOUT_S = (
-    420  # the CLI's own temporary Prefect server starts in 15-60 s on a loaded 2-core box
-)
+# the CLI's own temporary Prefect server starts in 15-60 s on a loaded 2-core box
+RUN_TIMEOUT_S = 420
 CAP = 1_000_000  # --max-source-bytes of the subprocess run: above a scene PNG, below `big.png`
 
 
@@ -191,3 +190,21 @@ def test_resealed_cache_entry_is_refused_with_a_key_and_recomputed(
     [row] = results(out, "after")
     assert row["status"] == "succeeded" and row["cache_hit"] is False
     assert unseal(entry.read_bytes()) == good  # recomputed, and sealed with the key again
+
+
+@pytest.mark.security
+def test_dask_workers_seal_with_the_key(prefect_server, flow_model, tmp_path, capsys, monkeypatch):
+    """The key is read where the cache is used: worker processes of editflow's local cluster inherit it."""
+    from storage.cache import CACHE_KEY_ENV, MAC_KEY, unseal
+
+    img, out, _ = _world(tmp_path)
+    monkeypatch.setenv(CACHE_KEY_ENV, "a-test-key-of-some-length")
+    m = write_rows(tmp_path / "m.parquet", [one_row(img, edit_id="d1")])
+    argv = ["run", m, "--out", str(out), "--model", flow_model, "--runner", "dask", "--dask-workers", "1"]  # fmt: skip
+    code, text = _run(argv, capsys)
+    assert code == 0, text
+    [entry] = sorted((out / "cache" / "inversions").rglob("*.safetensors"))
+    data = entry.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    assert MAC_KEY in json.loads(data[8 : 8 + n])["__metadata__"]
+    unseal(data)  # valid for the key
