@@ -77,4 +77,5 @@ def probe_location(uri: str, *, flag: str, s3_endpoint: str | None = None) -> No
             if not isinstance(exc, OSError):
                 raise
             line = f"{exc.strerror or type(exc).__name__}"
-        raise StorageUnusable(f"{flag} {uri}: {line}") from exc
+        where = f"{flag}: " if uri in line else f"{flag} {uri}: "
+        raise StorageUnusable(where + line) from exc
