@@ -54,7 +54,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BATCH_ROWS = 1 << 18  # rows read and checked at once: ~100 MB of working memory for typical rows
+# Rows read and checked at once: ~250 MB of working memory for catalogue-like rows (checking and
+# normalising a batch makes several copies of it); 4x that is ~+400 MB for little speed.
+BATCH_ROWS = 1 << 16
 PROBLEM_LIMIT = 1000  # problems kept with their row and reason; beyond, only counted per kind
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: an odd multiplier that spreads bits
 
@@ -184,6 +186,7 @@ class CheckedBatch:
     table: pa.Table  # as read, with the manifest's files metadata
     analysis: Analysis
     valid: bool  # no problem in this batch
+    hashes: dict[str, np.ndarray]  # column -> hash_strings of it, for those the scan hashed
 
     def normalized(self) -> pa.Table:
         """The batch's normalised rows (``row`` = position in the manifest)."""
@@ -240,25 +243,28 @@ class ManifestScan:
                     problems = word_problems(analysis.arrays, analysis.values, self.budget)
                 problems = [Problem(p.row + first_row, p.column, p.reason) for p in problems]
             self.add(problems)
-            self._remember_keys(analysis)
+            hashes = self._remember_keys(analysis)
             valid = not analysis.problems and not problems
-            yield CheckedBatch(first_row, table, analysis, valid=valid)
+            yield CheckedBatch(first_row, table, analysis, valid=valid, hashes=hashes)
 
-    def _remember_keys(self, analysis: Analysis) -> None:
+    def _remember_keys(self, analysis: Analysis) -> dict[str, np.ndarray]:
         """Per row: whether its edit_id is given, and a hash of that id, or of everything that
-        shapes the edit (what the derived id hashes) when it is derived."""
+        shapes the edit (what the derived id hashes) when it is derived. Returns the hashes of
+        the columns it hashed."""
         v, arrays, n = analysis.values, analysis.arrays, analysis.n
         given = np.zeros(n, bool) if v is None else ~np.asarray(v.missing_id, bool)
         keys = np.zeros(n, np.uint64)
         # rows without an id are compared only when every required column is there (as analyse)
         tracked = given.copy()
+        hashes: dict[str, np.ndarray] = {}
         if v is not None and all(c in arrays for c in REQUIRED_COLUMNS):
             tracked[:] = True
+            hashes = {c: hash_strings(arrays[c]) for c in REQUIRED_COLUMNS}
             settings = np.fromiter(map(hash, v.settings_identity), np.int64)[v.settings_codes]
             keys = mix_hashes(
-                hash_strings(arrays["image_uri"]),
-                hash_strings(arrays["source_prompt"]),
-                hash_strings(arrays["target_prompt"]),
+                hashes["image_uri"],
+                hashes["source_prompt"],
+                hashes["target_prompt"],
                 hash_strings(v.method),
                 settings,
                 v.seed,
@@ -271,6 +277,7 @@ class ManifestScan:
         self._given.append(given)
         self._tracked.append(tracked)
         self._keys.append(keys)
+        return hashes
 
     def finish(self) -> None:
         """The checks across rows: repeated given edit ids, and rows that are the same edit (so

@@ -147,9 +147,11 @@ def group_keys(batch: CheckedBatch) -> np.ndarray:
     num_steps): rows with equal values share it. A collision (p ~ rows^2 / 2^65) would only put
     two sources in one shard, which groups its rows by :func:`source_key` itself."""
     arrays, values = batch.analysis.arrays, batch.analysis.values
-    return mix_hashes(
-        hash_strings(arrays["image_uri"]), hash_strings(arrays["source_prompt"]), values.num_steps
+    uri, prompt = (
+        batch.hashes.get(c) if c in batch.hashes else hash_strings(arrays[c])
+        for c in ("image_uri", "source_prompt")
     )
+    return mix_hashes(uri, prompt, values.num_steps)
 
 
 class ShardWriter:
@@ -176,8 +178,12 @@ class ShardWriter:
         ordered = shards[order]
         starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if k else []
         for a, b in zip(starts, [*starts[1:], k]):
-            s = int(ordered[a])
-            self.buffers.setdefault(s, []).append(pending.take(pa.array(order[a:b])))
+            s, rows = int(ordered[a]), order[a:b]
+            if self.remaining[s] == b - a and rows[-1] - rows[0] == b - a - 1:
+                piece = pending.slice(int(rows[0]), b - a)  # a whole shard, written now: no copy
+            else:  # a copy, so that a shard waiting for its other rows pins no whole batch
+                piece = pending.take(pa.array(rows))
+            self.buffers.setdefault(s, []).append(piece)
             self.remaining[s] -= b - a
             if self.remaining[s] == 0:
                 self._write(s, pa.concat_tables(self.buffers.pop(s)))
