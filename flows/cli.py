@@ -401,14 +401,12 @@ def _prompt_budget(model: str):
 
 
 def _prepare(args: argparse.Namespace, *, prompts: bool = True):
-    """Load and check the manifest once (:func:`manifests.prepare_manifest`; not normalised: the CLI
-    only reports); with `prompts`, its prompts are checked against the model's tokenizer as well."""
-    from manifests import prepare_manifest
+    """Check the manifest in one streaming pass (:func:`manifests.stream.scan_manifest`, as planning
+    does); with `prompts`, its prompts are checked against the model's tokenizer as well."""
+    from manifests.stream import scan_manifest
 
     budget = _prompt_budget(args.model) if prompts else None
-    return prepare_manifest(
-        args.manifest, s3_endpoint=args.s3_endpoint, budget=budget, normalize=False
-    )
+    return scan_manifest(args.manifest, s3_endpoint=args.s3_endpoint, budget=budget)
 
 
 def _report_invalid(args: argparse.Namespace, problems: list) -> int:
@@ -732,14 +730,12 @@ def _storage_failures_line(summary: dict[str, Any]) -> str:
 
 def _validate(args: argparse.Namespace) -> int:
     """`editflow validate`: every problem of the manifest (prompt lengths included), or its row count."""
-    from manifests import format_problems
-
     prepared = _prepare(args)
     if prepared.problems:
-        print(format_problems(prepared.problems, limit=1000))
-        print(f"{args.manifest}: INVALID ({len(prepared.problems)} problem(s))")
+        print(prepared.report(limit=1000))
+        print(f"{args.manifest}: INVALID ({prepared.total} problem(s))")
         return 2
-    print(f"{args.manifest}: valid ({prepared.table.num_rows} rows)")
+    print(f"{args.manifest}: valid ({prepared.rows} rows)")
     return 0
 
 

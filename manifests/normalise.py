@@ -73,10 +73,11 @@ def _derive_ids(arrays: dict[str, pa.Array], v: RowValues, rows: np.ndarray) -> 
     ]
 
 
-def normalized_table(table: pa.Table, analysis: Analysis) -> pa.Table:
+def normalized_table(table: pa.Table, analysis: Analysis, *, first_row: int = 0) -> pa.Table:
     """The normalised form of `table` from its `analysis` (which must have no problems).
 
-    Columns: those of ``NORMALIZED_SCHEMA`` (``row`` = position in `table`; ``edit_id`` given
+    Columns: those of ``NORMALIZED_SCHEMA`` (``row`` = position in `table` plus `first_row`, for
+    a batch of a larger manifest; ``edit_id`` given
     or derived; ``method``, ``seed``, ``num_steps``, ``guidance_scale``, ``negative_prompt``
     filled; ``settings`` = canonical JSON of the method settings other than guidance_scale and
     negative_prompt), then the passthrough columns untouched. ``image_uri`` is kept as written.
@@ -106,7 +107,7 @@ def normalized_table(table: pa.Table, analysis: Analysis) -> pa.Table:
         edit_id = pa.array(derived, pa.string())
 
     columns: dict[str, pa.Array] = {
-        "row": pa.array(np.arange(n, dtype=np.int64)),
+        "row": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)),
         "edit_id": edit_id,
         "image_uri": arrays["image_uri"].cast(pa.string()),
         "source_prompt": arrays["source_prompt"].cast(pa.string()),

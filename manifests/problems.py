@@ -9,7 +9,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Problem", "ManifestError", "format_problems", "show_value", "rows_text"]
+__all__ = [
+    "Problem",
+    "ManifestError",
+    "format_problems",
+    "problem_kind",
+    "show_value",
+    "rows_text",
+]
 
 _OTHERS_SHOWN = 5  # rows named in a duplicate message
 
@@ -37,27 +44,49 @@ class ManifestError(ValueError):
     Pickles with its problems (it crosses process boundaries when a Dask worker plans a run).
     """
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(
+        self,
+        problems: list[Problem],
+        total: int | None = None,
+        counts: dict[str, int] | None = None,
+    ) -> None:
         self.problems = list(problems)
-        super().__init__(format_problems(self.problems))
+        self.total = len(self.problems) if total is None else total  # all, listed or not
+        self.counts = counts  # per kind (column), all problems; None = count the listed ones
+        super().__init__(format_problems(self.problems, total=self.total, counts=counts))
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The default would rebuild from ``args`` (the report text), losing the problems.
-        return (type(self), (self.problems,))
+        return (type(self), (self.problems, self.total, self.counts))
 
 
-def format_problems(problems: list[Problem], *, limit: int = 50) -> str:
-    """A readable report: a count, up to `limit` problems, and counts per column beyond that."""
-    if not problems:
+def problem_kind(problem: Problem) -> str:
+    """What a problem is counted under: its column, or "(manifest)"."""
+    return problem.column or "(manifest)"
+
+
+def format_problems(
+    problems: list[Problem],
+    *,
+    limit: int = 50,
+    total: int | None = None,
+    counts: dict[str, int] | None = None,
+) -> str:
+    """A readable report: a count, up to `limit` problems, and counts per column beyond that.
+
+    A streaming check lists only the first problems: `total` is the count of all of them and
+    `counts` their count per kind (:func:`problem_kind`), listed or not."""
+    total = len(problems) if total is None else total
+    if not total:
         return "manifest is valid"
-    lines = [
-        f"{len(problems)} problem(s) in the manifest (rows are 0-based positions in the manifest):"
-    ]
-    lines += [f"  {p}" for p in problems[:limit]]
-    if len(problems) > limit:
-        rest = Counter(p.column or "(manifest)" for p in problems[limit:])
-        summary = ", ".join(f"{col}: {count}" for col, count in rest.most_common())
-        lines.append(f"  ... and {len(problems) - limit} more ({summary})")
+    lines = [f"{total} problem(s) in the manifest (rows are 0-based positions in the manifest):"]
+    shown = problems[:limit]
+    lines += [f"  {p}" for p in shown]
+    if total > len(shown):
+        rest = Counter(counts) if counts is not None else Counter(map(problem_kind, problems))
+        rest.subtract(Counter(map(problem_kind, shown)))
+        summary = ", ".join(f"{col}: {count}" for col, count in rest.most_common() if count > 0)
+        lines.append(f"  ... and {total - len(shown)} more ({summary})")
     return "\n".join(lines)
 
 

@@ -276,7 +276,9 @@ def _duplicates(
     return problems
 
 
-def _edit_ids(arrays: dict[str, pa.Array], n: int) -> tuple[list[Problem], np.ndarray]:
+def _edit_ids(
+    arrays: dict[str, pa.Array], n: int, *, duplicates: bool = True
+) -> tuple[list[Problem], np.ndarray]:
     """Problems of the given edit ids, and the rows whose id is to be derived (none given)."""
     arr = arrays.get("edit_id")
     if arr is None:
@@ -313,6 +315,8 @@ def _edit_ids(arrays: dict[str, pa.Array], n: int) -> tuple[list[Problem], np.nd
         ),
         nbytes,
     )
+    if not duplicates:
+        return problems, missing
     codes, values = _codes(arr)
     problems += _duplicates(
         np.where(missing, -1, codes),
@@ -627,15 +631,18 @@ def _sorted(problems: list[Problem]) -> list[Problem]:
     return sorted(problems, key=lambda p: (p.row is not None, -1 if p.row is None else p.row))
 
 
-def analyse(table: pa.Table) -> Analysis:
-    """Check the manifest `table` once: its problems and the values its rows resolve to."""
+def analyse(table: pa.Table, *, duplicates: bool = True) -> Analysis:
+    """Check the manifest `table` once: its problems and the values its rows resolve to.
+
+    ``duplicates=False`` leaves out the checks across rows (repeated edit ids, repeated edits):
+    a streaming check (``manifests.stream``) makes them over the whole manifest itself."""
     problems, arrays = _check_columns(table)
     n = table.num_rows
     if n == 0:
         return Analysis(problems=problems, n=0, arrays=arrays, values=None)
     problems += _required_strings(arrays)
     problems += _uris(arrays)
-    id_problems, missing_id = _edit_ids(arrays, n)
+    id_problems, missing_id = _edit_ids(arrays, n, duplicates=duplicates)
     method_problems, method = _methods(arrays, n)
     seed_problems, seed = _integers(arrays, n, "seed", None, None, DEFAULT_SEED)
     steps_problems, num_steps = _integers(
@@ -664,7 +671,7 @@ def analyse(table: pa.Table) -> Analysis:
         + settings_problems
         + guidance_problems
         + negative_problems
-        + _derived_duplicates(arrays, values, settings.identity_codes)
+        + (_derived_duplicates(arrays, values, settings.identity_codes) if duplicates else [])
     )
     return Analysis(problems=_sorted(problems), n=n, arrays=arrays, values=values)
 

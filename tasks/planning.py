@@ -4,7 +4,8 @@ Rows are grouped by (image_uri, source_prompt, num_steps) so that each source im
 run and all its targets are edited in one batch; groups are packed, in manifest order, into shards of at
 most `shard_size` edits (a group larger than a shard is split, and its later shards find the inversion in
 the cache). The plan is written under ``{out}/runs/{run_id}/``: ``plan.json`` and one Parquet file of
-normalised rows per shard.
+normalised rows per shard. The manifest is streamed in batches (``manifests.stream``), so planning's
+memory is bounded by a batch and a few bytes per row, not by the manifest.
 """
 
 from __future__ import annotations
@@ -12,17 +13,27 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from editing.prompts import PromptBudget
-from manifests import prepare_manifest
+from manifests.normalise import normalized_table
 from manifests.schema import EditRow
+from manifests.stream import (
+    BATCH_ROWS,
+    CheckedBatch,
+    ManifestScan,
+    ManifestSource,
+    hash_strings,
+    mix_hashes,
+    open_manifest,
+)
+from manifests.validate import analyse
 from storage import keys
 from storage.finished import FinishedIndex, load_finished
 from storage.uri import open_store
@@ -114,33 +125,90 @@ def split_finished(norm: pa.Table, done: FinishedIndex) -> tuple[pa.Table, pa.Ta
     return norm.filter(pa.array(~finished)), norm.filter(pa.array(finished))
 
 
-def source_codes(rows: pa.Table) -> np.ndarray:
-    """Each row's source group (numbered by first appearance) by :data:`GROUP_COLUMNS`."""
-    if not rows.num_rows:
+def first_appearance_codes(keys: np.ndarray) -> np.ndarray:
+    """Per row, the number of its key in order of first appearance (0, 1, 2, ...)."""
+    if not len(keys):
         return np.zeros(0, np.int64)
-    frame = pd.DataFrame({c: rows.column(c).to_numpy(zero_copy_only=False) for c in GROUP_COLUMNS})
-    return frame.groupby(list(GROUP_COLUMNS), sort=False).ngroup().to_numpy()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
 
 
-def write_shard_plans(
-    out, run_id: str, pending: pa.Table, codes: np.ndarray, shard_size: int
-) -> list[dict[str, int]]:
-    """Pack `pending` (source groups `codes`) into shards, write each shard's rows; the plan's
-    ``shards`` entries (index, edits, sources)."""
-    shard_of = pack_shards(codes, shard_size)
-    num_shards = int(shard_of.max()) + 1 if len(shard_of) else 0
-    order = np.argsort(shard_of, kind="stable")
-    bounds = np.searchsorted(shard_of[order], np.arange(num_shards + 1))
-    members = [order[bounds[s] : bounds[s + 1]] for s in range(num_shards)]
+def group_keys(batch: CheckedBatch) -> np.ndarray:
+    """A 64-bit hash of each row's :data:`GROUP_COLUMNS` values (image_uri, source_prompt,
+    num_steps): rows with equal values share it. A collision (p ~ rows^2 / 2^65) would only put
+    two sources in one shard, which groups its rows by :func:`source_key` itself."""
+    arrays, values = batch.analysis.arrays, batch.analysis.values
+    uri, prompt = (
+        batch.hashes.get(c) if c in batch.hashes else hash_strings(arrays[c])
+        for c in ("image_uri", "source_prompt")
+    )
+    return mix_hashes(uri, prompt, values.num_steps)
 
-    def write_shard(s: int) -> None:
-        write_parquet(out, keys.shard_plan_key(run_id, s), pending.take(pa.array(members[s])))
 
-    with ThreadPoolExecutor(max_workers=8) as pool:  # object-store writes are latency-bound
-        list(pool.map(write_shard, range(num_shards)))
+class ShardWriter:
+    """Shard plans written as soon as all their rows have been seen (rows in manifest order),
+    by a few threads, with a bounded number of shards in memory at once."""
+
+    def __init__(self, out, run_id: str, shard_of: np.ndarray, *, threads: int = 8) -> None:
+        self.out, self.run_id, self.shard_of = out, run_id, shard_of
+        self.remaining = np.bincount(shard_of) if len(shard_of) else np.zeros(0, np.int64)
+        self.cursor = 0  # pending rows seen so far
+        self.buffers: dict[int, list[pa.Table]] = {}
+        self.pool = ThreadPoolExecutor(max_workers=threads)  # object-store writes wait on latency
+        self.in_flight: list[Future] = []
+        self.window = 4 * threads
+
+    def add(self, pending: pa.Table) -> None:
+        """The next pending rows (in manifest order); writes the shards they complete."""
+        k = pending.num_rows
+        shards = self.shard_of[self.cursor : self.cursor + k]
+        if len(shards) != k:
+            raise RuntimeError("more pending rows than were planned (the manifest changed?)")
+        self.cursor += k
+        order = np.argsort(shards, kind="stable")
+        ordered = shards[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if k else []
+        for a, b in zip(starts, [*starts[1:], k]):
+            s, rows = int(ordered[a]), order[a:b]
+            if self.remaining[s] == b - a and rows[-1] - rows[0] == b - a - 1:
+                piece = pending.slice(int(rows[0]), b - a)  # a whole shard, written now: no copy
+            else:  # a copy, so that a shard waiting for its other rows pins no whole batch
+                piece = pending.take(pa.array(rows))
+            self.buffers.setdefault(s, []).append(piece)
+            self.remaining[s] -= b - a
+            if self.remaining[s] == 0:
+                self._write(s, pa.concat_tables(self.buffers.pop(s)))
+
+    def _write(self, s: int, rows: pa.Table) -> None:
+        while len(self.in_flight) >= self.window:
+            self.in_flight.pop(0).result()
+        key = keys.shard_plan_key(self.run_id, s)
+        self.in_flight.append(self.pool.submit(write_parquet, self.out, key, rows))
+
+    def close(self) -> None:
+        """Wait for every write (raising the first error); every planned row must have come."""
+        try:
+            for future in self.in_flight:
+                future.result()
+        finally:
+            self.pool.shutdown(wait=True)
+        if self.cursor != len(self.shard_of) or self.buffers:
+            raise RuntimeError("fewer pending rows than were planned (the manifest changed?)")
+
+
+def shard_entries(shard_of: np.ndarray, codes: np.ndarray) -> list[dict[str, int]]:
+    """The plan's ``shards`` entries: index, edits and distinct sources of each shard."""
+    if not len(shard_of):
+        return []
+    edits = np.bincount(shard_of)
+    width = int(codes.max()) + 1
+    pairs = np.unique(shard_of * width + codes)
+    sources = np.bincount(pairs // width, minlength=len(edits))
     return [
-        {"index": s, "edits": len(idx), "sources": int(len(np.unique(codes[idx])))}
-        for s, idx in enumerate(members)
+        {"index": s, "edits": int(e), "sources": int(n)}
+        for s, (e, n) in enumerate(zip(edits.tolist(), sources.tolist(), strict=True))
     ]
 
 
@@ -162,6 +230,12 @@ def write_skipped(out, run_id: str, skipped: pa.Table, done: FinishedIndex) -> N
     write_parquet(out, keys.skipped_results_key(run_id), results_table(rows, skipped))
 
 
+def _normalized_batches(source: ManifestSource, batch_rows: int) -> Iterator[pa.Table]:
+    """The normalised rows of a manifest already found valid, batch by batch."""
+    for first_row, table in source.batches(batch_rows):
+        yield normalized_table(table, analyse(table, duplicates=False), first_row=first_row)
+
+
 def plan_run(
     manifest_uri: str,
     options: RunOptions,
@@ -170,39 +244,82 @@ def plan_run(
     shard_size: int | None = None,
     claim: str | None = None,
     budget: PromptBudget | None = None,
+    batch_rows: int = BATCH_ROWS,
 ) -> dict[str, Any]:
     """Validate (prompt lengths too when `budget` is given: the plan task passes the model's), claim
     the run id (``RunExists`` if taken), plan and write the plan; returns the plan (what ``plan.json``
-    holds: ``shards`` lists each shard's index, edits and sources). `shard_size`: None = the options'."""
+    holds: ``shards`` lists each shard's index, edits and sources). `shard_size`: None = the options'.
+
+    The manifest is streamed in batches of `batch_rows`: (1) every batch is checked and each row's
+    source reduced to a 64-bit key; (2) an invalid manifest raises ``ManifestError`` (the first
+    problems, all counted per kind) before anything is written; (3) the run id is claimed and the
+    finished edits found; (4) the pending rows' sources are packed into shards; (5) the manifest
+    is read again and each shard's rows written as soon as they are all seen. Memory holds a batch,
+    ~24 bytes per row and the shards not yet complete, not the manifest."""
     t0 = time.perf_counter()
     shard_size = options.shard_size if shard_size is None else shard_size
-    prepared = prepare_manifest(manifest_uri, s3_endpoint=options.s3_endpoint, budget=budget)
-    norm = prepared.require_normalized()  # ManifestError listing every problem
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    # 1. Check every batch; keep each row's source key while the manifest is valid
+    source = open_manifest(manifest_uri, s3_endpoint=options.s3_endpoint)
+    scan = ManifestScan(source, budget=budget, batch_rows=batch_rows)
+    sources: list[np.ndarray] = []
+    for batch in scan.batches():
+        if scan.total:
+            sources.clear()  # invalid: nothing will be planned, keep counting problems only
+            continue
+        sources.append(group_keys(batch))
+    scan.finish()
+    # 2. An invalid manifest: every problem counted, nothing written
+    scan.raise_if_invalid()
+    source_key_of_row = np.concatenate(sources) if sources else np.zeros(0, np.uint64)
+    del sources
     t_validate = time.perf_counter() - t0
+    # 3. Claim the run id; the edits finished in earlier runs
     out = open_store(options.out, s3_endpoint=options.s3_endpoint)
     claim_run(out, run_id, claim or secrets.token_hex(8))
     done = finished_assets(out)
-    pending, skipped = split_finished(norm, done)
-    codes = source_codes(pending)
-    shards = write_shard_plans(out, run_id, pending, codes, shard_size)
-    write_skipped(out, run_id, skipped, done)
+    pending = np.ones(source.rows, bool)
+    if done:
+        pending[:] = False
+        for norm in _normalized_batches(source, batch_rows):
+            todo, _ = split_finished(norm, done)
+            pending[todo.column("row").to_numpy()] = True
+    # 4. Pack the pending rows' sources (numbered by first appearance) into shards
+    codes = first_appearance_codes(source_key_of_row[pending])
+    del source_key_of_row
+    shard_of = pack_shards(codes, shard_size)
+    shards = shard_entries(shard_of, codes)
+    # 5. Read again; write each shard's rows once all are seen, and the skipped rows
+    writer = ShardWriter(out, run_id, shard_of)
+    skipped_parts: list[pa.Table] = []
+    try:
+        for norm in _normalized_batches(source, batch_rows):
+            todo, skipped = split_finished(norm, done)
+            writer.add(todo)
+            if skipped.num_rows:
+                skipped_parts.append(skipped)
+    finally:
+        writer.close()
+    if skipped_parts:
+        write_skipped(out, run_id, pa.concat_tables(skipped_parts), done)
     plan = {
         "run_id": run_id,
         "manifest": manifest_uri,
         "created": datetime.now(timezone.utc).isoformat(),
         "options": options.to_dict(),
         "shard_size": shard_size,
-        "rows": norm.num_rows,
-        "pending": pending.num_rows,
-        "skipped": skipped.num_rows,
+        "rows": source.rows,
+        "pending": int(pending.sum()),
+        "skipped": source.rows - int(pending.sum()),
         "sources": int(codes.max()) + 1 if len(codes) else 0,
-        "passthrough": prepared.passthrough,
+        "passthrough": source.passthrough,
         "shards": shards,
         "seconds": {"validate": t_validate, "plan": time.perf_counter() - t0 - t_validate},
     }
     write_json(out, keys.plan_key(run_id), plan)
     logger.info(
         "planned run %s: %d edits (%d skipped) in %d shards",
-        run_id, norm.num_rows, skipped.num_rows, len(shards),
+        run_id, source.rows, plan["skipped"], len(shards),
     )  # fmt: skip
     return plan

@@ -132,21 +132,35 @@ def test_check_only_skips_normalising(calls: list[str]) -> None:
     assert calls == ["analyse"]
 
 
-def test_plan_run_prepares_once(tmp_path: Path, calls: list[str]) -> None:
+def test_plan_run_checks_each_batch_once_and_reads_again_only_to_write(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from manifests import stream
+    from tasks import planning
     from tasks.options import RunOptions
     from tasks.planning import plan_run
 
-    uri = _write(tmp_path / "m", TABLE)
+    seen: list[tuple[str, int]] = []
+    for module, where in ((stream, "check"), (planning, "write")):
+        real = module.analyse
+
+        def counted(table, *args, _real=real, _where=where, **kwargs):
+            seen.append((_where, table.num_rows))
+            return _real(table, *args, **kwargs)
+
+        monkeypatch.setattr(module, "analyse", counted)
+    uri = _write(tmp_path / "m", TABLE)  # two parts: 2 rows and 1 row
     plan = plan_run(uri, RunOptions(out=str(tmp_path / "out")), run_id="r1")
-    assert calls == ["load_manifest", "analyse"]
+    assert seen == [("check", 2), ("check", 1), ("write", 2), ("write", 1)]
     assert plan["rows"] == 3 and plan["passthrough"] == ["sku"]
 
-    calls.clear()
+    seen.clear()
     bad = _write(tmp_path / "bad", TABLE.set_column(3, "method", pa.array(["x", None, "p2p"])))
     with pytest.raises(ManifestError) as info:
         plan_run(bad, RunOptions(out=str(tmp_path / "out")), run_id="r2")
-    assert calls == ["load_manifest", "analyse"]
+    assert seen == [("check", 2), ("check", 1)]  # nothing read again, nothing written
     assert [(p.row, p.column) for p in info.value.problems] == [(0, "method")]
+    assert not (tmp_path / "out" / "runs" / "r2").exists()
 
 
 def _raise_manifest_error() -> None:

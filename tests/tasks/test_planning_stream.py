@@ -1,0 +1,159 @@
+"""Planning in bounded memory: the manifest streamed in batches gives the plan the whole table gave;
+checks across rows span batches; a huge bad manifest gives its first problems and a count per kind;
+a folder with one bad part names it and writes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from manifests import ManifestError, format_problems, validate_table
+from manifests import stream as stream_module
+from manifests.stream import ManifestScan, open_manifest, scan_manifest
+from storage import keys
+from tasks.options import RunOptions
+from tasks.planning import plan_run
+
+
+def _manifest(n: int = 200, seed: int = 0) -> pa.Table:
+    """Sources scattered over the manifest (a group's rows are not adjacent), some ids given."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, n // 4, n)
+    return pa.table(
+        {
+            "image_uri": [f"s3://b/img-{i}.png" for i in image],
+            "source_prompt": [f"a photo of item {i}" for i in image],
+            "target_prompt": [f"a photo of item {i}, style {j}" for j, i in enumerate(image)],
+            "num_steps": pa.array(rng.choice([20, 50], n)),
+            "edit_id": [f"id-{j}" if j % 3 == 0 else None for j in range(n)],
+            "sku": pa.array(rng.integers(0, 10**6, n), pa.int32()),
+        }
+    )
+
+
+def _folder(tmp_path: Path, table: pa.Table, cuts: list[int]) -> str:
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    bounds = [0, *cuts, table.num_rows]
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        pq.write_table(table.slice(a, b - a), folder / f"part-{i}.parquet")
+    return str(folder)
+
+
+def _shards(out: Path, plan: dict) -> list[pa.Table]:
+    return [pq.read_table(out / keys.shard_plan_key(plan["run_id"], s["index"])) for s in plan["shards"]]  # fmt: skip
+
+
+def test_batches_give_the_plan_one_batch_gives(tmp_path: Path) -> None:
+    table = _manifest()
+    uri = _folder(tmp_path, table, cuts=[70, 71])
+    groups = set(zip(*(table.column(c).to_pylist() for c in ("image_uri", "source_prompt", "num_steps"))))  # fmt: skip
+    plans = {}
+    for batch_rows in (7, 10_000):
+        out = tmp_path / f"out-{batch_rows}"
+        plan = plan_run(uri, RunOptions(out=str(out)), run_id="r", shard_size=9, batch_rows=batch_rows)  # fmt: skip
+        plans[batch_rows] = (plan, _shards(out, plan))
+    (small, small_shards), (one, one_shards) = plans[7], plans[10_000]
+    assert small["shards"] == one["shards"] and small["sources"] == one["sources"] == len(groups)
+    for a, b in zip(small_shards, one_shards, strict=True):
+        assert a.equals(b, check_metadata=True)
+    rows = pa.concat_tables(small_shards).column("row").to_pylist()
+    assert sorted(rows) == list(range(200))
+    # every source's rows in consecutive shards, rows within a shard in manifest order
+    for shard in small_shards:
+        assert shard.column("row").to_pylist() == sorted(shard.column("row").to_pylist())
+
+
+def test_finished_edits_are_skipped_across_batches(tmp_path: Path) -> None:
+    uri = _folder(tmp_path, _manifest(), cuts=[100])
+    out = tmp_path / "out"
+    first = plan_run(uri, RunOptions(out=str(out)), run_id="r1", shard_size=8, batch_rows=16)
+    ids = pa.concat_tables(_shards(out, first)).column("edit_id").to_pylist()
+    for e in ids[::5]:  # as if these edits had finished: image and sidecar
+        (out / keys.asset_key(e, "png")).parent.mkdir(parents=True, exist_ok=True)
+        (out / keys.asset_key(e, "png")).write_bytes(b"png")
+        (out / keys.sidecar_key(e)).write_text("{}")
+    again = plan_run(uri, RunOptions(out=str(out)), run_id="r2", shard_size=8, batch_rows=16)
+    assert again["skipped"] == 40 and again["pending"] == 160
+    pending = pa.concat_tables(_shards(out, again)).column("edit_id").to_pylist()
+    assert set(pending) == set(ids) - set(ids[::5])
+    skipped = pq.read_table(out / keys.skipped_results_key("r2"))
+    assert sorted(skipped.column("edit_id").to_pylist()) == sorted(ids[::5])
+
+
+def test_duplicates_are_found_across_batches_as_validate_table_finds_them(tmp_path: Path) -> None:
+    table = _manifest(60)
+    dup_given = table.column("edit_id").to_pylist()
+    dup_given[57] = "id-3"  # a given id again, far from the first
+    table = table.set_column(4, "edit_id", pa.array(dup_given))
+    table = pa.concat_tables([table, table.slice(10, 1)])  # row 10 (derived id) again, as row 60
+    uri = _folder(tmp_path, table, cuts=[30])
+    scan = scan_manifest(uri)
+    key = lambda p: (p.row, p.column, p.reason)  # noqa: E731
+    assert sorted(map(key, scan.problems)) == sorted(map(key, validate_table(table)))
+    assert {(p.row, p.column) for p in scan.problems} == {
+        (3, "edit_id"), (57, "edit_id"), (10, "edit_id"), (60, "edit_id")
+    }  # fmt: skip
+
+
+def test_hash_collisions_are_not_reported_as_duplicates(tmp_path: Path, monkeypatch) -> None:
+    # every row hashes alike: all are candidates, and the exact comparison clears them
+    monkeypatch.setattr(stream_module, "mix_hashes", lambda *parts: np.zeros(len(parts[0]), np.uint64))  # fmt: skip
+    monkeypatch.setattr(stream_module, "hash_strings", lambda arr: np.zeros(len(arr), np.uint64))  # fmt: skip
+    uri = _folder(tmp_path, _manifest(50), cuts=[20])
+    assert scan_manifest(uri).problems == []
+
+
+def test_a_huge_bad_manifest_gives_its_first_problems_and_a_count_per_kind(tmp_path: Path) -> None:
+    n = 5000
+    table = pa.table(
+        {
+            "image_uri": ["a.png"] * n,
+            "source_prompt": ["a cat"] * n,
+            "target_prompt": [f"a dog {i}" for i in range(n)],
+            "method": ["magic" if i % 2 else "pnp" for i in range(n)],
+            "num_steps": [0 if i % 5 == 0 else 10 for i in range(n)],
+        }
+    )
+    uri = _folder(tmp_path, table, cuts=[1234])
+    source = open_manifest(uri)
+    scan = ManifestScan(source, limit=20, batch_rows=512)
+    for _ in scan.batches():
+        pass
+    scan.finish()
+    assert scan.total == 2500 + 1000 and dict(scan.counts) == {"method": 2500, "num_steps": 1000}
+    assert len(scan.problems) == 20
+    error = scan.error()
+    assert [p.row for p in error.problems] == sorted(p.row for p in error.problems)
+    text = format_problems(error.problems, limit=10, total=error.total, counts=error.counts)
+    assert text.startswith("3500 problem(s)")
+    assert text.splitlines()[-1].startswith("  ... and 3490 more (method: ")
+    with pytest.raises(ManifestError) as info:
+        plan_run(uri, RunOptions(out=str(tmp_path / "out")), run_id="r", batch_rows=512)
+    assert info.value.total == 3500 and len(info.value.problems) == 1000
+    assert not (tmp_path / "out" / "runs" / "r").exists()
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "other columns", "other type"])
+def test_a_folder_with_one_bad_part_names_it_and_runs_nothing(tmp_path: Path, damage: str) -> None:
+    table = _manifest(40)
+    uri = _folder(tmp_path, table, cuts=[10, 20])
+    bad = Path(uri) / "part-1.parquet"
+    if damage == "unreadable":
+        bad.write_bytes(b"PAR1 not really parquet PAR1")
+    elif damage == "other columns":
+        pq.write_table(table.slice(10, 10).drop_columns(["sku"]), bad)
+    else:
+        pq.write_table(table.slice(10, 10).set_column(5, "sku", pa.array(["x"] * 10)), bad)
+    out = tmp_path / "out"
+    with pytest.raises(ManifestError) as info:
+        plan_run(uri, RunOptions(out=str(out)), run_id="r")
+    assert "part-1.parquet" in str(info.value)
+    assert "part-0.parquet" not in str(info.value).replace(f"{uri}/part-0.parquet has", "")
+    assert not (out / "runs").exists()
+    scan = scan_manifest(uri)
+    assert scan.total >= 1 and "part-1.parquet" in scan.report()
