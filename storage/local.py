@@ -107,9 +107,6 @@ class LocalStore(ObjectStore):
         self.root = self.anchor.joinpath(*self._below)
         self.follow_links = follow_links
 
-    def _path(self, key: str) -> Path:
-        return self.root / check_key(key)
-
     def _parts(self, key: str) -> tuple[str, ...]:
         return (*self._below, *check_key(key).split("/"))
 
@@ -171,7 +168,7 @@ class LocalStore(ObjectStore):
                 if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
                     raise
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if stat.S_ISLNK(st.st_mode):
+                if stat.S_ISLNK(st.st_mode) and not self.follow_links:
                     raise self._refuse_link(parts) from None
                 if not create:  # a file where a folder would be: no object below it
                     return None
