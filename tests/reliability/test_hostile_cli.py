@@ -188,6 +188,23 @@ def test_full_disk_during_a_run_exits_3(prefect_server, flow_model, tmp_path, fu
     assert "run f1:" in proc.stdout  # the summary is still printed
 
 
+@pytest.mark.fault
+def test_failed_writes_and_full_shards_are_a_storage_failure():
+    """A run whose outputs could not be written (the summary still could) is a storage failure (exit 3),
+    not failed rows (exit 1): fixing the manifest would not help."""
+    import pyarrow as pa
+
+    from tasks.runs import storage_failures
+
+    full = "row 1: writing output failed: OSError: [Errno 28] No space left on device: '/o/a.png'"
+    results = pa.table({"status": ["succeeded", "failed", "failed"],
+                        "error": [None, full, "row 2: image_uri: cannot read the image"]})  # fmt: skip
+    assert storage_failures(results, []) == {"edits": 1, "shards": 0, "error": full}
+    assert storage_failures(results.slice(2), ["shard 0: ValueError: bad"]) is None
+    ro = "shard 3: OSError: [Errno 30] Read-only file system: '/o/runs'"
+    assert storage_failures(results.slice(0, 1), [ro]) == {"edits": 0, "shards": 1, "error": ro}
+
+
 def _cli(args: list[str]) -> tuple[int, str]:
     proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=cli_env(),
                           capture_output=True, text=True, timeout=300)  # fmt: skip
