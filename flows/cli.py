@@ -8,7 +8,8 @@
     editflow serve MANIFEST --out URI --cron "0 2 * * *"
 
 Exit status: 0 when every edit succeeded (or was already finished), 1 when any failed, 2 for an invalid
-manifest or bad arguments.
+manifest, bad arguments or a damaged run, 3 for storage (unwritable, unreachable, full), 130 / 143 when
+interrupted. Every error is one line on stderr (``-v`` adds the traceback).
 """
 
 from __future__ import annotations
