@@ -10,6 +10,7 @@ from typing import Any
 from editing.configs import DEFAULT_MAX_BATCH
 from manifests.build import DEFAULT_TEMPLATE
 from manifests.schema import DEFAULT_METHOD
+from storage.endpoints import check_endpoint
 from storage.keys import IMAGE_FORMATS
 
 DEFAULT_SHARD_SIZE = 64  # edits per shard task
@@ -56,6 +57,8 @@ class RunOptions:
 
         if not self.out:
             raise ValueError("out must be a URI or a folder")
+        if self.s3_endpoint is not None:  # before a flow run records it: no credentials in it
+            check_endpoint(self.s3_endpoint, what="s3_endpoint")
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(
                 f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}"

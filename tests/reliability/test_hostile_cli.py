@@ -153,6 +153,15 @@ def test_env_endpoint_with_credentials_is_refused(world, no_flow, capsys, monkey
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.security
+def test_run_options_refuse_endpoint_credentials():
+    """The flows called directly: RunOptions refuses the URL before a flow run can record it."""
+    for url in ("http://u:hunter2@127.0.0.1:9", "http://127.0.0.1:9/?X-Amz-Signature=hunter2"):
+        with pytest.raises(ValueError, match="AWS_ACCESS_KEY_ID") as info:
+            RunOptions(out="s3://bucket/out", s3_endpoint=url)
+        assert "hunter2" not in str(info.value)
+
+
 @pytest.mark.bad_input
 def test_restyle_error_from_the_catalog_is_one_line(prefect_server, world, capsys, tmp_path):
     """Errors restyle's catalog raises inside the flow reach the user as one line, exit 2, and leave
