@@ -162,6 +162,20 @@ def test_run_options_refuse_endpoint_credentials():
         assert "hunter2" not in str(info.value)
 
 
+@pytest.mark.security
+def test_error_lines_never_show_url_credentials():
+    """An endpoint that got past the checks (another tool's configuration): its error line is redacted."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from flows.cli import error_line
+
+    exc = EndpointConnectionError(
+        endpoint_url="http://u:hunter2@127.0.0.1:9/b/k?X-Amz-Signature=hunter2"
+    )
+    line, code = error_line(exc)
+    assert code == 3 and "127.0.0.1:9" in line and "hunter2" not in line, line
+
+
 @pytest.mark.bad_input
 def test_restyle_error_from_the_catalog_is_one_line(prefect_server, world, capsys, tmp_path):
     """Errors restyle's catalog raises inside the flow reach the user as one line, exit 2, and leave
