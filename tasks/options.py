@@ -57,7 +57,7 @@ class RunOptions:
 
         if not self.out:
             raise ValueError("out must be a URI or a folder")
-        if self.s3_endpoint is not None:  # before a flow run records it: no credentials in it
+        if self.s3_endpoint:  # before a flow run records it: no credentials in it ("" = unset)
             check_endpoint(self.s3_endpoint, what="s3_endpoint")
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(
