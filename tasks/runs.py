@@ -38,7 +38,7 @@ PREVIEW_COLUMNS = ("edit_id", "status", "output_uri", "error", "cache_hit", "une
 # a failed row's error when its output could not be stored (tasks.shard.write_one's phrase)
 WRITE_FAILED = "writing output failed"
 # a failure of the store itself: full, read-only, denied, I/O (an OSError's "[Errno N]"), or S3 unreachable
-# or refusing; not a refusal by editflow (a ValueError, e.g. a symlink under --out), which fails the row
+# or refusing (a symlink leaving --out is refused as EACCES); editflow's own ValueErrors only fail the row
 _STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 _ERRNOS = "|".join(str(e) for e in _STORAGE_ERRNOS)
 _STORAGE_ERROR = re.compile(

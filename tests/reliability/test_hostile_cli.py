@@ -224,9 +224,9 @@ def test_failed_writes_and_full_shards_are_a_storage_failure():
                         "error": [None, full, "row 2: image_uri: cannot read the image"]})  # fmt: skip
     assert storage_failures(results, []) == {"edits": 1, "shards": 0, "error": full}
     assert storage_failures(results.slice(2), ["shard 0: ValueError: bad"]) is None
-    refused = "row 1: writing output failed: ValueError: assets/a.png is outside the store root"
-    symlink = pa.table({"status": ["failed"], "error": [refused]})
-    assert storage_failures(symlink, []) is None  # editflow's own refusal fails the row (exit 1)
+    refused = "row 1: writing output failed: ValueError: cannot encode a 0x0 image"
+    not_storage = pa.table({"status": ["failed"], "error": [refused]})
+    assert storage_failures(not_storage, []) is None  # fails the row alone (exit 1)
     ro = "shard 3: OSError: [Errno 30] Read-only file system: '/o/runs'"
     assert storage_failures(results.slice(0, 1), [ro]) == {"edits": 0, "shards": 1, "error": ro}
 
