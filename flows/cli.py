@@ -8,7 +8,8 @@
     editflow serve MANIFEST --out URI --cron "0 2 * * *"
 
 Exit status: 0 when every edit succeeded (or was already finished), 1 when any failed, 2 for an invalid
-manifest or bad arguments.
+manifest, bad arguments or a damaged run, 3 for storage (unwritable, unreachable, full), 130 / 143 when
+interrupted. Every error is one line on stderr (``-v`` adds the traceback).
 """
 
 from __future__ import annotations
@@ -502,10 +503,9 @@ def _end_process(code: int) -> None:
     thread is still joinable, made 1 exit in 10 abort with "terminate called without an active
     exception" (SIGABRT, status 134). Python's own exit steps run first: wait for non-daemon threads, then
     the atexit handlers (Prefect's, the temporary server's), then flush."""
-    main_thread = threading.main_thread()
-    for t in threading.enumerate():
-        if t is not main_thread and not t.daemon:
-            t.join()
+    # what the interpreter itself does first: wake idle thread pools (their exit hooks) and join the
+    # non-daemon threads; joining them here instead would wait forever on a pool never shut down
+    threading._shutdown()  # type: ignore[attr-defined]
     import atexit
 
     atexit._run_exitfuncs()

@@ -103,7 +103,9 @@ def stop_temporary_server() -> None:
         proc.wait()
 
 
-_FAILURE_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+# Prefect's failed-run records, and the flow's own records of a failed shard or summary (the CLI prints
+# both itself: the failed shards after the summary, a summary that could not be written as its error line)
+_FAILURE_LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "flows.bulk_edit")
 
 
 class _NoFailures(logging.Filter):

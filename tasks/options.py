@@ -10,6 +10,7 @@ from typing import Any
 from editing.configs import DEFAULT_MAX_BATCH
 from manifests.build import DEFAULT_TEMPLATE
 from manifests.schema import DEFAULT_METHOD
+from storage.endpoints import check_endpoint
 from storage.keys import IMAGE_FORMATS
 from storage.uri import DEFAULT_MAX_SOURCE_BYTES
 
@@ -59,6 +60,8 @@ class RunOptions:
 
         if not self.out:
             raise ValueError("out must be a URI or a folder")
+        if self.s3_endpoint:  # before a flow run records it: no credentials in it ("" = unset)
+            check_endpoint(self.s3_endpoint, what="s3_endpoint")
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(
                 f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}"

@@ -37,8 +37,14 @@ PREVIEW_ROWS = 500  # results rows in the flow's table artifact
 PREVIEW_COLUMNS = ("edit_id", "status", "output_uri", "error", "cache_hit", "unet_evals", "seconds")
 # a failed row's error when its output could not be stored (tasks.shard.write_one's phrase)
 WRITE_FAILED = "writing output failed"
-# a failed shard's error when the storage was full or read-only (an OSError's "[Errno N]")
-_STORAGE_ERRNO = re.compile(rf"\[Errno ({errno.ENOSPC}|{errno.EDQUOT}|{errno.EROFS})\]")
+# a failure of the store itself: full, read-only, denied, I/O (an OSError's "[Errno N]"), or S3 unreachable
+# or refusing (a symlink leaving --out is refused as EACCES); editflow's own ValueErrors only fail the row
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+_ERRNOS = "|".join(str(e) for e in _STORAGE_ERRNOS)
+_STORAGE_ERROR = re.compile(
+    rf"\[Errno ({_ERRNOS})\]|\b(EndpointConnectionError|ConnectTimeoutError|ReadTimeoutError|"
+    r"ConnectionClosedError|ClientError)\b"
+)
 
 
 def _store(options: RunOptions) -> ObjectStore:
@@ -149,16 +155,18 @@ def _failed_rows(results: pa.Table, limit: int) -> list[dict[str, Any]]:
 
 
 def storage_failures(results: pa.Table, failed_shards: list[str]) -> dict[str, Any] | None:
-    """Edits whose output could not be written and shards that failed on a full or read-only store:
-    ``{"edits": n, "shards": m, "error": the first such error}``, or None when there are none. A run
+    """Edits whose output the store refused to take and shards that failed on the store (full, read-only,
+    denied, unreachable): ``{"edits": n, "shards": m, "error": the first such error}``, or None. A run
     with any is a storage failure (exit 3): fixing the manifest's rows would not help."""
     errors: list[str] = []
     edits = 0
     if results.num_rows and "error" in results.column_names:
         failed = results.filter(pc.equal(results.column("status"), "failed")).column("error")
-        hits = [e for e in failed.to_pylist() if e and WRITE_FAILED in e]
+        hits = [
+            e for e in failed.to_pylist() if e and WRITE_FAILED in e and _STORAGE_ERROR.search(e)
+        ]
         edits, errors = len(hits), hits[:1]
-    shards = [s for s in failed_shards if _STORAGE_ERRNO.search(s)]
+    shards = [s for s in failed_shards if _STORAGE_ERROR.search(s)]
     if not edits and not shards:
         return None
     return {"edits": edits, "shards": len(shards), "error": (errors or shards)[0]}

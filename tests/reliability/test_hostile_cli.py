@@ -18,8 +18,6 @@ from tasks.options import RunOptions
 from .helpers import REPO, cli_env, one_row, scene_files, write_rows
 from .test_faults import full_disk  # noqa: F401 - the fixture (a 96 KiB tmpfs; skipped unless root)
 
-pytestmark = pytest.mark.bad_input
-
 RUN = "r1"
 
 
@@ -121,6 +119,7 @@ def _call(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, cap.out, cap.err
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("case", list(CASES))
 def test_hostile_command_line_is_one_line(case, world, no_flow, capsys):
     argv, status, expect = CASES[case]
@@ -141,6 +140,7 @@ def test_hostile_command_line_is_one_line(case, world, no_flow, capsys):
     assert not Path(world["new"]).exists()  # nothing created before the checks passed
 
 
+@pytest.mark.security
 def test_env_endpoint_with_credentials_is_refused(world, no_flow, capsys, monkeypatch, aws_env):
     from storage.s3 import clear_client_cache
 
@@ -153,6 +153,30 @@ def test_env_endpoint_with_credentials_is_refused(world, no_flow, capsys, monkey
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.security
+def test_run_options_refuse_endpoint_credentials():
+    """The flows called directly: RunOptions refuses the URL before a flow run can record it."""
+    for url in ("http://u:hunter2@127.0.0.1:9", "http://127.0.0.1:9/?X-Amz-Signature=hunter2"):
+        with pytest.raises(ValueError, match="AWS_ACCESS_KEY_ID") as info:
+            RunOptions(out="s3://bucket/out", s3_endpoint=url)
+        assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.security
+def test_error_lines_never_show_url_credentials():
+    """An endpoint that got past the checks (another tool's configuration): its error line is redacted."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from flows.cli import error_line
+
+    exc = EndpointConnectionError(
+        endpoint_url="http://u:hunter2@127.0.0.1:9/b/k?X-Amz-Signature=hunter2"
+    )
+    line, code = error_line(exc)
+    assert code == 3 and "127.0.0.1:9" in line and "hunter2" not in line, line
+
+
+@pytest.mark.bad_input
 def test_restyle_error_from_the_catalog_is_one_line(prefect_server, world, capsys, tmp_path):
     """A catalog restyle cannot use is reported as a manifest problem (the problems list names the
     column; no traceback), exit 2, and leaves no --out folder (the write probe's is removed)."""
@@ -169,20 +193,44 @@ def test_restyle_error_from_the_catalog_is_one_line(prefect_server, world, capsy
 
 
 @pytest.mark.fault
-def test_full_disk_during_a_run_exits_3(prefect_server, flow_model, tmp_path, capsys, full_disk):  # noqa: F811
+def test_full_disk_during_a_run_exits_3(prefect_server, flow_model, tmp_path, full_disk):  # noqa: F811
+    """The program (a subprocess, on the session's Prefect server): the summary on stdout, and on stderr
+    one error line, status 3."""
     from tests.flows.conftest import demo_rows
 
     images = scene_files(tmp_path / "img", 3)
     m = write_rows(tmp_path / "m.parquet", demo_rows(images))
     argv = ["run", m, "--out", str(full_disk / "out"), "--model", flow_model, "--run-id", "f1"]
-    code, out, err = _call(argv, capsys)
-    assert code == 3, (code, out, err)
-    assert "no space left" in err and "Traceback" not in err, err
-    # the run's own log lines (the failed shard, the report it could not write) may come first;
-    # the error itself is one line, the last
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=REPO, capture_output=True, text=True,
+                          env=cli_env(PREFECT_API_URL=prefect_server, EDITFLOW_PROGRESS="0"), timeout=600)  # fmt: skip
+    err = proc.stderr
+    assert proc.returncode == 3, (proc.returncode, proc.stdout, err[-3000:])
+    assert "no space left" in err and "Traceback" not in err, err[-3000:]
+    # one error line, the last; the run's own log lines (the failed shard, the report it could not
+    # write) may come before it
     errors = [ln for ln in err.splitlines() if ln.startswith("editflow: error:")]
-    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
-    assert "run f1:" in out  # the summary is still printed
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err[-3000:]
+    assert "run f1:" in proc.stdout  # the summary is still printed
+
+
+@pytest.mark.fault
+def test_failed_writes_and_full_shards_are_a_storage_failure():
+    """A run whose outputs could not be written (the summary still could) is a storage failure (exit 3),
+    not failed rows (exit 1): fixing the manifest would not help."""
+    import pyarrow as pa
+
+    from tasks.runs import storage_failures
+
+    full = "row 1: writing output failed: OSError: [Errno 28] No space left on device: '/o/a.png'"
+    results = pa.table({"status": ["succeeded", "failed", "failed"],
+                        "error": [None, full, "row 2: image_uri: cannot read the image"]})  # fmt: skip
+    assert storage_failures(results, []) == {"edits": 1, "shards": 0, "error": full}
+    assert storage_failures(results.slice(2), ["shard 0: ValueError: bad"]) is None
+    refused = "row 1: writing output failed: ValueError: cannot encode a 0x0 image"
+    not_storage = pa.table({"status": ["failed"], "error": [refused]})
+    assert storage_failures(not_storage, []) is None  # fails the row alone (exit 1)
+    ro = "shard 3: OSError: [Errno 30] Read-only file system: '/o/runs'"
+    assert storage_failures(results.slice(0, 1), [ro]) == {"edits": 0, "shards": 1, "error": ro}
 
 
 def _cli(args: list[str]) -> tuple[int, str]:
@@ -192,9 +240,10 @@ def _cli(args: list[str]) -> tuple[int, str]:
 
 
 SHOW_RUNS = 30  # the abort came in about 1 exit in 10: 30 runs miss it with p < 0.05
-VALIDATE_RUNS = 10  # each loads torch and a tokenizer; show covers the same exit path cheaply
+VALIDATE_RUNS = 6  # each loads torch and a tokenizer; show covers the same exit path cheaply
 
 
+@pytest.mark.bad_input
 def test_no_abort_at_exit_in_a_loop(world, tmp_path):
     """`show` of an interrupted run and `validate` of a manifest with a column named twice used to end
     with "terminate called without an active exception" (SIGABRT, status 134): Arrow's thread pool torn

@@ -76,6 +76,68 @@ def test_credentials_appear_nowhere(
             assert secret not in text, f"{secret} appears in {name}"
 
 
+ENDPOINT_SECRET = "editflow-endpoint-canary-0123456789"
+
+
+def _prefect_files() -> dict[str, bytes]:
+    """Every file of the Prefect test server's database (sqlite, its journal) and of PREFECT_HOME."""
+    import os
+
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().server.database.connection_url.get_secret_value()
+    db = Path(url.split(":///", 1)[1])
+    folders = [db.parent, Path(os.environ["PREFECT_HOME"])]
+    return {str(f): f.read_bytes() for d in folders for f in d.rglob("*") if f.is_file()}
+
+
+@pytest.mark.parametrize("where", ["userinfo", "query", "environment"])
+def test_endpoint_credentials_are_refused_and_stored_nowhere(
+    prefect_server, s3_server, s3_client, s3_bucket, flow_model, capsys, editflow_log, monkeypatch,
+    where,
+):  # fmt: skip
+    """Credentials in an endpoint URL (``http://user:SECRET@host``, ``?X-Amz-Credential=SECRET``, in
+    --s3-endpoint or AWS_ENDPOINT_URL_S3) are refused with exit 2 before anything is stored: the
+    secret is in no object, no output line, no log record and not in Prefect's database."""
+    from storage.s3 import clear_client_cache
+
+    secret = f"{ENDPOINT_SECRET}-{where}"
+    scheme, hostport = s3_server.split("://")
+    url = {
+        "userinfo": f"{scheme}://editflow:{secret}@{hostport}",
+        "query": f"{s3_server}/?X-Amz-Credential={secret}",
+        "environment": f"{scheme}://editflow:{secret}@{hostport}",
+    }[where]
+    images = [f"{s3_bucket}/images/scene-{i}.png" for i in range(2)]
+    for i, uri in enumerate(images):
+        put(s3_client, uri, scene_png(i))
+    manifest = f"{s3_bucket}/manifests/m.parquet"
+    write_manifest(s3_client, manifest, demo_rows(images))
+    argv = ["run", manifest, "--out", f"{s3_bucket}/out", "--model", flow_model, "--run-id", "ep"]
+    if where == "environment":
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", url)
+    else:
+        argv += ["--s3-endpoint", url]
+    clear_client_cache()
+    try:
+        code = main(["-v", *argv])
+    except SystemExit as exc:  # refused by the argument check: argparse's one line, status 2
+        code = exc.code
+    finally:
+        clear_client_cache()
+    cap = capsys.readouterr()
+    err = [ln for ln in cap.err.splitlines() if ln.startswith("editflow")]
+    assert code == 2 and "AWS_ACCESS_KEY_ID" in err[0], (code, cap.out, cap.err[-2000:])
+    texts = {"stdout": cap.out, "stderr": cap.err, "log": editflow_log.text}
+    bucket = s3_bucket[len("s3://") :].split("/")[0]
+    for key in keys_under(s3_client, f"s3://{bucket}/"):
+        texts[key] = get(s3_client, f"s3://{bucket}/{key}").decode("latin-1")
+    texts.update({name: data.decode("latin-1") for name, data in _prefect_files().items()})
+    assert any("prefect-test.db" in name for name in texts)
+    for name, text in texts.items():
+        assert secret not in text, f"the endpoint's secret appears in {name}"
+
+
 def test_nothing_written_outside_out(prefect_server, flow_model, tmp_path, capsys):
     world = tmp_path / "world"
     images = scene_files(world / "img", 1)
@@ -90,7 +152,7 @@ def test_nothing_written_outside_out(prefect_server, flow_model, tmp_path, capsy
     before = {p: p.read_bytes() for p in world.rglob("*") if p.is_file() and out not in p.parents}
     code = main(["run", manifest, "--out", str(out), "--model", flow_model, "--run-id", "w"])
     capsys.readouterr()
-    assert code == 1
+    assert code == 3  # the store refused the write (a symlink leaving --out): a storage failure
     [row] = results(out, "w")
     assert row["status"] == "failed" and "outside the store root" in row["error"]
     assert not list(elsewhere.iterdir())
