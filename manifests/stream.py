@@ -258,7 +258,9 @@ class ManifestScan:
         tracked = given.copy()
         hashes: dict[str, np.ndarray] = {}
         if v is not None and all(c in arrays for c in REQUIRED_COLUMNS):
-            tracked[:] = True
+            tracked[:] = True  # but a row without a required value has no identity
+            for c in REQUIRED_COLUMNS:
+                tracked &= np.asarray(arrays[c].is_valid(), dtype=bool)
             hashes = {c: hash_strings(arrays[c]) for c in REQUIRED_COLUMNS}
             settings = np.fromiter(map(hash, v.settings_identity), np.int64)[v.settings_codes]
             keys = mix_hashes(
