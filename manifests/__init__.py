@@ -8,8 +8,9 @@ validation that reports every problem, normalising into typed `EditRow`s, edit i
     rows = list(edit_rows(prepared.normalized))
 
 Modules: ``load`` (reading through ``storage``), ``validate`` (the checks), ``prompts`` (prompt
-lengths), ``normalise`` (normalised table, ``EditRow``s), ``prepare`` (all of it in one pass),
-``identity`` (derived edit ids), ``problems``, ``schema``, ``build``.
+lengths, P2P words), ``normalise`` (normalised table, ``EditRow``s), ``prepare`` (all of it in one
+pass, in memory), ``stream`` (the same checks batch by batch, in bounded memory: what ``validate``
+and planning use), ``identity`` (derived edit ids), ``problems``, ``schema``, ``build``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from manifests.schema import (
     RESERVED_COLUMNS,
     EditRow,
 )
+from manifests.stream import ManifestScan, open_manifest, scan_manifest
 from manifests.validate import analyse, validate_table
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "RESERVED_COLUMNS",
     "EditRow",
     "ManifestError",
+    "ManifestScan",
     "PreparedManifest",
     "Problem",
     "analyse",
@@ -62,11 +65,13 @@ __all__ = [
     "manifest_files",
     "normalize",
     "normalized_table",
+    "open_manifest",
     "passthrough_columns",
     "prepare_manifest",
     "prepare_table",
     "prompt_length_problems",
     "read_catalog",
     "restyle_manifest",
+    "scan_manifest",
     "validate_table",
 ]

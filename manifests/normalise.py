@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from editing.configs import P2PConfig, PnPConfig, config_from_settings
-from manifests.identity import derive_edit_id_json
+from manifests.identity import derive_edit_ids
 from manifests.load import FILES_METADATA_KEY
 from manifests.problems import ManifestError
 from manifests.schema import KNOWN_COLUMNS, NORMALIZED_SCHEMA, EditRow
@@ -55,22 +55,20 @@ def _gc_paused() -> Iterator[None]:
 def _derive_ids(arrays: dict[str, pa.Array], v: RowValues, rows: np.ndarray) -> list[str]:
     """Derived edit ids of `rows` (resolved values, settings hashed as canonical JSON)."""
     take = pa.array(rows)
-    identity = np.array(v.settings_identity, dtype=object)[v.settings_codes[rows]].tolist()
-    return [
-        derive_edit_id_json(*values)
-        for values in zip(
-            arrays["image_uri"].take(take).to_pylist(),
-            arrays["source_prompt"].take(take).to_pylist(),
-            arrays["target_prompt"].take(take).to_pylist(),
-            v.method.take(take).to_pylist(),
-            identity,
-            v.seed[rows].tolist(),
-            v.num_steps[rows].tolist(),
-            v.guidance[rows].tolist(),
-            v.negative.take(take).to_pylist(),
-            strict=True,
-        )
-    ]
+    settings = pa.array(v.settings_identity, pa.large_string()).take(
+        pa.array(v.settings_codes[rows])
+    )
+    return derive_edit_ids(
+        arrays["image_uri"].take(take),
+        arrays["source_prompt"].take(take),
+        arrays["target_prompt"].take(take),
+        v.method.take(take),
+        settings,
+        v.seed[rows],
+        v.num_steps[rows],
+        v.guidance[rows],
+        v.negative.take(take),
+    )
 
 
 def normalized_table(table: pa.Table, analysis: Analysis, *, first_row: int = 0) -> pa.Table:

@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 BATCH_ROWS = 1 << 16
 PROBLEM_LIMIT = 1000  # problems kept with their row and reason; beyond, only counted per kind
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: an odd multiplier that spreads bits
+_GIVEN_SALT = np.uint64(0x5BD1E9955BD1E995)  # keeps given-id hashes apart from identity hashes
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -258,7 +259,9 @@ class ManifestScan:
         tracked = given.copy()
         hashes: dict[str, np.ndarray] = {}
         if v is not None and all(c in arrays for c in REQUIRED_COLUMNS):
-            tracked[:] = True
+            tracked[:] = True  # but a row without a required value has no identity
+            for c in REQUIRED_COLUMNS:
+                tracked &= np.asarray(arrays[c].is_valid(), dtype=bool)
             hashes = {c: hash_strings(arrays[c]) for c in REQUIRED_COLUMNS}
             settings = np.fromiter(map(hash, v.settings_identity), np.int64)[v.settings_codes]
             keys = mix_hashes(
@@ -285,15 +288,20 @@ class ManifestScan:
         if not self._keys:
             return
         given = np.concatenate(self._given)
+        self._given = []
         tracked = np.concatenate(self._tracked)
+        self._tracked = []
         keys = np.concatenate(self._keys)
-        self._given, self._tracked, self._keys = [], [], []
-        candidates = np.zeros(len(keys), bool)
-        for mask in (given, tracked & ~given):
-            rows = np.flatnonzero(mask)
-            _, inverse, counts = np.unique(keys[rows], return_inverse=True, return_counts=True)
-            candidates[rows[counts[inverse.reshape(-1)] > 1]] = True
-        if candidates.any():
+        self._keys = []
+        # one sorted copy of the keys (given ids are salted apart from derived identities; a
+        # clash between the two only makes a candidate, which the exact comparison clears)
+        keys[given] ^= _GIVEN_SALT
+        tracked |= given
+        ordered = np.sort(keys[tracked])
+        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+        del ordered
+        if len(repeated):
+            candidates = tracked & np.isin(keys, np.unique(repeated))
             self.add(self._exact_duplicates(np.flatnonzero(candidates), given))
 
     def _exact_duplicates(self, rows: np.ndarray, given: np.ndarray) -> list[Problem]:

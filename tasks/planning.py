@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from editing.prompts import PromptBudget
@@ -127,12 +128,8 @@ def split_finished(norm: pa.Table, done: FinishedIndex) -> tuple[pa.Table, pa.Ta
 
 def first_appearance_codes(keys: np.ndarray) -> np.ndarray:
     """Per row, the number of its key in order of first appearance (0, 1, 2, ...)."""
-    if not len(keys):
-        return np.zeros(0, np.int64)
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-    return rank[inverse.reshape(-1)]
+    codes, _ = pd.factorize(keys, sort=False)  # a hash table: no sorted copies of the keys
+    return codes.astype(np.int64, copy=False)
 
 
 def group_keys(batch: CheckedBatch) -> np.ndarray:

@@ -37,7 +37,7 @@ def _manifest(n: int = 200, seed: int = 0) -> pa.Table:
 
 def _folder(tmp_path: Path, table: pa.Table, cuts: list[int]) -> str:
     folder = tmp_path / "manifest"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     bounds = [0, *cuts, table.num_rows]
     for i, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
         pq.write_table(table.slice(a, b - a), folder / f"part-{i}.parquet")
@@ -157,3 +157,29 @@ def test_a_folder_with_one_bad_part_names_it_and_runs_nothing(tmp_path: Path, da
     assert not (out / "runs").exists()
     scan = scan_manifest(uri)
     assert scan.total >= 1 and "part-1.parquet" in scan.report()
+
+
+def test_validate_cli_counts_every_problem_and_lists_the_first(tmp_path: Path, capsys) -> None:
+    from flows.cli import main
+
+    n = 3000
+    table = pa.table(
+        {
+            "image_uri": ["a.png"] * n,
+            "source_prompt": ["a cat"] * n,
+            "target_prompt": [f"a dog {i}" for i in range(n)],
+            "method": ["magic"] * n,
+        }
+    )
+    uri = _folder(tmp_path, table, cuts=[1000])
+    assert main(["validate", uri]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("3000 problem(s) in the manifest")
+    assert out[1] == "  row 0, column 'method': unknown method 'magic'; known: pnp, p2p"
+    assert out[-2] == "  ... and 2000 more (method: 2000)"
+    assert out[-1] == f"{uri}: INVALID (3000 problem(s))"
+    short = {"source_prompt": ["a red circle"] * 30, "target_prompt": [f"a blue circle {i}" for i in range(30)]}  # fmt: skip
+    good_table = pa.table({"image_uri": [f"img-{i}.png" for i in range(30)], **short})
+    good = _folder(tmp_path / "good", good_table, cuts=[10])
+    assert main(["validate", good]) == 0
+    assert capsys.readouterr().out.strip() == f"{good}: valid (30 rows)"

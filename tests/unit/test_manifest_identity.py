@@ -89,3 +89,41 @@ def test_storage_keys_no_longer_derives_ids() -> None:
     """Identity is the manifests' job; storage.keys keeps key safety only."""
     assert not hasattr(keys, "derive_edit_id") and not hasattr(keys, "derive_edit_id_json")
     assert keys.check_id("ba5eab653e54ba5dcc4b83341bc8e5c8")
+
+
+def test_derive_edit_ids_equals_derive_edit_id_json_row_by_row() -> None:
+    import random
+
+    import numpy as np
+    import pyarrow as pa
+
+    from manifests.identity import derive_edit_id_json, derive_edit_ids
+
+    rng = random.Random(1)
+    alphabet = ["a", " ", '"', "\\", "\n", "\x00", "\x1f", "\x7f", "é", "猫", "\u2028", "😀", ","]
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+
+    n = 500
+    cols = [[text() for _ in range(n)] for _ in range(5)]
+    seed = np.array([rng.choice([0, -1, 2**63 - 1, -(2**63), 42]) for _ in range(n)], np.int64)
+    steps = np.array([rng.choice([1, 50, 1000]) for _ in range(n)], np.int64)
+    guidance = np.array([rng.choice([7.5, 1e-05, 1 / 3, 1e16, 2.5e-310, -0.0]) for _ in range(n)])
+    settings = [rng.choice(["{}", '{"a":1}', '{"w":"\\"x\\""}']) for _ in range(n)]
+    fast = derive_edit_ids(
+        *(pa.array(c) for c in cols[:4]), pa.array(settings), seed, steps, guidance,
+        pa.array(cols[4]),
+    )  # fmt: skip
+    slow = [
+        derive_edit_id_json(
+            *(c[i] for c in cols[:4]),
+            settings[i],
+            int(seed[i]),
+            int(steps[i]),
+            float(guidance[i]),
+            cols[4][i],
+        )  # fmt: skip
+        for i in range(n)
+    ]
+    assert fast == slow
