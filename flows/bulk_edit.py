@@ -3,7 +3,7 @@ restyle (a manifest from a catalog, then bulk edit as a subflow).
 
 Orchestration only: every read and write is a task of :mod:`tasks.units` (with the transient-error
 retry); the flows wire them, notify progress and publish artifacts. One task per shard, never per image
-(Prefect's per-task overhead is large). The task runner is chosen by the caller
+(Prefect's per-task overhead is large), a bounded window of shards in flight. The task runner is chosen by the caller
 (:func:`flows.runners.make_task_runner`): a bounded thread pool by default, Dask for clusters.
 Every flow takes the run's options as one :class:`~tasks.options.RunOptions` (a dict is coerced to one:
 deployments store parameters as JSON).
@@ -11,7 +11,9 @@ deployments store parameters as JSON).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import queue
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +22,6 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
-from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.runners import device_count
@@ -68,41 +69,75 @@ def _current_task_runner():
     return ctx.task_runner if ctx is not None else None
 
 
-def _submit_shards(options: RunOptions, run_id: str, shards: Sequence[int], gpu_resources: bool):
+# Shard tasks in flight per worker: one running and one queued, so that no worker waits on orchestration
+# while a 100k-shard run holds only a few futures and sends Prefect a few task runs at a time.
+IN_FLIGHT_PER_WORKER = 2
+
+
+def fan_out_window(task_runner) -> int:
+    """Shard tasks kept in flight: :data:`IN_FLIGHT_PER_WORKER` per worker of `task_runner` (thread
+    pool: its threads; Dask: the cluster's workers when the run starts, or their GPU resources)."""
+    workers = 1
+    client = getattr(task_runner, "_client", None)
+    if client is not None:  # prefect-dask's DaskTaskRunner, started
+        info = client.scheduler_info().get("workers", {})
+        gpus = sum(w.get("resources", {}).get("GPU", 0) for w in info.values())
+        workers = int(gpus) or len(info) or 1
+    elif isinstance(getattr(task_runner, "_max_workers", None), int):  # ThreadPoolTaskRunner
+        workers = task_runner._max_workers
+    return max(1, workers) * IN_FLIGHT_PER_WORKER
+
+
+def _submit_shard(options: RunOptions, run_id: str, shard: int, gpu_resources: bool):
     if not gpu_resources:
-        return [shard_task.submit(options, run_id, i) for i in shards]
+        return shard_task.submit(options, run_id, shard)
     import dask
 
     with dask.annotate(resources={"GPU": 1}):
-        return [shard_task.submit(options, run_id, i) for i in shards]
+        return shard_task.submit(options, run_id, shard)
 
 
 def _fan_out(
     options: RunOptions, run_id: str, shards: Sequence[dict], gpu_resources: bool
 ) -> tuple[list[dict], list[str]]:
-    """Submit one task per shard (`shards`: the plan's entries); collect their stats as they finish."""
+    """Run one task per shard (`shards`: the plan's entries), a bounded window of them in flight (see
+    :func:`fan_out_window`): the next is submitted as one finishes; collect their stats."""
+    runner = _current_task_runner()
     watch = RunWatch(
         run_id,
         {sh["index"]: sh["edits"] for sh in shards},
         _notify,
-        task_runner=_current_task_runner(),
+        task_runner=runner,
         artifact_key=f"progress-{run_id.lower()}"[:100],
     ).start()
-    indices = [sh["index"] for sh in shards]
-    futures = _submit_shards(options, run_id, indices, gpu_resources)
-    index_of = {f.task_run_id: i for f, i in zip(futures, indices)}
+    todo = iter([sh["index"] for sh in shards])
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    shard_of: dict[Any, int] = {}
+
+    def submit(n: int) -> int:
+        count = 0
+        for index in itertools.islice(todo, n):
+            future = _submit_shard(options, run_id, index, gpu_resources)
+            shard_of[future.task_run_id] = index
+            future.add_done_callback(finished.put)
+            count += 1
+        return count
+
     stats, failed = [], []
-    for fut in as_completed(futures):
+    in_flight = submit(fan_out_window(runner))
+    while in_flight:
+        fut = finished.get()
+        shard = shard_of.pop(fut.task_run_id, None)
         try:
             s = fut.result()
             stats.append(s)
         except Exception as exc:  # noqa: BLE001 - a failed shard is recorded; `rerun` picks it up
-            shard = index_of.get(fut.task_run_id)
             logger.error("shard %s failed: %s: %s", shard, type(exc).__name__, exc)
             failed.append(f"shard {shard}: {type(exc).__name__}: {exc}")
             s = {"shard": shard, "error": str(exc)}
         _notify(s)
         watch.shard_finished(s)
+        in_flight += submit(1) - 1
     watch.close()
     return stats, failed
 
@@ -217,3 +252,21 @@ def restyle(
     except ManifestError as exc:
         discard_restyle_manifest_task(options, run_id)
         raise ManifestError(restyle_problems(exc.problems, spec)) from None
+
+
+@flow(name="bulk-edit-on-dask", log_prints=False)
+def bulk_edit_on_dask(
+    manifest: str,
+    options: RunOptions,
+    dask_address: str,
+    run_id: str | None = None,
+    gpu_resources: bool = True,
+) -> dict[str, Any]:
+    """:func:`bulk_edit` with its shards on the existing Dask cluster at `dask_address` (for
+    deployments: a deployment stores parameters, not a task runner). `gpu_resources`: each shard asks
+    for one "GPU" resource (workers started with ``--resources GPU=1``)."""
+    from flows.runners import make_task_runner
+
+    runner, gpu = make_task_runner("dask", dask_address=dask_address, dask_gpu=gpu_resources)
+    edit = bulk_edit.with_options(task_runner=runner)
+    return edit(manifest, options, run_id=run_id, gpu_resources=gpu)

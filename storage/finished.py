@@ -80,6 +80,9 @@ class FinishedIndex:
         self.store = store
         self.hashes, self.codes = hashes[first], codes[first]
         self.heads = 0  # HEADs sent by verify()
+        self._headed: dict[
+            int, bool
+        ] = {}  # edit hash -> image found, for a second pass over the rows
         self._listed: FinishedIndex | None = None  # set once verify() listed ``assets/``
 
     def __len__(self) -> int:
@@ -108,15 +111,20 @@ class FinishedIndex:
 
     def verify(self, edit_ids: Sequence[str], codes: np.ndarray) -> np.ndarray:
         """Which of `edit_ids` (held by the index, `codes` from :meth:`lookup`) still have their image:
-        a HEAD each, or, once HEADs would outnumber a listing's pages, one listing of ``assets/``."""
-        if self._listed is None and self.heads + len(edit_ids) > self.listing_cost:
+        a HEAD each (once: planning may pass the rows twice), or, once HEADs would outnumber a
+        listing's pages, one listing of ``assets/``."""
+        hashes = hash_ids(edit_ids).tolist()
+        new = [i for i, h in enumerate(hashes) if h not in self._headed]
+        if self._listed is None and self.heads + len(new) > self.listing_cost:
             self._listed = scan_assets(self.store)
         if self._listed is not None:
             return self._listed.lookup(edit_ids) >= 0
-        self.heads += len(edit_ids)
-        image_keys = [self.image_key(e, int(c)) for e, c in zip(edit_ids, codes)]
+        self.heads += len(new)
+        image_keys = [self.image_key(edit_ids[i], int(codes[i])) for i in new]
         with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-            return np.fromiter(pool.map(self.store.exists, image_keys), bool, len(image_keys))
+            for i, found in zip(new, pool.map(self.store.exists, image_keys)):
+                self._headed[hashes[i]] = found
+        return np.fromiter((self._headed[h] for h in hashes), bool, len(hashes))
 
 
 def scan_assets(store: ObjectStore, *, chunk: int = 100_000) -> FinishedIndex:

@@ -136,6 +136,7 @@ def test_the_deployments_parameters_fit_their_flows():
     flows = {
         "flows/bulk_edit.py:bulk_edit": flows_mod.bulk_edit,
         "flows/bulk_edit.py:rerun": flows_mod.rerun,
+        "flows/bulk_edit.py:bulk_edit_on_dask": flows_mod.bulk_edit_on_dask,
     }
     run_time = {"flows/bulk_edit.py:rerun": {"run_id": "r"}}  # given with each run of on-demand
     for dep in config["deployments"]:

@@ -93,6 +93,8 @@ def test_planning_reads_the_index_then_checks_images_by_head_or_one_listing(make
     assert index.listing_cost == 1
     assert index.verify(edit_ids[:1], index.lookup(edit_ids[:1])).tolist() == [True]
     assert store.checked == [keys.asset_key(edit_ids[0], "png")]
+    assert index.verify(edit_ids[:1], index.lookup(edit_ids[:1])).tolist() == [True]
+    assert len(store.checked) == 1  # planning's second pass over the rows sends no second HEAD
     assert store.listed == [keys.finished_index_prefix()]
     # more HEADs than a listing's pages: one listing instead, then no more requests
     run.out.delete(keys.asset_key(edit_ids[2], "png"))
