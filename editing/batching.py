@@ -83,30 +83,22 @@ class Piece:
         return [self.group.targets[ti] for ti in self.target_indices]
 
 
-def check_configs(groups: Sequence[SourceGroup], method: str, config_type: type) -> None:
-    """Refuse a target whose config is not the method's."""
-    for gi, g in enumerate(groups):
-        for t in g.targets:
-            if not isinstance(t.config, config_type):
-                raise ValueError(
-                    f"group {gi}: target {t.prompt!r} has a {type(t.config).__name__}, "
-                    f"{method} needs {config_type.__name__}"
-                )
-
-
 def pack_chunks(
-    groups: Sequence[SourceGroup], max_batch: int, key: Callable[[SourceGroup, Target], Any]
+    groups: Sequence[SourceGroup], max_batch: int, key: Callable[[int, SourceGroup, int], Any]
 ) -> list[list[Piece]]:
     """Pack groups' targets into chunks of at most `max_batch` targets that share the inversion's steps
-    and latent shape and the method's `key`."""
+    and latent shape and `key(group index, group, target index)` (the method and its chunk key).
+
+    Group by group, each group's targets of one key in parts of at most `max_batch`; a part joins the open
+    chunk of its key if it fits, else closes it and opens the next (a part is never split further)."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     open_chunks: dict[Any, list[Piece]] = {}
     done: list[list[Piece]] = []
     for gi, group in enumerate(groups):
         by_key: dict[Any, list[int]] = {}
-        for ti, target in enumerate(group.targets):
-            k = (group.inversion.num_steps, group.inversion.latent_shape, key(group, target))
+        for ti in range(len(group.targets)):
+            k = (group.inversion.num_steps, group.inversion.latent_shape, key(gi, group, ti))
             by_key.setdefault(k, []).append(ti)
         for k, idxs in by_key.items():
             for start in range(0, len(idxs), max_batch):
@@ -128,21 +120,6 @@ def chunk_size(pieces: Sequence[Piece]) -> int:
 def chunk_targets(pieces: Sequence[Piece]) -> list[Target]:
     """A chunk's targets in chunk order (piece by piece)."""
     return [t for p in pieces for t in p.targets]
-
-
-def run_chunks(
-    groups: Sequence[SourceGroup],
-    chunks: Sequence[list[Piece]],
-    edit_chunk: Callable[[list[Piece]], list[EditResult]],
-) -> list[list[EditResult]]:
-    """Edit every chunk and put its results back in group and target order."""
-    out: list[list[EditResult | None]] = [[None] * len(g.targets) for g in groups]
-    for chunk in chunks:
-        results = iter(edit_chunk(chunk))
-        for piece in chunk:
-            for ti in piece.target_indices:
-                out[piece.group_index][ti] = next(results)
-    return out  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- row layout

@@ -8,7 +8,6 @@ mask equal to the source's trajectory. Everything per chunk is decided up front 
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Sequence
@@ -27,7 +26,6 @@ from editing.batching import (
     RowSteps,
     SourceGroup,
     Target,
-    check_configs,
     check_finite,
     chunk_results,
     chunk_targets,
@@ -35,23 +33,9 @@ from editing.batching import (
     latent_positions,
     layout_rows,
     make_batch,
-    pack_chunks,
-    run_chunks,
 )
-from editing.configs import DEFAULT_MAX_BATCH, P2PConfig
+from editing.configs import P2PConfig
 from editing.model import EditModel
-
-
-def edit_p2p(
-    model: EditModel, groups: Sequence[SourceGroup], *, max_batch: int = DEFAULT_MAX_BATCH
-) -> list[list[EditResult]]:
-    """Prompt-to-Prompt cross-attention control (Hertz et al. 2022) on Direct-Inversion latents.
-
-    Every chunk runs its source rows (their maps are needed); a group's cached PnP features are unused.
-    """
-    check_configs(groups, "p2p", P2PConfig)
-    chunks = pack_chunks(groups, max_batch, functools.partial(_chunk_key, model))
-    return run_chunks(groups, chunks, functools.partial(_edit_chunk, model))
 
 
 def blend_fraction(model: EditModel, config: P2PConfig) -> float:
@@ -59,7 +43,7 @@ def blend_fraction(model: EditModel, config: P2PConfig) -> float:
     return config.blend_fraction or float(model.defaults.get("p2p_blend_fraction", 1 / 16))
 
 
-def _chunk_key(model: EditModel, group: SourceGroup, target: Target) -> Any:
+def chunk_key(model: EditModel, group: SourceGroup, target: Target) -> Any:
     """Targets share a chunk when they control the same layers."""
     return (target.config.self_max_fraction, blend_fraction(model, target.config))
 
@@ -148,7 +132,8 @@ def _local_blend(
 
 
 @torch.no_grad()
-def _edit_chunk(model: EditModel, pieces: list[Piece]) -> list[EditResult]:
+def edit_chunk(model: EditModel, pieces: list[Piece]) -> list[EditResult]:
+    """One chunk of Prompt-to-Prompt edits (`pieces` share :func:`chunk_key`)."""
     # 1. Validate: the chunk shares steps, latent shape and self-attention cap (its key)
     start = time.perf_counter()
     steps = pieces[0].group.inversion.num_steps

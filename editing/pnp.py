@@ -7,7 +7,6 @@ injections can be recorded (:class:`PnPFeatures`) and replayed later, so a warm 
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from collections.abc import Sequence
@@ -25,7 +24,6 @@ from editing.batching import (
     RowSteps,
     SourceGroup,
     Target,
-    check_configs,
     check_finite,
     chunk_results,
     chunk_targets,
@@ -33,11 +31,8 @@ from editing.batching import (
     latent_positions,
     layout_rows,
     make_batch,
-    pack_chunks,
-    run_chunks,
 )
 from editing.configs import (
-    DEFAULT_MAX_BATCH,
     SD_PNP_ATTN_LAYERS,
     SD_PNP_FEATURE_LAYERS,
     PnPConfig,
@@ -105,24 +100,7 @@ def pnp_layers(model: EditModel, config: PnPConfig) -> tuple[tuple[str, ...], tu
     return tuple(feats), tuple(attns)
 
 
-def edit_pnp(
-    model: EditModel,
-    groups: Sequence[SourceGroup],
-    *,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    record_features: bool = False,
-) -> list[list[EditResult]]:
-    """Plug-and-Play diffusion features (Tumanyan et al., CVPR 2023) on Direct-Inversion latents.
-
-    `record_features`: live chunks return their source features with each result (to cache them).
-    """
-    check_configs(groups, "pnp", PnPConfig)
-    chunks = pack_chunks(groups, max_batch, functools.partial(_chunk_key, model))
-    run = functools.partial(_edit_chunk, model, record_features=record_features)
-    return run_chunks(groups, chunks, run)
-
-
-def _chunk_key(model: EditModel, group: SourceGroup, target: Target) -> Any:
+def chunk_key(model: EditModel, group: SourceGroup, target: Target) -> Any:
     """Targets share a chunk when they inject the same layers from the same kind of source branch."""
     config = target.config
     return (*pnp_layers(model, config), config.source_text, group.features is not None)
@@ -137,9 +115,11 @@ def _row_steps(config: PnPConfig, steps: int) -> RowSteps:
 
 
 @torch.no_grad()
-def _edit_chunk(
-    model: EditModel, pieces: list[Piece], *, record_features: bool
+def edit_chunk(
+    model: EditModel, pieces: list[Piece], *, record_features: bool = False
 ) -> list[EditResult]:
+    """One chunk of Plug-and-Play edits (`pieces` share :func:`chunk_key`); `record_features`: a live
+    chunk returns its source features with each result (to cache them)."""
     # 1. Validate: the chunk shares layers and source text (its key); cached features must cover it
     live = pieces[0].group.features is None
     feats, attns = pnp_layers(model, pieces[0].targets[0].config)
