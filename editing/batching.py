@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from editing.attention import RowPlan
 from editing.configs import P2PConfig, PnPConfig
 from editing.ddim import Schedule, denoise_step, guide, make_schedule
 from editing.inversion import Inversion, NonFiniteError
@@ -126,90 +125,77 @@ def chunk_targets(pieces: Sequence[Piece]) -> list[Target]:
 
 
 @dataclass(frozen=True)
-class RowSteps:
-    """A target's controls as row facts: injection/replacement step counts, which rows take them."""
-
-    feature_steps: int = 0  # PnP residual injection while step < this
-    attn_steps: int = 0  # PnP q/k injection, P2P self-attention replacement, while step < this
-    inject_uncond: bool = False  # the unconditional row is controlled too (PnP inject_uncond)
-
-
-@dataclass(frozen=True)
-class _Row:
-    src: int  # the source row this row takes from; -1 for a source row or when replaying
-    group: int  # the piece index
-    target: bool = False
-    cond_target: bool = False
-    feature_steps: int = 0
-    attn_steps: int = 0
-
-
-@dataclass(frozen=True)
 class RowLayout:
-    """The rows of one chunk (host-side lists; see the module docstring for the order)."""
+    """The one description of a chunk's batch rows (host-side; see the module docstring for the order):
+    per row what it is and what it takes, and where each piece's and target's rows are."""
 
     live: bool  # the chunk runs source rows (False: cached PnP features replace them)
-    rows: tuple[_Row, ...]
-    src_rows: tuple[int, ...]  # per piece; empty when replaying
-    u_rows: tuple[int, ...]  # per target (chunk order)
-    c_rows: tuple[int, ...]
-    target_piece: tuple[int, ...]  # piece index of each target
+    src: tuple[int, ...]  # per row: the source row it takes from; -1 for a source row or a replay
+    group: tuple[int, ...]  # per row: its piece
+    target: tuple[
+        bool, ...
+    ]  # per row: PnP injects into it (cond. targets; uncond. with inject_uncond)
+    cond_target: tuple[bool, ...]  # per row: a conditional target row (P2P edits only these)
+    feature_steps: tuple[int, ...]  # per row: PnP residual injection while step < this
+    attn_steps: tuple[int, ...]  # per row: PnP q/k injection, P2P self-attention replacement
+    src_rows: tuple[int, ...]  # per piece: its source row; empty when replaying
+    u_rows: tuple[int, ...]  # per target (chunk order): its unconditional row
+    c_rows: tuple[int, ...]  # per target: its conditional row
+    target_piece: tuple[int, ...]  # per target: its piece
     targets: tuple[Target, ...]
 
     @property
     def size(self) -> int:
-        return len(self.rows)
-
-    def row_plan(
-        self,
-        *,
-        mapper: torch.Tensor | None = None,
-        alpha: torch.Tensor | None = None,
-        equalizer: torch.Tensor | None = None,
-        cross_schedule: torch.Tensor | None = None,
-    ) -> RowPlan:
-        """The processors' per-row roles, with Prompt-to-Prompt's per-row tensors when given."""
-        return RowPlan(
-            src=torch.tensor([r.src for r in self.rows]),
-            group=torch.tensor([r.group for r in self.rows]),
-            source_rows=torch.tensor(self.src_rows, dtype=torch.long),
-            cond_target=torch.tensor([r.cond_target for r in self.rows]),
-            target=torch.tensor([r.target for r in self.rows]),
-            feature_steps=torch.tensor([r.feature_steps for r in self.rows]),
-            attn_steps=torch.tensor([r.attn_steps for r in self.rows]),
-            mapper=mapper,
-            alpha=alpha,
-            equalizer=equalizer,
-            cross_schedule=cross_schedule,
-        )
+        return len(self.src)
 
 
-def layout_rows(pieces: Sequence[Piece], live: bool, row_steps: Sequence[RowSteps]) -> RowLayout:
-    """Lay out a chunk's rows: per piece its source row (when `live`), then per target its
-    unconditional and conditional rows; `row_steps` has one entry per target in chunk order."""
-    rows: list[_Row] = []
+def layout_rows(
+    pieces: Sequence[Piece],
+    live: bool,
+    *,
+    feature_steps: Sequence[int] | None = None,
+    attn_steps: Sequence[int] | None = None,
+    inject_uncond: Sequence[bool] | None = None,
+) -> RowLayout:
+    """Lay out a chunk's rows: per piece its source row (when `live`), then per target its unconditional
+    and conditional rows. Per target (chunk order): its PnP residual injection steps, its q/k injection
+    (P2P: self-attention replacement) steps, whether its unconditional row is controlled too."""
+    targets = tuple(chunk_targets(pieces))
+    n = len(targets)
+    feature_steps = feature_steps or [0] * n
+    attn_steps = attn_steps or [0] * n
+    inject_uncond = inject_uncond or [False] * n
+    cols: dict[str, list] = {k: [] for k in ("src", "group", "target", "cond", "feat", "attn")}
+
+    def add(src: int, group: int, target: bool, cond: bool, feat: int, attn: int) -> int:
+        for k, v in zip(cols, (src, group, target, cond, feat, attn)):
+            cols[k].append(v)
+        return len(cols["src"]) - 1
+
     src_rows, u_rows, c_rows, target_piece = [], [], [], []
     for pi, piece in enumerate(pieces):
-        s = -1
+        s = add(-1, pi, False, False, 0, 0) if live else -1
         if live:
-            s = len(rows)
             src_rows.append(s)
-            rows.append(_Row(src=-1, group=pi))
         for _ in piece.target_indices:
-            rs = row_steps[len(target_piece)]
-            u_rows.append(len(rows))
-            rows.append(_Row(s, pi, rs.inject_uncond, False, rs.feature_steps, rs.attn_steps))
-            c_rows.append(len(rows))
-            rows.append(_Row(s, pi, True, True, rs.feature_steps, rs.attn_steps))
+            j = len(target_piece)
+            fs, at = feature_steps[j], attn_steps[j]
+            u_rows.append(add(s, pi, inject_uncond[j], False, fs, at))
+            c_rows.append(add(s, pi, True, True, fs, at))
             target_piece.append(pi)
     return RowLayout(
         live=live,
-        rows=tuple(rows),
+        src=tuple(cols["src"]),
+        group=tuple(cols["group"]),
+        target=tuple(cols["target"]),
+        cond_target=tuple(cols["cond"]),
+        feature_steps=tuple(cols["feat"]),
+        attn_steps=tuple(cols["attn"]),
         src_rows=tuple(src_rows),
         u_rows=tuple(u_rows),
         c_rows=tuple(c_rows),
         target_piece=tuple(target_piece),
-        targets=tuple(chunk_targets(pieces)),
+        targets=targets,
     )
 
 

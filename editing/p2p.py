@@ -18,12 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from editing import alignment
-from editing.attention import ControlState, controlled_unet
+from editing.attention import ChunkPlan, ControlState, controlled_unet
 from editing.batching import (
     EditResult,
     Piece,
     RowLayout,
-    RowSteps,
     SourceGroup,
     Target,
     check_finite,
@@ -137,25 +136,27 @@ def edit_chunk(model: EditModel, pieces: list[Piece]) -> list[EditResult]:
     # 1. Validate: the chunk shares steps, latent shape and self-attention cap (its key)
     start = time.perf_counter()
     steps = pieces[0].group.inversion.num_steps
-    # 2. Encode prompts, lay out the rows, align each target's words with its source's
-    row_steps = [
-        RowSteps(attn_steps=int(t.config.self_replace_steps * steps)) for t in chunk_targets(pieces)
-    ]
-    layout = layout_rows(pieces, True, row_steps)
+    # 2. Encode prompts, lay out the rows, align each target's words with its source's, place the plan
+    self_steps = [int(t.config.self_replace_steps * steps) for t in chunk_targets(pieces)]
+    layout = layout_rows(pieces, True, attn_steps=self_steps)
     batch = make_batch(model, pieces, layout)
-    plan = plan_chunk(model, pieces, layout, steps)
-    state = ControlState(
-        plan=layout.row_plan(
-            mapper=plan.mapper,
-            alpha=plan.alpha,
-            equalizer=plan.equalizer,
-            cross_schedule=plan.cross_schedule,
-        ),
+    p2p = plan_chunk(model, pieces, layout, steps)
+    plan = ChunkPlan.place(  # every index and schedule on the UNet's device, once
+        layout,
+        steps,
+        model.device,
+        model.dtype,
         latent_positions=latent_positions(pieces),
-        self_max_positions=plan.self_max_positions,
-        blend_positions=plan.blend_positions,
+        cross={
+            "mapper": p2p.mapper,
+            "alpha": p2p.alpha,
+            "equalizer": p2p.equalizer,
+            "schedule": p2p.cross_schedule,
+        },
+        self_max_positions=p2p.self_max_positions,
+        blend_positions=p2p.blend_positions,
     )
-    state.place(steps, model.device, model.dtype)  # every index and schedule, once
+    state = ControlState(plan)
     # 3. Start every target from its source's z_T
     z = batch.start_latents()  # (n, C, h, w) fp32 (fp64 for fp64 models)
     finite = torch.ones(steps, dtype=torch.bool, device=model.device)  # read back after the loop
@@ -163,10 +164,10 @@ def edit_chunk(model: EditModel, pieces: list[Piece]) -> list[EditResult]:
     with controlled_unet(model.unet, state, p2p=True):
         for i, level in enumerate(range(steps, 0, -1)):
             state.step = i
-            state.blend_sum, state.blend_count = None, 0
+            state.outputs.new_step()
             z = denoise_level(model, batch, z, level)
-            if plan.blends:
-                z = local_blend(plan, state, z, batch.source_latents(level - 1), i)
+            if p2p.blends:
+                z = local_blend(p2p, state, z, batch.source_latents(level - 1), i)
             finite[i] = torch.isfinite(z).all()
     check_finite(finite)
     # 6. Decode
@@ -177,12 +178,13 @@ def local_blend(
     plan: P2PPlan, state: ControlState, z: torch.Tensor, z_src: torch.Tensor, i: int
 ) -> torch.Tensor:
     """After step `i`: each blending target keeps its source's latent `z_src` outside its mask."""
-    if state.blend_count == 0:
+    out = state.outputs
+    if out.blend_count == 0:
         raise ValueError(
-            f"local blend: no cross-attention layer has {state.blend_positions} positions; "
+            f"local blend: no cross-attention layer has {state.plan.blend_positions} positions; "
             "set blend_fraction"
         )
-    maps = state.blend_sum / state.blend_count  # (B, Q, L)
+    maps = out.blend_sum / out.blend_count  # (B, Q, L)
     for blend in plan.blends:
         if i < blend.start_step:
             continue

@@ -17,11 +17,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from editing.attention import ControlState, controlled_unet
+from editing.attention import ChunkPlan, ControlState, StepOutputs, controlled_unet
 from editing.batching import (
     EditResult,
     Piece,
-    RowSteps,
     SourceGroup,
     Target,
     check_finite,
@@ -106,14 +105,6 @@ def chunk_key(model: EditModel, group: SourceGroup, target: Target) -> Any:
     return (*pnp_layers(model, config), config.source_text, group.features is not None)
 
 
-def _row_steps(config: PnPConfig, steps: int) -> RowSteps:
-    return RowSteps(
-        feature_steps=int(config.feature_t * steps),
-        attn_steps=int(config.attn_t * steps),
-        inject_uncond=config.inject_uncond,
-    )
-
-
 @torch.no_grad()
 def edit_chunk(
     model: EditModel, pieces: list[Piece], *, record_features: bool = False
@@ -127,19 +118,27 @@ def edit_chunk(
         _check_cached_features(model, pieces)
     start = time.perf_counter()
     steps = pieces[0].group.inversion.num_steps
-    # 2. Encode prompts and lay out the rows (a source row per piece unless replaying)
-    row_steps = [_row_steps(t.config, steps) for t in chunk_targets(pieces)]
-    layout = layout_rows(pieces, live, row_steps)
+    # 2. Encode prompts, lay out the rows (a source row per piece unless replaying), place the plan
+    configs = [t.config for t in chunk_targets(pieces)]
+    layout = layout_rows(
+        pieces,
+        live,
+        feature_steps=[int(c.feature_t * steps) for c in configs],
+        attn_steps=[int(c.attn_t * steps) for c in configs],
+        inject_uncond=[c.inject_uncond for c in configs],
+    )
     empty_source = [p.targets[0].config.source_text == "empty" for p in pieces]
     batch = make_batch(model, pieces, layout, empty_source)
     record = record_features and live
-    state = ControlState(
-        plan=layout.row_plan(),
+    plan = ChunkPlan.place(  # every index and replayed feature on the UNet's device, once
+        layout,
+        steps,
+        model.device,
+        model.dtype,
         latent_positions=latent_positions(pieces),
-        record={} if record else None,
         replay=None if live else _stack_features([p.group.features for p in pieces]),
     )
-    state.place(steps, model.device, model.dtype)  # every index and replayed feature, once
+    state = ControlState(plan, StepOutputs(record={} if record else None))
     # 3. Start every target from its source's z_T
     z = batch.start_latents()  # (n, C, h, w) fp32 (fp64 for fp64 models)
     finite = torch.ones(steps, dtype=torch.bool, device=model.device)  # read back after the loop
@@ -151,7 +150,7 @@ def edit_chunk(
             finite[i] = torch.isfinite(z).all()
     check_finite(finite)
     # 6. Decode (and split the recorded source features per piece)
-    recorded = _split_features(state.record, pieces, model) if record else None
+    recorded = _split_features(state.outputs.record, pieces, model) if record else None
     return chunk_results(model, pieces, layout, z, "pnp", start=start, features=recorded)
 
 
