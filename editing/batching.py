@@ -61,7 +61,9 @@ class EditResult:
     method: str
     image: Image.Image
     latent: torch.Tensor  # (C, h, w) final latent, fp32, CPU
-    unet_evals: dict[str, float]  # {"source": share of the source row's evaluations, "target": 2T}
+    # {"source": share of the source row's evaluations, "target": 2T, "padding": share of the padding
+    # rows' evaluations (only when the chunk was padded)}
+    unet_evals: dict[str, float]
     seconds: float  # this edit's share of the chunk's wall time
     features: PnPFeatures | None = None  # recorded source features (record_features=True, PnP)
 
@@ -144,9 +146,24 @@ class RowLayout:
     target_piece: tuple[int, ...]  # per target: its piece
     targets: tuple[Target, ...]
 
+    padding: int = 0  # rows appended to reach a fixed batch shape (their outputs are discarded)
+
     @property
     def size(self) -> int:
+        """The UNet's batch: every row, padding included."""
         return len(self.src)
+
+    @property
+    def real_rows(self) -> int:
+        return self.size - self.padding
+
+
+def padded_rows(rows: int) -> int:
+    """The fixed batch shape a chunk of `rows` rows runs at: the next power of two (so a compiled or
+    graph-captured UNet sees at most log2(working batch) + 1 shapes)."""
+    if rows < 1:
+        raise ValueError(f"a chunk needs at least one row, got {rows}")
+    return 1 << (rows - 1).bit_length()
 
 
 def layout_rows(
@@ -156,10 +173,12 @@ def layout_rows(
     feature_steps: Sequence[int] | None = None,
     attn_steps: Sequence[int] | None = None,
     inject_uncond: Sequence[bool] | None = None,
+    pad: bool = False,
 ) -> RowLayout:
     """Lay out a chunk's rows: per piece its source row (when `live`), then per target its unconditional
     and conditional rows. Per target (chunk order): its PnP residual injection steps, its q/k injection
-    (P2P: self-attention replacement) steps, whether its unconditional row is controlled too."""
+    (P2P: self-attention replacement) steps, whether its unconditional row is controlled too. `pad`:
+    append padding rows up to :func:`padded_rows` (they take and give nothing; outputs discarded)."""
     targets = tuple(chunk_targets(pieces))
     n = len(targets)
     feature_steps = feature_steps or [0] * n
@@ -183,6 +202,9 @@ def layout_rows(
             u_rows.append(add(s, pi, inject_uncond[j], False, fs, at))
             c_rows.append(add(s, pi, True, True, fs, at))
             target_piece.append(pi)
+    real = len(cols["src"])
+    for _ in range(padded_rows(real) - real if pad else 0):
+        add(-1, 0, False, False, 0, 0)
     return RowLayout(
         live=live,
         src=tuple(cols["src"]),
@@ -196,6 +218,7 @@ def layout_rows(
         c_rows=tuple(c_rows),
         target_piece=tuple(target_piece),
         targets=targets,
+        padding=len(cols["src"]) - real,
     )
 
 
@@ -268,7 +291,8 @@ def make_batch(
         src_rows=torch.tensor(layout.src_rows, device=dev, dtype=torch.long),
         u_rows=torch.tensor(layout.u_rows, device=dev),
         c_rows=torch.tensor(layout.c_rows, device=dev),
-        unet_input=torch.empty((layout.size, *traj.shape[2:]), device=dev, dtype=traj.dtype),
+        # zeros: padding rows keep a finite input (their outputs are never read)
+        unet_input=torch.zeros((layout.size, *traj.shape[2:]), device=dev, dtype=traj.dtype),
     )
 
 
@@ -290,6 +314,8 @@ def _row_embeddings(
     pos = model.encode_prompts([t.prompt for t in layout.targets])
     for j, (u, c) in enumerate(zip(layout.u_rows, layout.c_rows)):
         emb[u], emb[c] = neg[j], pos[j]
+    for r in range(layout.real_rows, layout.size):  # padding rows: the first target's negative text
+        emb[r] = neg[0]
     return torch.stack(emb)
 
 
@@ -338,6 +364,7 @@ def chunk_results(
     seconds = (time.perf_counter() - start) / len(layout.targets)
     steps = pieces[0].group.inversion.num_steps
     source_evals = steps if layout.live else 0
+    padding_evals = layout.padding * steps / len(layout.targets)
     return [
         EditResult(
             edit_id=t.edit_id,
@@ -348,6 +375,8 @@ def chunk_results(
             unet_evals={
                 "source": source_evals / len(pieces[pi].target_indices),
                 "target": 2 * steps,
+                # padding rows' evaluations: waste, shared by the chunk's targets
+                **({"padding": padding_evals} if layout.padding else {}),
             },
             seconds=seconds,
             features=features[pi] if features else None,

@@ -80,8 +80,10 @@ class EditMethod:
 METHODS: dict[str, EditMethod] = {
     m.name: m
     for m in (
-        EditMethod("pnp", pnp.chunk_key, pnp.edit_chunk, options=frozenset({"record_features"})),
-        EditMethod("p2p", p2p.chunk_key, p2p.edit_chunk),
+        EditMethod(
+            "pnp", pnp.chunk_key, pnp.edit_chunk, options=frozenset({"record_features", "pad"})
+        ),
+        EditMethod("p2p", p2p.chunk_key, p2p.edit_chunk, options=frozenset({"pad"})),
     )
 }
 METHOD_OF_CONFIG: dict[type, str] = {m.config_type: m.name for m in METHODS.values()}
@@ -119,6 +121,8 @@ class ChunkDone:
     targets: int  # the chunk's targets, all finished now
     failed: int  # of them, how many ended in an exception
     seconds: float  # wall time of the chunk and its retries
+    unet_evals: float = 0.0  # UNet row evaluations of its edited targets (padding included)
+    padding_evals: float = 0.0  # of them, padding rows' (waste: the price of a fixed batch shape)
 
 
 Outcome = EditResult | Exception
@@ -130,6 +134,7 @@ def edit(
     *,
     max_batch: int = DEFAULT_MAX_BATCH,
     record_features: bool = False,
+    pad: bool = False,
     on_chunk: Callable[[ChunkDone], None] | None = None,
     isolate_failures: bool = True,
 ) -> list[list[Outcome]]:
@@ -139,11 +144,12 @@ def edit(
     The targets of all methods are packed into chunks of at most `max_batch` targets once; `on_chunk` hears
     of each finished chunk. A failing chunk is retried per source, then per target, so that one bad edit
     fails alone (with ``isolate_failures=False`` the first failure is raised instead). Options go to the
-    methods that take them (`record_features`: Plug-and-Play's, kept in the retries).
+    methods that take them (`record_features`: Plug-and-Play's, kept in the retries). `pad`: every chunk
+    runs at a fixed batch shape (rows padded to a power of two; the padding counted as waste).
     """
     # 1. Validate: every target's config names a method
     methods = [[_method_of(gi, t) for t in g.targets] for gi, g in enumerate(groups)]
-    options = {"record_features": record_features}
+    options = {"record_features": record_features, "pad": pad}
 
     def key(gi: int, group: SourceGroup, ti: int) -> Any:
         method = methods[gi][ti]
@@ -161,8 +167,17 @@ def edit(
         for (gi, ti), result in zip(_slots(chunk), results):
             out[gi][ti] = result
         if on_chunk is not None:
-            failed = sum(isinstance(r, Exception) for r in results)
-            on_chunk(ChunkDone(method.name, len(results), failed, time.perf_counter() - start))
+            ok = [r for r in results if not isinstance(r, Exception)]
+            on_chunk(
+                ChunkDone(
+                    method.name,
+                    len(results),
+                    len(results) - len(ok),
+                    time.perf_counter() - start,
+                    unet_evals=sum(sum(r.unet_evals.values()) for r in ok),
+                    padding_evals=sum(r.unet_evals.get("padding", 0.0) for r in ok),
+                )
+            )
     return out  # type: ignore[return-value]
 
 

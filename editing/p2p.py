@@ -131,14 +131,15 @@ def _local_blend(
 
 
 @torch.no_grad()
-def edit_chunk(model: EditModel, pieces: list[Piece]) -> list[EditResult]:
-    """One chunk of Prompt-to-Prompt edits (`pieces` share :func:`chunk_key`)."""
+def edit_chunk(model: EditModel, pieces: list[Piece], *, pad: bool = False) -> list[EditResult]:
+    """One chunk of Prompt-to-Prompt edits (`pieces` share :func:`chunk_key`); `pad`: run at a fixed
+    batch shape (:func:`editing.batching.padded_rows`)."""
     # 1. Validate: the chunk shares steps, latent shape and self-attention cap (its key)
     start = time.perf_counter()
     steps = pieces[0].group.inversion.num_steps
     # 2. Encode prompts, lay out the rows, align each target's words with its source's, place the plan
     self_steps = [int(t.config.self_replace_steps * steps) for t in chunk_targets(pieces)]
-    layout = layout_rows(pieces, True, attn_steps=self_steps)
+    layout = layout_rows(pieces, True, attn_steps=self_steps, pad=pad)
     batch = make_batch(model, pieces, layout)
     p2p = plan_chunk(model, pieces, layout, steps)
     plan = ChunkPlan.place(  # every index and schedule on the UNet's device, once

@@ -107,10 +107,11 @@ def chunk_key(model: EditModel, group: SourceGroup, target: Target) -> Any:
 
 @torch.no_grad()
 def edit_chunk(
-    model: EditModel, pieces: list[Piece], *, record_features: bool = False
+    model: EditModel, pieces: list[Piece], *, record_features: bool = False, pad: bool = False
 ) -> list[EditResult]:
     """One chunk of Plug-and-Play edits (`pieces` share :func:`chunk_key`); `record_features`: a live
-    chunk returns its source features with each result (to cache them)."""
+    chunk returns its source features with each result (to cache them); `pad`: run at a fixed batch
+    shape (:func:`editing.batching.padded_rows`)."""
     # 1. Validate: the chunk shares layers and source text (its key); cached features must cover it
     live = pieces[0].group.features is None
     feats, attns = pnp_layers(model, pieces[0].targets[0].config)
@@ -126,6 +127,7 @@ def edit_chunk(
         feature_steps=[int(c.feature_t * steps) for c in configs],
         attn_steps=[int(c.attn_t * steps) for c in configs],
         inject_uncond=[c.inject_uncond for c in configs],
+        pad=pad,
     )
     empty_source = [p.targets[0].config.source_text == "empty" for p in pieces]
     batch = make_batch(model, pieces, layout, empty_source)

@@ -536,7 +536,7 @@ def _write_job(
     """The job of one edit: its cost (a computed inversion shared by the source's edits) and sidecar."""
     src, share = eg.source, len(eg.rows)
     inv_share = (src.inversion.unet_evals if not src.cache_hit else 0) / share
-    evals = inv_share + res.unet_evals["source"] + res.unet_evals["target"]
+    evals = inv_share + sum(res.unet_evals.values())  # padding rows' share included when padded
     seconds = res.seconds + src.inversion.seconds / share * (not src.cache_hit)
     metadata = {
         "edit_id": row.edit_id,

@@ -113,6 +113,10 @@ def test_no_host_round_trip_inside_the_denoising_loop(tiny, cat_inversion, monke
     edit_p2p(tiny, [SourceGroup(cat_inversion, P2P_KINDS)])
     # live PnP, replayed PnP, and two P2P chunks (the local-blend target's blend_fraction keys its own)
     assert len(seen["states"]) == 4
+    # the same chunks at fixed (padded) batch shapes
+    edit(tiny, [SourceGroup(cat_inversion, pnp + P2P_KINDS)], record_features=True, pad=True)
+    edit(tiny, [SourceGroup(cat_inversion, pnp, features=back)], pad=True)
+    assert len(seen["states"]) == 8  # live PnP, two P2P, replayed PnP again
     assert seen["reads"] == Counter(), (
         f"host reads inside the denoising loop: {dict(seen['reads'])}"
     )

@@ -365,7 +365,9 @@ def test_the_registry_has_one_method_per_config():
 
     assert list(METHODS) == list(METHOD_CONFIGS)
     assert METHOD_OF_CONFIG == {cls: name for name, cls in METHOD_CONFIGS.items()}
-    assert METHODS["pnp"].options == {"record_features"} and not METHODS["p2p"].options
+    assert METHODS["pnp"].options == {"record_features", "pad"} and METHODS["p2p"].options == {
+        "pad"
+    }
     with pytest.raises(TypeError, match="record_features"):  # a Plug-and-Play option only
         edit_p2p(None, [], record_features=True)
 
