@@ -45,7 +45,10 @@ def _sources(name: str) -> list[tuple[Image.Image, str]]:
             (Image.open(SCENES / "scene-0.png").convert("RGB"), "a yellow triangle on a black background"),
             (Image.open(SCENES / "scene-1.png").convert("RGB"), "a yellow circle on a white background"),
         ]  # fmt: skip
-    return [(_tiny_image(0), "a photo of a cat"), (_tiny_image(1), "a photo of a dog on gray background")]
+    return [
+        (_tiny_image(0), "a photo of a cat"),
+        (_tiny_image(1), "a photo of a dog on gray background"),
+    ]
 
 
 def _targets(name: str, source: str) -> list[Target]:
@@ -64,9 +67,7 @@ def _targets(name: str, source: str) -> list[Target]:
         Target(source, P2PConfig(kind="reweight", equalizer={noun: 2.0}), edit_id="p2p-reweight"),
         Target(
             swapped,
-            P2PConfig(
-                kind="replace", blend_source_words=(noun,), blend_target_words=("square",)
-            ),
+            P2PConfig(kind="replace", blend_source_words=(noun,), blend_target_words=("square",)),
             edit_id="p2p-blend",
         ),
     ]
@@ -74,7 +75,9 @@ def _targets(name: str, source: str) -> list[Target]:
 
 def _empty_text_targets(source: str) -> list[Target]:
     """PnP with the empty source text shares no chunk with the others (a group of its own)."""
-    return [Target(source.replace("a ", "the ", 1), PnPConfig(source_text="empty"), edit_id="pnp-empty")]
+    return [
+        Target(source.replace("a ", "the ", 1), PnPConfig(source_text="empty"), edit_id="pnp-empty")
+    ]
 
 
 def _digest(t: torch.Tensor | Image.Image) -> str:
