@@ -296,8 +296,11 @@ def unet_throughput(model, batch: int, iters: int, warmup: int) -> float:
     return batch * iters / (time.perf_counter() - t0)
 
 
-def engine_run(model, n_sources: int, k: int, steps: int, modes: tuple[str, ...], log) -> dict:
-    """Edits per hour and UNet evaluations per second of the engine's modes (interleaved per source)."""
+def engine_run(
+    model, n_sources: int, k: int, steps: int, modes: tuple[str, ...], log, pad: bool = False
+) -> dict:
+    """Edits per hour and UNet evaluations per second of the engine's modes (interleaved per source);
+    `pad`: the engine's chunks at fixed (padded) batch shapes, the padding rows reported as waste."""
     import torch
 
     from editing.configs import PnPConfig
@@ -331,6 +334,8 @@ def engine_run(model, n_sources: int, k: int, steps: int, modes: tuple[str, ...]
         warmup_s = time.perf_counter() - t0
     secs = {m: 0.0 for m in modes}
     rows = {m: 0 for m in modes}
+    calls = {m: 0 for m in modes}
+    waste = {m: 0.0 for m in modes}  # padding rows' evaluations, as the engine reports them
     counter = UNetCounter(model.unet)
     with counter, torch.no_grad():
         for i, (img, prompt, targets) in enumerate(sources):
@@ -347,10 +352,16 @@ def engine_run(model, n_sources: int, k: int, steps: int, modes: tuple[str, ...]
                     inv = invert(model, img, prompt, num_steps=steps)
                     edit(model, [SourceGroup(inv, targets)])
                 else:
-                    edit(model, [SourceGroup(Inversion.from_bytes(blobs[i]), targets)])
+                    edit(
+                        model,
+                        [SourceGroup(Inversion.from_bytes(blobs[i]), targets)],
+                        pad=pad,
+                        on_chunk=lambda d, m=mode: waste.__setitem__(m, waste[m] + d.padding_evals),
+                    )
                 sync(model.device)
                 secs[mode] += time.perf_counter() - t0
                 rows[mode] += counter.rows
+                calls[mode] += counter.calls
             log(f"source {i + 1}/{n_sources}: " + ", ".join(f"{m} {secs[m]:.1f}s" for m in modes))
     edits = n_sources * k
     log(f"untimed full warm-up edit: {warmup_s:.1f}s")
@@ -363,6 +374,8 @@ def engine_run(model, n_sources: int, k: int, steps: int, modes: tuple[str, ...]
             "seconds_per_edit": secs[m] / edits,
             "unet_evals": rows[m],
             "unet_evals_per_s": rows[m] / secs[m],
+            "rows_per_call": rows[m] / max(calls[m], 1),
+            "padding_share": waste[m] / max(rows[m], 1),
         }
         for m in modes
     }
@@ -535,7 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     # 2. the engine
     engine = {}
     modes = ("naive", "editflow cold", "editflow warm")
-    configs = [("baseline", {}), ("channels_last", {"cl": True})]
+    configs = [
+        ("baseline", {}),
+        ("channels_last", {"cl": True}),
+        ("fixed shapes (padded)", {"pad": True}),
+    ]
     if do_compile:
         configs.append(("torch.compile", {"compile": True}))
     for label, opt in configs:
@@ -561,9 +578,14 @@ def main(argv: list[str] | None = None) -> int:
                 steps,
                 modes if label == "baseline" else ("editflow warm",),
                 log,
+                pad=bool(opt.get("pad")),
             )
-            for d in res.values():
+            for m, d in res.items():
                 d["mfu"] = mfu(d["unet_evals_per_s"])
+                log(
+                    f"engine {label}, {m}: {d['rows_per_call']:.1f} UNet rows per call, "
+                    f"padding {d['padding_share']:.0%} of the rows"
+                )
             engine[label] = {"modes": res, "wall_s": time.perf_counter() - t0}
         except Exception as exc:  # noqa: BLE001
             engine[label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}

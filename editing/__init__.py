@@ -26,6 +26,7 @@ _LAZY = {
     "SourceGroup": "editing.methods",
     "Target": "editing.methods",
     "EditResult": "editing.methods",
+    "ChunkDone": "editing.methods",
     "PnPConfig": "editing.configs",
     "P2PConfig": "editing.configs",
     "config_from_settings": "editing.configs",

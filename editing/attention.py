@@ -4,6 +4,7 @@ Attention behaviour changes only through ``unet.set_attn_processor`` (every laye
 controlled ones an editing processor, the rest a fused SDPA one) and residual features only through
 ``register_forward_hook``; :func:`controlled_unet` restores the UNet exactly as found, also on error.
 The denoising loop tells the processors which step it is via :class:`ControlState`; nothing counts layers.
+Each chunk's :class:`ChunkPlan` is made once, on the UNet's device; the processors' writes go to :class:`StepOutputs`.
 """
 
 from __future__ import annotations
@@ -13,49 +14,16 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+if TYPE_CHECKING:
+    from editing.batching import RowLayout
+
 PROC_SUFFIX = ".processor"
-
-
-@dataclass
-class RowPlan:
-    """Per batch-row roles. B rows; `src[b]` is the row (live) or group (replay) row b copies from.
-
-    Built on the host from Python lists; :meth:`ControlState.place` moves it to the UNet's device.
-    """
-
-    src: torch.Tensor  # (B,) long; -1 for rows that take nothing (source rows)
-    group: torch.Tensor  # (B,) long; the source group of each row
-    source_rows: (
-        torch.Tensor
-    )  # (G,) long; the source row of each group (empty when replaying a cache)
-    cond_target: torch.Tensor  # (B,) bool; conditional target rows (P2P edits only these)
-    target: (
-        torch.Tensor
-    )  # (B,) bool; rows PnP injects into (conditional targets, optionally unconditional)
-    feature_steps: torch.Tensor  # (B,) long; PnP residual injection while step < this
-    attn_steps: (
-        torch.Tensor
-    )  # (B,) long; PnP q/k injection / P2P self-attention replacement while step < this
-    # Prompt-to-Prompt only, (B, ...) rows of non-cond-target rows are unused:
-    mapper: torch.Tensor | None = None  # (B, L, L)
-    alpha: torch.Tensor | None = None  # (B, L)
-    equalizer: torch.Tensor | None = None  # (B, L)
-    cross_schedule: torch.Tensor | None = None  # (B, T, L)
-
-    def to(self, device: torch.device | str) -> RowPlan:
-        """The same plan with every tensor on `device`."""
-        return RowPlan(
-            **{f.name: _moved(getattr(self, f.name), device) for f in dataclasses.fields(self)}
-        )
-
-
-def _moved(value, device):
-    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 @dataclass(frozen=True)
@@ -66,8 +34,8 @@ class StepRows:
     """
 
     rows: torch.Tensor  # (n,) long; batch rows that are edited
-    src: torch.Tensor  # (n,) long; plan.src[rows]: the live source row of each
-    group: torch.Tensor  # (n,) long; plan.group[rows]: the cached-feature group of each
+    src: torch.Tensor  # (n,) long; the live source row of each
+    group: torch.Tensor  # (n,) long; the cached-feature group (piece) of each
     n: int
 
 
@@ -83,106 +51,128 @@ class CrossControl:
     active: tuple[bool, ...]  # per step: whether any weight is non-zero (host-side)
 
 
-@dataclass
-class ControlState:
-    """What the processors read each step; the loop sets `step` before every UNet call.
-
-    Everything the processors and hooks index with is made once per chunk by :meth:`place` (per-step row
-    sets, the cross-attention schedule, mapper, equalizer, the replayed features) on the UNet's device,
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Everything the processors and hooks read, made once per chunk by :meth:`place` on the UNet's
+    device and never changed: per step the rows of each control, Prompt-to-Prompt's cross-attention
+    control, the replayed features. Only the step index (:attr:`ControlState.step`) moves in the loop,
     so the loop does no host round trip: no `.cpu()`, `.item()`, host `nonzero` or `bool(tensor)`.
     """
 
-    plan: RowPlan
+    device: torch.device
     latent_positions: int  # h * w of the latent (for resolution-relative layer choices)
-    step: int = 0
-    replay: dict[str, torch.Tensor] | None = (
-        None  # cached source features by key -> (G, ...); no source rows
-    )
-    record: dict[str, torch.Tensor] | None = (
-        None  # when a dict, live source features are saved into it (on device, fp16)
-    )
-    self_max_positions: int = 0  # P2P: replace self-attention only where query positions <= this
-    blend_positions: int = (
-        -1
-    )  # P2P: collect cross maps for local blend at layers with this many positions
-    blend_sum: torch.Tensor | None = None  # (B, Q, L) summed maps of this step
-    blend_count: int = 0
-    acted: set[str] = field(
-        default_factory=set
-    )  # layer names that changed something (for tests/reports)
-    # made by place(): per step i, the rows of each control
-    feature_rows: tuple[StepRows, ...] = ()  # PnP residual injection
-    attn_rows: tuple[StepRows, ...] = ()  # PnP q/k injection (target rows)
-    self_rows: tuple[StepRows, ...] = ()  # P2P self-attention replacement (conditional target rows)
+    feature_rows: tuple[StepRows, ...]  # per step: PnP residual injection
+    attn_rows: tuple[StepRows, ...]  # per step: PnP q/k injection (target rows)
+    self_rows: tuple[StepRows, ...]  # per step: P2P self-attention replacement (cond. target rows)
+    source_rows: torch.Tensor  # (G,) long; each piece's source row (empty when replaying)
     cross: CrossControl | None = None  # P2P cross-attention
-    source_rows: torch.Tensor | None = None  # (G,) long, for recording
-    device: torch.device | None = None  # where place() put everything
+    # cached source features by "{layer}.{q|k|conv2}@{step}" -> (G, ...); None: live source rows
+    replay: dict[str, torch.Tensor] | None = None
+    self_max_positions: int = 0  # P2P: replace self-attention only where query positions <= this
+    # P2P: collect cross maps for local blend at layers with this many positions; -1: none
+    blend_positions: int = -1
 
-    def place(self, steps: int, device: torch.device | str, dtype: torch.dtype) -> None:
-        """Once per chunk, before the loop: derive every per-step index and schedule from the (host) plan
-        and put it, the plan and any replayed features on `device` (features in `dtype`)."""
+    @classmethod
+    def place(
+        cls,
+        rows: RowLayout,
+        steps: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        *,
+        latent_positions: int,
+        cross: dict[str, torch.Tensor] | None = None,
+        replay: dict[str, torch.Tensor] | None = None,
+        self_max_positions: int = 0,
+        blend_positions: int = -1,
+    ) -> ChunkPlan:
+        """Derive every per-step index and schedule from the host-side row layout `rows`
+        (:class:`editing.batching.RowLayout`) and put them, Prompt-to-Prompt's `cross` tensors
+        (mapper, alpha, equalizer, schedule; one row per batch row) and any replayed features (in
+        `dtype`) on `device`; once per chunk, before the loop."""
         device = torch.device(device)
-        host = self.plan.to("cpu")
+        src, group = torch.tensor(rows.src), torch.tensor(rows.group)
+        target, cond = torch.tensor(rows.target), torch.tensor(rows.cond_target)
+        feature_steps, attn_steps = torch.tensor(rows.feature_steps), torch.tensor(rows.attn_steps)
         cache: dict[tuple[int, ...], StepRows] = {}
 
         def rows_where(mask: torch.Tensor) -> StepRows:
-            idx = tuple(
-                torch.nonzero(mask, as_tuple=False).flatten().tolist()
-            )  # host, before the loop
+            idx = tuple(torch.nonzero(mask).flatten().tolist())  # host, before the loop
             if idx not in cache:
                 t = torch.tensor(idx, dtype=torch.long)
                 cache[idx] = StepRows(
-                    t.to(device), host.src[t].to(device), host.group[t].to(device), len(idx)
+                    t.to(device), src[t].to(device), group[t].to(device), len(idx)
                 )
             return cache[idx]
 
-        self.feature_rows = tuple(
-            rows_where(host.target & (i < host.feature_steps)) for i in range(steps)
-        )
-        self.attn_rows = tuple(
-            rows_where(host.target & (i < host.attn_steps)) for i in range(steps)
-        )
-        self.self_rows = tuple(
-            rows_where(host.cond_target & (i < host.attn_steps)) for i in range(steps)
-        )
-        self.cross = None
-        if host.cross_schedule is not None:
-            rows = rows_where(host.cond_target)
-            r = torch.nonzero(
-                host.cond_target, as_tuple=False
-            ).flatten()  # the same rows, on the host
+        control = None
+        if cross is not None:
+            r = torch.nonzero(cond).flatten()  # the conditional target rows, on the host
 
             def cols(t: torch.Tensor) -> torch.Tensor:  # (n, L) -> (n, 1, 1, L) on device
                 return t.to(device, dtype)[:, None, None, :]
 
-            sched = host.cross_schedule[r]  # (n, T, L)
-            self.cross = CrossControl(
-                rows=rows,
-                mapper=host.mapper[r].to(device, dtype),
-                alpha=cols(host.alpha[r]),
-                equalizer=cols(host.equalizer[r]),
+            sched = cross["schedule"][r]  # (n, T, L)
+            control = CrossControl(
+                rows=rows_where(cond),
+                mapper=cross["mapper"][r].to(device, dtype),
+                alpha=cols(cross["alpha"][r]),
+                equalizer=cols(cross["equalizer"][r]),
                 weight=tuple(cols(sched[:, i]) for i in range(steps)),
                 active=tuple(bool((sched[:, i] > 0).any()) for i in range(steps)),
             )
-        self.source_rows = host.source_rows.to(device)
-        self.plan = host.to(device)
-        if self.replay is not None:
-            self.replay = {k: v.to(device, dtype) for k, v in self.replay.items()}
-        self.device = device
+        return cls(
+            device=device,
+            latent_positions=latent_positions,
+            feature_rows=tuple(rows_where(target & (i < feature_steps)) for i in range(steps)),
+            attn_rows=tuple(rows_where(target & (i < attn_steps)) for i in range(steps)),
+            self_rows=tuple(rows_where(cond & (i < attn_steps)) for i in range(steps)),
+            source_rows=torch.tensor(rows.src_rows, dtype=torch.long).to(device),
+            cross=control,
+            replay=None if replay is None else {k: v.to(device, dtype) for k, v in replay.items()},
+            self_max_positions=self_max_positions,
+            blend_positions=blend_positions,
+        )
+
+
+@dataclass
+class StepOutputs:
+    """What the processors and hooks write while a chunk runs (kept apart from the plan they read)."""
+
+    # when a dict, live source features are saved into it (on the device, fp16), one entry per
+    # "{layer}.{q|k|conv2}@{step}" with a row per piece
+    record: dict[str, torch.Tensor] | None = None
+    blend_sum: torch.Tensor | None = None  # (B, Q, L) this step's summed local-blend maps
+    blend_count: int = 0  # how many layers were summed into blend_sum this step
+    acted: set[str] = field(default_factory=set)  # layers that changed something (tests/reports)
+
+    def new_step(self) -> None:
+        """Forget the previous step's local-blend maps."""
+        self.blend_sum, self.blend_count = None, 0
+
+
+@dataclass
+class ControlState:
+    """What the processors see: the chunk's (immutable, placed) plan, the step the loop is at (the one
+    thing that changes) and the outputs they write."""
+
+    plan: ChunkPlan
+    outputs: StepOutputs = field(default_factory=StepOutputs)
+    step: int = 0
 
     def source_for(self, key: str, tensor: torch.Tensor, sel: StepRows) -> torch.Tensor:
         """The source's `key` feature for the rows `sel`: from the batch's source rows, or from the cache."""
-        if self.replay is not None:
-            full_key = f"{key}@{self.step}"
-            if full_key not in self.replay:
+        plan, step = self.plan, self.step
+        if plan.replay is not None:
+            full_key = f"{key}@{step}"
+            if full_key not in plan.replay:
                 raise KeyError(
                     f"cached features lack {full_key!r}; the cache was made with other settings"
                 )
-            return self.replay[full_key][sel.group]
-        if (
-            self.record is not None
-        ):  # one entry per group, in group order; stays on the device until the end
-            self.record[f"{key}@{self.step}"] = tensor[self.source_rows].detach().to(torch.float16)
+            return plan.replay[full_key][sel.group]
+        record = self.outputs.record
+        if record is not None:  # one entry per piece, in piece order; stays on the device
+            record[f"{key}@{step}"] = tensor[plan.source_rows].detach().to(torch.float16)
         return tensor[sel.src]
 
 
@@ -207,10 +197,10 @@ def tensors_in(obj, _seen: dict[int, object] | None = None) -> list[torch.Tensor
     return [t for c in children for t in tensors_in(c, seen)]
 
 
-def check_on_device(state: ControlState, device: torch.device | str) -> None:
-    """Raise if any tensor of the control state is not on `device` (called once per chunk)."""
+def check_on_device(plan: ChunkPlan, device: torch.device | str) -> None:
+    """Raise if any tensor of the chunk plan is not on `device` (called once per chunk)."""
     device = torch.device(device)
-    bad = sorted({str(t.device) for t in tensors_in(state) if not _same_device(t.device, device)})
+    bad = sorted({str(t.device) for t in tensors_in(plan) if not _same_device(t.device, device)})
     if bad:
         raise ValueError(f"control state has tensors on {bad}, the UNet is on {device}")
 
@@ -277,12 +267,12 @@ class PnPSelfAttnProcessor:
         residual = hidden_states
         q, k, v, shape4 = _project(attn, hidden_states, None)
         st = self.state
-        sel = st.attn_rows[st.step]
+        sel = st.plan.attn_rows[st.step]
         if sel.n:
             q, k = q.clone(), k.clone()
             q[sel.rows] = st.source_for(f"{self.name}.q", q, sel)
             k[sel.rows] = st.source_for(f"{self.name}.k", k, sel)
-            st.acted.add(self.name)
+            st.outputs.acted.add(self.name)
         out = F.scaled_dot_product_attention(_heads(attn, q), _heads(attn, k), _heads(attn, v))
         return _finish(attn, out, residual, shape4)
 
@@ -313,13 +303,13 @@ class P2PAttnProcessor:
             )
         residual = hidden_states
         q, k, v, shape4 = _project(attn, hidden_states, encoder_hidden_states)
-        st = self.state
+        st, plan = self.state, self.state.plan
         positions = q.shape[1]
         if self.is_cross:
-            sel = st.cross.rows
-            collect = positions == st.blend_positions
+            sel = plan.cross.rows
+            collect = positions == plan.blend_positions
         else:
-            sel = st.self_rows[st.step] if positions <= st.self_max_positions else None
+            sel = plan.self_rows[st.step] if positions <= plan.self_max_positions else None
             collect = False
         qh, kh, vh = _heads(attn, q), _heads(attn, k), _heads(attn, v)
         if not (sel is not None and sel.n) and not collect:
@@ -332,7 +322,7 @@ class P2PAttnProcessor:
         if sel is not None and sel.n:
             src = probs[sel.src]  # (n, heads, Q, K)
             if self.is_cross:
-                cross = st.cross
+                cross = plan.cross
                 if cross.active[st.step]:
                     own = probs[sel.rows]
                     w = cross.weight[st.step]  # (n, 1, 1, L)
@@ -340,18 +330,18 @@ class P2PAttnProcessor:
                     edited = torch.einsum("nhqs,nst->nhqt", src, cross.mapper) * a + own * (1 - a)
                     probs = probs.clone()
                     probs[sel.rows] = w * (edited * cross.equalizer) + (1 - w) * own
-                    st.acted.add(self.name)
+                    st.outputs.acted.add(self.name)
             else:
                 probs = probs.clone()
                 probs[sel.rows] = src
-                st.acted.add(self.name)
+                st.outputs.acted.add(self.name)
         return _finish(attn, probs @ vh, residual, shape4)
 
     def _collect(self, probs: torch.Tensor) -> None:
-        st = self.state
+        out = self.state.outputs
         maps = probs.mean(1).float()  # (B, Q, L), averaged over heads
-        st.blend_sum = maps if st.blend_sum is None else st.blend_sum + maps
-        st.blend_count += 1
+        out.blend_sum = maps if out.blend_sum is None else out.blend_sum + maps
+        out.blend_count += 1
 
 
 def attention_layer_names(unet) -> list[str]:
@@ -376,12 +366,12 @@ def self_attention_names(unet, parents: tuple[str, ...]) -> list[str]:
 
 def _feature_hook(name: str, state: ControlState):
     def hook(module, args, output):
-        sel = state.feature_rows[state.step]
+        sel = state.plan.feature_rows[state.step]
         if not sel.n:
             return None
         output = output.clone()
         output[sel.rows] = state.source_for(f"{name}.conv2", output, sel)
-        state.acted.add(name)
+        state.outputs.acted.add(name)
         return output
 
     return hook
@@ -401,12 +391,14 @@ def controlled_unet(
     P2P: every attention layer gets a :class:`P2PAttnProcessor` (cross ones edit maps, self ones replace
     at low resolution). PnP: attn1 of `pnp_attn_parents` get :class:`PnPSelfAttnProcessor`, and the conv2
     of each resnet in `pnp_feature_layers` a forward hook. All other layers: fused SDPA. The state must
-    have been placed (:meth:`ControlState.place`) on the UNet's device; anything elsewhere is an error here,
+    have a plan placed (:meth:`ChunkPlan.place`) on the UNet's device; anything elsewhere is an error here,
     before the loop, rather than a device mismatch deep inside it.
     """
-    if state.device is None:
-        raise ValueError("ControlState.place(...) must run before the processors are installed")
-    check_on_device(state, unet.device)
+    if not isinstance(state.plan, ChunkPlan):
+        raise ValueError(
+            "the state needs a ChunkPlan.place(...) plan before processors are installed"
+        )
+    check_on_device(state.plan, unet.device)
     original = dict(unet.attn_processors)
     names = attention_layer_names(unet)
     pnp_names = set(self_attention_names(unet, pnp_attn_parents)) if pnp_attn_parents else set()

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from editing.attention import RowPlan
 from editing.configs import P2PConfig, PnPConfig
 from editing.ddim import Schedule, denoise_step, guide, make_schedule
 from editing.inversion import Inversion, NonFiniteError
@@ -62,7 +61,9 @@ class EditResult:
     method: str
     image: Image.Image
     latent: torch.Tensor  # (C, h, w) final latent, fp32, CPU
-    unet_evals: dict[str, float]  # {"source": share of the source row's evaluations, "target": 2T}
+    # {"source": share of the source row's evaluations, "target": 2T, "padding": share of the padding
+    # rows' evaluations (only when the chunk was padded)}
+    unet_evals: dict[str, float]
     seconds: float  # this edit's share of the chunk's wall time
     features: PnPFeatures | None = None  # recorded source features (record_features=True, PnP)
 
@@ -83,30 +84,22 @@ class Piece:
         return [self.group.targets[ti] for ti in self.target_indices]
 
 
-def check_configs(groups: Sequence[SourceGroup], method: str, config_type: type) -> None:
-    """Refuse a target whose config is not the method's."""
-    for gi, g in enumerate(groups):
-        for t in g.targets:
-            if not isinstance(t.config, config_type):
-                raise ValueError(
-                    f"group {gi}: target {t.prompt!r} has a {type(t.config).__name__}, "
-                    f"{method} needs {config_type.__name__}"
-                )
-
-
 def pack_chunks(
-    groups: Sequence[SourceGroup], max_batch: int, key: Callable[[SourceGroup, Target], Any]
+    groups: Sequence[SourceGroup], max_batch: int, key: Callable[[int, SourceGroup, int], Any]
 ) -> list[list[Piece]]:
     """Pack groups' targets into chunks of at most `max_batch` targets that share the inversion's steps
-    and latent shape and the method's `key`."""
+    and latent shape and `key(group index, group, target index)` (the method and its chunk key).
+
+    Group by group, each group's targets of one key in parts of at most `max_batch`; a part joins the open
+    chunk of its key if it fits, else closes it and opens the next (a part is never split further)."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     open_chunks: dict[Any, list[Piece]] = {}
     done: list[list[Piece]] = []
     for gi, group in enumerate(groups):
         by_key: dict[Any, list[int]] = {}
-        for ti, target in enumerate(group.targets):
-            k = (group.inversion.num_steps, group.inversion.latent_shape, key(group, target))
+        for ti in range(len(group.targets)):
+            k = (group.inversion.num_steps, group.inversion.latent_shape, key(gi, group, ti))
             by_key.setdefault(k, []).append(ti)
         for k, idxs in by_key.items():
             for start in range(0, len(idxs), max_batch):
@@ -130,109 +123,102 @@ def chunk_targets(pieces: Sequence[Piece]) -> list[Target]:
     return [t for p in pieces for t in p.targets]
 
 
-def run_chunks(
-    groups: Sequence[SourceGroup],
-    chunks: Sequence[list[Piece]],
-    edit_chunk: Callable[[list[Piece]], list[EditResult]],
-) -> list[list[EditResult]]:
-    """Edit every chunk and put its results back in group and target order."""
-    out: list[list[EditResult | None]] = [[None] * len(g.targets) for g in groups]
-    for chunk in chunks:
-        results = iter(edit_chunk(chunk))
-        for piece in chunk:
-            for ti in piece.target_indices:
-                out[piece.group_index][ti] = next(results)
-    return out  # type: ignore[return-value]
-
-
 # ---------------------------------------------------------------- row layout
 
 
 @dataclass(frozen=True)
-class RowSteps:
-    """A target's controls as row facts: injection/replacement step counts, which rows take them."""
-
-    feature_steps: int = 0  # PnP residual injection while step < this
-    attn_steps: int = 0  # PnP q/k injection, P2P self-attention replacement, while step < this
-    inject_uncond: bool = False  # the unconditional row is controlled too (PnP inject_uncond)
-
-
-@dataclass(frozen=True)
-class _Row:
-    src: int  # the source row this row takes from; -1 for a source row or when replaying
-    group: int  # the piece index
-    target: bool = False
-    cond_target: bool = False
-    feature_steps: int = 0
-    attn_steps: int = 0
-
-
-@dataclass(frozen=True)
 class RowLayout:
-    """The rows of one chunk (host-side lists; see the module docstring for the order)."""
+    """The one description of a chunk's batch rows (host-side; see the module docstring for the order):
+    per row what it is and what it takes, and where each piece's and target's rows are."""
 
     live: bool  # the chunk runs source rows (False: cached PnP features replace them)
-    rows: tuple[_Row, ...]
-    src_rows: tuple[int, ...]  # per piece; empty when replaying
-    u_rows: tuple[int, ...]  # per target (chunk order)
-    c_rows: tuple[int, ...]
-    target_piece: tuple[int, ...]  # piece index of each target
+    src: tuple[int, ...]  # per row: the source row it takes from; -1 for a source row or a replay
+    group: tuple[int, ...]  # per row: its piece
+    target: tuple[
+        bool, ...
+    ]  # per row: PnP injects into it (cond. targets; uncond. with inject_uncond)
+    cond_target: tuple[bool, ...]  # per row: a conditional target row (P2P edits only these)
+    feature_steps: tuple[int, ...]  # per row: PnP residual injection while step < this
+    attn_steps: tuple[int, ...]  # per row: PnP q/k injection, P2P self-attention replacement
+    src_rows: tuple[int, ...]  # per piece: its source row; empty when replaying
+    u_rows: tuple[int, ...]  # per target (chunk order): its unconditional row
+    c_rows: tuple[int, ...]  # per target: its conditional row
+    target_piece: tuple[int, ...]  # per target: its piece
     targets: tuple[Target, ...]
+
+    padding: int = 0  # rows appended to reach a fixed batch shape (their outputs are discarded)
 
     @property
     def size(self) -> int:
-        return len(self.rows)
+        """The UNet's batch: every row, padding included."""
+        return len(self.src)
 
-    def row_plan(
-        self,
-        *,
-        mapper: torch.Tensor | None = None,
-        alpha: torch.Tensor | None = None,
-        equalizer: torch.Tensor | None = None,
-        cross_schedule: torch.Tensor | None = None,
-    ) -> RowPlan:
-        """The processors' per-row roles, with Prompt-to-Prompt's per-row tensors when given."""
-        return RowPlan(
-            src=torch.tensor([r.src for r in self.rows]),
-            group=torch.tensor([r.group for r in self.rows]),
-            source_rows=torch.tensor(self.src_rows, dtype=torch.long),
-            cond_target=torch.tensor([r.cond_target for r in self.rows]),
-            target=torch.tensor([r.target for r in self.rows]),
-            feature_steps=torch.tensor([r.feature_steps for r in self.rows]),
-            attn_steps=torch.tensor([r.attn_steps for r in self.rows]),
-            mapper=mapper,
-            alpha=alpha,
-            equalizer=equalizer,
-            cross_schedule=cross_schedule,
-        )
+    @property
+    def real_rows(self) -> int:
+        return self.size - self.padding
 
 
-def layout_rows(pieces: Sequence[Piece], live: bool, row_steps: Sequence[RowSteps]) -> RowLayout:
-    """Lay out a chunk's rows: per piece its source row (when `live`), then per target its
-    unconditional and conditional rows; `row_steps` has one entry per target in chunk order."""
-    rows: list[_Row] = []
+def padded_rows(rows: int) -> int:
+    """The fixed batch shape a chunk of `rows` rows runs at: the next power of two (so a compiled or
+    graph-captured UNet sees at most log2(working batch) + 1 shapes)."""
+    if rows < 1:
+        raise ValueError(f"a chunk needs at least one row, got {rows}")
+    return 1 << (rows - 1).bit_length()
+
+
+def layout_rows(
+    pieces: Sequence[Piece],
+    live: bool,
+    *,
+    feature_steps: Sequence[int] | None = None,
+    attn_steps: Sequence[int] | None = None,
+    inject_uncond: Sequence[bool] | None = None,
+    pad: bool = False,
+) -> RowLayout:
+    """Lay out a chunk's rows: per piece its source row (when `live`), then per target its unconditional
+    and conditional rows. Per target (chunk order): its PnP residual injection steps, its q/k injection
+    (P2P: self-attention replacement) steps, whether its unconditional row is controlled too. `pad`:
+    append padding rows up to :func:`padded_rows` (they take and give nothing; outputs discarded)."""
+    targets = tuple(chunk_targets(pieces))
+    n = len(targets)
+    feature_steps = feature_steps or [0] * n
+    attn_steps = attn_steps or [0] * n
+    inject_uncond = inject_uncond or [False] * n
+    cols: dict[str, list] = {k: [] for k in ("src", "group", "target", "cond", "feat", "attn")}
+
+    def add(src: int, group: int, target: bool, cond: bool, feat: int, attn: int) -> int:
+        for k, v in zip(cols, (src, group, target, cond, feat, attn)):
+            cols[k].append(v)
+        return len(cols["src"]) - 1
+
     src_rows, u_rows, c_rows, target_piece = [], [], [], []
     for pi, piece in enumerate(pieces):
-        s = -1
+        s = add(-1, pi, False, False, 0, 0) if live else -1
         if live:
-            s = len(rows)
             src_rows.append(s)
-            rows.append(_Row(src=-1, group=pi))
         for _ in piece.target_indices:
-            rs = row_steps[len(target_piece)]
-            u_rows.append(len(rows))
-            rows.append(_Row(s, pi, rs.inject_uncond, False, rs.feature_steps, rs.attn_steps))
-            c_rows.append(len(rows))
-            rows.append(_Row(s, pi, True, True, rs.feature_steps, rs.attn_steps))
+            j = len(target_piece)
+            fs, at = feature_steps[j], attn_steps[j]
+            u_rows.append(add(s, pi, inject_uncond[j], False, fs, at))
+            c_rows.append(add(s, pi, True, True, fs, at))
             target_piece.append(pi)
+    real = len(cols["src"])
+    for _ in range(padded_rows(real) - real if pad else 0):
+        add(-1, 0, False, False, 0, 0)
     return RowLayout(
         live=live,
-        rows=tuple(rows),
+        src=tuple(cols["src"]),
+        group=tuple(cols["group"]),
+        target=tuple(cols["target"]),
+        cond_target=tuple(cols["cond"]),
+        feature_steps=tuple(cols["feat"]),
+        attn_steps=tuple(cols["attn"]),
         src_rows=tuple(src_rows),
         u_rows=tuple(u_rows),
         c_rows=tuple(c_rows),
         target_piece=tuple(target_piece),
-        targets=tuple(chunk_targets(pieces)),
+        targets=targets,
+        padding=len(cols["src"]) - real,
     )
 
 
@@ -305,7 +291,8 @@ def make_batch(
         src_rows=torch.tensor(layout.src_rows, device=dev, dtype=torch.long),
         u_rows=torch.tensor(layout.u_rows, device=dev),
         c_rows=torch.tensor(layout.c_rows, device=dev),
-        unet_input=torch.empty((layout.size, *traj.shape[2:]), device=dev, dtype=traj.dtype),
+        # zeros: padding rows keep a finite input (their outputs are never read)
+        unet_input=torch.zeros((layout.size, *traj.shape[2:]), device=dev, dtype=traj.dtype),
     )
 
 
@@ -327,6 +314,8 @@ def _row_embeddings(
     pos = model.encode_prompts([t.prompt for t in layout.targets])
     for j, (u, c) in enumerate(zip(layout.u_rows, layout.c_rows)):
         emb[u], emb[c] = neg[j], pos[j]
+    for r in range(layout.real_rows, layout.size):  # padding rows: the first target's negative text
+        emb[r] = neg[0]
     return torch.stack(emb)
 
 
@@ -375,6 +364,7 @@ def chunk_results(
     seconds = (time.perf_counter() - start) / len(layout.targets)
     steps = pieces[0].group.inversion.num_steps
     source_evals = steps if layout.live else 0
+    padding_evals = layout.padding * steps / len(layout.targets)
     return [
         EditResult(
             edit_id=t.edit_id,
@@ -385,6 +375,8 @@ def chunk_results(
             unet_evals={
                 "source": source_evals / len(pieces[pi].target_indices),
                 "target": 2 * steps,
+                # padding rows' evaluations: waste, shared by the chunk's targets
+                **({"padding": padding_evals} if layout.padding else {}),
             },
             seconds=seconds,
             features=features[pi] if features else None,

@@ -8,7 +8,6 @@ mask equal to the source's trajectory. Everything per chunk is decided up front 
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Sequence
@@ -19,15 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from editing import alignment
-from editing.attention import ControlState, controlled_unet
+from editing.attention import ChunkPlan, ControlState, controlled_unet
 from editing.batching import (
     EditResult,
     Piece,
     RowLayout,
-    RowSteps,
     SourceGroup,
     Target,
-    check_configs,
     check_finite,
     chunk_results,
     chunk_targets,
@@ -35,23 +32,9 @@ from editing.batching import (
     latent_positions,
     layout_rows,
     make_batch,
-    pack_chunks,
-    run_chunks,
 )
-from editing.configs import DEFAULT_MAX_BATCH, P2PConfig
+from editing.configs import P2PConfig
 from editing.model import EditModel
-
-
-def edit_p2p(
-    model: EditModel, groups: Sequence[SourceGroup], *, max_batch: int = DEFAULT_MAX_BATCH
-) -> list[list[EditResult]]:
-    """Prompt-to-Prompt cross-attention control (Hertz et al. 2022) on Direct-Inversion latents.
-
-    Every chunk runs its source rows (their maps are needed); a group's cached PnP features are unused.
-    """
-    check_configs(groups, "p2p", P2PConfig)
-    chunks = pack_chunks(groups, max_batch, functools.partial(_chunk_key, model))
-    return run_chunks(groups, chunks, functools.partial(_edit_chunk, model))
 
 
 def blend_fraction(model: EditModel, config: P2PConfig) -> float:
@@ -59,7 +42,7 @@ def blend_fraction(model: EditModel, config: P2PConfig) -> float:
     return config.blend_fraction or float(model.defaults.get("p2p_blend_fraction", 1 / 16))
 
 
-def _chunk_key(model: EditModel, group: SourceGroup, target: Target) -> Any:
+def chunk_key(model: EditModel, group: SourceGroup, target: Target) -> Any:
     """Targets share a chunk when they control the same layers."""
     return (target.config.self_max_fraction, blend_fraction(model, target.config))
 
@@ -148,29 +131,33 @@ def _local_blend(
 
 
 @torch.no_grad()
-def _edit_chunk(model: EditModel, pieces: list[Piece]) -> list[EditResult]:
+def edit_chunk(model: EditModel, pieces: list[Piece], *, pad: bool = False) -> list[EditResult]:
+    """One chunk of Prompt-to-Prompt edits (`pieces` share :func:`chunk_key`); `pad`: run at a fixed
+    batch shape (:func:`editing.batching.padded_rows`)."""
     # 1. Validate: the chunk shares steps, latent shape and self-attention cap (its key)
     start = time.perf_counter()
     steps = pieces[0].group.inversion.num_steps
-    # 2. Encode prompts, lay out the rows, align each target's words with its source's
-    row_steps = [
-        RowSteps(attn_steps=int(t.config.self_replace_steps * steps)) for t in chunk_targets(pieces)
-    ]
-    layout = layout_rows(pieces, True, row_steps)
+    # 2. Encode prompts, lay out the rows, align each target's words with its source's, place the plan
+    self_steps = [int(t.config.self_replace_steps * steps) for t in chunk_targets(pieces)]
+    layout = layout_rows(pieces, True, attn_steps=self_steps, pad=pad)
     batch = make_batch(model, pieces, layout)
-    plan = plan_chunk(model, pieces, layout, steps)
-    state = ControlState(
-        plan=layout.row_plan(
-            mapper=plan.mapper,
-            alpha=plan.alpha,
-            equalizer=plan.equalizer,
-            cross_schedule=plan.cross_schedule,
-        ),
+    p2p = plan_chunk(model, pieces, layout, steps)
+    plan = ChunkPlan.place(  # every index and schedule on the UNet's device, once
+        layout,
+        steps,
+        model.device,
+        model.dtype,
         latent_positions=latent_positions(pieces),
-        self_max_positions=plan.self_max_positions,
-        blend_positions=plan.blend_positions,
+        cross={
+            "mapper": p2p.mapper,
+            "alpha": p2p.alpha,
+            "equalizer": p2p.equalizer,
+            "schedule": p2p.cross_schedule,
+        },
+        self_max_positions=p2p.self_max_positions,
+        blend_positions=p2p.blend_positions,
     )
-    state.place(steps, model.device, model.dtype)  # every index and schedule, once
+    state = ControlState(plan)
     # 3. Start every target from its source's z_T
     z = batch.start_latents()  # (n, C, h, w) fp32 (fp64 for fp64 models)
     finite = torch.ones(steps, dtype=torch.bool, device=model.device)  # read back after the loop
@@ -178,10 +165,10 @@ def _edit_chunk(model: EditModel, pieces: list[Piece]) -> list[EditResult]:
     with controlled_unet(model.unet, state, p2p=True):
         for i, level in enumerate(range(steps, 0, -1)):
             state.step = i
-            state.blend_sum, state.blend_count = None, 0
+            state.outputs.new_step()
             z = denoise_level(model, batch, z, level)
-            if plan.blends:
-                z = local_blend(plan, state, z, batch.source_latents(level - 1), i)
+            if p2p.blends:
+                z = local_blend(p2p, state, z, batch.source_latents(level - 1), i)
             finite[i] = torch.isfinite(z).all()
     check_finite(finite)
     # 6. Decode
@@ -192,12 +179,13 @@ def local_blend(
     plan: P2PPlan, state: ControlState, z: torch.Tensor, z_src: torch.Tensor, i: int
 ) -> torch.Tensor:
     """After step `i`: each blending target keeps its source's latent `z_src` outside its mask."""
-    if state.blend_count == 0:
+    out = state.outputs
+    if out.blend_count == 0:
         raise ValueError(
-            f"local blend: no cross-attention layer has {state.blend_positions} positions; "
+            f"local blend: no cross-attention layer has {state.plan.blend_positions} positions; "
             "set blend_fraction"
         )
-    maps = state.blend_sum / state.blend_count  # (B, Q, L)
+    maps = out.blend_sum / out.blend_count  # (B, Q, L)
     for blend in plan.blends:
         if i < blend.start_step:
             continue

@@ -7,7 +7,6 @@ injections can be recorded (:class:`PnPFeatures`) and replayed later, so a warm 
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from collections.abc import Sequence
@@ -18,14 +17,12 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from editing.attention import ControlState, controlled_unet
+from editing.attention import ChunkPlan, ControlState, StepOutputs, controlled_unet
 from editing.batching import (
     EditResult,
     Piece,
-    RowSteps,
     SourceGroup,
     Target,
-    check_configs,
     check_finite,
     chunk_results,
     chunk_targets,
@@ -33,11 +30,8 @@ from editing.batching import (
     latent_positions,
     layout_rows,
     make_batch,
-    pack_chunks,
-    run_chunks,
 )
 from editing.configs import (
-    DEFAULT_MAX_BATCH,
     SD_PNP_ATTN_LAYERS,
     SD_PNP_FEATURE_LAYERS,
     PnPConfig,
@@ -105,41 +99,19 @@ def pnp_layers(model: EditModel, config: PnPConfig) -> tuple[tuple[str, ...], tu
     return tuple(feats), tuple(attns)
 
 
-def edit_pnp(
-    model: EditModel,
-    groups: Sequence[SourceGroup],
-    *,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    record_features: bool = False,
-) -> list[list[EditResult]]:
-    """Plug-and-Play diffusion features (Tumanyan et al., CVPR 2023) on Direct-Inversion latents.
-
-    `record_features`: live chunks return their source features with each result (to cache them).
-    """
-    check_configs(groups, "pnp", PnPConfig)
-    chunks = pack_chunks(groups, max_batch, functools.partial(_chunk_key, model))
-    run = functools.partial(_edit_chunk, model, record_features=record_features)
-    return run_chunks(groups, chunks, run)
-
-
-def _chunk_key(model: EditModel, group: SourceGroup, target: Target) -> Any:
+def chunk_key(model: EditModel, group: SourceGroup, target: Target) -> Any:
     """Targets share a chunk when they inject the same layers from the same kind of source branch."""
     config = target.config
     return (*pnp_layers(model, config), config.source_text, group.features is not None)
 
 
-def _row_steps(config: PnPConfig, steps: int) -> RowSteps:
-    return RowSteps(
-        feature_steps=int(config.feature_t * steps),
-        attn_steps=int(config.attn_t * steps),
-        inject_uncond=config.inject_uncond,
-    )
-
-
 @torch.no_grad()
-def _edit_chunk(
-    model: EditModel, pieces: list[Piece], *, record_features: bool
+def edit_chunk(
+    model: EditModel, pieces: list[Piece], *, record_features: bool = False, pad: bool = False
 ) -> list[EditResult]:
+    """One chunk of Plug-and-Play edits (`pieces` share :func:`chunk_key`); `record_features`: a live
+    chunk returns its source features with each result (to cache them); `pad`: run at a fixed batch
+    shape (:func:`editing.batching.padded_rows`)."""
     # 1. Validate: the chunk shares layers and source text (its key); cached features must cover it
     live = pieces[0].group.features is None
     feats, attns = pnp_layers(model, pieces[0].targets[0].config)
@@ -147,19 +119,28 @@ def _edit_chunk(
         _check_cached_features(model, pieces)
     start = time.perf_counter()
     steps = pieces[0].group.inversion.num_steps
-    # 2. Encode prompts and lay out the rows (a source row per piece unless replaying)
-    row_steps = [_row_steps(t.config, steps) for t in chunk_targets(pieces)]
-    layout = layout_rows(pieces, live, row_steps)
+    # 2. Encode prompts, lay out the rows (a source row per piece unless replaying), place the plan
+    configs = [t.config for t in chunk_targets(pieces)]
+    layout = layout_rows(
+        pieces,
+        live,
+        feature_steps=[int(c.feature_t * steps) for c in configs],
+        attn_steps=[int(c.attn_t * steps) for c in configs],
+        inject_uncond=[c.inject_uncond for c in configs],
+        pad=pad,
+    )
     empty_source = [p.targets[0].config.source_text == "empty" for p in pieces]
     batch = make_batch(model, pieces, layout, empty_source)
     record = record_features and live
-    state = ControlState(
-        plan=layout.row_plan(),
+    plan = ChunkPlan.place(  # every index and replayed feature on the UNet's device, once
+        layout,
+        steps,
+        model.device,
+        model.dtype,
         latent_positions=latent_positions(pieces),
-        record={} if record else None,
         replay=None if live else _stack_features([p.group.features for p in pieces]),
     )
-    state.place(steps, model.device, model.dtype)  # every index and replayed feature, once
+    state = ControlState(plan, StepOutputs(record={} if record else None))
     # 3. Start every target from its source's z_T
     z = batch.start_latents()  # (n, C, h, w) fp32 (fp64 for fp64 models)
     finite = torch.ones(steps, dtype=torch.bool, device=model.device)  # read back after the loop
@@ -171,7 +152,7 @@ def _edit_chunk(
             finite[i] = torch.isfinite(z).all()
     check_finite(finite)
     # 6. Decode (and split the recorded source features per piece)
-    recorded = _split_features(state.record, pieces, model) if record else None
+    recorded = _split_features(state.outputs.record, pieces, model) if record else None
     return chunk_results(model, pieces, layout, z, "pnp", start=start, features=recorded)
 
 

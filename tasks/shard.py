@@ -7,7 +7,7 @@ pipeline of steps, each returning what the next one needs:
 2. :func:`prepare_sources`: per source image (rows grouped by :func:`tasks.planning.source_key`), read it,
    key its inversion by content, get it from the cache or compute it;
 3. :func:`prepare_edits`: per-row checks, the engine's source groups (with cached PnP features);
-4. :func:`edit_sources`: the batched edit, in waves, falling back per source and per target;
+4. :func:`edit_sources`: the engine's batched edit (it packs, reports each chunk, isolates failures);
 5. :func:`write_jobs` + :func:`write_outputs`: assets and sidecars, first-writer-wins;
 6. :func:`shard_results`: the shard's results table.
 
@@ -467,83 +467,16 @@ def edit_sources(
     options: RunOptions,
     progress: ShardProgress | None = None,
 ) -> list[Edited]:
-    """:func:`_edit_with_fallback` one wave at a time (at most `max_batch` targets of one method, the
-    engine's own batch), reporting each wave's edits to `progress`; results per group, as the input."""
-    out: list[list[EditResult | Exception | None]] = [[None] * len(g.targets) for g in groups]
-    for wave in _waves(groups, options.max_batch):
-        sub = [
-            SourceGroup(
-                groups[gi].inversion, [groups[gi].targets[ti] for ti in tis], groups[gi].features
-            )
-            for gi, tis in wave
-        ]
-        for (gi, tis), res in zip(wave, _edit_with_fallback(model, sub, options)):
-            for ti, r in zip(tis, res):
-                out[gi][ti] = r
-        if progress is not None:
-            progress.add(sum(len(tis) for _, tis in wave))
-    return out  # type: ignore[return-value]
-
-
-def _edit_with_fallback(
-    model: EditModel, groups: list[SourceGroup], options: RunOptions
-) -> list[Edited]:
-    """Edit everything in shared batches; if that fails, per source, then per target, so one bad edit
-    fails alone."""
-    try:
-        return edit(
-            model, groups, max_batch=options.max_batch, record_features=options.cache_features
-        )
-    except Exception as exc:  # noqa: BLE001
-        if len(groups) == 1 and len(groups[0].targets) == 1:
-            return [[exc]]
-        logger.warning(
-            "batched edit failed (%s: %s); retrying per source and target", type(exc).__name__, exc
-        )
-    out: list[Edited] = []
-    for g in groups:
-        try:
-            out.append(
-                edit(
-                    model, [g], max_batch=options.max_batch, record_features=options.cache_features
-                )[0]
-            )
-        except Exception:  # noqa: BLE001
-            per: Edited = []
-            for t in g.targets:
-                try:
-                    per.append(
-                        edit(model, [SourceGroup(g.inversion, [t], g.features)], max_batch=1)[0][0]
-                    )
-                except Exception as exc:  # noqa: BLE001
-                    per.append(exc)
-            out.append(per)
-    return out
-
-
-def _waves(groups: list[SourceGroup], max_batch: int) -> list[list[tuple[int, list[int]]]]:
-    """The groups' targets packed, per method and in order, into waves of at most `max_batch`:
-    each wave a list of (group index, target indices)."""
-    waves: list[list[tuple[int, list[int]]]] = []
-    for method in dict.fromkeys(METHOD_OF_CONFIG.values()):
-        wave: list[tuple[int, list[int]]] = []
-        used = 0
-        for gi, g in enumerate(groups):
-            idxs = [
-                ti
-                for ti, t in enumerate(g.targets)
-                if METHOD_OF_CONFIG.get(type(t.config)) == method
-            ]
-            while idxs:
-                take, idxs = idxs[: max_batch - used], idxs[max_batch - used :]
-                wave.append((gi, take))
-                used += len(take)
-                if used == max_batch:
-                    waves.append(wave)
-                    wave, used = [], 0
-        if wave:
-            waves.append(wave)
-    return waves
+    """The engine's :func:`editing.methods.edit` of all the groups (it packs them, and isolates a failing
+    edit); each finished chunk's edits are reported to `progress`. Results per group, as the input."""
+    on_chunk = None if progress is None else (lambda done: progress.add(done.targets))
+    return edit(
+        model,
+        groups,
+        max_batch=options.max_batch,
+        record_features=options.cache_features,
+        on_chunk=on_chunk,
+    )
 
 
 def store_features(cache: BlobCache, groups: list[EditGroup], edited: list[Edited]) -> int:
@@ -605,7 +538,7 @@ def _write_job(
     """The job of one edit: its cost (a computed inversion shared by the source's edits) and sidecar."""
     src, share = eg.source, len(eg.rows)
     inv_share = (src.inversion.unet_evals if not src.cache_hit else 0) / share
-    evals = inv_share + res.unet_evals["source"] + res.unet_evals["target"]
+    evals = inv_share + sum(res.unet_evals.values())  # padding rows' share included when padded
     seconds = res.seconds + src.inversion.seconds / share * (not src.cache_hit)
     metadata = {
         "edit_id": row.edit_id,

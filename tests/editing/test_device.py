@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from editing import attention
-from editing.attention import ControlState, check_on_device, tensors_in
+from editing.attention import ChunkPlan, ControlState, check_on_device, tensors_in
 from editing.configs import P2PConfig, PnPConfig
 from editing.methods import PnPFeatures, SourceGroup, Target, edit, edit_p2p, edit_pnp
 from editing.model import EditModel, load_model, vae_precision
@@ -113,6 +113,10 @@ def test_no_host_round_trip_inside_the_denoising_loop(tiny, cat_inversion, monke
     edit_p2p(tiny, [SourceGroup(cat_inversion, P2P_KINDS)])
     # live PnP, replayed PnP, and two P2P chunks (the local-blend target's blend_fraction keys its own)
     assert len(seen["states"]) == 4
+    # the same chunks at fixed (padded) batch shapes
+    edit(tiny, [SourceGroup(cat_inversion, pnp + P2P_KINDS)], record_features=True, pad=True)
+    edit(tiny, [SourceGroup(cat_inversion, pnp, features=back)], pad=True)
+    assert len(seen["states"]) == 8  # live PnP, two P2P, replayed PnP again
     assert seen["reads"] == Counter(), (
         f"host reads inside the denoising loop: {dict(seen['reads'])}"
     )
@@ -152,28 +156,42 @@ def test_control_state_lives_on_the_unet_device(tiny, cat_inversion, monkeypatch
     for state in seen["states"]:
         tensors = tensors_in(state)
         assert tensors and all(t.device == device for t in tensors)
-        assert state.device == device
-    p2p = next(s for s in seen["states"] if s.cross is not None)
+        assert state.plan.device == device
+    p2p = next(s.plan for s in seen["states"] if s.plan.cross is not None)
     assert p2p.cross.mapper.dtype == tiny.dtype and len(p2p.cross.weight) == STEPS
-    replayed = next(s for s in seen["states"] if s.replay is not None)
-    assert all(
-        v.dtype == tiny.dtype for v in replayed.replay.values()
-    )  # cast once per chunk, not per layer
+    replayed = next(s.plan for s in seen["states"] if s.plan.replay is not None)
+    # cast once per chunk, not per layer
+    assert all(v.dtype == tiny.dtype for v in replayed.replay.values())
 
 
-def test_place_moves_every_tensor_of_the_state(tiny, cat_inversion, monkeypatch):
-    """Placing a real chunk's state on another device (meta: no data) leaves no tensor behind, so a new
+def test_the_chunk_plan_is_immutable_and_apart_from_the_outputs(tiny, cat_inversion, monkeypatch):
+    """The loop changes the step only; the processors write to the outputs, never to the plan."""
+    seen = _spy_loop(monkeypatch)
+    edit(tiny, [SourceGroup(cat_inversion, P2P_KINDS[-1:])])  # local blend: the maps are outputs
+    [state] = seen["states"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        state.plan.blend_positions = 0
+    assert state.outputs.blend_count > 0 and state.outputs.acted
+
+
+def _capturing_place(monkeypatch, after=None) -> list:
+    """Wrap ChunkPlan.place: collect each call's arguments; `after(plan)` may replace the plan."""
+    calls = []
+    real = ChunkPlan.place.__func__
+
+    def place(cls, rows, steps, device, dtype, **kw):
+        calls.append((rows, steps, kw))
+        plan = real(cls, rows, steps, device, dtype, **kw)
+        return after(plan) if after else plan
+
+    monkeypatch.setattr(ChunkPlan, "place", classmethod(place))
+    return calls
+
+
+def test_place_moves_every_tensor_of_the_plan(tiny, cat_inversion, monkeypatch):
+    """Placing a real chunk's plan on another device (meta: no data) leaves no tensor behind, so a new
     field that place() forgets shows up here rather than as a device mismatch on a GPU."""
-    captured = []
-    real_place = ControlState.place
-
-    def capture(self, steps, device, dtype):
-        snapshot = copy.copy(self)  # place() rebinds fields, never mutates the host plan
-        snapshot.record = None if self.record is None else {}  # filled by the real loop, not ours
-        captured.append((snapshot, steps))
-        return real_place(self, steps, device, dtype)
-
-    monkeypatch.setattr(ControlState, "place", capture)
+    captured = _capturing_place(monkeypatch)
     [[live]] = edit_pnp(
         tiny,
         [SourceGroup(cat_inversion, [Target("a photo of a dog", PnPConfig())])],
@@ -186,26 +204,24 @@ def test_place_moves_every_tensor_of_the_state(tiny, cat_inversion, monkeypatch)
     )
     edit_p2p(tiny, [SourceGroup(cat_inversion, P2P_KINDS)])
     assert len(captured) == 4
-    for state, steps in captured:
-        real_place(state, steps, "meta", torch.float16)
-        tensors = tensors_in(state)
+    monkeypatch.undo()
+    for rows, steps, kw in captured:
+        plan = ChunkPlan.place(rows, steps, "meta", torch.float16, **kw)
+        tensors = tensors_in(plan)
         assert tensors and all(t.device.type == "meta" for t in tensors)
-        check_on_device(state, "meta")
+        check_on_device(plan, "meta")
         with pytest.raises(ValueError, match="meta"):
-            check_on_device(state, "cpu")
+            check_on_device(plan, "cpu")
 
 
-def test_a_state_off_the_unet_device_is_refused_before_the_loop(tiny, cat_inversion, monkeypatch):
-    real_place = ControlState.place
+def test_a_plan_off_the_unet_device_is_refused_before_the_loop(tiny, cat_inversion, monkeypatch):
+    def misplace(plan):
+        return dataclasses.replace(plan, replay={"stray": torch.zeros(1, device="meta")})
 
-    def misplace(self, steps, device, dtype):
-        real_place(self, steps, device, dtype)
-        self.replay = {"stray": torch.zeros(1, device="meta")}
-
-    monkeypatch.setattr(ControlState, "place", misplace)
+    _capturing_place(monkeypatch, after=misplace)
     with pytest.raises(ValueError, match=r"tensors on \['meta'\], the UNet is on cpu"):
         edit_pnp(tiny, [SourceGroup(cat_inversion, [Target("a photo of a dog", PnPConfig())])])
-    unplaced = ControlState(plan=None, latent_positions=64)
+    unplaced = ControlState(plan=None)
     with pytest.raises(ValueError, match="place"):
         with attention.controlled_unet(tiny.unet, unplaced):
             pass

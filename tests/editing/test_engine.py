@@ -173,7 +173,9 @@ def test_controlled_layers_and_restoration(tiny, cat_inversion, monkeypatch):
     assert seen["names"] == sd_attn + [
         "up_blocks.1.resnets.1"
     ]  # PnP's decoder layers 4-11 + layer-4 features
-    assert seen["state"].acted == set(seen["names"])  # and every one of them really injected
+    assert seen["state"].outputs.acted == set(
+        seen["names"]
+    )  # and every one of them really injected
     assert (
         _processors(tiny.unet) == before
         and not tiny.unet.up_blocks[1].resnets[1].conv2._forward_hooks
@@ -192,7 +194,7 @@ def test_controlled_layers_and_restoration(tiny, cat_inversion, monkeypatch):
         for n in all_layers
         if n.endswith("attn1") and not n.startswith(("down_blocks.0", "up_blocks.3"))
     }
-    assert seen["state"].acted == cross | low_res_self and latent == 64
+    assert seen["state"].outputs.acted == cross | low_res_self and latent == 64
     assert _processors(tiny.unet) == before
 
 
@@ -363,7 +365,9 @@ def test_the_registry_has_one_method_per_config():
 
     assert list(METHODS) == list(METHOD_CONFIGS)
     assert METHOD_OF_CONFIG == {cls: name for name, cls in METHOD_CONFIGS.items()}
-    assert METHODS["pnp"].options == {"record_features"} and not METHODS["p2p"].options
+    assert METHODS["pnp"].options == {"record_features", "pad"} and METHODS["p2p"].options == {
+        "pad"
+    }
     with pytest.raises(TypeError, match="record_features"):  # a Plug-and-Play option only
         edit_p2p(None, [], record_features=True)
 

@@ -202,7 +202,7 @@ def test_pnp_features_are_keyed_once_per_source_stored_then_attached(
 # ---------------------------------------------------------------- 4. editing
 
 
-def test_edit_sources_in_waves_reports_progress_and_fails_a_broken_source_alone(
+def test_edit_sources_reports_each_chunk_and_fails_a_broken_source_alone(
     model, make_run, local_root_uri
 ):
     rows = [
@@ -220,7 +220,7 @@ def test_edit_sources_in_waves_reports_progress_and_fails_a_broken_source_alone(
     assert [len(r) for r in edited] == [3, 1]
     for g, res in zip(groups, edited):
         assert [r.edit_id for r in res] == [t.edit_id for t in g.targets]
-    assert [e["done"] for e in events] == [2, 4]  # waves of at most max_batch targets
+    assert [e["done"] for e in events] == [2, 4]  # the engine's chunks of at most max_batch targets
     # a source whose inversion is unusable fails its own edits; the other source's edits succeed
     inv = groups[1].inversion
     broken = dataclasses.replace(
