@@ -306,6 +306,9 @@ GATE_METHODS = ("pnp", "p2p_swap", "pnp_attn0.8", "p2p_swap_self0.7")
 JUDGE_GRID = JudgeConfig(timesteps=tuple(range(50, 1000, 100)), seeds=(0, 1), max_batch=64)
 GATE_PROMPT_SETS = ("source", "attribute")  # target vs the source prompt / vs every other value
 GATE_BUDGET = 8  # (timestep, seed) samples per edit: 2 prompts x 8 = 16 UNet evaluations
+# The settings measured: (prompt set, samples per edit). "attribute" with 2 samples stays within 16 UNet
+# evaluations for every kind (6 colours x 2 = 12); with 8 it costs prompts x 8 (colour 48).
+GATE_VARIANTS = (("source", GATE_BUDGET), ("attribute", 2), ("attribute", GATE_BUDGET))
 GATE_MAX_FLAGGED = 0.15  # share of good calibration edits the threshold may flag
 
 
@@ -491,15 +494,32 @@ def evaluate_gate(cal: list[JudgedEdit], ev: list[JudgedEdit]) -> dict[str, Any]
         "evaluation_edits": len(ev),
         "grid": {"timesteps": list(JUDGE_GRID.timesteps), "seeds": list(JUDGE_GRID.seeds)},
     }
-    for prompts in GATE_PROMPT_SETS:
-        choice, cal_rates = choose_gate(cal, prompts)
-        out[prompts] = {
+    out["variants"] = []
+    for prompts, budget in GATE_VARIANTS:
+        choice, cal_rates = choose_gate(cal, prompts, budget=budget)
+        out["variants"].append({
+            "prompts": prompts,
+            "budget": budget,
             "timesteps": list(choice.timesteps),
             "seeds": list(choice.seeds),
             "threshold": choice.threshold,
             "calibration": cal_rates,
             "evaluation": gate_rates(ev, gate_margins(ev, choice), choice.threshold),
-        }
+            "unet_evals": _mean_evals(ev, choice),
+        })  # fmt: skip
+    return out
+
+
+def _mean_evals(edits: list[JudgedEdit], choice: GateChoice) -> dict[str, float]:
+    """UNet evaluations per edit of `choice`, per kind (the prompt count differs by kind)."""
+    out = {}
+    for kind in (*EDIT_KINDS, "overall"):
+        n = [
+            (2 if choice.prompts == "source" else e.errors.shape[0]) * len(choice.samples())
+            for e in edits
+            if kind in ("overall", e.kind)
+        ]
+        out[kind] = float(np.mean(n)) if n else float("nan")
     return out
 
 
@@ -531,21 +551,20 @@ def format_gate_table(gate: dict[str, Any]) -> str:
         f"gate: methods {', '.join(gate['methods'])}; {gate['calibration_edits']} calibration and "
         f"{gate['evaluation_edits']} evaluation edits (other sources)"
     ]
-    for prompts in GATE_PROMPT_SETS:
-        g = gate[prompts]
+    for g in gate["variants"]:
         lines.append(
-            f"prompts {prompts}: timesteps {g['timesteps']} seeds {g['seeds']} "
-            f"threshold text>={g['threshold']:.4f}"
+            f"prompts {g['prompts']} ({g['budget']} samples): timesteps {g['timesteps']} seeds "
+            f"{g['seeds']} threshold text>={g['threshold']:.4f}"
         )
         lines.append(
             f"  {'kind':<12}{'edits':>6}{'failed':>7}{'recall':>8}{'good flagged':>14}{'AUC':>6}"
-            f"   (calibration recall / flagged / AUC)"
+            f"{'evals':>7}   (calibration recall / flagged / AUC)"
         )
         for kind, r in g["evaluation"].items():
             c = g["calibration"][kind]
             lines.append(
                 f"  {kind:<12}{r['n']:>6}{r['failed']:>7}{r['recall']:>8.0%}"
-                f"{r['flagged_good']:>14.0%}{r['auc']:>6.2f}"
+                f"{r['flagged_good']:>14.0%}{r['auc']:>6.2f}{g['unet_evals'][kind]:>7.0f}"
                 f"   ({c['recall']:.0%} / {c['flagged_good']:.0%} / {c['auc']:.2f})"
             )
     return "\n".join(lines)
