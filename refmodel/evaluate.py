@@ -523,6 +523,20 @@ def _mean_evals(edits: list[JudgedEdit], choice: GateChoice) -> dict[str, float]
     return out
 
 
+def judge_seconds(model: EditModel, config: JudgeConfig, n: int = 64, seed: int = 13) -> float:
+    """Seconds per edit the judge takes with `config` (target vs source prompt) on `n` rendered scenes."""
+    rng = np.random.default_rng(seed)
+    scenes = [domain.sample_scene(rng) for _ in range(n)]
+    swapped = [_swap(s, "colour", rng)[0] for s in scenes]
+    images = [domain.render(s)[0] for s in swapped]
+    sources = [domain.caption(s) for s in scenes]
+    targets = [domain.caption(s) for s in swapped]
+    judge_edits(model, images[:2], sources[:2], targets[:2], config, size_policy="exact")  # warm-up
+    t0 = time.perf_counter()
+    judge_edits(model, images, sources, targets, config, size_policy="exact")
+    return (time.perf_counter() - t0) / n
+
+
 def save_judged(path: Path, edits: list[JudgedEdit]) -> None:
     """The judged edits as an .npz (re-analysed by --gate-edits without editing again)."""
     errors = np.empty(len(edits), dtype=object)  # one (P, K) array per edit; P differs by kind
@@ -656,20 +670,28 @@ def _main_gate(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model)
     if args.gate_edits:
         cal = load_judged(Path(args.gate_edits) / "gate_calibration.npz")
         ev = load_judged(Path(args.gate_edits) / "gate_evaluation.npz")
     else:
-        model = load_model(args.model)
         n_cal, n_ev = args.gate
         cal = judged_edits(model, n_cal, args.steps, seed=11)
         ev = judged_edits(model, n_ev, args.steps, seed=12)
         save_judged(out / "gate_calibration.npz", cal)
         save_judged(out / "gate_evaluation.npz", ev)
     gate = evaluate_gate(cal, ev) | {"steps": args.steps}
+    default = gate["variants"][0]
+    config = JudgeConfig(timesteps=tuple(default["timesteps"]), seeds=tuple(default["seeds"]))
+    gate["judge_seconds_per_edit"] = judge_seconds(model, config)
+    gate["threads"] = torch.get_num_threads()
     gate["seconds"] = time.perf_counter() - t0
     (out / "gate.json").write_text(json.dumps(gate, indent=2) + "\n")
     print(format_gate_table(gate))
+    print(
+        f"judge with the first row's settings ({config.unet_evals()} UNet evaluations per edit): "
+        f"{gate['judge_seconds_per_edit'] * 1000:.0f} ms per edit on {gate['threads']} CPU thread(s)"
+    )
     print(f"wrote {out / 'gate.json'} in {gate['seconds']:.0f}s")
 
 
