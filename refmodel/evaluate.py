@@ -12,6 +12,14 @@ Measures (on procedurally drawn source images, never on images sampled from the 
    PSNR outside the object (colour, shape and style edits), and UNet evaluations per edit;
 4. a contact sheet (source, then each method's edit) for people to look at.
 Prints a table and writes ``metrics.json`` and ``contact_sheet.png`` into ``--out``.
+
+    python -m refmodel.evaluate --gate CALIBRATION EVALUATION [--out DIR] [--gate-edits DIR]
+
+measures the edit-QA gate instead (:mod:`editing.judge`): every kind of edit by GATE_METHODS on drawn
+sources, each judged once on JUDGE_GRID; the judge's settings (timesteps, seeds, prompt set) and the
+threshold are chosen on the CALIBRATION sources, then the gate's recall of failed edits and share of good
+edits flagged are scored on the EVALUATION sources (another seed). Writes ``gate.json`` and the judged
+edits (``gate_*.npz``, re-analysed without editing again by ``--gate-edits DIR``).
 """
 
 from __future__ import annotations
