@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
@@ -74,6 +75,27 @@ class JudgeConfig:
             or self.max_batch < 1
         ):
             raise ValueError(f"JudgeConfig.max_batch must be an int >= 1, got {self.max_batch!r}")
+
+    def to_settings(self) -> dict[str, Any]:
+        """The config as plain JSON values (for a sidecar or a results table's settings)."""
+        return {
+            "timesteps": list(self.timesteps),
+            "seeds": list(self.seeds),
+            "max_batch": self.max_batch,
+        }
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> JudgeConfig:
+        """The config from :meth:`to_settings`' form; unknown keys are refused by name."""
+        known = {"timesteps", "seeds", "max_batch"}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"unknown judge setting(s) {unknown}; known: {sorted(known)}")
+        kw = dict(settings)
+        for name in ("timesteps", "seeds"):
+            if isinstance(kw.get(name), list):
+                kw[name] = tuple(kw[name])
+        return cls(**kw)
 
     def unet_evals(self, n_prompts: int = 2) -> int:
         """UNet evaluations for one edit judged against `n_prompts` prompts (target included)."""

@@ -202,6 +202,16 @@ def test_judge_config_is_validated(kwargs, message):
         JudgeConfig(**kwargs)
 
 
+def test_judge_config_settings_round_trip():
+    cfg = JudgeConfig(timesteps=(50, 650), seeds=(3,), max_batch=9)
+    assert cfg.to_settings() == {"timesteps": [50, 650], "seeds": [3], "max_batch": 9}
+    assert JudgeConfig.from_settings(cfg.to_settings()) == cfg
+    with pytest.raises(ValueError, match=r"unknown judge setting\(s\) \['steps'\]"):
+        JudgeConfig.from_settings({"steps": 3})
+    with pytest.raises(ValueError, match="timesteps must be a non-empty tuple"):
+        JudgeConfig.from_settings({"timesteps": "100"})
+
+
 def test_text_margin_is_a_relative_gap():
     # target error 0.9, source 1.1 at both samples: gap 0.2 over a mean of 1.0
     errors = torch.tensor([[0.9, 0.9], [1.1, 1.1]], dtype=torch.float64)
