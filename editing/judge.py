@@ -3,11 +3,18 @@
 The judge is the zero-shot diffusion classifier of Li et al. 2023: an image matches the prompt under
 which the UNet predicts the noise added to it best. Each edited image is VAE-encoded, the same noise
 (fixed seeds) is added at fixed timesteps, and the UNet's noise-prediction error is compared under the
-target prompt and under the other prompts (the source prompt, plus any contrast prompts). The ``text``
-margin is positive when the target prompt explains the image better.
+target prompt and under the other prompts (the source prompt, plus any contrast prompts: e.g. every other
+value of the edited attribute, from a manifest column). The ``text`` margin is positive when the target
+prompt explains the image better (see :func:`text_margin`).
 
-    scores = judge_edits(model, images, source_prompts, target_prompts, JudgeConfig())
-    reasons = parse_gate("text>=0.02").check(scores[0])  # [] = passes
+The API the pipeline wires in (stable):
+
+    scores = judge_edits(model, images, source_prompts, target_prompts, JudgeConfig(), contrasts)
+    scores = judge_latents(model, latents, ...)       # the same on an edit's final latents
+    scores[0].text, scores[0].as_dict(), scores[0].unet_evals
+    gate = parse_gate(DEFAULT_GATE)                     # or "text>=0.1", "off"
+    reasons = gate.check(scores[0])                     # [] = passes; else why it needs review
+    JudgeConfig.from_settings(config.to_settings())     # the sidecar's form
 
 torch + diffusers + PIL only (no Prefect, no storage): usable from a notebook.
 """
