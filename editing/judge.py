@@ -53,11 +53,14 @@ class JudgeConfig:
     prompts x len(timesteps) x len(seeds) (2 prompts, target and source, without contrast prompts)."""
 
     # training timesteps (0 .. num_train_timesteps - 1) at which the image is noised and the UNet asked.
-    # Chosen on the calibration sources of `python -m refmodel.evaluate --gate` (README: Edit QA).
-    timesteps: tuple[int, ...] = (100, 300, 500, 700)
+    # Chosen on 48 calibration sources (`python -m refmodel.evaluate --gate 48 48`, README: Edit QA) from
+    # runs of the grid 50, 150, ..., 950: high noise carries the edit (single-timestep AUC there: t=750
+    # background 1.00, colour 0.86; t<=450 0.63-0.79); 750 + 950 gave the best mean recall over the kinds.
+    timesteps: tuple[int, ...] = (750, 950)
     # seeds of the CPU torch.Generator that draws the noise (one draw per seed, shared by every edit and
-    # prompt: paired noise is what makes the prompts' errors comparable).
-    seeds: tuple[int, ...] = (0, 1)
+    # prompt: paired noise is what makes the prompts' errors comparable). No setting with more samples
+    # (up to 8) had a higher calibration recall, so one: 2 prompts x 2 x 1 = 4 UNet evaluations per edit.
+    seeds: tuple[int, ...] = (0,)
     # UNet rows per call (rows = edits x prompts x timesteps x seeds, chunked). On the bundled model
     # (16x16 latent, 1 CPU thread) 64 rows ran at 91 ms per 16-evaluation edit, 16 rows at 115, 128 at 93;
     # a large model on a small GPU may need fewer (not measured here).
@@ -365,5 +368,6 @@ def parse_gate(spec: str) -> Gate:
     return Gate(tuple(rules))
 
 
-# The default review gate (README: Edit QA, chosen on the calibration sources).
-DEFAULT_GATE = "text>=0.0"
+# The default review gate: the threshold flagging 12% of the good calibration edits with the default
+# JudgeConfig on the bundled model (README: Edit QA); another checkpoint needs its own calibration.
+DEFAULT_GATE = "text>=0.137"
