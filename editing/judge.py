@@ -1,0 +1,373 @@
+"""Edit QA: the editing model itself judges whether an edited image shows its target prompt, and a gate.
+
+The judge is the zero-shot diffusion classifier of Li et al. 2023: an image matches the prompt under
+which the UNet predicts the noise added to it best. Each edited image is VAE-encoded, the same noise
+(fixed seeds) is added at fixed timesteps, and the UNet's noise-prediction error is compared under the
+target prompt and under the other prompts (the source prompt, plus any contrast prompts: e.g. every other
+value of the edited attribute, from a manifest column). The ``text`` margin is positive when the target
+prompt explains the image better (see :func:`text_margin`).
+
+The API the pipeline wires in (stable):
+
+    scores = judge_edits(model, images, source_prompts, target_prompts, JudgeConfig(), contrasts)
+    scores = judge_latents(model, latents, ...)       # the same on an edit's final latents
+    scores[0].text, scores[0].as_dict(), scores[0].unet_evals
+    gate = parse_gate(DEFAULT_GATE)                     # or "text>=0.1", "off"
+    reasons = gate.check(scores[0])                     # [] = passes; else why it needs review
+    JudgeConfig.from_settings(config.to_settings())     # the sidecar's form
+
+torch + diffusers + PIL only (no Prefect, no storage): usable from a notebook.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from editing.ddim import split_output
+from editing.model import EditModel
+
+__all__ = [
+    "DEFAULT_GATE",
+    "GATE_METRICS",
+    "Gate",
+    "GateRule",
+    "JudgeConfig",
+    "JudgeScore",
+    "judge_edits",
+    "judge_latents",
+    "parse_gate",
+    "text_margin",
+]
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """How the judge samples the noise-prediction error; UNet evaluations per edit =
+    prompts x len(timesteps) x len(seeds) (2 prompts, target and source, without contrast prompts)."""
+
+    # training timesteps (0 .. num_train_timesteps - 1) at which the image is noised and the UNet asked.
+    # Chosen on 48 calibration sources (`python -m refmodel.evaluate --gate 48 48`, README: Edit QA) from
+    # runs of the grid 50, 150, ..., 950: high noise carries the edit (single-timestep AUC there: t=750
+    # background 1.00, colour 0.86; t<=450 0.63-0.79); 750 + 950 gave the best mean recall over the kinds.
+    timesteps: tuple[int, ...] = (750, 950)
+    # seeds of the CPU torch.Generator that draws the noise (one draw per seed, shared by every edit and
+    # prompt: paired noise is what makes the prompts' errors comparable). No setting with more samples
+    # (up to 8) had a higher calibration recall, so one: 2 prompts x 2 x 1 = 4 UNet evaluations per edit.
+    seeds: tuple[int, ...] = (0,)
+    # UNet rows per call (rows = edits x prompts x timesteps x seeds, chunked). On the bundled model
+    # (16x16 latent, 1 CPU thread) 64 rows ran at 91 ms per 16-evaluation edit, 16 rows at 115, 128 at 93;
+    # a large model on a small GPU may need fewer (not measured here).
+    max_batch: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("timesteps", "seeds"):
+            value = getattr(self, name)
+            if (
+                not isinstance(value, tuple)
+                or not value
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+                or any(v < 0 for v in value)
+            ):
+                raise ValueError(
+                    f"JudgeConfig.{name} must be a non-empty tuple of non-negative ints, got {value!r}"
+                )
+            if len(set(value)) != len(value):
+                raise ValueError(f"JudgeConfig.{name} has repeated values: {value!r}")
+        if (
+            not isinstance(self.max_batch, int)
+            or isinstance(self.max_batch, bool)
+            or self.max_batch < 1
+        ):
+            raise ValueError(f"JudgeConfig.max_batch must be an int >= 1, got {self.max_batch!r}")
+
+    def to_settings(self) -> dict[str, Any]:
+        """The config as plain JSON values (for a sidecar or a results table's settings)."""
+        return {
+            "timesteps": list(self.timesteps),
+            "seeds": list(self.seeds),
+            "max_batch": self.max_batch,
+        }
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> JudgeConfig:
+        """The config from :meth:`to_settings`' form; unknown keys are refused by name."""
+        known = {"timesteps", "seeds", "max_batch"}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"unknown judge setting(s) {unknown}; known: {sorted(known)}")
+        kw = dict(settings)
+        for name in ("timesteps", "seeds"):
+            if isinstance(kw.get(name), list):
+                kw[name] = tuple(kw[name])
+        return cls(**kw)
+
+    def unet_evals(self, n_prompts: int = 2) -> int:
+        """UNet evaluations for one edit judged against `n_prompts` prompts (target included)."""
+        return n_prompts * len(self.timesteps) * len(self.seeds)
+
+
+@dataclass(frozen=True)
+class JudgeScore:
+    """One edit's judgement. `errors[p][k]`: mean squared noise-prediction error under `prompts[p]`
+    (target first, then the source, then contrast prompts) at the k-th (timestep, seed) pair, timestep-major."""
+
+    text: float  # the margin: see text_margin; > 0 when the target prompt explains the image best
+    prompts: tuple[str, ...]
+    errors: tuple[tuple[float, ...], ...]
+    unet_evals: int
+
+    def as_dict(self) -> dict[str, float]:
+        """The gate's metrics by name (what :meth:`Gate.check` reads)."""
+        return {"text": self.text}
+
+
+def text_margin(errors: torch.Tensor) -> torch.Tensor:
+    """The ``text`` margin from errors (..., P, K) (target first, K samples): per sample, the mean error
+    under the other prompts minus the error under the target, divided by the mean error under all P
+    prompts; then averaged over the K samples. Returns (...,).
+
+    Dividing per sample makes the margin a relative gap (0.05 = the target prompt predicts the noise 5%
+    better than the others, on average), comparable across images and timesteps whose raw errors differ
+    by orders of magnitude (the error is largest at low-noise timesteps, and varies with content).
+    """
+    if errors.shape[-2] < 2:
+        raise ValueError(f"the margin needs at least 2 prompts, got {errors.shape[-2]}")
+    gap = errors[..., 1:, :].mean(-2) - errors[..., 0, :]
+    return (gap / errors.mean(-2).clamp_min(1e-12)).mean(-1)
+
+
+@torch.no_grad()
+def judge_edits(
+    model: EditModel,
+    images: Sequence[Image.Image],
+    source_prompts: Sequence[str],
+    target_prompts: Sequence[str],
+    config: JudgeConfig | None = None,
+    contrast_prompts: Sequence[Sequence[str]] | None = None,
+    *,
+    size_policy: str = "fit",
+) -> list[JudgeScore]:
+    """Score edited images against their target prompts (Li et al. 2023, "Your Diffusion Model is Secretly a Zero-Shot Classifier")."""
+    config = config or JudgeConfig()
+    pixels = [model.prepare_image(img, size_policy) for img in images]
+    latents: list[torch.Tensor | None] = [None] * len(pixels)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, px in enumerate(pixels):
+        by_shape.setdefault(tuple(px.shape), []).append(i)
+    for idxs in by_shape.values():
+        for b in range(0, len(idxs), config.max_batch):
+            part = idxs[b : b + config.max_batch]
+            z = model.encode_image(torch.cat([pixels[i] for i in part]))
+            for i, zi in zip(part, z):
+                latents[i] = zi
+    return judge_latents(model, latents, source_prompts, target_prompts, config, contrast_prompts)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def judge_latents(
+    model: EditModel,
+    latents: Sequence[torch.Tensor],
+    source_prompts: Sequence[str],
+    target_prompts: Sequence[str],
+    config: JudgeConfig | None = None,
+    contrast_prompts: Sequence[Sequence[str]] | None = None,
+) -> list[JudgeScore]:
+    """:func:`judge_edits` on scaled clean latents (C, h, w) each (an edit's final latents, or VAE-encoded images)."""
+    config = config or JudgeConfig()
+    # 1. Validate
+    n = len(latents)
+    if len(source_prompts) != n or len(target_prompts) != n:
+        raise ValueError(
+            f"{n} edits for {len(source_prompts)} source and {len(target_prompts)} target prompts"
+        )
+    if contrast_prompts is not None and len(contrast_prompts) != n:
+        raise ValueError(f"{n} edits for {len(contrast_prompts)} contrast prompt lists")
+    n_train = int(model.scheduler.config.num_train_timesteps)
+    bad = [t for t in config.timesteps if t >= n_train]
+    if bad:
+        raise ValueError(
+            f"JudgeConfig.timesteps {bad} are beyond this model's {n_train} training timesteps"
+        )
+    # target first, then the source, then contrast prompts; a prompt listed twice counts once
+    prompts = [
+        tuple(dict.fromkeys((t, s, *(contrast_prompts[i] if contrast_prompts is not None else ()))))
+        for i, (s, t) in enumerate(zip(source_prompts, target_prompts))
+    ]
+    if not n:
+        return []
+    # 2. Encode prompts (each distinct prompt once) and lay out rows: edit x prompt x timestep x seed
+    table = list(dict.fromkeys(p for ps in prompts for p in ps))
+    index = {p: j for j, p in enumerate(table)}
+    emb = model.encode_prompts(table)  # (U, L, D)
+    dev, dt = model.device, model.latent_dtype
+    k = len(config.timesteps) * len(config.seeds)
+    ts = torch.tensor(config.timesteps, dtype=torch.long).repeat_interleave(len(config.seeds))
+    alpha = model.scheduler.alphas_cumprod.to(dtype=torch.float64)[ts]  # (K,) per sample
+    # 3. Score each group of same-shaped latents in chunks of max_batch rows; errors stay on the device
+    errors: list[torch.Tensor | None] = [None] * n
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, z in enumerate(latents):
+        by_shape.setdefault(tuple(z.shape), []).append(i)
+    for shape, idxs in by_shape.items():
+        noise = (
+            torch.stack(  # (S, C, h, w): drawn on the CPU for reproducibility, used on the device
+                [
+                    torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=dt)
+                    for s in config.seeds
+                ]
+            ).to(dev)
+        )
+        z0 = torch.stack([latents[i].to(dev, dt) for i in idxs])  # (E, C, h, w)
+        rows = [(e, index[p]) for e, i in enumerate(idxs) for p in prompts[i]]  # host bookkeeping
+        edit_of = torch.tensor([e for e, _ in rows], dtype=torch.long).repeat_interleave(k)
+        prompt_of = torch.tensor([p for _, p in rows], dtype=torch.long).repeat_interleave(k)
+        sample_of = torch.arange(k).repeat(len(rows))
+        err = _errors(model, z0, noise, emb, alpha, ts, edit_of, prompt_of, sample_of, config)
+        start = 0
+        for i in idxs:
+            size = len(prompts[i]) * k
+            errors[i] = err[start : start + size].view(len(prompts[i]), k)
+            start += size
+    # 4. One transfer to the host, then the margins
+    flat = torch.cat([e.reshape(-1) for e in errors]).double().cpu()  # type: ignore[union-attr]
+    scores, start = [], 0
+    for i in range(n):
+        e = flat[start : start + len(prompts[i]) * k].view(len(prompts[i]), k)
+        start += e.numel()
+        scores.append(
+            JudgeScore(  # an edit whose target is its source has nothing to compare: NaN
+                text=float(text_margin(e)) if len(prompts[i]) > 1 else math.nan,
+                prompts=tuple(prompts[i]),
+                errors=tuple(tuple(row) for row in e.tolist()),
+                unet_evals=e.numel(),
+            )
+        )
+    return scores
+
+
+def _errors(
+    model: EditModel,
+    z0: torch.Tensor,
+    noise: torch.Tensor,
+    emb: torch.Tensor,
+    alpha: torch.Tensor,
+    ts: torch.Tensor,
+    edit_of: torch.Tensor,
+    prompt_of: torch.Tensor,
+    sample_of: torch.Tensor,
+    config: JudgeConfig,
+) -> torch.Tensor:
+    """Mean squared noise-prediction error (R,) of every row, in chunks of `config.max_batch` rows."""
+    dev = z0.device
+    n_seeds = len(config.seeds)
+    # index tensors and the schedule on the UNet's device, once
+    edit_of, prompt_of, sample_of = edit_of.to(dev), prompt_of.to(dev), sample_of.to(dev)
+    a = alpha.to(dev, z0.dtype).view(-1, 1, 1, 1)  # (K, 1, 1, 1)
+    ts = ts.to(dev)
+    out = torch.empty(edit_of.shape[0], device=dev, dtype=z0.dtype)
+    for b in range(0, edit_of.shape[0], config.max_batch):
+        sl = slice(b, b + config.max_batch)
+        e, p, s = edit_of[sl], prompt_of[sl], sample_of[sl]
+        eps = noise[s % n_seeds]  # samples are timestep-major: sample k has seed k % S
+        x = a[s].sqrt() * z0[e] + (1.0 - a[s]).sqrt() * eps  # (B, C, h, w)
+        pred = model.unet(x.to(model.dtype), ts[s], encoder_hidden_states=emb[p]).sample
+        _, eps_hat = split_output(pred, x, a[s], model.prediction_type)
+        out[sl] = (eps_hat - eps).pow(2).flatten(1).mean(1)
+    return out
+
+
+# ----------------------------------------------------------------------------- the gate
+
+GATE_METRICS = ("text",)  # the scores a gate rule may name
+_OPS = {
+    ">=": lambda v, x: v >= x,
+    ">": lambda v, x: v > x,
+    "<=": lambda v, x: v <= x,
+    "<": lambda v, x: v < x,
+}
+_RULE = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
+
+
+@dataclass(frozen=True)
+class GateRule:
+    """One threshold: the edit passes when `metric op threshold` holds."""
+
+    metric: str  # one of GATE_METRICS
+    op: str  # >=, >, <= or <
+    threshold: float
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.threshold:g}"
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Review thresholds on an edit's scores; no rules = off (every edit passes)."""
+
+    rules: tuple[GateRule, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rules)
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec string (what :func:`parse_gate` reads back)."""
+        return ",".join(str(r) for r in self.rules) if self.rules else "off"
+
+    def check(self, scores: JudgeScore | Mapping[str, float]) -> list[str]:
+        """Why one edit needs review, one reason per failed rule ([] = it passes)."""
+        values = scores.as_dict() if isinstance(scores, JudgeScore) else scores
+        reasons = []
+        for rule in self.rules:
+            value = values.get(rule.metric)
+            if value is None:
+                reasons.append(f"no {rule.metric} score")
+            elif not math.isfinite(value):
+                reasons.append(f"{rule.metric} is {value}")
+            elif not _OPS[rule.op](value, rule.threshold):
+                reasons.append(f"{rule.metric} {value:.4f} fails {rule}")
+        return reasons
+
+
+def parse_gate(spec: str) -> Gate:
+    """A gate from its spec: ``"text>=0.02"``, several rules joined by commas, or ``"off"``."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(
+            f"QA gate spec must be a non-empty string like 'text>=0.02' or 'off', got {spec!r}"
+        )
+    if spec.strip().lower() == "off":
+        return Gate()
+    rules = []
+    for part in spec.split(","):
+        m = _RULE.match(part)
+        if not m:
+            raise ValueError(
+                f"QA gate spec {spec!r}: cannot read {part.strip()!r}; expected METRIC OP NUMBER "
+                f"like 'text>=0.02' (OP one of >=, >, <=, <), rules joined by ',', or 'off'"
+            )
+        metric, op, number = m.groups()
+        if metric not in GATE_METRICS:
+            raise ValueError(
+                f"QA gate spec {spec!r}: unknown metric {metric!r}; known: {', '.join(GATE_METRICS)}"
+            )
+        try:
+            threshold = float(number)
+        except ValueError:
+            raise ValueError(f"QA gate spec {spec!r}: {number!r} is not a number") from None
+        if not math.isfinite(threshold):
+            raise ValueError(f"QA gate spec {spec!r}: the threshold must be finite, got {number!r}")
+        rules.append(GateRule(metric, op, threshold))
+    return Gate(tuple(rules))
+
+
+# The default review gate: the threshold flagging 12% of the good calibration edits with the default
+# JudgeConfig on the bundled model (README: Edit QA); another checkpoint needs its own calibration.
+DEFAULT_GATE = "text>=0.137"

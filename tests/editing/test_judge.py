@@ -1,0 +1,273 @@
+"""The edit-QA judge (editing.judge) on the bundled model, and the review gate's spec.
+
+The judge must rank an image that shows its target prompt above one that does not (hand-made scenes
+rendered by the shapes domain's own renderer), give the same scores however its rows are chunked, spend
+exactly the UNet evaluations its config says, and read nothing back to the host inside its loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from editing import judge as judge_module
+from editing.judge import (
+    DEFAULT_GATE,
+    Gate,
+    GateRule,
+    JudgeConfig,
+    JudgeScore,
+    judge_edits,
+    judge_latents,
+    parse_gate,
+    text_margin,
+)
+from editing.model import load_model
+from refmodel import REFERENCE_MODEL_DIR, domain
+
+from .test_device import HOST_METHODS, HostReads, _counting
+
+
+@pytest.fixture(scope="module")
+def ref_model():
+    return load_model(REFERENCE_MODEL_DIR)
+
+
+SCENES = [
+    domain.Scene("circle", "red", "gray", 16.0, 16.0, 16.0),
+    domain.Scene("square", "blue", "black", 12.0, 18.0, 14.0),
+    domain.Scene("triangle", "yellow", "white", 17.0, 15.0, 18.0),
+    domain.Scene("circle", "turquoise", "black", 15.0, 14.0, 12.0),
+]
+SWAPS = {"colour": "green", "background": "gray"}
+
+
+def _pairs(kind: str):
+    """(image, the caption it shows, a caption it does not show) per scene, for a `kind` swap."""
+    out = []
+    for s in SCENES:
+        other = replace(s, **{kind: SWAPS[kind]})
+        if other == s:
+            other = replace(s, **{kind: "purple" if kind == "colour" else "white"})
+        out.append((domain.render(s)[0], domain.caption(s), domain.caption(other)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["colour", "background"])
+def test_an_image_that_shows_its_target_prompt_scores_above_one_that_does_not(ref_model, kind):
+    pairs = _pairs(kind)
+    images = [img for img, _, _ in pairs] * 2
+    # first half: the edit "succeeded" (the image shows the target); second half: it did not
+    sources = [wrong for _, _, wrong in pairs] + [right for _, right, _ in pairs]
+    targets = [right for _, right, _ in pairs] + [wrong for _, _, wrong in pairs]
+    scores = judge_edits(ref_model, images, sources, targets, JudgeConfig())
+    n = len(pairs)
+    for good, bad in zip(scores[:n], scores[n:]):
+        assert good.text > 0 > bad.text
+        assert good.text > bad.text
+    # the gate passes every matching image and flags every mismatched one
+    gate = parse_gate(DEFAULT_GATE)
+    assert [gate.check(s) for s in scores[:n]] == [[]] * n
+    assert all(gate.check(s) for s in scores[n:])
+
+
+def test_contrast_prompts_join_the_comparison(ref_model):
+    img, right, wrong = _pairs("colour")[0]
+    others = [domain.caption(replace(SCENES[0], colour=c)) for c in ("blue", "yellow")]
+    cfg = JudgeConfig(timesteps=(300, 500), seeds=(0,))
+    [plain, contrasted] = judge_edits(
+        ref_model, [img, img], [wrong, wrong], [right, right], cfg, [[], [*others, right, wrong]]
+    )
+    assert plain.prompts == (right, wrong)
+    # duplicates of the target and source are dropped; the contrasts follow the source
+    assert contrasted.prompts == (right, wrong, *others)
+    np.testing.assert_allclose(contrasted.errors[:2], plain.errors, rtol=1e-5)
+    assert contrasted.text > 0
+
+
+def test_scores_do_not_depend_on_how_rows_are_chunked(ref_model):
+    pairs = _pairs("colour")
+    images = [img for img, _, _ in pairs]
+    sources = [wrong for _, _, wrong in pairs]
+    targets = [right for _, right, _ in pairs]
+    cfg = JudgeConfig(timesteps=(150, 450, 850), seeds=(0, 3))
+    whole = judge_edits(ref_model, images, sources, targets, replace(cfg, max_batch=1000))
+    chunked = judge_edits(ref_model, images, sources, targets, replace(cfg, max_batch=5))
+    for a, b in zip(whole, chunked):
+        assert a.prompts == b.prompts
+        np.testing.assert_allclose(a.errors, b.errors, rtol=1e-5)
+        assert a.text == pytest.approx(b.text, rel=1e-5, abs=1e-6)
+    # each edit alone scores as in the batch
+    alone = judge_edits(ref_model, images[2:3], sources[2:3], targets[2:3], cfg)[0]
+    np.testing.assert_allclose(alone.errors, whole[2].errors, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config, contrasts",
+    [(JudgeConfig(), None), (JudgeConfig(timesteps=(50, 950), seeds=(1, 2, 3), max_batch=7), 2)],
+)
+def test_unet_evaluations_per_edit_are_what_the_config_says(ref_model, config, contrasts):
+    pairs = _pairs("background")
+    rows = []
+    hook = ref_model.unet.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    extra = None
+    if contrasts:
+        extra = [[f"a {s.shape} on a {b} background" for b in ("gray", "black")] for s in SCENES]
+    try:
+        scores = judge_edits(
+            ref_model,
+            [img for img, _, _ in pairs],
+            [w for _, _, w in pairs],
+            [r for _, r, _ in pairs],
+            config,
+            extra,
+        )
+    finally:
+        hook.remove()
+    n_prompts = 2 + (contrasts or 0)
+    per_edit = config.unet_evals(n_prompts)
+    assert per_edit == n_prompts * len(config.timesteps) * len(config.seeds)
+    assert sum(rows) == per_edit * len(pairs)
+    assert max(rows) <= config.max_batch
+    assert len(rows) == math.ceil(per_edit * len(pairs) / config.max_batch)
+    assert all(s.unet_evals == per_edit for s in scores)
+    assert JudgeConfig().unet_evals() <= 16  # the issue's cost target for the default
+
+
+def test_no_host_round_trip_inside_the_judge_loop(ref_model, monkeypatch):
+    real = judge_module._errors
+    reads: Counter = Counter()
+
+    def watched(*args, **kwargs):
+        patches = {m: getattr(torch.Tensor, m) for m in HOST_METHODS}
+        for m, orig in patches.items():
+            setattr(torch.Tensor, m, _counting(m, orig, reads))
+        try:
+            with HostReads() as mode:
+                return real(*args, **kwargs)
+        finally:
+            for m, orig in patches.items():
+                setattr(torch.Tensor, m, orig)
+            reads.update(mode.seen)
+
+    monkeypatch.setattr(judge_module, "_errors", watched)
+    img, right, wrong = _pairs("colour")[0]
+    judge_edits(ref_model, [img] * 3, [wrong] * 3, [right] * 3, JudgeConfig(max_batch=4))
+    assert reads == Counter(), f"host reads inside the judge's loop: {dict(reads)}"
+
+
+def test_judge_latents_matches_judge_edits_on_encoded_images(ref_model):
+    img, right, wrong = _pairs("colour")[1]
+    z = ref_model.encode_image(ref_model.prepare_image(img))[0]
+    cfg = JudgeConfig(timesteps=(250,), seeds=(0,))
+    [a] = judge_latents(ref_model, [z], [wrong], [right], cfg)
+    [b] = judge_edits(ref_model, [img], [wrong], [right], cfg)
+    np.testing.assert_allclose(a.errors, b.errors, rtol=1e-6)
+
+
+def test_judge_input_errors_are_clear(ref_model):
+    img, right, wrong = _pairs("colour")[0]
+    with pytest.raises(ValueError, match="2 edits for 1 source and 2 target prompts"):
+        judge_edits(ref_model, [img, img], [wrong], [right, right])
+    with pytest.raises(ValueError, match="1 edits for 2 contrast prompt lists"):
+        judge_edits(ref_model, [img], [wrong], [right], None, [[], []])
+    with pytest.raises(ValueError, match=r"\[1000\] are beyond this model's 1000 training"):
+        judge_edits(ref_model, [img], [wrong], [right], JudgeConfig(timesteps=(999, 1000)))
+    # an edit whose target is its source has nothing to compare against: NaN, flagged by the gate
+    [same] = judge_edits(ref_model, [img], [right], [right], JudgeConfig(timesteps=(500,)))
+    assert math.isnan(same.text)
+    assert parse_gate("text>=0").check(same) == ["text is nan"]
+    assert judge_edits(ref_model, [], [], []) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"timesteps": ()}, "timesteps must be a non-empty tuple"),
+        ({"timesteps": [100]}, "timesteps must be a non-empty tuple"),
+        ({"timesteps": (100, -1)}, "non-negative ints"),
+        ({"timesteps": (100, 100)}, "repeated values"),
+        ({"seeds": (0.5,)}, "seeds must be a non-empty tuple"),
+        ({"seeds": (True,)}, "seeds must be a non-empty tuple"),
+        ({"max_batch": 0}, "max_batch must be an int >= 1"),
+    ],
+)
+def test_judge_config_is_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        JudgeConfig(**kwargs)
+
+
+def test_judge_config_settings_round_trip():
+    cfg = JudgeConfig(timesteps=(50, 650), seeds=(3,), max_batch=9)
+    assert cfg.to_settings() == {"timesteps": [50, 650], "seeds": [3], "max_batch": 9}
+    assert JudgeConfig.from_settings(cfg.to_settings()) == cfg
+    with pytest.raises(ValueError, match=r"unknown judge setting\(s\) \['steps'\]"):
+        JudgeConfig.from_settings({"steps": 3})
+    with pytest.raises(ValueError, match="timesteps must be a non-empty tuple"):
+        JudgeConfig.from_settings({"timesteps": "100"})
+
+
+def test_text_margin_is_a_relative_gap():
+    # target error 0.9, source 1.1 at both samples: gap 0.2 over a mean of 1.0
+    errors = torch.tensor([[0.9, 0.9], [1.1, 1.1]], dtype=torch.float64)
+    assert float(text_margin(errors)) == pytest.approx(0.2)
+    assert float(text_margin(errors * 100)) == pytest.approx(0.2)  # scale-free
+    assert float(text_margin(errors.flip(0))) == pytest.approx(-0.2)
+    three = torch.tensor([[1.0], [2.0], [0.0]], dtype=torch.float64)  # others' mean 1.0 = target
+    assert float(text_margin(three)) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="at least 2 prompts"):
+        text_margin(torch.ones(1, 3))
+
+
+# ----------------------------------------------------------------------------- the gate
+
+
+@pytest.mark.parametrize(
+    "spec, rules",
+    [
+        ("text>=0.02", (GateRule("text", ">=", 0.02),)),
+        (" text > -0.1 ", (GateRule("text", ">", -0.1),)),
+        ("text>=1e-3,text<0.9", (GateRule("text", ">=", 0.001), GateRule("text", "<", 0.9))),
+        ("off", ()),
+        ("OFF", ()),
+    ],
+)
+def test_gate_specs_parse_and_round_trip(spec, rules):
+    gate = parse_gate(spec)
+    assert gate.rules == rules
+    assert gate.enabled == bool(rules)
+    assert parse_gate(gate.spec) == gate
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "non-empty string like 'text>=0.02' or 'off'"),
+        ("text", "cannot read 'text'; expected METRIC OP NUMBER"),
+        ("text=>0.1", "cannot read 'text=>0.1'"),
+        ("text>=0.1,", "cannot read ''"),
+        ("text>=abc", "cannot read 'text>=abc'"),
+        ("text>=1e", "'1e' is not a number"),
+        ("clip>=0.2", "unknown metric 'clip'; known: text"),
+        (None, "non-empty string"),
+    ],
+)
+def test_bad_gate_specs_say_what_is_wrong(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_gate(spec)
+
+
+def test_gate_check_gives_a_reason_per_failed_rule():
+    gate = parse_gate("text>=0.05,text<0.5")
+    score = JudgeScore(text=0.01, prompts=("a", "b"), errors=((1.0,), (1.0,)), unet_evals=2)
+    assert gate.check(score) == ["text 0.0100 fails text>=0.05"]
+    assert gate.check({"text": 0.7}) == ["text 0.7000 fails text<0.5"]
+    assert gate.check({"text": 0.2}) == []
+    assert gate.check({}) == ["no text score", "no text score"]
+    assert Gate().check({"text": float("nan")}) == []  # off: every edit passes
+    assert parse_gate(DEFAULT_GATE).enabled

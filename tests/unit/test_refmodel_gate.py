@@ -1,0 +1,112 @@
+"""refmodel.evaluate's gate measurement: the settings it picks on calibration edits are what the judge
+would compute with them, the threshold flags at most the allowed share of good edits, and the rates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from editing.judge import JudgeConfig, judge_edits
+from editing.model import load_model
+from refmodel import REFERENCE_MODEL_DIR, domain
+from refmodel.evaluate import (
+    EDIT_KINDS,
+    JUDGE_GRID,
+    GateChoice,
+    JudgedEdit,
+    _attribute_prompts,
+    choose_gate,
+    gate_margins,
+    gate_rates,
+    load_judged,
+    save_judged,
+)
+
+K = len(JUDGE_GRID.timesteps) * len(JUDGE_GRID.seeds)
+SCENE = domain.Scene("square", "red", "gray", 16.0, 16.0, 14.0)
+
+
+def test_a_subset_of_the_grid_scores_as_the_judge_with_those_settings():
+    """The evaluation judges once on JUDGE_GRID and reads subsets; that must equal judging with the
+    subset's own JudgeConfig (same noise per seed, same formula)."""
+    model = load_model(REFERENCE_MODEL_DIR)
+    img = domain.render(SCENE)[0]
+    target = domain.caption(SCENE)
+    source = domain.caption(domain.Scene("square", "blue", "gray", 16.0, 16.0, 14.0))
+    contrasts = _attribute_prompts(SCENE, "colour")
+    [grid] = judge_edits(model, [img], [source], [target], JUDGE_GRID, [contrasts])
+    edit = JudgedEdit("colour", "pnp", True, np.asarray(grid.errors))
+    for prompts, n_contrasts in (("source", 0), ("attribute", len(contrasts))):
+        choice = GateChoice(prompts, (350, 750), (1,), 0.0)
+        config = JudgeConfig(timesteps=choice.timesteps, seeds=choice.seeds)
+        [direct] = judge_edits(
+            model, [img], [source], [target], config, [contrasts] if n_contrasts else None
+        )
+        assert gate_margins([edit], choice)[0] == pytest.approx(direct.text, rel=1e-5)
+
+
+def test_attribute_prompts_are_every_other_value():
+    assert _attribute_prompts(SCENE, "background") == [
+        "a red square on a black background",
+        "a red square on a white background",
+    ]
+    assert len(_attribute_prompts(SCENE, "colour")) == len(domain.COLOURS) - 1
+    styled = _attribute_prompts(SCENE, "style")
+    assert styled[0] == "a red square on a gray background, outlined" and len(styled) == 3
+
+
+def _synthetic(n_good: int, n_bad: int, informative: int, rng) -> list[JudgedEdit]:
+    """Edits whose errors separate good from bad only at one grid sample column."""
+    edits = []
+    for i in range(n_good + n_bad):
+        ok = i < n_good
+        err = rng.uniform(0.9, 1.1, size=(2, K))
+        err[0, informative] = 0.8 if ok else 1.2  # the target prompt fits the good edits better
+        edits.append(JudgedEdit(EDIT_KINDS[i % len(EDIT_KINDS)], "pnp", ok, err))
+    return edits
+
+
+def test_choose_gate_finds_the_informative_timestep_and_caps_the_good_edits_flagged():
+    rng = np.random.default_rng(0)
+    edits = _synthetic(80, 40, informative=JUDGE_GRID.timesteps.index(650) * 2, rng=rng)
+    choice, rates = choose_gate(edits, "source", max_flagged=0.1)
+    assert choice.timesteps == (650,) and choice.seeds == (0,)  # fewest samples among the best
+    assert rates["overall"]["recall"] == 1.0
+    assert rates["overall"]["flagged_good"] <= 0.1
+    margins = gate_margins(edits, choice)
+    good = np.asarray([e.success for e in edits])
+    assert (margins[good] < choice.threshold).mean() <= 0.1
+    assert rates["overall"]["auc"] == 1.0
+
+
+def test_gate_rates_count_per_kind():
+    edits = [
+        JudgedEdit("colour", "pnp", True, np.zeros((2, K))),
+        JudgedEdit("colour", "pnp", False, np.zeros((2, K))),
+        JudgedEdit("colour", "pnp", False, np.zeros((2, K))),
+        JudgedEdit("shape", "pnp", True, np.zeros((2, K))),
+    ]
+    margins = np.asarray([0.1, -0.2, 0.3, -0.1])
+    rates = gate_rates(edits, margins, threshold=0.0)
+    assert rates["colour"] | {"auc": 0} == {
+        "n": 3,
+        "failed": 2,
+        "recall": 0.5,
+        "flagged_good": 0.0,
+        "auc": 0,
+    }
+    assert rates["colour"]["auc"] == 0.5  # one failed edit below the good one, one above
+    assert rates["shape"]["flagged_good"] == 1.0 and np.isnan(rates["shape"]["recall"])
+    assert rates["overall"]["n"] == 4 and rates["overall"]["recall"] == 0.5
+
+
+def test_judged_edits_round_trip_through_npz(tmp_path):
+    rng = np.random.default_rng(1)
+    edits = _synthetic(3, 2, 0, rng) + [JudgedEdit("colour", "p2p_swap", False, np.ones((6, K)))]
+    save_judged(tmp_path / "e.npz", edits)
+    back = load_judged(tmp_path / "e.npz")
+    assert [(e.kind, e.method, e.success) for e in back] == [
+        (e.kind, e.method, e.success) for e in edits
+    ]
+    for a, b in zip(back, edits):
+        np.testing.assert_array_equal(a.errors, b.errors)
