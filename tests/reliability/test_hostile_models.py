@@ -1,0 +1,127 @@
+"""Hostile models (issue 23): a corrupt or truncated single-file checkpoint, a LoRA that does not fit the
+UNet, pickle files without --allow-pickle, a hub id that is not cached: each is one line, exit 2, before
+any run id is claimed (nothing under --out/runs)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flows.cli import main
+from tests.editing.test_model_forms import fake_hub_cache, make_lora
+
+from .helpers import scene_files, write_rows
+from .test_bad_inputs import GOOD
+
+pytestmark = pytest.mark.bad_input
+
+
+def _output(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    cap = capsys.readouterr()
+    return code, cap.out + cap.err
+
+
+def _single_file(tmp: Path) -> Path:
+    """A safetensors file in the original SD key layout (its values do not matter to the checks)."""
+    path = tmp / "model.safetensors"
+    tensors = {f"{p}w{i}": torch.randn(64, 64) for i, p in enumerate(
+        ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."))}  # fmt: skip
+    save_file(tensors, path)
+    return path
+
+
+def _truncated(tmp: Path) -> str:
+    data = _single_file(tmp).read_bytes()
+    path = tmp / "truncated.safetensors"
+    path.write_bytes(data[: len(data) - 5000])
+    return str(path)
+
+
+def _corrupt(tmp: Path) -> str:
+    path = tmp / "corrupt.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"\0" * 64)
+    return str(path)
+
+
+def _unet_only(tmp: Path, model: str) -> str:
+    path = tmp / "unet-only.safetensors"
+    shutil.copy(Path(model) / "unet" / "diffusion_pytorch_model.safetensors", path)
+    return str(path)
+
+
+def _pickle_ckpt(tmp: Path) -> str:
+    path = tmp / "model.ckpt"
+    torch.save({"state_dict": {}}, path)
+    return str(path)
+
+
+def _mismatched_lora(tmp: Path, model: str) -> str:
+    """The model's own LoRA with one layer's A widened: its shape does not fit that UNet layer."""
+    good = make_lora(Path(model), tmp / "lora-good")
+    state = load_file(good)
+    key = next(k for k in state if "lora_A" in k)
+    state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 3)
+    path = tmp / "mismatched.safetensors"
+    save_file(state, path)
+    return str(path)
+
+
+def _foreign_lora(tmp: Path, model: str) -> str:
+    """A LoRA for a layer this UNet does not have."""
+    state = load_file(make_lora(Path(model), tmp / "lora-foreign"))
+    renamed = {k.replace("down_blocks.0", "down_blocks.7"): v for k, v in state.items()}
+    path = tmp / "foreign.safetensors"
+    save_file(renamed, path)
+    return str(path)
+
+
+def _pickle_lora(tmp: Path, model: str) -> str:
+    path = tmp / "style.bin"
+    torch.save(load_file(make_lora(Path(model), tmp / "lora-pickle")), path)
+    return str(path)
+
+
+CASES = {
+    "single file truncated": (lambda t, m: ["--model", _truncated(t)], "truncated or corrupt"),
+    "single file corrupt": (lambda t, m: ["--model", _corrupt(t)], "truncated or corrupt"),
+    "single file not a whole SD": (lambda t, m: ["--model", _unet_only(t, m)], "not a single-file Stable Diffusion checkpoint"),
+    "single file pickle": (lambda t, m: ["--model", _pickle_ckpt(t)], "pickle checkpoint"),
+    "lora shape mismatch": (lambda t, m: ["--lora", _mismatched_lora(t, m) + "@0.5"], "the adapter was trained for another model"),
+    "lora unknown layer": (lambda t, m: ["--lora", _foreign_lora(t, m)], "does not exist in this model's unet"),
+    "lora pickle": (lambda t, m: ["--lora", _pickle_lora(t, m)], "pickle LoRA"),
+    "lora missing": (lambda t, m: ["--lora", str(t / "nope.safetensors")], "no such file, folder or cached hub id"),
+    "lora bad scale": (lambda t, m: ["--lora", "x.safetensors@nan"], "the scale must be a number"),
+    "hub id not cached": (lambda t, m: ["--model", "acme/absent"], "add --download to fetch it once"),
+    "hub revision not cached": (lambda t, m: ["--model", "acme/tiny-sd", "--revision", "c" * 40], "--revision " + "c" * 40),
+    "download offline": (lambda t, m: ["--model", "acme/absent", "--download"], "could not download 'acme/absent'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hostile_model_is_one_line_before_any_run(tmp_path, capsys, flow_model, monkeypatch, case):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv(
+        "HF_HUB_CACHE", str(fake_hub_cache(tmp_path / "hub", "acme/tiny-sd", Path(flow_model)))
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)  # read at import: nothing may reach the network
+    make, expect = CASES[case]
+    extra = make(tmp_path, flow_model)
+    manifest = write_rows(
+        tmp_path / "m.parquet", [dict(GOOD, image_uri=scene_files(tmp_path / "img", 1)[0])]
+    )
+    argv = ["run", manifest, "--out", str(tmp_path / "out"), "--model", flow_model, *extra]
+    code, text = _output(argv, capsys)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert code == 2 and expect in text and "Traceback" not in text, text
+    assert len(lines) == 1, text
+    assert not (tmp_path / "out" / "runs").exists()  # no run id claimed
