@@ -4,6 +4,7 @@ any run id is claimed (nothing under --out/runs)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,8 +17,6 @@ from tests.editing.test_model_forms import fake_hub_cache, make_lora
 
 from .helpers import scene_files, write_rows
 from .test_bad_inputs import GOOD
-
-pytestmark = pytest.mark.bad_input
 
 
 def _output(argv: list[str], capsys) -> tuple[int, str]:
@@ -105,6 +104,7 @@ CASES = {
 }  # fmt: skip
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("case", list(CASES))
 def test_hostile_model_is_one_line_before_any_run(tmp_path, capsys, flow_model, monkeypatch, case):
     import huggingface_hub.constants as hc
@@ -125,3 +125,44 @@ def test_hostile_model_is_one_line_before_any_run(tmp_path, capsys, flow_model, 
     assert code == 2 and expect in text and "Traceback" not in text, text
     assert len(lines) == 1, text
     assert not (tmp_path / "out" / "runs").exists()  # no run id claimed
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_run_records_revision_and_lora(tmp_path, capsys, prefect_server, flow_model, monkeypatch):
+    """A hub id run at a pinned commit, then at main with another LoRA scale: the plan pins each run's
+    commit, and every sidecar and inversion key records the commit and the adapter's scale."""
+    import huggingface_hub.constants as hc
+
+    from tests.editing.test_model_forms import COMMITS
+
+    from .helpers import results
+
+    monkeypatch.setenv(
+        "HF_HUB_CACHE", str(fake_hub_cache(tmp_path / "hub", "acme/tiny-sd", Path(flow_model)))
+    )
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    lora = make_lora(Path(flow_model), tmp_path / "lora")
+    manifest = write_rows(
+        tmp_path / "m.parquet", [dict(GOOD, image_uri=scene_files(tmp_path / "img", 1)[0])]
+    )
+    seen = {}
+    for run_id, extra in (("pinned", ["--revision", COMMITS[0], "--lora", f"{lora}@0.5"]),
+                          ("main", ["--lora", f"{lora}@1"])):  # fmt: skip
+        out = tmp_path / run_id  # one output root each: an edit id is finished once per root
+        argv = ["run", manifest, "--out", str(out), "--cache", str(tmp_path / "cache"),
+                "--model", "acme/tiny-sd", "--run-id", run_id, *extra]  # fmt: skip
+        code, text = _output(argv, capsys)
+        assert code == 0, text
+        plan = json.loads((out / "runs" / run_id / "plan.json").read_text())
+        [row] = results(out, run_id)
+        side = json.loads(Path(row["metadata_uri"]).read_text())
+        seen[run_id] = (plan["options"], side)
+    (p_opts, p_side), (m_opts, m_side) = seen["pinned"], seen["main"]
+    assert p_opts["revision"] == COMMITS[0] and m_opts["revision"] == COMMITS[1]  # main, resolved
+    assert p_opts["loras"] == [f"{lora}@0.5"] and m_opts["loras"] == [f"{lora}@1"]
+    assert p_side["model_id"] == "acme/tiny-sd"
+    p_rev, m_rev = p_side["model_revision"], m_side["model_revision"]
+    assert p_rev.startswith(COMMITS[0] + "+lora-") and p_rev.endswith("@0.5")
+    assert m_rev.startswith(COMMITS[1] + "+lora-") and m_rev.endswith("@1")
+    assert p_side["inversion_key"] != m_side["inversion_key"]
+    assert not p_side["inversion_cache_hit"] and not m_side["inversion_cache_hit"]
