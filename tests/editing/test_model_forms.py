@@ -174,3 +174,115 @@ def test_lora_from_a_cached_hub_id(tiny_dir, tiny_lora, tmp_path, monkeypatch):
     by_file = load_model(tiny_dir, dtype=torch.float64, loras=[f"{tiny_lora}@0.5"])
     assert by_id.revision == by_file.revision
     assert torch.equal(by_id.unet.conv_in.weight, by_file.unet.conv_in.weight)
+
+
+# ---------------------------------------------------------------- single files
+
+_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+           ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))  # fmt: skip
+_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
+
+
+def _ldm_unet_key(key: str, lpb: int, up_attn: set[int]) -> str:
+    """A diffusers UNet key in the original (LDM) layout: the inverse of what diffusers' single-file
+    loader maps, for SD 1.x-shaped UNets with `lpb` layers per block."""
+    head, _, leaf = key.rpartition(".")
+    if head in _UNET_TOP:
+        return f"{_UNET_TOP[head]}.{leaf}"
+    parts = key.split(".")
+
+    def resnet(tail: str) -> str:
+        name, _, leaf = tail.partition(".")
+        return dict(_RESNET).get(name, name) + "." + leaf
+
+    if parts[0] == "mid_block":
+        kind, k, tail = parts[1], int(parts[2]), ".".join(parts[3:])
+        return (
+            f"middle_block.{2 * k}.{resnet(tail)}"
+            if kind == "resnets"
+            else f"middle_block.1.{tail}"
+        )
+    block, kind, k, tail = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+    if parts[0] == "down_blocks":
+        if kind == "downsamplers":
+            return f"input_blocks.{1 + block * (lpb + 1) + lpb}.0.op.{tail.removeprefix('conv.')}"
+        i = 1 + block * (lpb + 1) + k
+        return (
+            f"input_blocks.{i}.0.{resnet(tail)}"
+            if kind == "resnets"
+            else f"input_blocks.{i}.1.{tail}"
+        )
+    if kind == "upsamplers":
+        return f"output_blocks.{block * (lpb + 1) + lpb}.{2 if block in up_attn else 1}.{tail}"
+    i = block * (lpb + 1) + k
+    return (
+        f"output_blocks.{i}.0.{resnet(tail)}"
+        if kind == "resnets"
+        else f"output_blocks.{i}.1.{tail}"
+    )
+
+
+def _ldm_vae_key(key: str, n_up: int) -> str:
+    """A diffusers VAE key in the original layout (the inverse of diffusers' single-file mapping)."""
+    key = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+    parts = key.split(".")
+    if len(parts) > 3 and parts[1] in ("down_blocks", "up_blocks", "mid_block"):
+        side, kind = parts[0], parts[1]
+        if kind == "mid_block":
+            return f"{side}.mid.block_{int(parts[3]) + 1}." + ".".join(parts[4:])
+        i, sub, tail = int(parts[2]), parts[3], ".".join(parts[5:])
+        if kind == "down_blocks":
+            pre = f"{side}.down.{i}"
+            return (
+                f"{pre}.block.{parts[4]}.{tail}" if sub == "resnets" else f"{pre}.downsample.{tail}"
+            )
+        pre = f"{side}.up.{n_up - 1 - i}"
+        return f"{pre}.block.{parts[4]}.{tail}" if sub == "resnets" else f"{pre}.upsample.{tail}"
+    return key
+
+
+def save_single_file(model_dir: Path, path: Path) -> Path:
+    """The diffusers folder `model_dir` written as one original-layout SD checkpoint (safetensors)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    unet_cfg = json.loads((model_dir / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
+    lpb = unet_cfg["layers_per_block"]
+    up_attn = {i for i, t in enumerate(unet_cfg["up_block_types"]) if "CrossAttn" in t}
+    unet = load_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    vae = load_file(model_dir / "vae" / "diffusion_pytorch_model.safetensors")
+    text = load_file(model_dir / "text_encoder" / "model.safetensors")
+    n_up = len(vae_cfg["up_block_types"])
+    out = {"model.diffusion_model." + _ldm_unet_key(k, lpb, up_attn): v for k, v in unet.items()}
+    out |= {"first_stage_model." + _ldm_vae_key(k, n_up): v for k, v in vae.items()}
+    # the original layout's text encoder keys start text_model. (transformers 5 saves them without it)
+    out |= {"cond_stage_model.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k: v
+            for k, v in text.items()}  # fmt: skip
+    save_file({k: v.contiguous() for k, v in out.items()}, path)
+    return path
+
+
+def test_single_file_loads_and_edits_like_the_folder(tmp_path):
+    from refmodel import REFERENCE_MODEL_DIR
+
+    folder = Path(REFERENCE_MODEL_DIR)
+    single = save_single_file(folder, tmp_path / "shapes-v2.safetensors")
+    by_folder = load_model(folder, dtype=torch.float64)
+    by_file = load_model(single, dtype=torch.float64, config=folder)
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(by_folder, part).state_dict(), getattr(by_file, part).state_dict()
+        assert a.keys() == b.keys(), part
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    assert torch.equal(pnp_edit(by_folder), pnp_edit(by_file))
+    # the identity is the file's content hash: another file's bytes, another revision
+    assert by_file.revision.startswith("sha256-") and by_file.revision != by_folder.revision
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(single)
+    weights["model.diffusion_model.out.2.bias"] += 0.01
+    save_file(weights, other)
+    assert load_model(other, config=folder).revision != by_file.revision
