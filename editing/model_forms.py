@@ -67,6 +67,12 @@ def _cache_dir() -> str | None:
     return os.environ.get("HF_HUB_CACHE") or None
 
 
+def _cache_shown() -> str:
+    from huggingface_hub import constants
+
+    return _cache_dir() or constants.HF_HUB_CACHE
+
+
 def fetch_arguments(repo_id: str, revision: str | None, allow_pickle: bool) -> dict[str, Any]:
     """The arguments :func:`fetch` gives ``huggingface_hub.snapshot_download``: safetensors weights
     unless pickle is allowed, the revision pinned when given."""
@@ -116,7 +122,7 @@ def hub_snapshot(
         at = f" --revision {revision}" if revision else ""
         raise ModelNotCached(
             f"model {repo_id!r}{at} is neither a local folder nor in the local Hugging Face cache "
-            f"({_cache_dir() or 'HF_HUB_CACHE/HF_HOME default'}); add --download to fetch it once "
+            f"({_cache_shown()}); add --download to fetch it once "
             f"(safetensors only), or run `hf download {repo_id}{' --revision ' + revision if revision else ''}` "
             f"({type(exc).__name__})"
         ) from exc
@@ -267,6 +273,22 @@ def check_lora_fits(path: Path, unet: Any, text_encoder: Any) -> None:
                 f"--lora {path}: layer {part}.{name} is {tuple(module.weight.shape)} in this model but "
                 f"the adapter's lora_{kind} is {tuple(tensor.shape)}; the adapter was trained for another model"
             )
+
+
+def check_loras_fit(folder: Path, paths: list[Path]) -> None:
+    """:func:`check_lora_fits` for each adapter against the model configured by the diffusers folder
+    `folder`, built on the meta device (no weights read or allocated)."""
+    if not paths:
+        return
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+    for path in paths:
+        check_lora_fits(path, unet, text_encoder)
 
 
 def apply_loras(pipe: Any, loras: list[tuple[LoraSpec, Path]]) -> None:
