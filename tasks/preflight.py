@@ -42,6 +42,8 @@ def check_model(
         if forms.is_single_file(ref):
             names = forms.check_single_file(Path(ref), allow_pickle)
             forms.check_checkpoint_layout(Path(ref), names)
+            if model_config and not Path(model_config).is_dir():
+                raise ValueError(f"--model-config {model_config} is not a diffusers config folder")
             folder = model_folder(model_config or default_model())
         else:
             folder = model_folder(

@@ -98,6 +98,7 @@ CASES = {
     "lora pickle": (lambda t, m: ["--lora", _pickle_lora(t, m)], "pickle LoRA"),
     "lora missing": (lambda t, m: ["--lora", str(t / "nope.safetensors")], "no such file, folder or cached hub id"),
     "lora bad scale": (lambda t, m: ["--lora", "x.safetensors@nan"], "the scale must be a number"),
+    "model config missing": (lambda t, m: ["--model", str(_single_file(t)), "--model-config", str(t / "none")], "is not a diffusers config folder"),
     "hub id not cached": (lambda t, m: ["--model", "acme/absent"], "add --download to fetch it once"),
     "hub revision not cached": (lambda t, m: ["--model", "acme/tiny-sd", "--revision", "c" * 40], "--revision " + "c" * 40),
     "download offline": (lambda t, m: ["--model", "acme/absent", "--download"], "could not download 'acme/absent'"),
@@ -166,3 +167,26 @@ def test_run_records_revision_and_lora(tmp_path, capsys, prefect_server, flow_mo
     assert m_rev.startswith(COMMITS[1] + "+lora-") and m_rev.endswith("@1")
     assert p_side["inversion_key"] != m_side["inversion_key"]
     assert not p_side["inversion_cache_hit"] and not m_side["inversion_cache_hit"]
+
+
+def test_run_of_a_single_file_records_its_hash(tmp_path, capsys, prefect_server):
+    """The bundled model as one .safetensors file runs through the CLI with the default --model-config
+    (the bundled folder); sidecars record the file's hash as the model revision."""
+    from editing.model_forms import file_sha256
+    from refmodel import REFERENCE_MODEL_DIR
+    from tests.editing.test_model_forms import save_single_file
+
+    from .helpers import results
+
+    single = save_single_file(Path(REFERENCE_MODEL_DIR), tmp_path / "shapes-v2.safetensors")
+    manifest = write_rows(
+        tmp_path / "m.parquet", [dict(GOOD, image_uri=scene_files(tmp_path / "img", 1)[0])]
+    )
+    out = tmp_path / "out"
+    argv = ["run", manifest, "--out", str(out), "--model", str(single), "--run-id", "single"]
+    code, text = _output(argv, capsys)
+    assert code == 0, text
+    [row] = results(out, "single")
+    side = json.loads(Path(row["metadata_uri"]).read_text())
+    assert side["model_id"] == str(single)
+    assert side["model_revision"] == "sha256-" + file_sha256(single)[:16]
