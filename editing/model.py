@@ -334,7 +334,7 @@ def load_model(
             )
         folder = model_folder(config)
         vae_dt = vae_precision(dt, _json(folder / "vae" / "config.json"))
-        pipe = forms.load_single_file_pipeline(Path(source), folder, dt, allow_pickle)
+        pipe = forms.load_single_file_pipeline(Path(source), folder, dt, vae_dt, allow_pickle)
         rev = "sha256-" + forms.file_sha256(Path(source))[:16]
     else:
         folder = model_folder(

@@ -187,18 +187,25 @@ def check_checkpoint_layout(path: Path, names: list[str]) -> None:
         )
 
 
-def load_single_file_pipeline(path: Path, config: Path, dtype: Any, allow_pickle: bool):
+def load_single_file_pipeline(
+    path: Path, config: Path, dtype: Any, vae_dtype: Any, allow_pickle: bool
+):
     """A StableDiffusionPipeline from a single-file checkpoint, configured by the local diffusers
-    folder `config` (its configs and tokenizer; its weights are not read). Never fetches."""
-    from diffusers import StableDiffusionPipeline
+    folder `config` (its configs and tokenizer; its weights are not read), the VAE loaded in
+    `vae_dtype` and the rest in `dtype`. Never fetches."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     names = check_single_file(path, allow_pickle)
     check_checkpoint_layout(path, names)
     try:
+        where = {"config": str(config), "local_files_only": True}
+        vae = AutoencoderKL.from_single_file(
+            str(path), subfolder="vae", torch_dtype=vae_dtype, **where
+        )
         return StableDiffusionPipeline.from_single_file(
             str(path),
-            config=str(config),
-            local_files_only=True,
+            **where,
+            vae=vae,
             torch_dtype=dtype,
             safety_checker=None,
             feature_extractor=None,
@@ -217,7 +224,8 @@ def load_single_file_pipeline(path: Path, config: Path, dtype: Any, allow_pickle
 def lora_file(spec: LoraSpec, *, download: bool = False, allow_pickle: bool = False) -> Path:
     """The adapter's weight file: the file itself, or the one weight file of a folder or hub snapshot."""
     path = Path(spec.source)
-    if not path.exists() and not spec.source.startswith((".", "/", "~")):
+    looks_like_path = spec.source.startswith((".", "/", "~")) or path.suffix in WEIGHT_SUFFIXES
+    if not path.exists() and not looks_like_path:
         path = hub_snapshot(spec.source, download=download, allow_pickle=allow_pickle)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)

@@ -277,6 +277,11 @@ def test_single_file_loads_and_edits_like_the_folder(tmp_path):
         assert a.keys() == b.keys(), part
         assert all(torch.equal(a[k], b[k]) for k in a), part
     assert torch.equal(pnp_edit(by_folder), pnp_edit(by_file))
+    # fp16: the VAE is loaded in its own precision (fp32, force_upcast), not upcast from fp16
+    half = load_model(single, device="cpu", dtype=torch.float16, config=folder)
+    assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float32
+    vae32 = load_model(folder, device="cpu", dtype=torch.float16).vae.state_dict()
+    assert all(torch.equal(v, vae32[k]) for k, v in half.vae.state_dict().items())
     # the identity is the file's content hash: another file's bytes, another revision
     assert by_file.revision.startswith("sha256-") and by_file.revision != by_folder.revision
     other = tmp_path / "other.safetensors"
