@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,14 @@ def fetch(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
         ) from exc
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def is_hub_id(text: str) -> bool:
+    """`text` has a hub id's shape (``name`` or ``org/name``), not a path's."""
+    return bool(_HUB_ID.fullmatch(text)) and Path(text).suffix not in WEIGHT_SUFFIXES
+
+
 def hub_snapshot(
     repo_id: str, revision: str | None = None, *, download: bool = False, allow_pickle: bool = False
 ) -> Path:
@@ -110,6 +119,8 @@ def hub_snapshot(
     name is the resolved commit. Fetched first with ``download``; else ``ModelNotCached`` says how."""
     from huggingface_hub import snapshot_download
 
+    if not is_hub_id(repo_id):
+        raise ValueError(f"{repo_id} does not exist (no such folder or file, and not a hub id)")
     try:
         return Path(
             snapshot_download(

@@ -99,6 +99,7 @@ CASES = {
     "lora missing": (lambda t, m: ["--lora", str(t / "nope.safetensors")], "no such file, folder or cached hub id"),
     "lora bad scale": (lambda t, m: ["--lora", "x.safetensors@nan"], "the scale must be a number"),
     "model config missing": (lambda t, m: ["--model", str(_single_file(t)), "--model-config", str(t / "none")], "is not a diffusers config folder"),
+    "model path missing": (lambda t, m: ["--model", str(t / "gone.safetensors")], "does not exist (no such folder or file, and not a hub id)"),
     "hub id not cached": (lambda t, m: ["--model", "acme/absent"], "add --download to fetch it once"),
     "hub revision not cached": (lambda t, m: ["--model", "acme/tiny-sd", "--revision", "c" * 40], "--revision " + "c" * 40),
     "download offline": (lambda t, m: ["--model", "acme/absent", "--download"], "could not download 'acme/absent'"),
