@@ -116,7 +116,8 @@ def hub_snapshot(
     repo_id: str, revision: str | None = None, *, download: bool = False, allow_pickle: bool = False
 ) -> Path:
     """The cached snapshot folder of a hub id at `revision` (a commit, branch or tag; None = main); its
-    name is the resolved commit. Fetched first with ``download``; else ``ModelNotCached`` says how."""
+    name is the resolved commit. When it is not cached: fetched with ``download``, else
+    ``ModelNotCached`` says which flag or command fetches it."""
     from huggingface_hub import snapshot_download
 
     if not is_hub_id(repo_id):
