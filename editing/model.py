@@ -11,13 +11,17 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from editing.model_forms import LoraSpec
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +250,10 @@ def _local_fingerprint(folder: Path) -> str:
     return "local-" + h.hexdigest()[:16]
 
 
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def check_weights(folder: Path, allow_pickle: bool) -> None:
     for comp in _COMPONENTS:
         sub = folder / comp
@@ -268,24 +276,25 @@ def check_weights(folder: Path, allow_pickle: bool) -> None:
 
 
 def model_folder(
-    source: str | os.PathLike[str], *, revision: str | None = None, local_files_only: bool = True
+    source: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    local_files_only: bool = True,
+    allow_pickle: bool = False,
 ) -> Path:
     """The local folder of a diffusers checkpoint: `source` itself when it is a folder, else the hub
-    id's snapshot in the local Hugging Face cache (never downloaded unless ``local_files_only=False``)."""
+    id's snapshot in the local Hugging Face cache (fetched once unless ``local_files_only``; the
+    folder's name is then the resolved commit); see :mod:`editing.model_forms`."""
+    from editing.model_forms import hub_snapshot
+
     path = Path(source)
     if path.is_dir():
         return path.resolve()
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(str(source), revision=revision, local_files_only=local_files_only)
-        )
-    except Exception as exc:  # noqa: BLE001 - rephrase hub errors for the user
-        raise ValueError(
-            f"model {str(source)!r} is neither a local folder nor in the local Hugging Face cache "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
+    if path.is_file():
+        raise ValueError(f"{source} is a file: load it as a single-file checkpoint (load_model)")
+    return hub_snapshot(
+        str(source), revision, download=not local_files_only, allow_pickle=allow_pickle
+    )
 
 
 def load_model(
@@ -296,6 +305,8 @@ def load_model(
     revision: str | None = None,
     allow_pickle: bool = False,
     local_files_only: bool = True,
+    loras: Sequence[str | LoraSpec] = (),
+    config: str | os.PathLike[str] | None = None,
 ) -> EditModel:
     """Load an SD 1.x/2.x diffusers checkpoint (local folder or hub id) for editing.
 
@@ -303,25 +314,46 @@ def load_model(
     cache unless ``local_files_only=False``. Safetensors only unless ``allow_pickle``. The UNet and text
     encoder run in `dtype`; the VAE in :func:`vae_precision` of it (fp32 for an fp16 model whose VAE config
     sets ``force_upcast``), cast here once.
+
+    `source` may also be a single-file checkpoint (``.safetensors``, original SD key layout) configured by
+    the local diffusers folder `config`; `loras` (``FILE_OR_ID[@SCALE]``) are fused into the weights for
+    this model. The revision records the form: the hub commit, the folder's fingerprint or the file's
+    ``sha256-`` hash, then each adapter's hash and scale (:mod:`editing.model_forms`).
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    from editing import model_forms as forms
+
     dev, dt = _default_device_dtype(device, dtype)
-    folder = model_folder(source, revision=revision, local_files_only=local_files_only)
     model_id = str(source)
-    rev = (revision or _local_fingerprint(folder)) if Path(source).is_dir() else folder.name
-    check_weights(folder, allow_pickle)
-    vae_config = folder / "vae" / "config.json"
-    vae_dt = vae_precision(dt, json.loads(vae_config.read_text()) if vae_config.is_file() else {})
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder,
-        dtype={"default": dt, "vae": vae_dt},  # the VAE's precision, chosen once, here
-        use_safetensors=None if allow_pickle else True,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        local_files_only=True,
-    )
+    adapters = forms.resolve_loras(loras, download=not local_files_only, allow_pickle=allow_pickle)
+    if forms.is_single_file(source):
+        if config is None:
+            raise ValueError(
+                f"{source} is a single file: give the model family's config folder (config=)"
+            )
+        folder = model_folder(config)
+        vae_dt = vae_precision(dt, _json(folder / "vae" / "config.json"))
+        pipe = forms.load_single_file_pipeline(Path(source), folder, dt, vae_dt, allow_pickle)
+        rev = "sha256-" + forms.file_sha256(Path(source))[:16]
+    else:
+        folder = model_folder(
+            source, revision=revision, local_files_only=local_files_only, allow_pickle=allow_pickle
+        )
+        rev = (revision or _local_fingerprint(folder)) if Path(source).is_dir() else folder.name
+        check_weights(folder, allow_pickle)
+        vae_dt = vae_precision(dt, _json(folder / "vae" / "config.json"))
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder,
+            dtype={"default": dt, "vae": vae_dt},  # the VAE's precision, chosen once, here
+            use_safetensors=None if allow_pickle else True,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=True,
+        )
+    forms.apply_loras(pipe, adapters)
+    rev += forms.lora_identity(adapters)
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     if (
         pipe.vae.dtype != vae_dt

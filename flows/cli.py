@@ -153,6 +153,27 @@ def _pickle_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _model_form_args(p: argparse.ArgumentParser) -> None:
+    """How the model is had (README: Bring your model): a hub revision, fetching, a single file's
+    config folder, LoRA adapters."""
+    p.add_argument(
+        "--revision", default=None,
+        help="a hub id's commit, branch or tag (default: main); the run records the resolved commit",
+    )  # fmt: skip
+    p.add_argument(
+        "--download", action="store_true",
+        help="fetch a hub id (or hub LoRA) missing from the Hugging Face cache, once (safetensors only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--model-config", default="",
+        help="a single-file --model's diffusers config folder (default: the bundled model's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--lora", dest="loras", metavar="FILE_OR_ID[@SCALE]", action="append", default=[],
+        help="a LoRA adapter fused into the model at SCALE (default 1); repeat for several",
+    )  # fmt: skip
+
+
 def _edit_args(p: argparse.ArgumentParser) -> None:
     from tasks.options import DEFAULT_MAX_BATCH, DEFAULT_SHARD_SIZE, DTYPES, IMAGE_FORMATS
 
@@ -187,6 +208,7 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--run-id", default=None, help="run id (default: time + random suffix)")
     _pickle_arg(p)
+    _model_form_args(p)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -393,12 +415,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
 
 
-def _prompt_budget(model: str):
+def _prompt_budget(model: str, model_config: str = ""):
     """The token limit of the run's model (its tokenizer only; the weights are not loaded)."""
     from editing.prompts import prompt_budget
-    from tasks.options import default_model
+    from tasks.options import RunOptions
 
-    return prompt_budget(model or default_model())
+    return prompt_budget(RunOptions(out=".", model=model, model_config=model_config).tokenizer_ref)
 
 
 def _prepare(args: argparse.Namespace, *, prompts: bool = True):
@@ -406,7 +428,7 @@ def _prepare(args: argparse.Namespace, *, prompts: bool = True):
     does); with `prompts`, its prompts are checked against the model's tokenizer as well."""
     from manifests.stream import scan_manifest
 
-    budget = _prompt_budget(args.model) if prompts else None
+    budget = _prompt_budget(args.model, getattr(args, "model_config", "")) if prompts else None
     return scan_manifest(args.manifest, s3_endpoint=args.s3_endpoint, budget=budget)
 
 
@@ -564,7 +586,13 @@ def _check_model(args: argparse.Namespace) -> list:
     from tasks.preflight import BadModel, check_model
 
     try:
-        check_model(args.model, allow_pickle=getattr(args, "allow_pickle", False))
+        forms = ("revision", "download", "loras", "model_config")
+        commit = check_model(
+            args.model, allow_pickle=getattr(args, "allow_pickle", False),
+            **{k: getattr(args, k) for k in forms if hasattr(args, k)},
+        )  # fmt: skip
+        if commit and hasattr(args, "revision"):
+            args.revision = commit  # the run (plan, workers, sidecars) pins the resolved commit
     except BadModel:
         if args.command in ("run", "serve", "validate"):
             problems = _prepare(args, prompts=False).problems  # no tokenizer: the model is bad

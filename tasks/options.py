@@ -39,6 +39,14 @@ class RunOptions:
     device: str | None = None  # None = CUDA if available, else CPU
     dtype: str | None = None  # "float16" / "bfloat16" / "float32"; None = fp16 on CUDA, fp32 on CPU
     allow_pickle: bool = False  # load pickle-only checkpoints (they can run code)
+    # a hub id's commit, branch or tag (None = main); the CLI pins it to the resolved commit before the
+    # run, so that every worker (Dask included) loads exactly that snapshot
+    revision: str | None = None
+    download: bool = False  # fetch a hub id (and hub LoRAs) missing from the HF cache, once
+    # LoRA adapters "FILE_OR_ID[@SCALE]", fused in order into the model for the run
+    loras: tuple[str, ...] = ()
+    # a single-file --model's diffusers config folder (configs + tokenizer); "" = the bundled model's
+    model_config: str = ""
     image_format: str = IMAGE_FORMATS[0]  # output format, one of IMAGE_FORMATS
     max_batch: int = DEFAULT_MAX_BATCH  # targets per UNet batch (rows = 2 x targets + sources)
     shard_size: int = (
@@ -57,7 +65,15 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         from editing.model import SIZE_POLICIES  # here, not at import: editing.model imports torch
+        from editing.model_forms import parse_lora
 
+        if isinstance(self.loras, str):
+            raise ValueError(
+                f"loras must be a list of FILE_OR_ID[@SCALE], got the string {self.loras!r}"
+            )
+        object.__setattr__(self, "loras", tuple(str(x) for x in self.loras))
+        for lora in self.loras:
+            parse_lora(lora)
         if not self.out:
             raise ValueError("out must be a URI or a folder")
         if self.s3_endpoint:  # before a flow run records it: no credentials in it ("" = unset)
@@ -90,6 +106,28 @@ class RunOptions:
     @property
     def model_ref(self) -> str:
         return self.model or default_model()
+
+    @property
+    def config_ref(self) -> str:
+        """The config folder of a single-file model (configs and tokenizer)."""
+        return self.model_config or default_model()
+
+    @property
+    def tokenizer_ref(self) -> str:
+        """Where the model's tokenizer is: the model, or a single-file model's config folder."""
+        from editing.model_forms import is_single_file
+
+        return self.config_ref if is_single_file(self.model_ref) else self.model_ref
+
+    def model_args(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`tasks.worker.get_model` (and ``load_model``) besides device/dtype."""
+        return {
+            "allow_pickle": self.allow_pickle,
+            "revision": self.revision,
+            "download": self.download,
+            "loras": self.loras,
+            "config": self.config_ref,
+        }
 
     @property
     def cache_uri(self) -> str:

@@ -18,20 +18,48 @@ class BadDevice(RunError):
     """The device argument is not a torch device, or not one this machine has."""
 
 
-def check_model(model: str, *, allow_pickle: bool = False) -> None:
-    """``BadModel`` unless `model` ("" = the bundled reference model) resolves to a diffusers SD folder
-    whose weights may be loaded under the pickle policy (nothing is loaded here)."""
-    from editing.model import PickleWeightsRefused, check_weights, model_folder
+def check_model(
+    model: str,
+    *,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    download: bool = False,
+    loras: tuple[str, ...] | list[str] = (),
+    model_config: str = "",
+) -> str | None:
+    """``BadModel`` unless `model` ("" = the bundled reference model) resolves to something loadable
+    under the pickle policy: a diffusers SD folder, a hub id in the Hugging Face cache (fetched first
+    with `download`), or a single-file checkpoint (its header read, its `model_config` folder present);
+    each LoRA must be readable and fit the model's layers (checked on a weightless model built from the
+    configs). Returns a hub id's resolved commit (the run pins it), else None. No weights are loaded."""
+    from editing import model_forms as forms
+    from editing.model import check_weights, model_folder
     from tasks.options import default_model
 
     ref = model or default_model()
+    commit = None
     try:
-        folder = model_folder(ref)
-        check_weights(Path(folder), allow_pickle)
-    except PickleWeightsRefused as exc:
+        if forms.is_single_file(ref):
+            names = forms.check_single_file(Path(ref), allow_pickle)
+            forms.check_checkpoint_layout(Path(ref), names)
+            if model_config and not Path(model_config).is_dir():
+                raise ValueError(f"--model-config {model_config} is not a diffusers config folder")
+            folder = model_folder(model_config or default_model())
+        else:
+            folder = model_folder(
+                ref, revision=revision, local_files_only=not download, allow_pickle=allow_pickle
+            )
+            check_weights(Path(folder), allow_pickle)
+            if not Path(ref).is_dir():
+                commit = Path(folder).name
+    except ValueError as exc:  # PickleWeightsRefused and ModelNotCached too
         raise BadModel(f"--model {ref}: {exc}") from None
+    try:
+        adapters = forms.resolve_loras(loras, download=download, allow_pickle=allow_pickle)
+        forms.check_loras_fit(Path(folder), [path for _, path in adapters])
     except ValueError as exc:
-        raise BadModel(f"--model {ref}: {exc}") from None
+        raise BadModel(str(exc) if str(exc).startswith("--lora") else f"--lora: {exc}") from None
+    return commit
 
 
 def check_device(device: str | None) -> None:

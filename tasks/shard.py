@@ -635,7 +635,7 @@ def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, A
             options.model_ref,
             device=options.device,
             dtype=options.dtype,
-            allow_pickle=options.allow_pickle,
+            **options.model_args(),
         )
         with model_lock(model):
             prepared = prepare_sources(model, todo, options, cache)

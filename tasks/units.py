@@ -55,7 +55,8 @@ def plan_task(
     """Load and validate the manifest, prompt lengths included (``ManifestError``: every problem,
     nothing written), claim the run id, plan, and write the plan under {out}/runs/{run_id}/; returns the plan (`claim`: a token that
     lets this task's retries take the run id they claimed)."""
-    budget = prompt_budget(options.model_ref)  # prompt lengths: the model's tokenizer (no weights)
+    # prompt lengths: the model's tokenizer (no weights)
+    budget = prompt_budget(options.tokenizer_ref)
     return plan_run(manifest_uri, options, run_id=run_id, claim=claim, budget=budget)
 
 

@@ -212,18 +212,24 @@ def get_model(
     device: str | None = None,
     dtype: str | None = None,
     allow_pickle: bool = False,
+    revision: str | None = None,
+    download: bool = False,
+    loras: tuple[str, ...] = (),
+    config: str | None = None,
 ) -> EditModel:
-    """The process's model for these settings (and this worker's GPU), loaded on first use."""
+    """The process's model for these settings (and this worker's GPU), loaded on first use; a hub id at
+    the run's pinned `revision` (fetched only with `download`), with the run's LoRA adapters."""
     device = device or worker_device()
-    key = (model_ref, device, dtype, allow_pickle)
+    key = (model_ref, device, dtype, allow_pickle, revision, download, tuple(loras), config)
     with _LOCK:
         model = _MODELS.get(key)
         if model is None:
             _quiet_loading()
             torch_dtype = getattr(torch, dtype) if dtype else None
             model = load_model(
-                model_ref, device=device, dtype=torch_dtype, allow_pickle=allow_pickle
-            )
+                model_ref, device=device, dtype=torch_dtype, allow_pickle=allow_pickle,
+                revision=revision, local_files_only=not download, loras=loras, config=config,
+            )  # fmt: skip
             _MODELS[key] = model
             logger.info("worker loaded model %s", model_ref)
         return model
