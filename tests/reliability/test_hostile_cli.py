@@ -187,7 +187,9 @@ def test_restyle_error_from_the_catalog_is_one_line(prefect_server, world, capsy
         capsys,
     )  # fmt: skip
     said = printed + err
-    assert code == 2 and "no caption column 'nope'" in said and "Traceback" not in said, said[-2000:]
+    assert code == 2 and "no caption column 'nope'" in said and "Traceback" not in said, said[
+        -2000:
+    ]
     assert "nothing was run" in said
     assert not out.exists()
 
