@@ -110,19 +110,23 @@ class FinishedIndex:
         return max(1, math.ceil(2 * len(self) / LIST_PAGE))
 
     def verify(self, edit_ids: Sequence[str], codes: np.ndarray) -> np.ndarray:
-        """Which of `edit_ids` (held by the index, `codes` from :meth:`lookup`) still have their image:
-        a HEAD each (once: planning may pass the rows twice), or, once HEADs would outnumber a
-        listing's pages, one listing of ``assets/``."""
+        """Which of `edit_ids` (held by the index, `codes` from :meth:`lookup`) still have their image
+        and their sidecar: two HEADs each (once: planning may pass the rows twice), or, once the edits
+        to check would outnumber a listing's pages, one listing of ``assets/``."""
         hashes = hash_ids(edit_ids).tolist()
         new = [i for i, h in enumerate(hashes) if h not in self._headed]
         if self._listed is None and self.heads + len(new) > self.listing_cost:
             self._listed = scan_assets(self.store)
         if self._listed is not None:
             return self._listed.lookup(edit_ids) >= 0
-        self.heads += len(new)
-        image_keys = [self.image_key(edit_ids[i], int(codes[i])) for i in new]
+        self.heads += len(new)  # edits checked (two HEADs each)
+
+        def both_stored(i: int) -> bool:
+            image = self.image_key(edit_ids[i], int(codes[i]))
+            return self.store.exists(image) and self.store.exists(keys.sidecar_key(edit_ids[i]))
+
         with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-            for i, found in zip(new, pool.map(self.store.exists, image_keys)):
+            for i, found in zip(new, pool.map(both_stored, new)):
                 self._headed[hashes[i]] = found
         return np.fromiter((self._headed[h] for h in hashes), bool, len(hashes))
 

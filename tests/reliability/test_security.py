@@ -152,9 +152,12 @@ def test_nothing_written_outside_out(prefect_server, flow_model, tmp_path, capsy
     before = {p: p.read_bytes() for p in world.rglob("*") if p.is_file() and out not in p.parents}
     code = main(["run", manifest, "--out", str(out), "--model", flow_model, "--run-id", "w"])
     capsys.readouterr()
-    assert code == 3  # the store refused the write (a symlink leaving --out): a storage failure
     [row] = results(out, "w")
-    assert row["status"] == "failed" and "outside the store root" in row["error"]
+    # editflow refuses the write through the planted link: the edit fails with that reason (exit 1,
+    # failed rows), naming the link and what to do
+    assert code == 1, row["error"]
+    assert row["status"] == "failed" and "refusing the symbolic link" in row["error"]
+    assert "remove it" in row["error"]
     assert not list(elsewhere.iterdir())
     after = {
         p: p.read_bytes()

@@ -92,16 +92,16 @@ def test_planning_reads_the_index_then_checks_images_by_head_or_one_listing(make
     # one edit to check: a HEAD of its image (a listing of assets/ would take one request too)
     assert index.listing_cost == 1
     assert index.verify(edit_ids[:1], index.lookup(edit_ids[:1])).tolist() == [True]
-    assert store.checked == [keys.asset_key(edit_ids[0], "png")]
+    assert store.checked == [keys.asset_key(edit_ids[0], "png"), keys.sidecar_key(edit_ids[0])]
     assert index.verify(edit_ids[:1], index.lookup(edit_ids[:1])).tolist() == [True]
-    assert len(store.checked) == 1  # planning's second pass over the rows sends no second HEAD
+    assert len(store.checked) == 2  # planning's second pass over the rows sends no second HEAD
     assert store.listed == [keys.finished_index_prefix()]
     # more HEADs than a listing's pages: one listing instead, then no more requests
     run.out.delete(keys.asset_key(edit_ids[2], "png"))
     assert index.verify(edit_ids[1:], index.lookup(edit_ids[1:])).tolist() == [True, False]
     assert store.listed == [keys.finished_index_prefix(), keys.assets_prefix()]
     assert index.verify(edit_ids, index.lookup(edit_ids)).tolist() == [True, True, False]
-    assert len(store.checked) == 1 and len(store.listed) == 2
+    assert len(store.checked) == 2 and len(store.listed) == 2
 
 
 def test_an_old_root_is_listed_once_then_its_listing_is_the_index(local_root):

@@ -15,6 +15,8 @@ from manifests import ManifestError, format_problems, validate_table
 from manifests import stream as stream_module
 from manifests.stream import ManifestScan, open_manifest, scan_manifest
 from storage import keys
+from storage.finished import record_finished
+from storage.local import LocalStore
 from tasks.options import RunOptions
 from tasks.planning import plan_run
 
@@ -77,6 +79,12 @@ def test_finished_edits_are_skipped_across_batches(tmp_path: Path) -> None:
         (out / keys.asset_key(e, "png")).parent.mkdir(parents=True, exist_ok=True)
         (out / keys.asset_key(e, "png")).write_bytes(b"png")
         (out / keys.sidecar_key(e)).write_text("{}")
+    # and as their shard records them in the finished-edit index (planning reads it, not assets/)
+    done = ids[::5]
+    record_finished(LocalStore(out), "r1", 0, pa.table({
+        "edit_id": done, "status": ["succeeded"] * len(done),
+        "output_uri": [str(out / keys.asset_key(e, "png")) for e in done],
+    }))  # fmt: skip
     again = plan_run(uri, RunOptions(out=str(out)), run_id="r2", shard_size=8, batch_rows=16)
     assert again["skipped"] == 40 and again["pending"] == 160
     pending = pa.concat_tables(_shards(out, again)).column("edit_id").to_pylist()
