@@ -28,6 +28,18 @@ def scene_files(folder: Path, n: int = 3) -> list[str]:
     return paths
 
 
+def cli_output(argv: list[str], capsys) -> tuple[int, str]:
+    """`editflow ARGV` in this process: its exit status and everything it printed (out, then err)."""
+    from flows.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    cap = capsys.readouterr()
+    return code, cap.out + cap.err
+
+
 def write_rows(path: Path, rows: list[dict]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)

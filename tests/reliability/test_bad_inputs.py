@@ -17,21 +17,12 @@ from PIL import Image
 from flows.cli import main
 from tests.flows.conftest import STEPS, scene_png
 
-from .helpers import results, scene_files, write_rows
+from .helpers import cli_output, results, scene_files, write_rows
 
 pytestmark = pytest.mark.bad_input
 
 GOOD = {"image_uri": "a.png", "source_prompt": "a red circle on a gray background", "target_prompt": "a blue circle on a gray background",
         "method": "pnp", "seed": 0, "num_steps": STEPS, "guidance_scale": 7.5, "settings": None, "edit_id": "good", "negative_prompt": ""}  # fmt: skip
-
-
-def _output(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    cap = capsys.readouterr()
-    return code, cap.out + cap.err
 
 
 # ---- rows that validation refuses: (column, value, reason); row 1 is bad, row 0 good
@@ -76,7 +67,7 @@ def test_row_refused_by_validation(tmp_path, capsys, case):
     if case == "negative prompt conflict":
         bad["settings"] = '{"negative_prompt": "a"}'
     path = write_rows(tmp_path / "m.parquet", [GOOD, bad])
-    code, text = _output(["validate", path], capsys)
+    code, text = cli_output(["validate", path], capsys)
     assert code == 2
     assert f"row 1, column '{column}'" in text and reason in text, text
     assert "row 0" not in text and path in text and "Traceback" not in text
@@ -129,7 +120,7 @@ MANIFEST_CASES = {
 def test_manifest_refused(tmp_path, capsys, case):
     column, reason = MANIFEST_CASES[case]
     path = _manifest(case, tmp_path)
-    code, text = _output(["validate", path], capsys)
+    code, text = cli_output(["validate", path], capsys)
     assert code == 2 and reason in text and "Traceback" not in text, text
     assert path in text
     if column is not None:
@@ -323,7 +314,7 @@ def test_bad_argument_is_one_line(tmp_path, capsys, flow_model, case):
         tmp_path / "m.parquet", [dict(GOOD, image_uri=scene_files(tmp_path / "img", 1)[0])]
     )
     argv = ["run", manifest, "--out", str(tmp_path / "out"), "--model", flow_model, *extra]
-    code, text = _output(argv, capsys)
+    code, text = cli_output(argv, capsys)
     lines = [ln for ln in text.splitlines() if ln.strip()]
     assert code == 2 and expect in text and "Traceback" not in text, text
     assert len(lines) == 1, text
@@ -331,5 +322,5 @@ def test_bad_argument_is_one_line(tmp_path, capsys, flow_model, case):
 
 
 def test_rerun_of_unknown_run_is_one_line(tmp_path, capsys):
-    code, text = _output(["rerun", "nope", "--out", str(tmp_path / "out")], capsys)
+    code, text = cli_output(["rerun", "nope", "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "no run nope" in text and len(text.strip().splitlines()) == 1

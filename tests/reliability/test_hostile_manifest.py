@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from editing.prompts import prompt_budget
-from flows.cli import main
 from manifests import ManifestError, prepare_table, restyle_manifest, validate_table
 from manifests.validate import SETTINGS_MAX_BYTES, SETTINGS_MAX_DEPTH
 from refmodel import REFERENCE_MODEL_DIR
+
+from .helpers import cli_output
 
 pytestmark = pytest.mark.bad_input
 
@@ -39,15 +40,6 @@ def _write(path: Path, rows: list[dict]) -> str:
 
 def _problems(rows: list[dict]) -> list[tuple[int | None, str | None, str]]:
     return [(p.row, p.column, p.reason) for p in validate_table(_table(rows))]
-
-
-def _output(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    cap = capsys.readouterr()
-    return code, cap.out + cap.err
 
 
 @pytest.fixture(scope="module")
@@ -188,14 +180,14 @@ def test_validate_cli_refuses_what_the_run_would(tmp_path: Path, capsys) -> None
         _row(edit_id="dup", settings='{"feature_t":0.5,"feature_t":0.9}'),
         _row(edit_id="deep", settings="[" * 100_000 + "]" * 100_000),
     ]
-    code, text = _output(["validate", _write(tmp_path / "m.parquet", rows)], capsys)
+    code, text = cli_output(["validate", _write(tmp_path / "m.parquet", rows)], capsys)
     assert code == 2, text
     for needle in ("row 1, column 'edit_id'", "row 2, column 'image_uri'",
                    "row 3, column 'settings'", "row 4, column 'settings'"):  # fmt: skip
         assert needle in text, text
     assert "Traceback" not in text
     words = [_row(method="p2p", settings='{"equalizer": {"blue": 2.0}}')]
-    code, text = _output(["validate", _write(tmp_path / "w.parquet", words)], capsys)
+    code, text = cli_output(["validate", _write(tmp_path / "w.parquet", words)], capsys)
     assert code == 2 and "row 0, column 'settings': equalizer names the word 'blue'" in text, text
 
 
@@ -247,7 +239,7 @@ def test_restyle_cli_bad_inputs_exit_2_and_leave_no_out_folder(
     out = tmp_path / "out"
     argv = ["restyle", str(catalog), "--style", "in watercolor", *extra, "--out", str(out),
             "--model", flow_model]  # fmt: skip
-    code, text = _output(argv, capsys)
+    code, text = cli_output(argv, capsys)
     assert code == 2, text
     assert "Traceback" not in text
     assert not out.exists(), sorted(p.name for p in out.rglob("*"))

@@ -12,20 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flows.cli import main
 from tests.editing.test_model_forms import fake_hub_cache, make_lora
 
-from .helpers import scene_files, write_rows
+from .helpers import cli_output, scene_files, write_rows
 from .test_bad_inputs import GOOD
-
-
-def _output(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    cap = capsys.readouterr()
-    return code, cap.out + cap.err
 
 
 def _single_file(tmp: Path) -> Path:
@@ -122,7 +112,7 @@ def test_hostile_model_is_one_line_before_any_run(tmp_path, capsys, flow_model, 
         tmp_path / "m.parquet", [dict(GOOD, image_uri=scene_files(tmp_path / "img", 1)[0])]
     )
     argv = ["run", manifest, "--out", str(tmp_path / "out"), "--model", flow_model, *extra]
-    code, text = _output(argv, capsys)
+    code, text = cli_output(argv, capsys)
     lines = [ln for ln in text.splitlines() if ln.strip()]
     assert code == 2 and expect in text and "Traceback" not in text, text
     assert len(lines) == 1, text
@@ -153,7 +143,7 @@ def test_run_records_revision_and_lora(tmp_path, capsys, prefect_server, flow_mo
         out = tmp_path / run_id  # one output root each: an edit id is finished once per root
         argv = ["run", manifest, "--out", str(out), "--cache", str(tmp_path / "cache"),
                 "--model", "acme/tiny-sd", "--run-id", run_id, *extra]  # fmt: skip
-        code, text = _output(argv, capsys)
+        code, text = cli_output(argv, capsys)
         assert code == 0, text
         plan = json.loads((out / "runs" / run_id / "plan.json").read_text())
         [row] = results(out, run_id)
@@ -185,7 +175,7 @@ def test_run_of_a_single_file_records_its_hash(tmp_path, capsys, prefect_server)
     )
     out = tmp_path / "out"
     argv = ["run", manifest, "--out", str(out), "--model", str(single), "--run-id", "single"]
-    code, text = _output(argv, capsys)
+    code, text = cli_output(argv, capsys)
     assert code == 0, text
     [row] = results(out, "single")
     side = json.loads(Path(row["metadata_uri"]).read_text())
