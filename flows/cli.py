@@ -499,7 +499,7 @@ def error_line(exc: BaseException) -> tuple[str, int]:
     boto3 refuses 2; anything else 1, as an unexpected error."""
     from flows.runners import ClusterUnreachable
     from storage.endpoints import redact
-    from storage.errors import describe_storage_error
+    from storage.errors import describe_storage_error, is_bad_parameter
     from tasks.errors import RunError, StorageUnusable
 
     described = None if isinstance(exc, RunError) else describe_storage_error(exc)
@@ -509,7 +509,7 @@ def error_line(exc: BaseException) -> tuple[str, int]:
         line, code = described, EXIT_STORAGE
     elif isinstance(exc, RecursionError):
         line, code = "the input is nested too deeply (JSON or settings); flatten it", 2
-    elif isinstance(exc, ValueError) or type(exc).__name__ == "ParamValidationError":
+    elif isinstance(exc, ValueError) or is_bad_parameter(exc):
         line, code = str(exc), 2  # RunError and ManifestError too; boto3's check of a parameter
     else:
         line = f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)"

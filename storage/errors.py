@@ -107,6 +107,14 @@ _OS_ADVICE = {
 }
 
 
+def is_bad_parameter(exc: BaseException) -> bool:
+    """Whether boto3 refused a request's parameters before sending it (a bucket or key it cannot
+    send): the user's input, not a storage failure."""
+    from botocore.exceptions import ParamValidationError
+
+    return isinstance(exc, ParamValidationError)
+
+
 def describe_storage_error(exc: BaseException) -> str | None:
     """One line (what, where, what to do) for a storage failure the user must fix; None for others.
 

@@ -85,3 +85,10 @@ def test_unreachable_endpoint_is_transient() -> None:
     with pytest.raises(Exception) as info:
         store.get("k")
     assert is_transient(info.value) is True
+
+
+def test_bad_parameters_are_the_users_input_not_a_storage_failure():
+    from storage.errors import is_bad_parameter
+
+    assert is_bad_parameter(ParamValidationError(report="bad bucket"))
+    assert not is_bad_parameter(ValueError("x")) and not is_bad_parameter(OSError(28, "full"))
