@@ -28,6 +28,7 @@ BIN = Path(sys.executable).parent
 SOURCES, TARGETS, SHARD = 6, 2, 2  # 12 edits in 6 shards
 TARGET_PROMPTS = ("a blue circle on a gray background", "a red square on a gray background")
 DEADLINE_S = 240  # the whole run, on a loaded 2-core machine; it takes well under half of this
+CLOCK_SLACK_S = 0.05  # see the one-at-a-time check below
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -181,7 +182,10 @@ def test_run_on_a_cli_started_cluster_survives_losing_a_worker(
         spans = sorted((s["start"], s["stop"]) for t in tasks for s in t["startstops"]
                        if s["action"] == "compute" and s["start"] >= killed_at)  # fmt: skip
         assert spans
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+        # the worker shifts each record by its current scheduler_delay, re-estimated at every heartbeat, so
+        # back-to-back shards can seem to overlap by a few ms; two shards at once would overlap by a whole
+        # shard (hundreds of ms)
+        assert all(a[1] <= b[0] + CLOCK_SLACK_S for a, b in zip(spans, spans[1:])), spans
     finally:
         if client is not None:
             client.close()
