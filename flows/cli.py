@@ -186,6 +186,11 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--format", dest="image_format", choices=IMAGE_FORMATS, default=IMAGE_FORMATS[0])
     p.add_argument(
+        "--output-size", choices=("source", "model"), default="source",
+        help="source (default): each edit at its source image's pixel size; model: as the model made it "
+        "(about its native area, the source's aspect ratio within one latent cell)",
+    )  # fmt: skip
+    p.add_argument(
         "--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH,
         help=f"targets per UNet batch (default {DEFAULT_MAX_BATCH})",
     )  # fmt: skip

@@ -89,6 +89,8 @@ def trusted_options(plan: dict[str, Any], caller: RunOptions, *, run_id: str) ->
     model and cache the plan records must match them (``RunMismatch``). The CPU threads are the caller's
     unless None (then the recorded ones); the rest (format, batch, ...) is the plan's."""
     recorded = dict(plan["options"])
+    # a run planned before --output-size wrote its edits at the model's size: its rerun does the same
+    recorded.setdefault("output_size", "model")
     options = RunOptions.from_dict(
         {
             **recorded,
