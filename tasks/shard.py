@@ -110,7 +110,7 @@ class ShardStats:
 def _result(row: EditRow, status: str, **kw: Any) -> dict[str, Any]:
     """One results row (see :mod:`tasks.results`) of `row`."""
     return {"edit_id": row.edit_id, "status": status, "output_uri": None, "metadata_uri": None, "error": None,
-            "cache_hit": None, "unet_evals": None, "seconds": None} | kw  # fmt: skip
+            "reason": None, "cache_hit": None, "unet_evals": None, "seconds": None} | kw  # fmt: skip
 
 
 # ---------------------------------------------------------------- 1. the shard's rows
@@ -614,7 +614,7 @@ def write_one(out: ObjectStore, image_format: str, job: WriteJob) -> dict[str, A
     return _result(
         row, "succeeded" if written else "skipped", output_uri=asset_uri, metadata_uri=sidecar_uri,
         cache_hit=job.cache_hit, unet_evals=job.unet_evals, seconds=job.seconds,
-        error=None if written else "finished earlier or by another worker",
+        reason=None if written else "finished earlier or by another worker",
     )  # fmt: skip
 
 
