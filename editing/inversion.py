@@ -21,7 +21,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from editing.ddim import Schedule, denoise_step, guide, invert_step, make_schedule
-from editing.model import EditModel
+from editing.model import SIZE_RULE, EditModel
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def inversion_facts(
         "num_steps": int(num_steps),
         "guidance_scale": float(guidance_scale),
         "size_policy": size_policy,
+        "size_rule": SIZE_RULE,
         "source_prompt": source_prompt,
     }
 

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SIZE_POLICIES = ("fit", "square", "exact")
+# the sizing rule's version, part of an inversion's facts: cached inversions made under another rule
+# (before 2: sides rounded to whole UNet cells, remainder cropped) are recomputed, not reused
+SIZE_RULE = 2
 _COMPONENTS = ("unet", "vae", "text_encoder")
 
 
@@ -148,9 +151,23 @@ class EditModel:
         return torch.stack([self._prompt_cache[p] for p in prompts])
 
     # ---- images ----
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides are brought to multiples of this: one latent cell (the VAE factor, 8 px for SD).
+
+        diffusers' ``UNet2DConditionModel`` takes any latent size (it upsamples to each skip connection's
+        size when a side is not a multiple of ``2 ** downsamples``, as diffusers' SD pipelines rely on for
+        8 px multiples); another UNet gets :attr:`size_multiple`.
+        """
+        from diffusers import UNet2DConditionModel
+
+        if isinstance(self.unet, UNet2DConditionModel):
+            return self.vae_scale_factor
+        return self.size_multiple
+
     def target_size(self, width: int, height: int, size_policy: str = "fit") -> tuple[int, int]:
         """(width, height) an image of this size is brought to; see :meth:`prepare_image`."""
-        m = self.size_multiple
+        m = self.pixel_multiple
         if size_policy == "exact":
             if width % m or height % m:
                 raise ValueError(
@@ -166,25 +183,48 @@ class EditModel:
             return w, h
         raise ValueError(f"size_policy must be one of {SIZE_POLICIES}, got {size_policy!r}")
 
+    def source_region(self, width: int, height: int, size_policy: str = "fit") -> tuple[int, int]:
+        """(width, height) in source pixels of what :meth:`prepare_image` keeps of a `width` x `height`
+        image: all of it, except 'square', which keeps the centred square of the shorter side."""
+        if size_policy == "square":
+            side = min(width, height)
+            return side, side
+        return width, height
+
     def prepare_image(self, image: Image.Image, size_policy: str = "fit") -> torch.Tensor:
         """An RGB image as a (1, 3, H, W) tensor in [-1, 1].
 
-        The one rule: 'fit' (default) keeps the aspect ratio, scales the area to the model's native
-        resolution squared and rounds each side to a multiple of `size_multiple`, resizing (Lanczos) then
-        centre-cropping the rounding remainder; 'square' resizes the shorter side to the native size and
-        centre-crops a square; 'exact' takes the image as it is (sides must already be multiples).
-        An image already at its target size is not resampled.
+        The one rule: 'fit' (default) keeps the aspect ratio within one latent cell: it scales the area to
+        the model's native resolution squared and rounds each side to the nearest multiple of
+        :attr:`pixel_multiple`, resizing (Lanczos) to exactly that, so every source pixel is kept and
+        :meth:`restore_image` maps the edit back onto the source; 'square' resizes the shorter side to the
+        native size and centre-crops a square; 'exact' takes the image as it is (sides must already be
+        multiples). An image already at its target size is not resampled.
         """
         image = image.convert("RGB")
         w, h = self.target_size(image.width, image.height, size_policy)
         if (image.width, image.height) != (w, h):
-            scale = max(w / image.width, h / image.height)
-            rw, rh = max(w, round(image.width * scale)), max(h, round(image.height * scale))
-            image = image.resize((rw, rh), Image.Resampling.LANCZOS)
-            left, top = (rw - w) // 2, (rh - h) // 2
-            image = image.crop((left, top, left + w, top + h))
+            if size_policy == "square":
+                scale = max(w / image.width, h / image.height)
+                rw, rh = max(w, round(image.width * scale)), max(h, round(image.height * scale))
+                image = image.resize((rw, rh), Image.Resampling.LANCZOS)
+                left, top = (rw - w) // 2, (rh - h) // 2
+                image = image.crop((left, top, left + w, top + h))
+            else:
+                image = image.resize((w, h), Image.Resampling.LANCZOS)
         arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
+
+    def restore_image(
+        self, image: Image.Image, source_size: tuple[int, int], size_policy: str = "fit"
+    ) -> Image.Image:
+        """An edit (model-side image) at the pixel size of the source region it shows
+        (:meth:`source_region` of `source_size`), resized with Lanczos; returned as is when it already
+        has that size."""
+        size = self.source_region(*source_size, size_policy)
+        if image.size == size:
+            return image
+        return image.resize(size, Image.Resampling.LANCZOS)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:

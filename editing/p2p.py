@@ -42,6 +42,19 @@ def blend_fraction(model: EditModel, config: P2PConfig) -> float:
     return config.blend_fraction or float(model.defaults.get("p2p_blend_fraction", 1 / 16))
 
 
+def level_positions(latent: tuple[int, int], fraction: float, *, at_most: bool = False) -> int:
+    """Query positions of the UNet level with `fraction` of the latent's (h, w) positions: k downsamples
+    give 4**-k, ceil(h / 2**k) * ceil(w / 2**k) positions (a stride-2 conv rounds an odd side up).
+    `at_most`: the largest level with at most `fraction` (0 when none); else the level of exactly
+    `fraction`, or round(fraction * h * w) when it is no power of 1/4 (which no layer has)."""
+    h, w = latent
+    for k in range(32):
+        nominal = 4.0**-k
+        if (nominal <= fraction * (1 + 1e-9)) if at_most else math.isclose(nominal, fraction):
+            return -(-h // 2**k) * -(-w // 2**k)
+    return 0 if at_most else int(round(fraction * h * w))
+
+
 def chunk_key(model: EditModel, group: SourceGroup, target: Target) -> Any:
     """Targets share a chunk when they control the same layers."""
     return (target.config.self_max_fraction, blend_fraction(model, target.config))
@@ -96,14 +109,14 @@ def plan_chunk(model: EditModel, pieces: Sequence[Piece], layout: RowLayout, ste
         if cfg.blend_source_words:
             blends.append(_local_blend(model, layout, j, source, steps))
     cfg0: P2PConfig = layout.targets[0].config
-    positions = latent_positions(pieces)
+    latent = tuple(pieces[0].group.inversion.latent_shape[-2:])
     return P2PPlan(
         mapper=mapper,
         alpha=alpha,
         equalizer=equalizer,
         cross_schedule=schedule,
-        self_max_positions=int(cfg0.self_max_fraction * positions),
-        blend_positions=int(round(blend_fraction(model, cfg0) * positions)) if blends else -1,
+        self_max_positions=level_positions(latent, cfg0.self_max_fraction, at_most=True),
+        blend_positions=level_positions(latent, blend_fraction(model, cfg0)) if blends else -1,
         blends=tuple(blends),
     )
 
@@ -218,6 +231,10 @@ def local_blend_mask(
     h, w = size
     side = math.sqrt(h * w / src_maps.shape[0])
     mh, mw = round(h / side), round(w / side)
+    for k in range(32):  # the level's grid: odd sides are rounded up at each downsampling
+        if -(-h // 2**k) * -(-w // 2**k) == src_maps.shape[0]:
+            mh, mw = -(-h // 2**k), -(-w // 2**k)
+            break
     masks = []
     for maps in (src_maps, tgt_maps):
         m = maps.sum(-1).view(1, 1, mh, mw)

@@ -186,6 +186,11 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--format", dest="image_format", choices=IMAGE_FORMATS, default=IMAGE_FORMATS[0])
     p.add_argument(
+        "--output-size", choices=("source", "model"), default="source",
+        help="source (default): each edit at its source image's pixel size; model: as the model made it "
+        "(about its native area, the source's aspect ratio within one latent cell)",
+    )  # fmt: skip
+    p.add_argument(
         "--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH,
         help=f"targets per UNet batch (default {DEFAULT_MAX_BATCH})",
     )  # fmt: skip
@@ -229,6 +234,10 @@ def _add_validate(sub) -> None:
         default="",
         help="also check that every prompt fits this model's text encoder (default: the bundled reference model)",
     )
+    v.add_argument(
+        "--no-check-sources", dest="check_sources", action="store_false",
+        help="skip checking that every image_uri is a readable file or object (a stat or HEAD each)",
+    )  # fmt: skip
 
 
 def _add_run(sub) -> None:
@@ -758,12 +767,21 @@ def _storage_failures_line(summary: dict[str, Any]) -> str:
 
 def _validate(args: argparse.Namespace) -> int:
     """`editflow validate`: every problem of the manifest (prompt lengths included), or its row count."""
+    from manifests.validate import merge_problems, source_problems
+
     prepared = _prepare(args)
-    if prepared.problems:
-        print(prepared.report(limit=1000))
-        print(f"{args.manifest}: INVALID ({prepared.total} problem(s))")
+    tokens = _prompt_budget(args.model).max_tokens
+    model = args.model or "the bundled reference model"
+    budget = f"prompt lengths checked against {model} ({tokens} tokens; --model M for another)"
+    sources = []
+    if args.check_sources and prepared.rows:
+        sources = source_problems(args.manifest, s3_endpoint=args.s3_endpoint)
+    report, total = merge_problems(prepared, sources, limit=1000)
+    if total:
+        print(f"{report}\n{args.manifest}: INVALID ({total} problem(s)); {budget}")
         return 2
-    print(f"{args.manifest}: valid ({prepared.rows} rows)")
+    checked = ", sources checked" if args.check_sources else ""
+    print(f"{args.manifest}: valid ({prepared.rows} rows{checked}); {budget}")
     return 0
 
 

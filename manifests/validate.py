@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from editing.configs import config_from_settings
-from manifests.problems import Problem, rows_text, show_value
+from manifests.problems import Problem, format_problems, rows_text, show_value
 from manifests.schema import (
     DEFAULT_METHOD,
     DEFAULT_NUM_STEPS,
@@ -39,10 +39,25 @@ from manifests.schema import (
     RESERVED_COLUMNS,
     default_guidance,
 )
+from storage.base import NotFound, NotRegularFile
+from storage.errors import describe_storage_error
 from storage.keys import EDIT_ID_MAX_BYTES, UNSAFE_ID_PATTERN, canonical_json
-from storage.uri import SCHEME_PATTERN, SUPPORTED_URI_PATTERN, split_uri
+from storage.uri import (
+    SCHEME_PATTERN,
+    SUPPORTED_URI_PATTERN,
+    is_supported_uri,
+    split_uri,
+    unreadable_uris,
+)
 
-__all__ = ["Analysis", "RowValues", "analyse", "validate_table", "is_string_type"]
+__all__ = [
+    "Analysis",
+    "RowValues",
+    "analyse",
+    "validate_table",
+    "is_string_type",
+    "source_problems",
+]
 
 _STRING_COLUMNS = (
     "image_uri",
@@ -62,6 +77,8 @@ _INT64_MAX = 2**63 - 1
 _SPOOFING_ID_PATTERN = r"[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]|^[\s\p{Z}]|[\s\p{Z}]$|^\."
 _CONTROL_PATTERN = r"\p{Cc}"  # NUL, newlines, escapes: never part of an image URI
 SETTINGS_MAX_BYTES = 64 * 1024  # a settings text's size in UTF-8; real ones are a few hundred bytes
+# concurrent stats/HEADs of `validate`'s source check: latency-bound requests, a small machine kept responsive
+SOURCE_CHECK_THREADS = 16
 SETTINGS_MAX_DEPTH = 32  # nesting of JSON objects and arrays; the configs use at most 2
 
 Reason = str | Callable[[Any], str]  # a problem's text, or a function of the row's value
@@ -685,3 +702,54 @@ def validate_table(table: pa.Table) -> list[Problem]:
     in one pass.)
     """
     return analyse(table).problems
+
+
+# ----------------------------------------------------------------------------- the sources
+
+
+def _source_reason(uri: str, exc: Exception) -> str:
+    """Why the source at `uri` cannot be read, in a phrase (no exception class names for the usual ones)."""
+    if isinstance(exc, NotFound):
+        return f"source image not found: {uri}"
+    if isinstance(exc, NotRegularFile):
+        return f"source image {uri} is {exc.kind}, not a regular file"
+    if isinstance(exc, PermissionError):
+        return f"source image {uri} is not readable (permission denied)"
+    described = describe_storage_error(exc)
+    return f"source image {uri} cannot be checked: {described or f'{type(exc).__name__}: {exc}'}"
+
+
+def source_problems(
+    uri: str, *, s3_endpoint: str | None = None, threads: int = SOURCE_CHECK_THREADS
+) -> list[Problem]:
+    """One problem per distinct ``image_uri`` of the manifest at `uri` that is not a readable regular
+    file or object (a stat or HEAD each, `threads` at a time; nothing is read), at the first row that
+    names it (its other rows are counted in the reason). URIs the table check refuses are left to it."""
+    from manifests.stream import open_manifest  # here: manifests.stream imports this module
+
+    rows: dict[str, list[int]] = {}
+    for first, table in open_manifest(uri, s3_endpoint=s3_endpoint).batches():
+        if "image_uri" not in table.column_names:
+            return []
+        for i, value in enumerate(table.column("image_uri").to_pylist()):
+            if isinstance(value, str) and value and is_supported_uri(value):
+                rows.setdefault(value, []).append(first + i)
+    bad = unreadable_uris(rows, s3_endpoint=s3_endpoint, threads=threads)
+    problems = []
+    for source, exc in bad.items():
+        first, *others = rows[source]
+        also = f" (also {rows_text(others)})" if others else ""
+        problems.append(Problem(first, "image_uri", _source_reason(source, exc) + also))
+    return _sorted(problems)
+
+
+def merge_problems(scan: Any, sources: list[Problem], *, limit: int = 1000) -> tuple[str, int]:
+    """The report of a manifest scan's problems (``manifests.stream.ScanResult``) and `sources`'
+    (:func:`source_problems`) together, by row, and their total."""
+    total = scan.total + len(sources)
+    if not total:
+        return "manifest is valid", 0
+    counts = dict(scan.counts)
+    counts["image_uri"] = counts.get("image_uri", 0) + len(sources)
+    problems = _sorted(list(scan.problems) + sources)
+    return format_problems(problems, limit=limit, total=total, counts=counts), total

@@ -134,6 +134,18 @@ def read_s3_object(
         body.close()  # the rest of an oversized body is dropped with its connection, not read
 
 
+def head_s3_object(bucket: str, key: str, *, endpoint: str | None = None) -> int:
+    """The size of ``s3://bucket/key`` from a HEAD (no bytes read); raises :class:`NotFound`, or the
+    ``ClientError`` of a refusal (403: denied)."""
+    try:
+        response = get_s3_client(endpoint).head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if _is_not_found(exc):
+            raise NotFound(f"s3://{bucket}/{key}") from None
+        raise
+    return int(response.get("ContentLength") or 0)
+
+
 class S3Store(ObjectStore):
     """Objects under ``s3://bucket/prefix``.
 

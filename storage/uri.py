@@ -8,11 +8,15 @@ many bytes (local files and S3 objects alike).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import urllib.parse
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
-from storage.base import ObjectStore
+from storage.base import NotFound, NotRegularFile, ObjectStore, file_kind
 
 __all__ = [
     "DEFAULT_MAX_SOURCE_BYTES",
@@ -22,6 +26,8 @@ __all__ = [
     "read_uri",
     "is_supported_uri",
     "check_writable",
+    "check_readable",
+    "unreadable_uris",
 ]
 
 SUPPORTED_SCHEMES = ("s3://", "file://", "plain paths")  # for messages
@@ -113,6 +119,47 @@ def read_uri(uri: str, *, s3_endpoint: str | None = None, max_bytes: int | None 
     from storage.local import read_file
 
     return read_file(path, max_bytes=max_bytes)
+
+
+def check_readable(uri: str, *, s3_endpoint: str | None = None) -> None:
+    """What :func:`read_uri` would refuse before reading, found without reading: :class:`~storage.NotFound`,
+    :class:`~storage.base.NotRegularFile` (local, links followed), ``PermissionError`` (a local file
+    this process may not read), or the store's error (S3: a HEAD's refusal, e.g. 403)."""
+    scheme, bucket, path = split_uri(uri)
+    if scheme == "s3":
+        from storage.s3 import head_s3_object
+
+        if not path or path.endswith("/"):
+            raise ValueError(f"S3 URI names a prefix, not an object: {uri!r}")
+        head_s3_object(bucket, path, endpoint=s3_endpoint)
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotFound(path) from None
+    if not stat.S_ISREG(mode):
+        raise NotRegularFile(path, file_kind(mode))
+    if not os.access(path, os.R_OK):
+        raise PermissionError(errno.EACCES, f"{path} is not readable (permission denied)", path)
+
+
+def unreadable_uris(
+    uris: Iterable[str], *, s3_endpoint: str | None = None, threads: int = 16
+) -> dict[str, Exception]:
+    """Each distinct URI of `uris` that :func:`check_readable` refuses, with its exception (checks run
+    `threads` at a time: a stat or HEAD is latency-bound)."""
+    distinct = list(dict.fromkeys(uris))
+
+    def check(uri: str) -> Exception | None:
+        try:
+            check_readable(uri, s3_endpoint=s3_endpoint)
+        except Exception as exc:  # noqa: BLE001 - every refusal is reported with its URI
+            return exc
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        found = list(pool.map(check, distinct))
+    return {uri: exc for uri, exc in zip(distinct, found) if exc is not None}
 
 
 def check_writable(uri: str, *, s3_endpoint: str | None = None) -> None:

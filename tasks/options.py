@@ -17,6 +17,7 @@ from storage.uri import DEFAULT_MAX_SOURCE_BYTES
 DEFAULT_SHARD_SIZE = 64  # edits per shard task
 DTYPES = ("float16", "bfloat16", "float32")  # the --dtype choices; None = fp16 on CUDA, fp32 on CPU
 _ACCEPTED_DTYPES = (None, *DTYPES, "float64")  # float64 too, for numerical checks through the API
+OUTPUT_SIZES = ("source", "model")  # the --output-size choices (RunOptions.output_size)
 
 
 def default_model() -> str:
@@ -56,6 +57,10 @@ class RunOptions:
         7.5  # the source branch's guidance: Direct Inversion corrections are exact for it
     )
     size_policy: str = "fit"  # editing.model.EditModel.prepare_image's rule
+    # "source": each edit is resized back to its source's pixel size (EditModel.restore_image), a drop-in
+    # replacement for the catalog's image; "model": the edit as the model made it (~native area, sides
+    # multiples of the VAE factor). The sidecar records both sizes either way.
+    output_size: str = "source"
     # bytes a source image may hold; a larger one is a row error (storage.uri explains the default)
     max_source_bytes: int = DEFAULT_MAX_SOURCE_BYTES
     cache_features: bool = False  # also cache PnP source features (see benchmarks/feature_cache.py)
@@ -86,6 +91,8 @@ class RunOptions:
             raise ValueError(
                 f"size_policy must be one of {SIZE_POLICIES}, got {self.size_policy!r}"
             )
+        if self.output_size not in OUTPUT_SIZES:
+            raise ValueError(f"output_size must be one of {OUTPUT_SIZES}, got {self.output_size!r}")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {self.max_batch!r}")
         if not isinstance(self.max_source_bytes, int) or self.max_source_bytes < 1:

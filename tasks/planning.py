@@ -220,7 +220,7 @@ def write_skipped(out, run_id: str, skipped: pa.Table, done: FinishedIndex) -> N
             "status": "skipped",
             "output_uri": out.uri(done.image_key(e, int(code))),
             "metadata_uri": out.uri(keys.sidecar_key(e)),
-            "error": "finished in an earlier run",
+            "reason": "finished in an earlier run",
         }  # fmt: skip
         for e, code in zip(edit_ids, done.lookup(edit_ids))
     ]

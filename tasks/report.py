@@ -267,6 +267,7 @@ def format_overview(info: dict[str, Any], *, limit: int = 50) -> str:
             lines.append(
                 f"time: {secs['wall']:.1f}s; {_per_hour(c.get('succeeded', 0), secs['wall'])}"
             )
+        lines += attempt_lines(s)
         for shard in s.get("failed_shards", []):
             lines.append(f"failed {shard}")
     fails = info["failures"]
@@ -290,6 +291,50 @@ def format_overview(info: dict[str, Any], *, limit: int = 50) -> str:
 
 def _per_hour(edits: int, seconds: float) -> str:
     return f"{edits / seconds * 3600:.0f} edits/hour" if seconds > 0 else "-- edits/hour"
+
+
+# ----------------------------------------------------------------------------- attempts (run, reruns)
+
+
+def attempt_rows(summary: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """(attempt, what it did) per attempt of the run, then the total over all of them; [] for a summary
+    without attempts (written before they were kept)."""
+    attempts = (summary or {}).get("attempts") or []
+    rows = []
+    for a in attempts:
+        tried = "" if a.get("edits") is None else f"{a['edits']} tried: "
+        when = f", finished {a['finished']}" if a.get("finished") else ""
+        rows.append((
+            f"attempt {a.get('attempt')} ({a.get('kind')}{when})",
+            f"{tried}{a.get('succeeded', 0)} succeeded, {a.get('failed', 0)} failed; "
+            f"{float(a.get('seconds') or 0):.1f}s; {_per_hour(a.get('succeeded', 0), float(a.get('seconds') or 0))}",
+        ))  # fmt: skip
+    if attempts:
+        wall = sum(float(a.get("seconds") or 0) for a in attempts)
+        done = sum(int(a.get("succeeded") or 0) for a in attempts)
+        rows.append((
+            f"all {len(attempts)} attempt(s)",
+            f"{done} succeeded in {wall:.1f}s; {_per_hour(done, wall)}",
+        ))  # fmt: skip
+    return rows
+
+
+def attempt_lines(summary: dict[str, Any] | None) -> list[str]:
+    """`editflow show`'s lines for the attempts (only when the run was rerun: one attempt is the totals)."""
+    rows = attempt_rows(summary)
+    return [f"{k}: {v}" for k, v in rows] if len(rows) > 2 else []
+
+
+def attempts_html(summary: dict[str, Any] | None) -> list[str]:
+    """The report's table of attempts (none for a summary without them)."""
+    rows = attempt_rows(summary)
+    if not rows:
+        return []
+    return (
+        [f"<h2>Attempts ({len(rows) - 1})</h2><table id=attempts>"]
+        + [f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows]
+        + ["</table>"]
+    )
 
 
 # ----------------------------------------------------------------------------- what the page shows
@@ -590,6 +635,7 @@ def render_html(run: RunFiles, t: dict[str, Any], sources: list[_Source], fails:
     ]
     p += [f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in _totals_rows(t)]
     p.append("</table>")
+    p += attempts_html(run.summary)
     p.append(f"<h2>Failures ({len(fails)})</h2>")
     if fails:
         if failures_uri:
@@ -758,6 +804,8 @@ def write_report(
         key = keys.failures_key(run_id)
         store.put(key, buf.getvalue().encode("utf-8"))
         failures_uri = store.uri(key)
+    else:  # an earlier attempt's list no longer applies
+        store.delete(keys.failures_key(run_id))
     page = render_html(
         run, t, sources, fails, sources_total=sources_total, failures_uri=failures_uri
     )

@@ -20,7 +20,8 @@ RESULT_FIELDS = [
     pa.field("status", pa.string(), nullable=False),
     pa.field("output_uri", pa.string()),
     pa.field("metadata_uri", pa.string()),
-    pa.field("error", pa.string()),
+    pa.field("error", pa.string()),  # why a failed edit failed
+    pa.field("reason", pa.string()),  # why an edit was skipped (e.g. "finished in an earlier run")
     pa.field("cache_hit", pa.bool_()),
     pa.field("unet_evals", pa.float64()),
     pa.field("seconds", pa.float64()),

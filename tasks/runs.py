@@ -23,7 +23,7 @@ from storage.base import NotFound, ObjectStore
 from storage.errors import describe_storage_error
 from storage.local import LocalStore
 from storage.uri import open_store
-from storage.writer import read_parquet, write_json, write_parquet
+from storage.writer import read_json, read_parquet, write_json, write_parquet
 from tasks.errors import RunExists, RunIncomplete, RunMismatch, RunNotFound
 from tasks.options import RestyleSpec, RunOptions
 from tasks.report import failures as report_failures
@@ -34,7 +34,16 @@ logger = logging.getLogger(__name__)
 
 FAILED_ROWS_SHOWN = 10  # failed rows listed in the summary; the results table has them all
 PREVIEW_ROWS = 500  # results rows in the flow's table artifact
-PREVIEW_COLUMNS = ("edit_id", "status", "output_uri", "error", "cache_hit", "unet_evals", "seconds")
+PREVIEW_COLUMNS = (
+    "edit_id",
+    "status",
+    "output_uri",
+    "error",
+    "reason",
+    "cache_hit",
+    "unet_evals",
+    "seconds",
+)
 # a failed row's error when its output could not be stored (tasks.shard.write_one's phrase)
 WRITE_FAILED = "writing output failed"
 # a failure of the store itself: full, read-only, denied, I/O (an OSError's "[Errno N]"), or S3 unreachable
@@ -89,6 +98,8 @@ def trusted_options(plan: dict[str, Any], caller: RunOptions, *, run_id: str) ->
     model and cache the plan records must match them (``RunMismatch``). The CPU threads are the caller's
     unless None (then the recorded ones); the rest (format, batch, ...) is the plan's."""
     recorded = dict(plan["options"])
+    # a run planned before --output-size wrote its edits at the model's size: its rerun does the same
+    recorded.setdefault("output_size", "model")
     options = RunOptions.from_dict(
         {
             **recorded,
@@ -217,11 +228,93 @@ def collect_results(
         "seconds": seconds,
         "results_uri": _store(options).uri(keys.run_results_prefix(run_id)),
     }
+    summary = with_attempts(summary, read_previous_summary(options, run_id), plan)
     preview = []
     if results.num_rows:
         cols = [c for c in PREVIEW_COLUMNS if c in results.column_names]
         preview = results.select(cols).slice(0, PREVIEW_ROWS).to_pylist()
     return Collected(summary=summary, preview=preview, failures=report_failures(results))
+
+
+def read_previous_summary(options: RunOptions, run_id: str) -> dict[str, Any] | None:
+    """The summary an earlier attempt of `run_id` wrote, or None (first attempt, an interrupted one that
+    wrote none, or one that cannot be read: it is replaced)."""
+    out = _store(options)
+    try:
+        previous = read_json(out, keys.summary_key(run_id))
+    except NotFound:
+        return None
+    except (ValueError, RecursionError) as exc:
+        logger.warning(
+            "run %s: earlier summary unreadable (%s); its attempts are not kept", run_id, exc
+        )
+        return None
+    return previous if isinstance(previous, dict) else None
+
+
+def _earlier_attempts(previous: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The attempts an earlier summary records (one made before attempts were kept counts as one)."""
+    if previous is None:
+        return []
+    if isinstance(previous.get("attempts"), list):
+        return [dict(a) for a in previous["attempts"] if isinstance(a, dict)]
+    counts = previous.get("counts") or {}
+    wall = float((previous.get("seconds") or {}).get("wall", 0.0))
+    return [_attempt(1, "run", wall, counts.get("succeeded", 0), counts.get("failed", 0), None,
+                     previous.get("inversions_computed", 0), previous.get("unet_evals", 0.0))]  # fmt: skip
+
+
+def _attempt(
+    number: int, kind: str, wall: float, succeeded: int, failed: int, edits: int | None,
+    inversions: int, unet_evals: float, finished: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One attempt's record: its wall time, the edits it tried and what became of them, its rate."""
+    return {
+        "attempt": number,
+        "kind": kind,  # "run" (the first) or "rerun"
+        "finished": finished,  # UTC, ISO 8601; None when not recorded
+        "seconds": wall,
+        "edits": edits,  # edits it tried (pending, or failed earlier); None when not recorded
+        "succeeded": succeeded,
+        "failed": failed,  # its edits that failed (what a next rerun retries)
+        "inversions_computed": inversions,
+        "unet_evals": unet_evals,
+        "edits_per_hour": succeeded / wall * 3600 if wall > 0 else None,
+    }
+
+
+def with_attempts(
+    summary: dict[str, Any], previous: dict[str, Any] | None, plan: dict[str, Any]
+) -> dict[str, Any]:
+    """`summary` of this attempt made the run's: an ``attempts`` list (the earlier summary's, then this
+    one), and the time, inversions and UNet evaluations totalled over every attempt (the counts are the
+    run's already: they come from all results), so the run's rate is over all attempts' time."""
+    import datetime as dt
+
+    earlier = _earlier_attempts(previous)
+    counts = summary["counts"]
+    before = (previous or {}).get("counts") or {}
+    kept = int(before.get("succeeded", 0)) + int(before.get("skipped", 0))
+    tried = int(plan.get("pending", plan["rows"])) if previous is None else plan["rows"] - kept
+    secs = dict(summary["seconds"])
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    this = _attempt(
+        len(earlier) + 1, "rerun" if earlier else "run", float(secs.get("wall", 0.0)),
+        counts["succeeded"] - int(before.get("succeeded", 0)), counts["failed"], tried,
+        summary["inversions_computed"], summary["unet_evals"], now,
+    )  # fmt: skip
+    prev_secs = (previous or {}).get("seconds") or {}
+    for k, v in prev_secs.items():  # the plan's own seconds are the same in every attempt
+        if k == "wall" or k.startswith("shards_"):
+            secs[k] = secs.get(k, 0.0) + float(v)
+    prev = previous or {}
+    return {
+        **summary,
+        "inversions_computed": summary["inversions_computed"] + prev.get("inversions_computed", 0),
+        "unet_evals": summary["unet_evals"] + prev.get("unet_evals", 0.0),
+        "seconds": secs,
+        "attempts": [*earlier, this],
+    }
 
 
 def write_summary(options: RunOptions, run_id: str, summary: dict[str, Any]) -> str:

@@ -110,7 +110,7 @@ class ShardStats:
 def _result(row: EditRow, status: str, **kw: Any) -> dict[str, Any]:
     """One results row (see :mod:`tasks.results`) of `row`."""
     return {"edit_id": row.edit_id, "status": status, "output_uri": None, "metadata_uri": None, "error": None,
-            "cache_hit": None, "unet_evals": None, "seconds": None} | kw  # fmt: skip
+            "reason": None, "cache_hit": None, "unet_evals": None, "seconds": None} | kw  # fmt: skip
 
 
 # ---------------------------------------------------------------- 1. the shard's rows
@@ -162,6 +162,7 @@ class Source:
     inversion: Inversion | None = None
     cache_hit: bool = False
     error: str | None = None
+    size: tuple[int, int] = (0, 0)  # the source image's (width, height), upright
 
 
 @dataclass(frozen=True)
@@ -321,7 +322,7 @@ def prepare_sources(
         found = look_up_inversion(model, group[0], data, options, cache)
         seconds["inversion"] += time.perf_counter() - t0
         source = Source(group, found.content_sha256, found.inversion_key, found.inversion,
-                        cache_hit=found.inversion is not None)  # fmt: skip
+                        cache_hit=found.inversion is not None, size=image.size)  # fmt: skip
         if found.inversion is None:
             missing.setdefault(group[0].num_steps, []).append((len(sources), image, found))
         sources.append(source)
@@ -516,9 +517,14 @@ class WriteJob:
 
 
 def write_jobs(
-    model: EditModel, run_id: str, groups: list[EditGroup], edited: list[Edited]
+    model: EditModel,
+    run_id: str,
+    groups: list[EditGroup],
+    edited: list[Edited],
+    options: RunOptions | None = None,
 ) -> tuple[list[WriteJob], dict[str, dict[str, Any]]]:
-    """A write job per edit that succeeded, and the results rows of those that failed."""
+    """A write job per edit that succeeded, and the results rows of those that failed. Each edit is
+    at `options.output_size` (None: as the model made it)."""
     jobs: list[WriteJob] = []
     failed: dict[str, dict[str, Any]] = {}
     for eg, results in zip(groups, edited):
@@ -528,15 +534,25 @@ def write_jobs(
                     row, "failed", error=f"row {row.row}: edit failed: {type(res).__name__}: {res}"
                 )
                 continue
-            jobs.append(_write_job(model, run_id, eg, row, target, res))
+            jobs.append(_write_job(model, run_id, eg, row, target, res, options))
     return jobs, failed
 
 
 def _write_job(
-    model: EditModel, run_id: str, eg: EditGroup, row: EditRow, target: Target, res: EditResult
+    model: EditModel,
+    run_id: str,
+    eg: EditGroup,
+    row: EditRow,
+    target: Target,
+    res: EditResult,
+    options: RunOptions | None = None,
 ) -> WriteJob:
-    """The job of one edit: its cost (a computed inversion shared by the source's edits) and sidecar."""
+    """The job of one edit: its image at the output size, its cost (a computed inversion shared by the
+    source's edits) and sidecar (the model-side, source and output sizes)."""
     src, share = eg.source, len(eg.rows)
+    image = res.image
+    if options is not None and options.output_size == "source":
+        image = model.restore_image(image, src.size, options.size_policy)
     inv_share = (src.inversion.unet_evals if not src.cache_hit else 0) / share
     evals = inv_share + sum(res.unet_evals.values())  # padding rows' share included when padded
     seconds = res.seconds + src.inversion.seconds / share * (not src.cache_hit)
@@ -560,11 +576,14 @@ def _write_job(
         "unet_evals": evals,
         "unet_evals_detail": dict(res.unet_evals),
         "seconds": seconds,
-        "size": list(res.image.size),
+        # (width, height): the output's, the edit's as the model made it, and the source image's
+        "size": list(image.size),
+        "model_size": list(res.image.size),
+        "source_size": list(src.size),
         "versions": VERSIONS,
         "passthrough": row.passthrough,
     }
-    return WriteJob(row, res.image, metadata, src.cache_hit, evals, seconds)
+    return WriteJob(row, image, metadata, src.cache_hit, evals, seconds)
 
 
 def write_outputs(
@@ -595,7 +614,7 @@ def write_one(out: ObjectStore, image_format: str, job: WriteJob) -> dict[str, A
     return _result(
         row, "succeeded" if written else "skipped", output_uri=asset_uri, metadata_uri=sidecar_uri,
         cache_hit=job.cache_hit, unet_evals=job.unet_evals, seconds=job.seconds,
-        error=None if written else "finished earlier or by another worker",
+        reason=None if written else "finished earlier or by another worker",
     )  # fmt: skip
 
 
@@ -655,7 +674,7 @@ def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, A
                 stats.seconds["edit"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 store_features(cache, edits.groups, edited)
-                jobs, failed = write_jobs(model, run_id, edits.groups, edited)
+                jobs, failed = write_jobs(model, run_id, edits.groups, edited, options)
                 stats.unet_evals += sum(job.unet_evals for job in jobs)
                 results |= failed | write_outputs(out, options.image_format, jobs)
                 stats.seconds["write"] += time.perf_counter() - t0

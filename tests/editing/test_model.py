@@ -54,7 +54,7 @@ def test_not_a_pipeline_folder(tmp_path):
     "size,policy,expected",
     [
         ((16, 16), "fit", (16, 16)),
-        ((64, 16), "fit", (32, 16)),
+        ((64, 16), "fit", (32, 8)),  # 4:1 kept: sides are multiples of the VAE factor (2)
         ((20, 40), "square", (16, 16)),
         ((32, 48), "exact", (32, 48)),
     ],
@@ -66,8 +66,8 @@ def test_size_policy(tiny, size, policy, expected):
 
 
 def test_exact_policy_refuses_odd_sizes(tiny):
-    with pytest.raises(ValueError, match="multiples of 16"):
-        tiny.prepare_image(Image.new("RGB", (20, 16)), "exact")
+    with pytest.raises(ValueError, match="multiples of 2"):
+        tiny.prepare_image(Image.new("RGB", (21, 16)), "exact")
 
 
 def test_too_long_prompt_is_refused(tiny):

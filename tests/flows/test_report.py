@@ -134,6 +134,7 @@ def _synthetic_run(
             "output_uri": [None if f else f"{images}/out-{r % 4}.png" for r, f in zip(rows, failed)],
             "metadata_uri": [None] * per_shard,
             "error": [f"row {r}: image_uri: no object at x" if f else None for r, f in zip(rows, failed)],
+            "reason": [None] * per_shard,
             "cache_hit": [False] * per_shard, "unet_evals": np.full(per_shard, 150.0), "seconds": np.full(per_shard, 2.0),
         }  # fmt: skip
         table = pa.Table.from_arrays(

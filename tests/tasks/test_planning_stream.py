@@ -180,14 +180,14 @@ def test_validate_cli_counts_every_problem_and_lists_the_first(tmp_path: Path, c
         }
     )
     uri = _folder(tmp_path, table, cuts=[1000])
-    assert main(["validate", uri]) == 2
+    assert main(["validate", uri, "--no-check-sources"]) == 2
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("3000 problem(s) in the manifest")
     assert out[1] == "  row 0, column 'method': unknown method 'magic'; known: pnp, p2p"
     assert out[-2] == "  ... and 2000 more (method: 2000)"
-    assert out[-1] == f"{uri}: INVALID (3000 problem(s))"
+    assert out[-1].startswith(f"{uri}: INVALID (3000 problem(s)); prompt lengths checked against")
     short = {"source_prompt": ["a red circle"] * 30, "target_prompt": [f"a blue circle {i}" for i in range(30)]}  # fmt: skip
     good_table = pa.table({"image_uri": [f"img-{i}.png" for i in range(30)], **short})
     good = _folder(tmp_path / "good", good_table, cuts=[10])
-    assert main(["validate", good]) == 0
-    assert capsys.readouterr().out.strip() == f"{good}: valid (30 rows)"
+    assert main(["validate", good, "--no-check-sources"]) == 0
+    assert capsys.readouterr().out.strip().startswith(f"{good}: valid (30 rows);")

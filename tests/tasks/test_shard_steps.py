@@ -278,7 +278,8 @@ def test_write_jobs_and_outputs_then_nothing_is_rewritten(model, make_run, root)
         assert embedded["edit_id"] == job.row.edit_id and set(embedded) == set(shard_mod.EMBEDDED)
     again = write_outputs(run.out, "png", jobs)
     assert {r["status"] for r in again.values()} == {"skipped"}
-    assert {r["error"] for r in again.values()} == {"finished earlier or by another worker"}
+    assert {r["reason"] for r in again.values()} == {"finished earlier or by another worker"}
+    assert {r["error"] for r in again.values()} == {None}
 
     results = {**written, **failed}
     table = shard_results(shard, results)
