@@ -10,6 +10,7 @@ memory is bounded by a batch and a few bytes per row, not by the manifest.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -36,9 +37,10 @@ from manifests.stream import (
 )
 from manifests.validate import analyse
 from storage import keys
+from storage.base import NotFound
 from storage.finished import FinishedIndex, load_finished
 from storage.uri import open_store
-from storage.writer import read_json, write_json, write_parquet
+from storage.writer import read_json, read_parquet, write_json, write_parquet
 from tasks.errors import RunExists
 from tasks.options import RunOptions
 from tasks.results import results_table
@@ -144,45 +146,67 @@ def group_keys(batch: CheckedBatch) -> np.ndarray:
     return mix_hashes(uri, prompt, values.num_steps)
 
 
-class ShardWriter:
-    """Shard plans written as soon as all their rows have been seen (rows in manifest order),
-    by a few threads, with a bounded number of shards in memory at once."""
+# Schema metadata of a shard-plan part: how many rows each of its shards has (rows sorted by shard).
+SHARD_ROWS_METADATA_KEY = b"editflow.shard_rows"
 
-    def __init__(self, out, run_id: str, shard_of: np.ndarray, *, threads: int = 8) -> None:
+
+class ShardWriter:
+    """Shard plans written as soon as all their rows have been seen (rows in manifest order), a part
+    of :data:`storage.keys.SHARDS_PER_PLAN_PART` shards per file (a file per shard made planning's
+    writes cost more than the rest of it); a few threads write, a bounded number at once."""
+
+    def __init__(self, out, run_id: str, shard_of: np.ndarray, *, threads: int = 4) -> None:
         self.out, self.run_id, self.shard_of = out, run_id, shard_of
-        self.remaining = np.bincount(shard_of) if len(shard_of) else np.zeros(0, np.int64)
+        self.per_part = keys.SHARDS_PER_PLAN_PART
+        self.part_of = shard_of // self.per_part
+        self.shards = int(shard_of.max()) + 1 if len(shard_of) else 0
+        self.remaining = np.bincount(self.part_of) if len(shard_of) else np.zeros(0, np.int64)
         self.cursor = 0  # pending rows seen so far
-        self.buffers: dict[int, list[pa.Table]] = {}
+        self.buffers: dict[int, list[tuple[pa.Table, np.ndarray]]] = {}  # part -> (rows, shards)
         self.pool = ThreadPoolExecutor(max_workers=threads)  # object-store writes wait on latency
         self.in_flight: list[Future] = []
-        self.window = 4 * threads
+        self.window = 2 * threads
 
     def add(self, pending: pa.Table) -> None:
-        """The next pending rows (in manifest order); writes the shards they complete."""
+        """The next pending rows (in manifest order); writes the parts they complete."""
         k = pending.num_rows
         shards = self.shard_of[self.cursor : self.cursor + k]
+        parts = self.part_of[self.cursor : self.cursor + k]
         if len(shards) != k:
             raise RuntimeError("more pending rows than were planned (the manifest changed?)")
         self.cursor += k
-        order = np.argsort(shards, kind="stable")
-        ordered = shards[order]
+        order = np.argsort(parts, kind="stable")
+        ordered = parts[order]
         starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if k else []
         for a, b in zip(starts, [*starts[1:], k]):
-            s, rows = int(ordered[a]), order[a:b]
-            if self.remaining[s] == b - a and rows[-1] - rows[0] == b - a - 1:
-                piece = pending.slice(int(rows[0]), b - a)  # a whole shard, written now: no copy
-            else:  # a copy, so that a shard waiting for its other rows pins no whole batch
+            p, rows = int(ordered[a]), order[a:b]
+            if self.remaining[p] == b - a and rows[-1] - rows[0] == b - a - 1:
+                piece = pending.slice(
+                    int(rows[0]), b - a
+                )  # completes its part, written now: no copy
+            else:  # a copy, so that a part waiting for its other rows pins no whole batch
                 piece = pending.take(pa.array(rows))
-            self.buffers.setdefault(s, []).append(piece)
-            self.remaining[s] -= b - a
-            if self.remaining[s] == 0:
-                self._write(s, pa.concat_tables(self.buffers.pop(s)))
+            self.buffers.setdefault(p, []).append((piece, shards[rows]))
+            self.remaining[p] -= b - a
+            if self.remaining[p] == 0:
+                self._write(p, self.buffers.pop(p))
 
-    def _write(self, s: int, rows: pa.Table) -> None:
+    def _write(self, p: int, pieces: list[tuple[pa.Table, np.ndarray]]) -> None:
         while len(self.in_flight) >= self.window:
             self.in_flight.pop(0).result()
-        key = keys.shard_plan_key(self.run_id, s)
-        self.in_flight.append(self.pool.submit(write_parquet, self.out, key, rows))
+        self.in_flight.append(self.pool.submit(self._write_part, p, pieces))
+
+    def _write_part(self, p: int, pieces: list[tuple[pa.Table, np.ndarray]]) -> None:
+        """Part `p`: its rows sorted by shard (manifest order within a shard), the rows per shard in
+        the schema metadata (:data:`SHARD_ROWS_METADATA_KEY`)."""
+        table = pa.concat_tables([t for t, _ in pieces])
+        shards = np.concatenate([s for _, s in pieces])
+        first = p * self.per_part
+        if len(shards) > 1 and (shards[1:] < shards[:-1]).any():
+            table = table.take(pa.array(np.argsort(shards, kind="stable")))
+        counts = np.bincount(shards - first, minlength=min(self.per_part, self.shards - first))
+        metadata = {**(table.schema.metadata or {}), SHARD_ROWS_METADATA_KEY: json.dumps(counts.tolist())}  # fmt: skip
+        write_parquet(self.out, keys.shard_plan_part_key(self.run_id, first), table.replace_schema_metadata(metadata))  # fmt: skip
 
     def close(self) -> None:
         """Wait for every write (raising the first error); every planned row must have come."""
@@ -193,6 +217,26 @@ class ShardWriter:
             self.pool.shutdown(wait=True)
         if self.cursor != len(self.shard_of) or self.buffers:
             raise RuntimeError("fewer pending rows than were planned (the manifest changed?)")
+
+
+def read_shard_plan(out, run_id: str, shard_index: int) -> pa.Table:
+    """The planned rows of shard `shard_index` of `run_id` (its slice of its plan part), as planning
+    wrote them; ``NotFound`` when the run has no such shard.
+
+    A run planned before plan parts has a file per shard (:func:`storage.keys.shard_plan_key`): that is
+    read when there, which costs a newer run one missed read per shard task (nothing beside its edits)."""
+    try:
+        return read_parquet(out, keys.shard_plan_key(run_id, shard_index))
+    except NotFound:
+        pass
+    part = read_parquet(out, keys.shard_plan_part_key(run_id, shard_index))
+    metadata = dict(part.schema.metadata or {})
+    counts = json.loads(metadata.pop(SHARD_ROWS_METADATA_KEY, b"[]"))
+    position = shard_index % keys.SHARDS_PER_PLAN_PART
+    if position >= len(counts):
+        raise NotFound(out.uri(keys.shard_plan_key(run_id, shard_index)))
+    start = sum(counts[:position])
+    return part.slice(start, counts[position]).replace_schema_metadata(metadata or None)
 
 
 def shard_entries(shard_of: np.ndarray, codes: np.ndarray) -> list[dict[str, int]]:

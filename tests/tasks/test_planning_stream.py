@@ -15,10 +15,12 @@ from manifests import ManifestError, format_problems, validate_table
 from manifests import stream as stream_module
 from manifests.stream import ManifestScan, open_manifest, scan_manifest
 from storage import keys
+from storage.base import NotFound
 from storage.finished import record_finished
 from storage.local import LocalStore
+from storage.writer import write_parquet
 from tasks.options import RunOptions
-from tasks.planning import plan_run
+from tasks.planning import plan_run, read_shard_plan
 
 
 def _manifest(n: int = 200, seed: int = 0) -> pa.Table:
@@ -47,7 +49,7 @@ def _folder(tmp_path: Path, table: pa.Table, cuts: list[int]) -> str:
 
 
 def _shards(out: Path, plan: dict) -> list[pa.Table]:
-    return [pq.read_table(out / keys.shard_plan_key(plan["run_id"], s["index"])) for s in plan["shards"]]  # fmt: skip
+    return [read_shard_plan(LocalStore(out), plan["run_id"], s["index"]) for s in plan["shards"]]
 
 
 def test_batches_give_the_plan_one_batch_gives(tmp_path: Path) -> None:
@@ -191,3 +193,27 @@ def test_validate_cli_counts_every_problem_and_lists_the_first(tmp_path: Path, c
     good = _folder(tmp_path / "good", good_table, cuts=[10])
     assert main(["validate", good]) == 0
     assert capsys.readouterr().out.strip() == f"{good}: valid (30 rows)"
+
+
+def test_shard_plans_are_written_a_part_per_64_shards_and_each_shard_reads_its_own_rows(
+    tmp_path: Path,
+) -> None:
+    uri = _folder(tmp_path, _manifest(), cuts=[100])
+    out = tmp_path / "out"
+    plan = plan_run(uri, RunOptions(out=str(out)), run_id="r", shard_size=1, batch_rows=16)
+    n_shards = len(plan["shards"])
+    assert n_shards == 200 and keys.SHARDS_PER_PLAN_PART == 64  # four parts, the last one short
+    written = sorted(p.name for p in (out / "runs" / "r" / "shards").iterdir())
+    assert written == [f"part-{i:05d}.parquet" for i in (0, 64, 128, 192)]
+    shards = _shards(out, plan)
+    assert [t.num_rows for t in shards] == [s["edits"] for s in plan["shards"]]
+    assert sorted(pa.concat_tables(shards).column("row").to_pylist()) == list(range(200))
+    for table in shards:  # in manifest order
+        rows = table.column("row").to_pylist()
+        assert rows == sorted(rows)
+        assert b"editflow.shard_rows" not in table.schema.metadata
+    # a shard beyond the plan is not there; a run planned with a file per shard still reads
+    with pytest.raises(NotFound):
+        read_shard_plan(LocalStore(out), "r", n_shards)
+    write_parquet(LocalStore(out), keys.shard_plan_key("old", 3), shards[5])
+    assert read_shard_plan(LocalStore(out), "old", 3).equals(shards[5])
