@@ -63,29 +63,48 @@ def finished_assets(store) -> FinishedIndex:
 
 
 def pack_shards(group_codes: np.ndarray, shard_size: int) -> np.ndarray:
-    """Shard index per row: groups (in order of first appearance) packed into shards of <= shard_size rows."""
+    """Shard index per row: groups (in order of first appearance) packed into shards of <= shard_size rows.
+
+    A group starts a new shard when it does not fit in what the current one has left (a group larger
+    than a shard fills whole shards from a fresh one, its rest starting the next). The walk takes
+    each shard's run of whole groups at once (a binary search of the groups' cumulative sizes), so it
+    steps per shard, not per group; rows are then placed at once."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     n = len(group_codes)
-    shard_of = np.empty(n, dtype=np.int64)
     if n == 0:
-        return shard_of
-    order = np.argsort(group_codes, kind="stable")
-    sizes = np.bincount(group_codes)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    shard, used = 0, 0
-    for g in range(len(sizes)):  # group codes are numbered by first appearance
-        size, start = int(sizes[g]), int(starts[g])
-        if used and used + min(size, shard_size) > shard_size:
+        return np.empty(0, dtype=np.int64)
+    sizes = np.bincount(group_codes)  # group codes are numbered by first appearance
+    before = np.concatenate([[0], np.cumsum(sizes)])  # rows of the groups before each group
+    first = np.empty(
+        len(sizes), np.int64
+    )  # per group: position of its first row, shard * size + used
+    g, shard, used = 0, 0, 0
+    while g < len(sizes):
+        if used == 0 and sizes[g] >= shard_size:  # a group filling a shard or more
+            first[g] = shard * shard_size
+            shard, used = divmod(shard * shard_size + int(sizes[g]), shard_size)
+            g += 1
+            continue
+        # the groups from g that fit in what the shard has left
+        end = int(np.searchsorted(before, before[g] + shard_size - used, side="right")) - 1
+        if end == g:  # group g does not fit: a fresh shard
             shard, used = shard + 1, 0
-        offset = 0
-        while offset < size:
-            take = min(size - offset, shard_size - used)
-            shard_of[order[start + offset : start + offset + take]] = shard
-            offset += take
-            used += take
-            if used == shard_size:
-                shard, used = shard + 1, 0
+            continue
+        first[g:end] = shard * shard_size + used + before[g:end] - before[g]
+        shard, used = divmod(shard * shard_size + used + int(before[end] - before[g]), shard_size)
+        g = end
+    shard_of = first[group_codes] // shard_size
+    # the rows of a group that spans shards: its k-th row goes to (first + k) // shard_size
+    spans = (first % shard_size + sizes > shard_size)[group_codes]
+    if spans.any():
+        rows = np.flatnonzero(spans)
+        codes = group_codes[rows]
+        order = np.argsort(codes, kind="stable")
+        ordered = codes[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        rank = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
+        shard_of[rows[order]] = (first[ordered] + rank) // shard_size
     return shard_of
 
 
