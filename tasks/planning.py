@@ -42,7 +42,7 @@ from storage.finished import FinishedIndex, load_finished
 from storage.uri import open_store
 from storage.writer import read_json, read_parquet, write_json, write_parquet
 from tasks.errors import RunExists
-from tasks.options import RunOptions
+from tasks.options import DEFAULT_SHARD_SIZE, RunOptions
 from tasks.results import results_table
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,19 @@ def finished_assets(store) -> FinishedIndex:
     """The finished edits under output root `store`, from its index (:mod:`storage.finished`; no listing
     of ``assets/`` unless the root has no index yet)."""
     return load_finished(store)
+
+
+# The automatic shard size (RunOptions.shard_size None): at least MIN_AUTO_SHARD_SIZE edits, and
+# enough that a run has at most ~MAX_AUTO_SHARDS shards (each shard is a task: Prefect's API and the
+# plan grow with their number; 10k keeps both small while still spreading a 10M-edit run).
+MIN_AUTO_SHARD_SIZE = DEFAULT_SHARD_SIZE
+MAX_AUTO_SHARDS = 10_000
+
+
+def auto_shard_size(rows: int) -> int:
+    """The shard size planning picks for `rows` pending edits when none is given:
+    max(:data:`MIN_AUTO_SHARD_SIZE`, ceil(rows / :data:`MAX_AUTO_SHARDS`))."""
+    return max(MIN_AUTO_SHARD_SIZE, -(-rows // MAX_AUTO_SHARDS))
 
 
 def pack_shards(group_codes: np.ndarray, shard_size: int) -> np.ndarray:
@@ -308,7 +321,9 @@ def plan_run(
 ) -> dict[str, Any]:
     """Validate (prompt lengths too when `budget` is given: the plan task passes the model's), claim
     the run id (``RunExists`` if taken), plan and write the plan; returns the plan (what ``plan.json``
-    holds: ``shards`` lists each shard's index, edits and sources). `shard_size`: None = the options'.
+    holds: ``shards`` lists each shard's index, edits and sources; ``shard_size`` the size used).
+    `shard_size`: None = the options'; when that is None too, :func:`auto_shard_size` of the pending
+    edits.
 
     The manifest is streamed in batches of `batch_rows`: (1) every batch is checked and each row's
     source reduced to a 64-bit key; (2) an invalid manifest raises ``ManifestError`` (the first
@@ -318,7 +333,7 @@ def plan_run(
     ~24 bytes per row and the shards not yet complete, not the manifest."""
     t0 = time.perf_counter()
     shard_size = options.shard_size if shard_size is None else shard_size
-    if shard_size < 1:
+    if shard_size is not None and shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     # 1. Check every batch; keep each row's source key while the manifest is valid
     source = open_manifest(manifest_uri, s3_endpoint=options.s3_endpoint)
@@ -348,6 +363,8 @@ def plan_run(
     # 4. Pack the pending rows' sources (numbered by first appearance) into shards
     codes = first_appearance_codes(source_key_of_row[pending])
     del source_key_of_row
+    if shard_size is None:
+        shard_size = auto_shard_size(len(codes))
     shard_of = pack_shards(codes, shard_size)
     shards = shard_entries(shard_of, codes)
     # 5. Read again; write each shard's rows once all are seen, and the skipped rows

@@ -4,6 +4,7 @@ a folder with one bad part names it and writes nothing."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ from storage.base import NotFound
 from storage.finished import record_finished
 from storage.local import LocalStore
 from storage.writer import write_parquet
+from tasks import planning
 from tasks.options import RunOptions
-from tasks.planning import plan_run, read_shard_plan
+from tasks.planning import auto_shard_size, plan_run, read_shard_plan
 
 
 def _manifest(n: int = 200, seed: int = 0) -> pa.Table:
@@ -217,3 +219,30 @@ def test_shard_plans_are_written_a_part_per_64_shards_and_each_shard_reads_its_o
         read_shard_plan(LocalStore(out), "r", n_shards)
     write_parquet(LocalStore(out), keys.shard_plan_key("old", 3), shards[5])
     assert read_shard_plan(LocalStore(out), "old", 3).equals(shards[5])
+
+
+@pytest.mark.parametrize(
+    ("rows", "size"),
+    [(0, 64), (1000, 64), (640_000, 64), (640_001, 65), (1_000_001, 101), (10_000_000, 1000)],
+)
+def test_the_automatic_shard_size_keeps_a_run_to_about_10k_shards(rows: int, size: int) -> None:
+    assert auto_shard_size(rows) == size
+
+
+def test_a_plan_without_a_shard_size_picks_one_for_the_manifest_and_records_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(planning, "MIN_AUTO_SHARD_SIZE", 2)
+    monkeypatch.setattr(planning, "MAX_AUTO_SHARDS", 10)  # 200 rows: 20 per shard
+    uri = _folder(tmp_path, _manifest(), cuts=[100])
+    auto = plan_run(uri, RunOptions(out=str(tmp_path / "a")), run_id="r", batch_rows=64)
+    assert auto["shard_size"] == 20 and auto["options"]["shard_size"] is None
+    assert 10 <= len(auto["shards"]) <= 12 and max(s["edits"] for s in auto["shards"]) == 20
+    on_disk = json.loads((tmp_path / "a" / keys.plan_key("r")).read_text())
+    assert on_disk["shard_size"] == 20
+    # the user's size wins, in the options or given to plan_run
+    given = plan_run(uri, RunOptions(out=str(tmp_path / "b"), shard_size=5), run_id="r")
+    assert given["shard_size"] == 5 and max(s["edits"] for s in given["shards"]) == 5
+    assert plan_run(uri, RunOptions(out=str(tmp_path / "c")), run_id="r", shard_size=7)["shard_size"] == 7  # fmt: skip
+    with pytest.raises(ValueError, match="shard_size"):
+        RunOptions(out=str(tmp_path), shard_size=0)
