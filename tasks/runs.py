@@ -9,10 +9,12 @@ import dataclasses
 import errno
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -21,6 +23,7 @@ from manifests.build import restyle_manifest
 from storage import keys
 from storage.base import NotFound, ObjectStore
 from storage.errors import describe_storage_error
+from storage.finished import FinishedIndex, load_finished, still_stored
 from storage.local import LocalStore
 from storage.uri import open_store
 from storage.writer import read_parquet, write_json, write_parquet
@@ -118,19 +121,70 @@ def trusted_options(plan: dict[str, Any], caller: RunOptions, *, run_id: str) ->
     return options
 
 
+# Shard results read at once by shards_to_rerun (object-store reads wait on latency).
+RERUN_READ_THREADS = 16
+
+
 def shards_to_rerun(options: RunOptions, run_id: str, plan: dict[str, Any]) -> list[int]:
-    """Shards without a results file, or whose results hold failed rows."""
+    """Shards to run again: those without a results file, with failed rows, or with a finished edit
+    whose image or sidecar is gone (deleted since). Such an edit's row is recorded as failed in its
+    shard's results ("output gone"), so that the shard redoes it and keeps every other finished edit.
+
+    Requests: one GET per shard, the root's finished-edit index (:func:`storage.finished.load_finished`),
+    and two HEADs per finished edit or, when that takes fewer requests, one listing of ``assets/``."""
     out = _store(options)
-    todo = []
-    for shard in plan["shards"]:
-        key = keys.shard_results_key(run_id, shard["index"])
-        if not out.exists(key):
-            todo.append(shard["index"])
-            continue
-        status = read_parquet(out, key).column("status")
-        if pc.any(pc.equal(status, "failed")).as_py():
-            todo.append(shard["index"])
+    todo: list[int] = []
+    stored: FinishedIndex | None = None  # read when the first finished edit is checked
+
+    def results_of(index: int) -> pa.Table | None:
+        try:
+            return read_parquet(out, keys.shard_results_key(run_id, index))
+        except NotFound:
+            return None
+
+    indexes = [shard["index"] for shard in plan["shards"]]
+    with ThreadPoolExecutor(max_workers=RERUN_READ_THREADS) as pool:
+        for start in range(0, len(indexes), 4 * RERUN_READ_THREADS):  # a window: bounded memory
+            window = indexes[start : start + 4 * RERUN_READ_THREADS]
+            for index, results in zip(window, pool.map(results_of, window), strict=True):
+                if results is None:
+                    todo.append(index)
+                    continue
+                status = results.column("status")
+                finished = pc.and_(
+                    pc.is_in(status, pa.array(["succeeded", "skipped"])),
+                    pc.is_valid(results.column("output_uri")),
+                ).to_numpy(zero_copy_only=False)
+                gone = np.zeros(len(finished), bool)
+                if finished.any():
+                    stored = stored if stored is not None else load_finished(out)
+                    gone[finished] = ~still_stored(stored, results.filter(pa.array(finished)))
+                if gone.any():
+                    write_parquet(out, keys.shard_results_key(run_id, index), _mark_gone(results, gone))  # fmt: skip
+                    logger.info("run %s shard %d: %d finished edits lost their output; redoing them",
+                                run_id, index, int(gone.sum()))  # fmt: skip
+                if gone.any() or pc.any(pc.equal(status, "failed")).as_py():
+                    todo.append(index)
     return todo
+
+
+def _mark_gone(results: pa.Table, gone: np.ndarray) -> pa.Table:
+    """`results` with the rows `gone` recorded as failed: their output is no longer stored."""
+    mask = pa.array(gone)
+    error = pc.binary_join_element_wise(
+        "row ", results.column("row").cast(pa.string()), ": the output ",
+        results.column("output_uri"), " (or its sidecar) is gone; redone by a rerun", "",
+    )  # fmt: skip
+    replaced = {
+        "status": pc.if_else(mask, "failed", results.column("status")),
+        "error": pc.if_else(mask, error, results.column("error")),
+        "output_uri": pc.if_else(mask, pa.scalar(None, pa.string()), results.column("output_uri")),
+        "metadata_uri": pc.if_else(mask, pa.scalar(None, pa.string()), results.column("metadata_uri")),
+    }  # fmt: skip
+    for name, column in replaced.items():
+        i = results.schema.get_field_index(name)
+        results = results.set_column(i, results.schema.field(i), column)
+    return results
 
 
 @dataclass(frozen=True)
