@@ -152,6 +152,8 @@ def claim_run(out, run_id: str, claim: str) -> None:
 def split_finished(norm: pa.Table, done: FinishedIndex) -> tuple[pa.Table, pa.Table]:
     """(pending, skipped): the normalised rows without and with a finished edit; an edit the index
     `done` holds counts as finished only while its image is still stored (:meth:`FinishedIndex.verify`)."""
+    if not len(done):
+        return norm, norm.slice(0, 0)
     edit_ids = norm.column("edit_id").to_numpy(zero_copy_only=False)
     codes = done.lookup(edit_ids)
     finished = codes >= 0
@@ -187,7 +189,7 @@ class ShardWriter:
     of :data:`storage.keys.SHARDS_PER_PLAN_PART` shards per file (a file per shard made planning's
     writes cost more than the rest of it); a few threads write, a bounded number at once."""
 
-    def __init__(self, out, run_id: str, shard_of: np.ndarray, *, threads: int = 4) -> None:
+    def __init__(self, out, run_id: str, shard_of: np.ndarray, *, threads: int = 2) -> None:
         self.out, self.run_id, self.shard_of = out, run_id, shard_of
         self.per_part = keys.SHARDS_PER_PLAN_PART
         self.part_of = shard_of // self.per_part
@@ -197,7 +199,7 @@ class ShardWriter:
         self.buffers: dict[int, list[tuple[pa.Table, np.ndarray]]] = {}  # part -> (rows, shards)
         self.pool = ThreadPoolExecutor(max_workers=threads)  # object-store writes wait on latency
         self.in_flight: list[Future] = []
-        self.window = 2 * threads
+        self.window = threads  # each part in flight holds ~3 copies of its rows
 
     def add(self, pending: pa.Table) -> None:
         """The next pending rows (in manifest order); writes the parts they complete."""
