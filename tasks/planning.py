@@ -192,9 +192,12 @@ class ShardWriter:
     def __init__(self, out, run_id: str, shard_of: np.ndarray, *, threads: int = 2) -> None:
         self.out, self.run_id, self.shard_of = out, run_id, shard_of
         self.per_part = keys.SHARDS_PER_PLAN_PART
-        self.part_of = shard_of // self.per_part
-        self.shards = int(shard_of.max()) + 1 if len(shard_of) else 0
-        self.remaining = np.bincount(self.part_of) if len(shard_of) else np.zeros(0, np.int64)
+        per_shard = np.bincount(shard_of)
+        self.shards = len(per_shard)
+        starts = np.arange(0, self.shards, self.per_part)
+        self.remaining = (
+            np.add.reduceat(per_shard, starts) if self.shards else per_shard
+        )  # per part
         self.cursor = 0  # pending rows seen so far
         self.buffers: dict[int, list[tuple[pa.Table, np.ndarray]]] = {}  # part -> (rows, shards)
         self.pool = ThreadPoolExecutor(max_workers=threads)  # object-store writes wait on latency
@@ -205,7 +208,7 @@ class ShardWriter:
         """The next pending rows (in manifest order); writes the parts they complete."""
         k = pending.num_rows
         shards = self.shard_of[self.cursor : self.cursor + k]
-        parts = self.part_of[self.cursor : self.cursor + k]
+        parts = shards // self.per_part
         if len(shards) != k:
             raise RuntimeError("more pending rows than were planned (the manifest changed?)")
         self.cursor += k
