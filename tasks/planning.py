@@ -277,13 +277,20 @@ def read_shard_plan(out, run_id: str, shard_index: int) -> pa.Table:
 
 
 def shard_entries(shard_of: np.ndarray, codes: np.ndarray) -> list[dict[str, int]]:
-    """The plan's ``shards`` entries: index, edits and distinct sources of each shard."""
+    """The plan's ``shards`` entries: index, edits and distinct sources of each shard (a source's rows
+    fill consecutive shards (:func:`pack_shards`), so each source counts in the shards from its
+    lowest to its highest)."""
     if not len(shard_of):
         return []
     edits = np.bincount(shard_of)
-    width = int(codes.max()) + 1
-    pairs = np.unique(shard_of * width + codes)
-    sources = np.bincount(pairs // width, minlength=len(edits))
+    n_groups = int(codes.max()) + 1
+    lowest = np.full(n_groups, len(edits), np.int64)
+    np.minimum.at(lowest, codes, shard_of)
+    highest = np.zeros(n_groups, np.int64)
+    np.maximum.at(highest, codes, shard_of)
+    change = np.bincount(lowest, minlength=len(edits) + 1)
+    change -= np.bincount(highest + 1, minlength=len(edits) + 1)
+    sources = np.cumsum(change)[: len(edits)]
     return [
         {"index": s, "edits": int(e), "sources": int(n)}
         for s, (e, n) in enumerate(zip(edits.tolist(), sources.tolist(), strict=True))
