@@ -23,6 +23,7 @@ from storage.writer import write_parquet
 from tasks import planning
 from tasks.options import RunOptions
 from tasks.planning import auto_shard_size, plan_run, read_shard_plan
+from tasks.report import _read_plan_rows
 
 
 def _manifest(n: int = 200, seed: int = 0) -> pa.Table:
@@ -214,6 +215,10 @@ def test_shard_plans_are_written_a_part_per_64_shards_and_each_shard_reads_its_o
         rows = table.column("row").to_pylist()
         assert rows == sorted(rows)
         assert b"editflow.shard_rows" not in table.schema.metadata
+    # the report finds a shard's prompts and settings in its part
+    shown = _read_plan_rows(LocalStore(out), keys.shard_plan_key("r", 70))
+    assert list(shown) == shards[70].column("edit_id").to_pylist()
+    assert next(iter(shown.values()))["source_prompt"] == shards[70]["source_prompt"][0].as_py()
     # a shard beyond the plan is not there; a run planned with a file per shard still reads
     with pytest.raises(NotFound):
         read_shard_plan(LocalStore(out), "r", n_shards)
