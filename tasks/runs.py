@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import logging
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,44 +129,52 @@ RERUN_READ_THREADS = 16
 def shards_to_rerun(options: RunOptions, run_id: str, plan: dict[str, Any]) -> list[int]:
     """Shards to run again: those without a results file, with failed rows, or with a finished edit
     whose image or sidecar is gone (deleted since). Such an edit's row is recorded as failed in its
-    shard's results ("output gone"), so that the shard redoes it and keeps every other finished edit.
+    shard's results ("is gone"), so that the shard redoes it and keeps every other finished edit.
 
     Requests: one GET per shard, the root's finished-edit index (:func:`storage.finished.load_finished`),
     and two HEADs per finished edit or, when that takes fewer requests, one listing of ``assets/``."""
     out = _store(options)
     todo: list[int] = []
-    stored: FinishedIndex | None = None  # read when the first finished edit is checked
+    index: list[
+        FinishedIndex
+    ] = []  # the root's finished-edit index, read at the first finished edit
+    for shard, results in _shard_results(out, run_id, [s["index"] for s in plan["shards"]]):
+        if results is None:
+            todo.append(shard)
+            continue
+        finished = pc.and_(
+            pc.is_in(results.column("status"), pa.array(["succeeded", "skipped"])),
+            pc.is_valid(results.column("output_uri")),
+        ).to_numpy(zero_copy_only=False)
+        gone = np.zeros(len(finished), bool)
+        if finished.any():
+            index = index or [load_finished(out)]
+            gone[finished] = ~still_stored(index[0], results.filter(pa.array(finished)))
+        if gone.any():
+            write_parquet(out, keys.shard_results_key(run_id, shard), _mark_gone(results, gone))
+            logger.info("run %s shard %d: %d finished edits lost their output; redoing them",
+                        run_id, shard, int(gone.sum()))  # fmt: skip
+        if gone.any() or pc.any(pc.equal(results.column("status"), "failed")).as_py():
+            todo.append(shard)
+    return todo
 
-    def results_of(index: int) -> pa.Table | None:
+
+def _shard_results(
+    out: ObjectStore, run_id: str, shards: list[int]
+) -> Iterator[tuple[int, pa.Table | None]]:
+    """(shard, its results table or None when it has none), in order, read a window at a time."""
+
+    def read(shard: int) -> pa.Table | None:
         try:
-            return read_parquet(out, keys.shard_results_key(run_id, index))
+            return read_parquet(out, keys.shard_results_key(run_id, shard))
         except NotFound:
             return None
 
-    indexes = [shard["index"] for shard in plan["shards"]]
+    window = 4 * RERUN_READ_THREADS  # tables held at once
     with ThreadPoolExecutor(max_workers=RERUN_READ_THREADS) as pool:
-        for start in range(0, len(indexes), 4 * RERUN_READ_THREADS):  # a window: bounded memory
-            window = indexes[start : start + 4 * RERUN_READ_THREADS]
-            for index, results in zip(window, pool.map(results_of, window), strict=True):
-                if results is None:
-                    todo.append(index)
-                    continue
-                status = results.column("status")
-                finished = pc.and_(
-                    pc.is_in(status, pa.array(["succeeded", "skipped"])),
-                    pc.is_valid(results.column("output_uri")),
-                ).to_numpy(zero_copy_only=False)
-                gone = np.zeros(len(finished), bool)
-                if finished.any():
-                    stored = stored if stored is not None else load_finished(out)
-                    gone[finished] = ~still_stored(stored, results.filter(pa.array(finished)))
-                if gone.any():
-                    write_parquet(out, keys.shard_results_key(run_id, index), _mark_gone(results, gone))  # fmt: skip
-                    logger.info("run %s shard %d: %d finished edits lost their output; redoing them",
-                                run_id, index, int(gone.sum()))  # fmt: skip
-                if gone.any() or pc.any(pc.equal(status, "failed")).as_py():
-                    todo.append(index)
-    return todo
+        for start in range(0, len(shards), window):
+            some = shards[start : start + window]
+            yield from zip(some, pool.map(read, some), strict=True)
 
 
 def _mark_gone(results: pa.Table, gone: np.ndarray) -> pa.Table:
