@@ -251,3 +251,13 @@ def test_a_plan_without_a_shard_size_picks_one_for_the_manifest_and_records_it(
     assert plan_run(uri, RunOptions(out=str(tmp_path / "c")), run_id="r", shard_size=7)["shard_size"] == 7  # fmt: skip
     with pytest.raises(ValueError, match="shard_size"):
         RunOptions(out=str(tmp_path), shard_size=0)
+
+
+def test_the_cli_leaves_the_shard_size_to_planning_unless_given() -> None:
+    from flows.cli import _run_options, build_parser
+
+    def parse(*extra: str) -> RunOptions:
+        return _run_options(build_parser().parse_args(["run", "m.parquet", "--out", "o", *extra]))
+
+    assert parse().shard_size is None
+    assert parse("--shard-size", "7").shard_size == 7
