@@ -3,9 +3,10 @@
 Rows are grouped by (image_uri, source_prompt, num_steps) so that each source image is inverted once per
 run and all its targets are edited in one batch; groups are packed, in manifest order, into shards of at
 most `shard_size` edits (a group larger than a shard is split, and its later shards find the inversion in
-the cache). The plan is written under ``{out}/runs/{run_id}/``: ``plan.json`` and one Parquet file of
-normalised rows per shard. The manifest is streamed in batches (``manifests.stream``), so planning's
-memory is bounded by a batch and a few bytes per row, not by the manifest.
+the cache). The plan is written under ``{out}/runs/{run_id}/``: ``plan.json`` and the normalised rows
+of the shards, 64 shards to a Parquet file (:func:`read_shard_plan` reads one shard's). The manifest is
+streamed in batches (``manifests.stream``), so planning's memory is bounded by a batch and a few bytes
+per row, not by the manifest.
 """
 
 from __future__ import annotations
@@ -89,9 +90,8 @@ def pack_shards(group_codes: np.ndarray, shard_size: int) -> np.ndarray:
         return np.empty(0, dtype=np.int64)
     sizes = np.bincount(group_codes)  # group codes are numbered by first appearance
     before = np.concatenate([[0], np.cumsum(sizes)])  # rows of the groups before each group
-    first = np.empty(
-        len(sizes), np.int64
-    )  # per group: position of its first row, shard * size + used
+    # per group: the position of its first row (shard * shard_size + rows already in that shard)
+    first = np.empty(len(sizes), np.int64)
     g, shard, used = 0, 0, 0
     while g < len(sizes):
         if used == 0 and sizes[g] >= shard_size:  # a group filling a shard or more
@@ -195,9 +195,8 @@ class ShardWriter:
         per_shard = np.bincount(shard_of)
         self.shards = len(per_shard)
         starts = np.arange(0, self.shards, self.per_part)
-        self.remaining = (
-            np.add.reduceat(per_shard, starts) if self.shards else per_shard
-        )  # per part
+        # rows still to come, per part
+        self.remaining = np.add.reduceat(per_shard, starts) if self.shards else per_shard
         self.cursor = 0  # pending rows seen so far
         self.buffers: dict[int, list[tuple[pa.Table, np.ndarray]]] = {}  # part -> (rows, shards)
         self.pool = ThreadPoolExecutor(max_workers=threads)  # object-store writes wait on latency
@@ -218,9 +217,8 @@ class ShardWriter:
         for a, b in zip(starts, [*starts[1:], k]):
             p, rows = int(ordered[a]), order[a:b]
             if self.remaining[p] == b - a and rows[-1] - rows[0] == b - a - 1:
-                piece = pending.slice(
-                    int(rows[0]), b - a
-                )  # completes its part, written now: no copy
+                # completes its part, which is written now: no copy
+                piece = pending.slice(int(rows[0]), b - a)
             else:  # a copy, so that a part waiting for its other rows pins no whole batch
                 piece = pending.take(pa.array(rows))
             self.buffers.setdefault(p, []).append((piece, shards[rows]))
@@ -242,8 +240,10 @@ class ShardWriter:
         if len(shards) > 1 and (shards[1:] < shards[:-1]).any():
             table = table.take(pa.array(np.argsort(shards, kind="stable")))
         counts = np.bincount(shards - first, minlength=min(self.per_part, self.shards - first))
-        metadata = {**(table.schema.metadata or {}), SHARD_ROWS_METADATA_KEY: json.dumps(counts.tolist())}  # fmt: skip
-        write_parquet(self.out, keys.shard_plan_part_key(self.run_id, first), table.replace_schema_metadata(metadata))  # fmt: skip
+        metadata = dict(table.schema.metadata or {})
+        metadata[SHARD_ROWS_METADATA_KEY] = json.dumps(counts.tolist())
+        key = keys.shard_plan_part_key(self.run_id, first)
+        write_parquet(self.out, key, table.replace_schema_metadata(metadata))
 
     def close(self) -> None:
         """Wait for every write (raising the first error); every planned row must have come."""
@@ -341,7 +341,7 @@ def plan_run(
     source reduced to a 64-bit key; (2) an invalid manifest raises ``ManifestError`` (the first
     problems, all counted per kind) before anything is written; (3) the run id is claimed and the
     finished edits found; (4) the pending rows' sources are packed into shards; (5) the manifest
-    is read again and each shard's rows written as soon as they are all seen. Memory holds a batch,
+    is read again and each part of shards written as soon as all its rows are seen. Memory holds a batch,
     ~24 bytes per row and the shards not yet complete, not the manifest."""
     t0 = time.perf_counter()
     shard_size = options.shard_size if shard_size is None else shard_size
