@@ -18,8 +18,11 @@ only the output's requests are counted, with a boto3 ``before-call`` hook on edi
    the index finds the N finished; their images are verified with one listing of ``assets/``
    (cheaper than N HEADs), so this costs what the listing costs.
 4. For reference, one listing of ``assets/`` (what every planning did before the index).
+5. ``tasks.runs.shards_to_rerun`` of the run that finished the N edits, after one image was deleted
+   (what ``editflow rerun`` asks first): one GET per shard's results, the index, and the listing
+   that verifies the finished outputs; it finds the one shard to run again.
 
-Cases 3 and 4 run only up to N = 20k: moto's listing slows with the bucket's size on every page.
+Cases 3 to 5 run only up to N = 20k: moto's listing slows with the bucket's size on every page.
 
 Requests at 1M finished edits are extrapolated from the counts (they are linear or constant in N).
 """
@@ -162,7 +165,50 @@ def measure(n: int, tmp: Path, endpoint: str) -> dict:
     listed = len(scan_assets(open_store(out, s3_endpoint=endpoint)))
     listing = {"seconds": time.perf_counter() - t0, "requests": sum(counter.take().values())}
     assert listed == n and everything["skipped"] == n
-    return result | {"all_rows": everything, "listing": listing}
+    return result | {"all_rows": everything, "listing": listing, "rerun": rerun(bucket, out, endpoint, n, counter)}  # fmt: skip
+
+
+def rerun(bucket: str, out: str, endpoint: str, n: int, counter: RequestCounter) -> dict:
+    """``shards_to_rerun`` of the run that finished the N edits (its results files put into moto's
+    backend, uncounted), after one of its images was deleted: the shard that lost it is found."""
+    import pyarrow as pa
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    from storage import keys
+    from storage.uri import open_store
+    from tasks.options import RunOptions
+    from tasks.runs import shards_to_rerun
+
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    store = open_store(out, s3_endpoint=endpoint)
+    shards = []
+    for shard, start in enumerate(range(0, n, SHARD)):
+        ids = [f"done-{i:08d}" for i in range(start, min(n, start + SHARD))]
+        results = pa.table({
+            "edit_id": ids, "row": list(range(start, start + len(ids))), "status": ["succeeded"] * len(ids),
+            "output_uri": [store.uri(keys.asset_key(e, "png")) for e in ids],
+            "metadata_uri": [store.uri(keys.sidecar_key(e)) for e in ids], "error": pa.nulls(len(ids), pa.string()),
+        })  # fmt: skip
+        sink = pa.BufferOutputStream()
+        write_parquet_to(sink, results)
+        backend.put_object(bucket, "out/" + keys.shard_results_key("earlier", shard), sink.getvalue().to_pybytes())  # fmt: skip
+        shards.append({"index": shard, "edits": len(ids), "sources": len(ids)})
+    lost = n // 2
+    store.delete(keys.asset_key(f"done-{lost:08d}", "png"))
+    counter.take()
+    t0 = time.perf_counter()
+    todo = shards_to_rerun(RunOptions(out=out, s3_endpoint=endpoint), "earlier", {"shards": shards})
+    seconds = time.perf_counter() - t0
+    ops = counter.take()
+    assert todo == [lost // SHARD], todo
+    return {"seconds": seconds, "requests": sum(ops.values()), "ops": ops, "shards": len(shards)}
+
+
+def write_parquet_to(sink, table) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, sink, compression="zstd")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             for case, label in (("new_rows", f"plan {NEW_ROWS:,} new edits"),
                                 ("all_rows", f"plan the {n:,} finished + {NEW_ROWS:,} new"),
-                                ("listing", "list assets/ (planning before the index)")):  # fmt: skip
+                                ("listing", "list assets/ (planning before the index)"),
+                                ("rerun", "shards_to_rerun of the run, one image deleted")):  # fmt: skip
                 if case not in r:
                     continue
                 c = r[case]

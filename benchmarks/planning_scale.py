@@ -11,8 +11,9 @@ file: N rows, 4 target prompts per source image (N/4 distinct images and caption
 (so every id is derived, the expensive path), default steps/guidance, and a passthrough ``sku``
 column. Then a fresh child process (``--child``) imports editflow, runs
 ``tasks.planning.plan_run(manifest, RunOptions(out=<temp folder>), shard_size=256)`` (load, validate,
-normalise, derive ids, group by source, pack shards, write one Parquet file per shard plus plan.json:
-~3,900 shard files at 1M rows) and reports its wall time and its peak resident memory
+normalise, derive ids, group by source, pack shards, write the shard plans 64 shards to a Parquet file
+plus plan.json: ~3,900 shards in 62 files at 1M rows; 256 rather than the automatic size, so that
+figures compare with earlier ones) and reports its wall time and its peak resident memory
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``; a fresh process per size, so one size's peak does not
 hide the next). The memory after the imports alone (torch is imported by ``tasks.options``) is
 reported too, so that the planning's own share is visible, and the child's CPU seconds (user +

@@ -181,8 +181,8 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     _runner_args(p)
     _trusted_args(p)
     p.add_argument(
-        "--shard-size", type=_positive_int, default=DEFAULT_SHARD_SIZE,
-        help=f"edits per shard task (default {DEFAULT_SHARD_SIZE})",
+        "--shard-size", type=_positive_int, default=None,
+        help=f"edits per shard task (default: {DEFAULT_SHARD_SIZE}, or rows / 10,000 when more)",
     )  # fmt: skip
     p.add_argument("--format", dest="image_format", choices=IMAGE_FORMATS, default=IMAGE_FORMATS[0])
     p.add_argument(

@@ -36,6 +36,7 @@ __all__ = [
     "load_finished",
     "record_finished",
     "record_shard",
+    "still_stored",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,20 @@ class FinishedIndex:
             for i, found in zip(new, pool.map(both_stored, new)):
                 self._headed[hashes[i]] = found
         return np.fromiter((self._headed[h] for h in hashes), bool, len(hashes))
+
+
+def still_stored(index: FinishedIndex, results: pa.Table) -> np.ndarray:
+    """Which rows of `results` (finished edits: ``edit_id`` and ``output_uri``) still have their image
+    and sidecar, checked through :meth:`FinishedIndex.verify` of the root's `index` (HEADs, or one
+    listing of ``assets/`` once that takes fewer requests); an image of unknown extension is gone."""
+    edit_ids = results.column("edit_id").to_pylist()
+    exts = [uri.rpartition(".")[2].lower() for uri in results.column("output_uri").to_pylist()]
+    codes = _ext_codes(exts)
+    found = np.zeros(len(edit_ids), bool)
+    known = np.flatnonzero(codes >= 0)
+    if len(known):
+        found[known] = index.verify([edit_ids[i] for i in known], codes[known])
+    return found
 
 
 def scan_assets(store: ObjectStore, *, chunk: int = 100_000) -> FinishedIndex:

@@ -41,6 +41,9 @@ __all__ = [
     "failures_key",
     "report_info_key",
     "shard_plan_key",
+    "SHARDS_PER_PLAN_PART",
+    "shard_plan_part_key",
+    "shard_of_plan_key",
     "run_results_prefix",
     "shard_results_key",
     "skipped_results_key",
@@ -232,6 +235,27 @@ def _shard(shard_index: int) -> str:
 def shard_plan_key(run_id: str, shard_index: int) -> str:
     """``runs/{run_id}/shards/shard-{i:05d}.parquet``: the rows of one shard."""
     return run_file_key(run_id, "shards/" + _shard(shard_index))
+
+
+# Shards whose plans share one file (:func:`shard_plan_part_key`): part of the stored layout, so a
+# change needs a new part name. 64 keeps a part to ~16k rows at 256 edits per shard.
+SHARDS_PER_PLAN_PART = 64
+
+
+def shard_plan_part_key(run_id: str, shard_index: int) -> str:
+    """``runs/{run_id}/shards/part-{first:05d}.parquet``: the rows of shard `shard_index` and of the
+    other shards of its part (the :data:`SHARDS_PER_PLAN_PART` shards from index `first`)."""
+    _shard(shard_index)  # checks the index
+    first = shard_index - shard_index % SHARDS_PER_PLAN_PART
+    return run_file_key(run_id, f"shards/part-{first:05d}{_PARQUET}")
+
+
+def shard_of_plan_key(key: str) -> tuple[str, int]:
+    """``(run_id, shard_index)`` of shard plan key `key` (:func:`shard_plan_key`)."""
+    m = re.fullmatch(rf"{_RUNS}([^/]+)/shards/{_SHARD}(\d+){re.escape(_PARQUET)}", key)
+    if not m:
+        raise ValueError(f"not a shard plan key: {key!r}")
+    return m.group(1), int(m.group(2))
 
 
 def run_results_prefix(run_id: str) -> str:

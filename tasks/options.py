@@ -50,9 +50,9 @@ class RunOptions:
     model_config: str = ""
     image_format: str = IMAGE_FORMATS[0]  # output format, one of IMAGE_FORMATS
     max_batch: int = DEFAULT_MAX_BATCH  # targets per UNet batch (rows = 2 x targets + sources)
-    shard_size: int = (
-        DEFAULT_SHARD_SIZE  # edits per shard task (planning packs sources into shards)
-    )
+    # edits per shard task (planning packs sources into shards); None = chosen by planning for the
+    # manifest: DEFAULT_SHARD_SIZE, or more so that a run has at most ~10k shards
+    shard_size: int | None = None
     inversion_guidance: float = (
         7.5  # the source branch's guidance: Direct Inversion corrections are exact for it
     )
@@ -99,8 +99,14 @@ class RunOptions:
             raise ValueError(
                 f"max_source_bytes must be a positive integer, got {self.max_source_bytes!r}"
             )
-        if not isinstance(self.shard_size, int) or self.shard_size < 1:
-            raise ValueError(f"shard_size must be a positive integer, got {self.shard_size!r}")
+        if self.shard_size is not None and (
+            not isinstance(self.shard_size, int)
+            or isinstance(self.shard_size, bool)
+            or self.shard_size < 1
+        ):
+            raise ValueError(
+                f"shard_size must be a positive integer or None (auto), got {self.shard_size!r}"
+            )
         if self.threads is not None and (
             not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
         ):

@@ -3,13 +3,15 @@
 Rows are grouped by (image_uri, source_prompt, num_steps) so that each source image is inverted once per
 run and all its targets are edited in one batch; groups are packed, in manifest order, into shards of at
 most `shard_size` edits (a group larger than a shard is split, and its later shards find the inversion in
-the cache). The plan is written under ``{out}/runs/{run_id}/``: ``plan.json`` and one Parquet file of
-normalised rows per shard. The manifest is streamed in batches (``manifests.stream``), so planning's
-memory is bounded by a batch and a few bytes per row, not by the manifest.
+the cache). The plan is written under ``{out}/runs/{run_id}/``: ``plan.json`` and the normalised rows
+of the shards, 64 shards to a Parquet file (:func:`read_shard_plan` reads one shard's). The manifest is
+streamed in batches (``manifests.stream``), so planning's memory is bounded by a batch and a few bytes
+per row, not by the manifest.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -36,11 +38,12 @@ from manifests.stream import (
 )
 from manifests.validate import analyse
 from storage import keys
+from storage.base import NotFound
 from storage.finished import FinishedIndex, load_finished
 from storage.uri import open_store
-from storage.writer import read_json, write_json, write_parquet
+from storage.writer import read_json, read_parquet, write_json, write_parquet
 from tasks.errors import RunExists
-from tasks.options import RunOptions
+from tasks.options import DEFAULT_SHARD_SIZE, RunOptions
 from tasks.results import results_table
 
 logger = logging.getLogger(__name__)
@@ -60,30 +63,61 @@ def finished_assets(store) -> FinishedIndex:
     return load_finished(store)
 
 
+# The automatic shard size (RunOptions.shard_size None): at least MIN_AUTO_SHARD_SIZE edits, and
+# enough that a run has at most ~MAX_AUTO_SHARDS shards (each shard is a task: Prefect's API and the
+# plan grow with their number; 10k keeps both small while still spreading a 10M-edit run).
+MIN_AUTO_SHARD_SIZE = DEFAULT_SHARD_SIZE
+MAX_AUTO_SHARDS = 10_000
+
+
+def auto_shard_size(rows: int) -> int:
+    """The shard size planning picks for `rows` pending edits when none is given:
+    max(:data:`MIN_AUTO_SHARD_SIZE`, ceil(rows / :data:`MAX_AUTO_SHARDS`))."""
+    return max(MIN_AUTO_SHARD_SIZE, -(-rows // MAX_AUTO_SHARDS))
+
+
 def pack_shards(group_codes: np.ndarray, shard_size: int) -> np.ndarray:
-    """Shard index per row: groups (in order of first appearance) packed into shards of <= shard_size rows."""
+    """Shard index per row: groups (in order of first appearance) packed into shards of <= shard_size rows.
+
+    A group starts a new shard when it does not fit in what the current one has left (a group larger
+    than a shard fills whole shards from a fresh one, its rest starting the next). The walk takes
+    each shard's run of whole groups at once (a binary search of the groups' cumulative sizes), so it
+    steps per shard, not per group; rows are then placed at once."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     n = len(group_codes)
-    shard_of = np.empty(n, dtype=np.int64)
     if n == 0:
-        return shard_of
-    order = np.argsort(group_codes, kind="stable")
-    sizes = np.bincount(group_codes)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    shard, used = 0, 0
-    for g in range(len(sizes)):  # group codes are numbered by first appearance
-        size, start = int(sizes[g]), int(starts[g])
-        if used and used + min(size, shard_size) > shard_size:
+        return np.empty(0, dtype=np.int64)
+    sizes = np.bincount(group_codes)  # group codes are numbered by first appearance
+    before = np.concatenate([[0], np.cumsum(sizes)])  # rows of the groups before each group
+    # per group: the position of its first row (shard * shard_size + rows already in that shard)
+    first = np.empty(len(sizes), np.int64)
+    g, shard, used = 0, 0, 0
+    while g < len(sizes):
+        if used == 0 and sizes[g] >= shard_size:  # a group filling a shard or more
+            first[g] = shard * shard_size
+            shard, used = divmod(shard * shard_size + int(sizes[g]), shard_size)
+            g += 1
+            continue
+        # the groups from g that fit in what the shard has left
+        end = int(np.searchsorted(before, before[g] + shard_size - used, side="right")) - 1
+        if end == g:  # group g does not fit: a fresh shard
             shard, used = shard + 1, 0
-        offset = 0
-        while offset < size:
-            take = min(size - offset, shard_size - used)
-            shard_of[order[start + offset : start + offset + take]] = shard
-            offset += take
-            used += take
-            if used == shard_size:
-                shard, used = shard + 1, 0
+            continue
+        first[g:end] = shard * shard_size + used + before[g:end] - before[g]
+        shard, used = divmod(shard * shard_size + used + int(before[end] - before[g]), shard_size)
+        g = end
+    shard_of = first[group_codes] // shard_size
+    # the rows of a group that spans shards: its k-th row goes to (first + k) // shard_size
+    spans = (first % shard_size + sizes > shard_size)[group_codes]
+    if spans.any():
+        rows = np.flatnonzero(spans)
+        codes = group_codes[rows]
+        order = np.argsort(codes, kind="stable")
+        ordered = codes[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        rank = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
+        shard_of[rows[order]] = (first[ordered] + rank) // shard_size
     return shard_of
 
 
@@ -118,6 +152,8 @@ def claim_run(out, run_id: str, claim: str) -> None:
 def split_finished(norm: pa.Table, done: FinishedIndex) -> tuple[pa.Table, pa.Table]:
     """(pending, skipped): the normalised rows without and with a finished edit; an edit the index
     `done` holds counts as finished only while its image is still stored (:meth:`FinishedIndex.verify`)."""
+    if not len(done):
+        return norm, norm.slice(0, 0)
     edit_ids = norm.column("edit_id").to_numpy(zero_copy_only=False)
     codes = done.lookup(edit_ids)
     finished = codes >= 0
@@ -144,45 +180,70 @@ def group_keys(batch: CheckedBatch) -> np.ndarray:
     return mix_hashes(uri, prompt, values.num_steps)
 
 
-class ShardWriter:
-    """Shard plans written as soon as all their rows have been seen (rows in manifest order),
-    by a few threads, with a bounded number of shards in memory at once."""
+# Schema metadata of a shard-plan part: how many rows each of its shards has (rows sorted by shard).
+SHARD_ROWS_METADATA_KEY = b"editflow.shard_rows"
 
-    def __init__(self, out, run_id: str, shard_of: np.ndarray, *, threads: int = 8) -> None:
+
+class ShardWriter:
+    """Shard plans written as soon as all their rows have been seen (rows in manifest order), a part
+    of :data:`storage.keys.SHARDS_PER_PLAN_PART` shards per file (a file per shard made planning's
+    writes cost more than the rest of it); a few threads write, a bounded number at once."""
+
+    def __init__(self, out, run_id: str, shard_of: np.ndarray, *, threads: int = 2) -> None:
         self.out, self.run_id, self.shard_of = out, run_id, shard_of
-        self.remaining = np.bincount(shard_of) if len(shard_of) else np.zeros(0, np.int64)
+        self.per_part = keys.SHARDS_PER_PLAN_PART
+        per_shard = np.bincount(shard_of)
+        self.shards = len(per_shard)
+        starts = np.arange(0, self.shards, self.per_part)
+        # rows still to come, per part
+        self.remaining = np.add.reduceat(per_shard, starts) if self.shards else per_shard
         self.cursor = 0  # pending rows seen so far
-        self.buffers: dict[int, list[pa.Table]] = {}
+        self.buffers: dict[int, list[tuple[pa.Table, np.ndarray]]] = {}  # part -> (rows, shards)
         self.pool = ThreadPoolExecutor(max_workers=threads)  # object-store writes wait on latency
         self.in_flight: list[Future] = []
-        self.window = 4 * threads
+        self.window = threads  # each part in flight holds ~3 copies of its rows
 
     def add(self, pending: pa.Table) -> None:
-        """The next pending rows (in manifest order); writes the shards they complete."""
+        """The next pending rows (in manifest order); writes the parts they complete."""
         k = pending.num_rows
         shards = self.shard_of[self.cursor : self.cursor + k]
+        parts = shards // self.per_part
         if len(shards) != k:
             raise RuntimeError("more pending rows than were planned (the manifest changed?)")
         self.cursor += k
-        order = np.argsort(shards, kind="stable")
-        ordered = shards[order]
+        order = np.argsort(parts, kind="stable")
+        ordered = parts[order]
         starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if k else []
         for a, b in zip(starts, [*starts[1:], k]):
-            s, rows = int(ordered[a]), order[a:b]
-            if self.remaining[s] == b - a and rows[-1] - rows[0] == b - a - 1:
-                piece = pending.slice(int(rows[0]), b - a)  # a whole shard, written now: no copy
-            else:  # a copy, so that a shard waiting for its other rows pins no whole batch
+            p, rows = int(ordered[a]), order[a:b]
+            if self.remaining[p] == b - a and rows[-1] - rows[0] == b - a - 1:
+                # completes its part, which is written now: no copy
+                piece = pending.slice(int(rows[0]), b - a)
+            else:  # a copy, so that a part waiting for its other rows pins no whole batch
                 piece = pending.take(pa.array(rows))
-            self.buffers.setdefault(s, []).append(piece)
-            self.remaining[s] -= b - a
-            if self.remaining[s] == 0:
-                self._write(s, pa.concat_tables(self.buffers.pop(s)))
+            self.buffers.setdefault(p, []).append((piece, shards[rows]))
+            self.remaining[p] -= b - a
+            if self.remaining[p] == 0:
+                self._write(p, self.buffers.pop(p))
 
-    def _write(self, s: int, rows: pa.Table) -> None:
+    def _write(self, p: int, pieces: list[tuple[pa.Table, np.ndarray]]) -> None:
         while len(self.in_flight) >= self.window:
             self.in_flight.pop(0).result()
-        key = keys.shard_plan_key(self.run_id, s)
-        self.in_flight.append(self.pool.submit(write_parquet, self.out, key, rows))
+        self.in_flight.append(self.pool.submit(self._write_part, p, pieces))
+
+    def _write_part(self, p: int, pieces: list[tuple[pa.Table, np.ndarray]]) -> None:
+        """Part `p`: its rows sorted by shard (manifest order within a shard), the rows per shard in
+        the schema metadata (:data:`SHARD_ROWS_METADATA_KEY`)."""
+        table = pa.concat_tables([t for t, _ in pieces])
+        shards = np.concatenate([s for _, s in pieces])
+        first = p * self.per_part
+        if len(shards) > 1 and (shards[1:] < shards[:-1]).any():
+            table = table.take(pa.array(np.argsort(shards, kind="stable")))
+        counts = np.bincount(shards - first, minlength=min(self.per_part, self.shards - first))
+        metadata = dict(table.schema.metadata or {})
+        metadata[SHARD_ROWS_METADATA_KEY] = json.dumps(counts.tolist())
+        key = keys.shard_plan_part_key(self.run_id, first)
+        write_parquet(self.out, key, table.replace_schema_metadata(metadata))
 
     def close(self) -> None:
         """Wait for every write (raising the first error); every planned row must have come."""
@@ -195,14 +256,41 @@ class ShardWriter:
             raise RuntimeError("fewer pending rows than were planned (the manifest changed?)")
 
 
+def read_shard_plan(out, run_id: str, shard_index: int) -> pa.Table:
+    """The planned rows of shard `shard_index` of `run_id` (its slice of its plan part), as planning
+    wrote them; ``NotFound`` when the run has no such shard.
+
+    A run planned before plan parts has a file per shard (:func:`storage.keys.shard_plan_key`): that is
+    read when there, which costs a newer run one missed read per shard task (nothing beside its edits)."""
+    try:
+        return read_parquet(out, keys.shard_plan_key(run_id, shard_index))
+    except NotFound:
+        pass
+    part = read_parquet(out, keys.shard_plan_part_key(run_id, shard_index))
+    metadata = dict(part.schema.metadata or {})
+    counts = json.loads(metadata.pop(SHARD_ROWS_METADATA_KEY, b"[]"))
+    position = shard_index % keys.SHARDS_PER_PLAN_PART
+    if position >= len(counts):
+        raise NotFound(out.uri(keys.shard_plan_key(run_id, shard_index)))
+    start = sum(counts[:position])
+    return part.slice(start, counts[position]).replace_schema_metadata(metadata or None)
+
+
 def shard_entries(shard_of: np.ndarray, codes: np.ndarray) -> list[dict[str, int]]:
-    """The plan's ``shards`` entries: index, edits and distinct sources of each shard."""
+    """The plan's ``shards`` entries: index, edits and distinct sources of each shard (a source's rows
+    fill consecutive shards (:func:`pack_shards`), so each source counts in the shards from its
+    lowest to its highest)."""
     if not len(shard_of):
         return []
     edits = np.bincount(shard_of)
-    width = int(codes.max()) + 1
-    pairs = np.unique(shard_of * width + codes)
-    sources = np.bincount(pairs // width, minlength=len(edits))
+    n_groups = int(codes.max()) + 1
+    lowest = np.full(n_groups, len(edits), np.int64)
+    np.minimum.at(lowest, codes, shard_of)
+    highest = np.zeros(n_groups, np.int64)
+    np.maximum.at(highest, codes, shard_of)
+    change = np.bincount(lowest, minlength=len(edits) + 1)
+    change -= np.bincount(highest + 1, minlength=len(edits) + 1)
+    sources = np.cumsum(change)[: len(edits)]
     return [
         {"index": s, "edits": int(e), "sources": int(n)}
         for s, (e, n) in enumerate(zip(edits.tolist(), sources.tolist(), strict=True))
@@ -245,17 +333,19 @@ def plan_run(
 ) -> dict[str, Any]:
     """Validate (prompt lengths too when `budget` is given: the plan task passes the model's), claim
     the run id (``RunExists`` if taken), plan and write the plan; returns the plan (what ``plan.json``
-    holds: ``shards`` lists each shard's index, edits and sources). `shard_size`: None = the options'.
+    holds: ``shards`` lists each shard's index, edits and sources; ``shard_size`` the size used).
+    `shard_size`: None = the options'; when that is None too, :func:`auto_shard_size` of the pending
+    edits.
 
     The manifest is streamed in batches of `batch_rows`: (1) every batch is checked and each row's
     source reduced to a 64-bit key; (2) an invalid manifest raises ``ManifestError`` (the first
     problems, all counted per kind) before anything is written; (3) the run id is claimed and the
     finished edits found; (4) the pending rows' sources are packed into shards; (5) the manifest
-    is read again and each shard's rows written as soon as they are all seen. Memory holds a batch,
+    is read again and each part of shards written as soon as all its rows are seen. Memory holds a batch,
     ~24 bytes per row and the shards not yet complete, not the manifest."""
     t0 = time.perf_counter()
     shard_size = options.shard_size if shard_size is None else shard_size
-    if shard_size < 1:
+    if shard_size is not None and shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     # 1. Check every batch; keep each row's source key while the manifest is valid
     source = open_manifest(manifest_uri, s3_endpoint=options.s3_endpoint)
@@ -285,6 +375,8 @@ def plan_run(
     # 4. Pack the pending rows' sources (numbered by first appearance) into shards
     codes = first_appearance_codes(source_key_of_row[pending])
     del source_key_of_row
+    if shard_size is None:
+        shard_size = auto_shard_size(len(codes))
     shard_of = pack_shards(codes, shard_size)
     shards = shard_entries(shard_of, codes)
     # 5. Read again; write each shard's rows once all are seen, and the skipped rows

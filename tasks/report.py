@@ -36,6 +36,7 @@ from storage.base import NotFound, ObjectStore
 from storage.uri import open_store, read_uri, split_uri
 from storage.writer import png_bytes, read_json, read_parquet, write_json
 from tasks.errors import RunDamaged
+from tasks.planning import read_shard_plan
 
 logger = logging.getLogger(__name__)
 
@@ -484,7 +485,7 @@ def _gather(
 
 def _read_plan_rows(store: ObjectStore, key: str) -> dict[str, dict[str, Any]]:
     try:
-        table = read_parquet(store, key)
+        table = read_shard_plan(store, *keys.shard_of_plan_key(key))
     except NotFound:
         return {}
     cols = [

@@ -9,10 +9,13 @@ import dataclasses
 import errno
 import logging
 import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -21,6 +24,7 @@ from manifests.build import restyle_manifest
 from storage import keys
 from storage.base import NotFound, ObjectStore
 from storage.errors import describe_storage_error
+from storage.finished import FinishedIndex, load_finished, still_stored
 from storage.local import LocalStore
 from storage.uri import open_store
 from storage.writer import read_json, read_parquet, write_json, write_parquet
@@ -129,19 +133,78 @@ def trusted_options(plan: dict[str, Any], caller: RunOptions, *, run_id: str) ->
     return options
 
 
+# Shard results read at once by shards_to_rerun (object-store reads wait on latency).
+RERUN_READ_THREADS = 16
+
+
 def shards_to_rerun(options: RunOptions, run_id: str, plan: dict[str, Any]) -> list[int]:
-    """Shards without a results file, or whose results hold failed rows."""
+    """Shards to run again: those without a results file, with failed rows, or with a finished edit
+    whose image or sidecar is gone (deleted since). Such an edit's row is recorded as failed in its
+    shard's results ("is gone"), so that the shard redoes it and keeps every other finished edit.
+
+    Requests: one GET per shard, the root's finished-edit index (:func:`storage.finished.load_finished`),
+    and two HEADs per finished edit or, when that takes fewer requests, one listing of ``assets/``."""
     out = _store(options)
-    todo = []
-    for shard in plan["shards"]:
-        key = keys.shard_results_key(run_id, shard["index"])
-        if not out.exists(key):
-            todo.append(shard["index"])
+    todo: list[int] = []
+    index: list[
+        FinishedIndex
+    ] = []  # the root's finished-edit index, read at the first finished edit
+    for shard, results in _shard_results(out, run_id, [s["index"] for s in plan["shards"]]):
+        if results is None:
+            todo.append(shard)
             continue
-        status = read_parquet(out, key).column("status")
-        if pc.any(pc.equal(status, "failed")).as_py():
-            todo.append(shard["index"])
+        finished = pc.and_(
+            pc.is_in(results.column("status"), pa.array(["succeeded", "skipped"])),
+            pc.is_valid(results.column("output_uri")),
+        ).to_numpy(zero_copy_only=False)
+        gone = np.zeros(len(finished), bool)
+        if finished.any():
+            index = index or [load_finished(out)]
+            gone[finished] = ~still_stored(index[0], results.filter(pa.array(finished)))
+        if gone.any():
+            write_parquet(out, keys.shard_results_key(run_id, shard), _mark_gone(results, gone))
+            logger.info("run %s shard %d: %d finished edits lost their output; redoing them",
+                        run_id, shard, int(gone.sum()))  # fmt: skip
+        if gone.any() or pc.any(pc.equal(results.column("status"), "failed")).as_py():
+            todo.append(shard)
     return todo
+
+
+def _shard_results(
+    out: ObjectStore, run_id: str, shards: list[int]
+) -> Iterator[tuple[int, pa.Table | None]]:
+    """(shard, its results table or None when it has none), in order, read a window at a time."""
+
+    def read(shard: int) -> pa.Table | None:
+        try:
+            return read_parquet(out, keys.shard_results_key(run_id, shard))
+        except NotFound:
+            return None
+
+    window = 4 * RERUN_READ_THREADS  # tables held at once
+    with ThreadPoolExecutor(max_workers=RERUN_READ_THREADS) as pool:
+        for start in range(0, len(shards), window):
+            some = shards[start : start + window]
+            yield from zip(some, pool.map(read, some), strict=True)
+
+
+def _mark_gone(results: pa.Table, gone: np.ndarray) -> pa.Table:
+    """`results` with the rows `gone` recorded as failed: their output is no longer stored."""
+    mask = pa.array(gone)
+    error = pc.binary_join_element_wise(
+        "row ", results.column("row").cast(pa.string()), ": the output ",
+        results.column("output_uri"), " (or its sidecar) is gone; redone by a rerun", "",
+    )  # fmt: skip
+    replaced = {
+        "status": pc.if_else(mask, "failed", results.column("status")),
+        "error": pc.if_else(mask, error, results.column("error")),
+        "output_uri": pc.if_else(mask, pa.scalar(None, pa.string()), results.column("output_uri")),
+        "metadata_uri": pc.if_else(mask, pa.scalar(None, pa.string()), results.column("metadata_uri")),
+    }  # fmt: skip
+    for name, column in replaced.items():
+        i = results.schema.get_field_index(name)
+        results = results.set_column(i, results.schema.field(i), column)
+    return results
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from storage.uri import open_store, read_uri
 from storage.writer import encode_image, read_parquet, write_asset, write_parquet
 from tasks.images import check_shape, to_rgb
 from tasks.options import RunOptions
-from tasks.planning import source_key
+from tasks.planning import read_shard_plan, source_key
 from tasks.progress import ShardProgress
 from tasks.results import results_table
 from tasks.worker import apply_thread_policy, get_model, model_lock
@@ -140,7 +140,7 @@ class ShardRows:
 
 def load_shard(out: ObjectStore, run_id: str, shard_index: int) -> ShardRows:
     """The planned rows of shard `shard_index` and the results it wrote before (if it ran before)."""
-    table = read_parquet(out, keys.shard_plan_key(run_id, shard_index))
+    table = read_shard_plan(out, run_id, shard_index)
     res_key = keys.shard_results_key(run_id, shard_index)
     previous: dict[str, dict[str, Any]] = {}
     if out.exists(res_key):

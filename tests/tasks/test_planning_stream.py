@@ -4,6 +4,7 @@ a folder with one bad part names it and writes nothing."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,14 @@ from manifests import ManifestError, format_problems, validate_table
 from manifests import stream as stream_module
 from manifests.stream import ManifestScan, open_manifest, scan_manifest
 from storage import keys
+from storage.base import NotFound
 from storage.finished import record_finished
 from storage.local import LocalStore
+from storage.writer import write_parquet
+from tasks import planning
 from tasks.options import RunOptions
-from tasks.planning import plan_run
+from tasks.planning import auto_shard_size, plan_run, read_shard_plan
+from tasks.report import _read_plan_rows
 
 
 def _manifest(n: int = 200, seed: int = 0) -> pa.Table:
@@ -47,7 +52,7 @@ def _folder(tmp_path: Path, table: pa.Table, cuts: list[int]) -> str:
 
 
 def _shards(out: Path, plan: dict) -> list[pa.Table]:
-    return [pq.read_table(out / keys.shard_plan_key(plan["run_id"], s["index"])) for s in plan["shards"]]  # fmt: skip
+    return [read_shard_plan(LocalStore(out), plan["run_id"], s["index"]) for s in plan["shards"]]
 
 
 def test_batches_give_the_plan_one_batch_gives(tmp_path: Path) -> None:
@@ -191,3 +196,68 @@ def test_validate_cli_counts_every_problem_and_lists_the_first(tmp_path: Path, c
     good = _folder(tmp_path / "good", good_table, cuts=[10])
     assert main(["validate", good, "--no-check-sources"]) == 0
     assert capsys.readouterr().out.strip().startswith(f"{good}: valid (30 rows);")
+
+
+def test_shard_plans_are_written_a_part_per_64_shards_and_each_shard_reads_its_own_rows(
+    tmp_path: Path,
+) -> None:
+    uri = _folder(tmp_path, _manifest(), cuts=[100])
+    out = tmp_path / "out"
+    plan = plan_run(uri, RunOptions(out=str(out)), run_id="r", shard_size=1, batch_rows=16)
+    n_shards = len(plan["shards"])
+    assert n_shards == 200 and keys.SHARDS_PER_PLAN_PART == 64  # four parts, the last one short
+    written = sorted(p.name for p in (out / "runs" / "r" / "shards").iterdir())
+    assert written == [f"part-{i:05d}.parquet" for i in (0, 64, 128, 192)]
+    shards = _shards(out, plan)
+    assert [t.num_rows for t in shards] == [s["edits"] for s in plan["shards"]]
+    assert sorted(pa.concat_tables(shards).column("row").to_pylist()) == list(range(200))
+    for table in shards:  # in manifest order
+        rows = table.column("row").to_pylist()
+        assert rows == sorted(rows)
+        assert b"editflow.shard_rows" not in table.schema.metadata
+    # the report finds a shard's prompts and settings in its part
+    shown = _read_plan_rows(LocalStore(out), keys.shard_plan_key("r", 70))
+    assert list(shown) == shards[70].column("edit_id").to_pylist()
+    assert next(iter(shown.values()))["source_prompt"] == shards[70]["source_prompt"][0].as_py()
+    # a shard beyond the plan is not there; a run planned with a file per shard still reads
+    with pytest.raises(NotFound):
+        read_shard_plan(LocalStore(out), "r", n_shards)
+    write_parquet(LocalStore(out), keys.shard_plan_key("old", 3), shards[5])
+    assert read_shard_plan(LocalStore(out), "old", 3).equals(shards[5])
+
+
+@pytest.mark.parametrize(
+    ("rows", "size"),
+    [(0, 64), (1000, 64), (640_000, 64), (640_001, 65), (1_000_001, 101), (10_000_000, 1000)],
+)
+def test_the_automatic_shard_size_keeps_a_run_to_about_10k_shards(rows: int, size: int) -> None:
+    assert auto_shard_size(rows) == size
+
+
+def test_a_plan_without_a_shard_size_picks_one_for_the_manifest_and_records_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(planning, "MIN_AUTO_SHARD_SIZE", 2)
+    monkeypatch.setattr(planning, "MAX_AUTO_SHARDS", 10)  # 200 rows: 20 per shard
+    uri = _folder(tmp_path, _manifest(), cuts=[100])
+    auto = plan_run(uri, RunOptions(out=str(tmp_path / "a")), run_id="r", batch_rows=64)
+    assert auto["shard_size"] == 20 and auto["options"]["shard_size"] is None
+    assert 10 <= len(auto["shards"]) <= 12 and max(s["edits"] for s in auto["shards"]) == 20
+    on_disk = json.loads((tmp_path / "a" / keys.plan_key("r")).read_text())
+    assert on_disk["shard_size"] == 20
+    # the user's size wins, in the options or given to plan_run
+    given = plan_run(uri, RunOptions(out=str(tmp_path / "b"), shard_size=5), run_id="r")
+    assert given["shard_size"] == 5 and max(s["edits"] for s in given["shards"]) == 5
+    assert plan_run(uri, RunOptions(out=str(tmp_path / "c")), run_id="r", shard_size=7)["shard_size"] == 7  # fmt: skip
+    with pytest.raises(ValueError, match="shard_size"):
+        RunOptions(out=str(tmp_path), shard_size=0)
+
+
+def test_the_cli_leaves_the_shard_size_to_planning_unless_given() -> None:
+    from flows.cli import _run_options, build_parser
+
+    def parse(*extra: str) -> RunOptions:
+        return _run_options(build_parser().parse_args(["run", "m.parquet", "--out", "o", *extra]))
+
+    assert parse().shard_size is None
+    assert parse("--shard-size", "7").shard_size == 7
