@@ -1,15 +1,21 @@
-"""The results table of a run: one row per edit with its status, outputs, cost, and passthrough columns."""
+"""The results table of a run: one row per edit with its status, outputs, cost, edit QA and passthrough
+columns; the edits its QA gate flagged (:func:`needs_review`) and the manifest that re-edits them
+(:func:`review_manifest`, for ``editflow rerun RUN --needs-review``)."""
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from manifests.schema import NORMALIZED_SCHEMA
+from storage import keys
+from storage.base import ObjectStore
+from storage.writer import read_parquet, write_parquet
 
 STATUSES = ("succeeded", "failed", "skipped")
 QA_COLUMNS = ("qa_text", "qa")  # the edit-QA columns (see needs_review)
@@ -77,3 +83,67 @@ def needs_review(results: pa.Table) -> list[dict[str, Any]]:
     rows = flagged.select([c for c in wanted if c in flagged.column_names]).to_pylist()
     rows.sort(key=lambda r: (_worst_first(r.get("qa_text")), r.get("row") or 0))
     return rows
+
+
+# ----------------------------------------------------------------------------- rerun --needs-review
+
+REVIEW_OF = "rerun_of"  # the review run's passthrough column: the edit id each edit re-edits
+
+
+def review_run_id(run_id: str, settings: Mapping[str, Any]) -> str:
+    """The run that re-edits `run_id`'s flagged edits with `settings`: the same command finds it again."""
+    return keys.check_id(f"{run_id}-review-{keys.digest(dict(settings), length=8)}", what="run_id")
+
+
+def review_manifest(
+    store: ObjectStore, run_id: str, plan: Mapping[str, Any], settings: Mapping[str, Any]
+) -> pa.Table:
+    """A manifest of the edits of `run_id` its QA gate flagged, worst first, each as planned (its
+    passthrough columns kept) with `settings` over its own settings, a new edit id (its own plus
+    ``-`` and 8 hex digits of `settings`) and its original id in ``rerun_of``. One pass over the shards:
+    each results file, and the plan of a shard that has flagged edits."""
+    suffix = keys.digest(dict(settings), length=8)
+    order: dict[str, tuple[float, int]] = {}
+    tables = []
+    for shard in plan.get("shards", []):
+        res_key = keys.shard_results_key(run_id, shard["index"])
+        if not store.exists(res_key):
+            continue
+        flagged = needs_review(read_parquet(store, res_key))
+        if not flagged:
+            continue
+        order |= {
+            r["edit_id"]: (_worst_first(r.get("qa_text")), r.get("row") or 0) for r in flagged
+        }
+        table = read_parquet(store, keys.shard_plan_key(run_id, shard["index"]))
+        ids = pa.array([r["edit_id"] for r in flagged], pa.string())
+        tables.append(table.filter(pc.is_in(table.column("edit_id"), ids)))
+    if not tables:
+        return pa.table({})
+    rows = pa.concat_tables(tables, promote_options="permissive").to_pylist()
+    rows.sort(key=lambda r: order[r["edit_id"]])
+    for r in rows:
+        del r["row"]  # the review run numbers its own rows
+        r[REVIEW_OF] = r["edit_id"]
+        r["edit_id"] = f"{r['edit_id']}-{suffix}"
+        r["settings"] = json.dumps(
+            {**json.loads(r["settings"] or "{}"), **settings}, sort_keys=True
+        )
+    return pa.Table.from_pylist(rows)
+
+
+def write_review_manifest(
+    store: ObjectStore, run_id: str, plan: Mapping[str, Any], settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Write :func:`review_manifest` as the manifest of run :func:`review_run_id` (unless that run is
+    already planned: then it is finished instead); ``{"run_id", "manifest", "edits", "planned"}``."""
+    review = review_run_id(run_id, settings)
+    planned = store.exists(keys.plan_key(review))
+    key = keys.run_manifest_key(review)
+    edits = 0
+    if not planned:
+        table = review_manifest(store, run_id, plan, settings)
+        edits = table.num_rows
+        if edits:
+            write_parquet(store, key, table)
+    return {"run_id": review, "manifest": store.uri(key), "edits": edits, "planned": planned}
