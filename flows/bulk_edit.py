@@ -11,6 +11,7 @@ deployments store parameters as JSON).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -257,9 +258,14 @@ def rerun_needs_review(
         return edit(
             review["manifest"], options, run_id=review["run_id"], gpu_resources=gpu_resources
         )
-    except ManifestError:  # e.g. a setting a flagged edit's method does not take: nothing is left
-        discard_restyle_manifest_task(options, review["run_id"])
-        raise
+    except ManifestError as exc:  # e.g. a setting a flagged edit's method does not take
+        discard_restyle_manifest_task(options, review["run_id"])  # nothing is left
+        originals = review["originals"]
+        raise ManifestError([
+            dataclasses.replace(p, reason=f"{p.reason} (edit {originals[p.row]} of run {run_id})")
+            if p.row is not None and p.row < len(originals) else p
+            for p in exc.problems
+        ]) from None  # fmt: skip
 
 
 @flow(name="restyle", log_prints=False, task_runner=_DEFAULT_RUNNER)

@@ -846,6 +846,7 @@ def _rerun_needs_review(args: argparse.Namespace, options) -> int:
         print(f"run {args.run_id}: no edit needs review; nothing to rerun")
         return 0
     settings = json.loads(args.settings)
+    args.manifest = f"the needs-review manifest of run {args.run_id} with settings {args.settings}"
     return _execute(
         args,
         lambda runner, gpu: rerun_needs_review.with_options(task_runner=runner)(

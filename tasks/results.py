@@ -136,14 +136,16 @@ def write_review_manifest(
     store: ObjectStore, run_id: str, plan: Mapping[str, Any], settings: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Write :func:`review_manifest` as the manifest of run :func:`review_run_id` (unless that run is
-    already planned: then it is finished instead); ``{"run_id", "manifest", "edits", "planned"}``."""
+    already planned: then it is finished instead); ``{"run_id", "manifest", "edits", "planned",
+    "originals"}`` (`originals`: the edit id each manifest row re-edits)."""
     review = review_run_id(run_id, settings)
     planned = store.exists(keys.plan_key(review))
     key = keys.run_manifest_key(review)
-    edits = 0
+    originals: list[str] = []
     if not planned:
         table = review_manifest(store, run_id, plan, settings)
-        edits = table.num_rows
-        if edits:
+        if table.num_rows:
+            originals = table.column(REVIEW_OF).to_pylist()
             write_parquet(store, key, table)
-    return {"run_id": review, "manifest": store.uri(key), "edits": edits, "planned": planned}
+    return {"run_id": review, "manifest": store.uri(key), "edits": len(originals),
+            "planned": planned, "originals": originals}  # fmt: skip

@@ -1,7 +1,8 @@
 """Edit QA through the flows: `editflow run --qa`, the summary's needs-review count, `editflow show`, and
 `editflow rerun RUN --needs-review --settings JSON` re-editing only the flagged edits as a new run (new
 edit ids, the originals kept), on a local folder (CLI) and on S3 (moto, the flow). The tiny random model
-judges arbitrarily, so the gates here flag everything (text>=100) or nothing (off)."""
+judges arbitrarily, so the gates here flag everything (text>=100); --qa off is tested on the shard
+(tests/tasks/test_qa_shard.py)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def test_flagged_edits_are_shown_and_rerun_as_a_new_run_on_local_output(
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.Table.from_pylist(rows), manifest)
     out = tmp_path / "out"
-    args = run_args(manifest, out, flow_model, shard_size=2, run_id="q1")
+    args = run_args(manifest, out, flow_model, shard_size=3, run_id="q1")
     assert main([*args, "--qa", "text >= 100"]) == 0  # flagged edits still succeed: exit 0
     text = capsys.readouterr().out
     assert "run q1: 3 succeeded, 0 failed" in text
@@ -69,15 +70,23 @@ def test_flagged_edits_are_shown_and_rerun_as_a_new_run_on_local_output(
     assert main(["rerun", "q1", "--out", str(out), "--model", flow_model, "--needs-review",
                  "--settings", json.dumps(SETTINGS)]) == 0  # fmt: skip
     assert f"run {review}: 3 succeeded, 0 failed" in capsys.readouterr().out
+    # a setting the flagged edits' method does not take: each refused row names its edit; nothing runs
+    bad = json.dumps({"cross_replace_steps": 0.5})  # a P2P setting; these edits are PnP
+    assert main(["rerun", "q1", "--out", str(out), "--model", flow_model, "--needs-review",
+                 "--settings", bad]) == 2  # fmt: skip
+    text = capsys.readouterr().out
+    assert "unknown pnp setting(s) ['cross_replace_steps']" in text
+    assert f"the needs-review manifest of run q1 with settings {bad}: INVALID" in text
+    assert "nothing was run" in text
+    assert all(f"(edit {e} of run q1)" in text for e in originals)
+    assert not (out / "runs" / review_run_id("q1", json.loads(bad))).exists()
     with pytest.raises(SystemExit) as exited:  # an argument error (exit 2 as the program)
         main(["rerun", "q1", "--out", str(out), "--settings", "{}"])
     assert exited.value.code == 2
     assert "--needs-review and --settings JSON go together" in capsys.readouterr().err
 
 
-def test_rerun_of_flagged_edits_on_s3_and_qa_off(
-    prefect_server, s3_server, s3_client, s3_bucket, flow_model, capsys
-):
+def test_rerun_of_flagged_edits_on_s3(prefect_server, s3_server, s3_client, s3_bucket, flow_model):
     images = [f"{s3_bucket}/images/scene-{i}.png" for i in range(2)]
     for i, uri in enumerate(images):
         put(s3_client, uri, scene_png(i))
@@ -93,12 +102,3 @@ def test_rerun_of_flagged_edits_on_s3_and_qa_off(
     results = read_run_results(options, summary["run_id"]).to_pylist()
     originals = read_run_results(options, flagged["run_id"]).column("edit_id").to_pylist()
     assert sorted(r[REVIEW_OF] for r in results) == sorted(originals)
-    # --qa off: nothing judged; the CLI finds nothing to rerun (another output root: the finished
-    # edits above would be skipped, not judged again)
-    off_options = RunOptions(**{**options.to_dict(), "out": f"{s3_bucket}/off", "qa": "off"})
-    off = bulk_edit(manifest, off_options, run_id="off1")
-    assert off["needs_review"] == 0 and off["qa"] == {"gate": "off", "unet_evals": 0}
-    assert read_run_results(off_options, "off1").column("qa_text").to_pylist() == [None, None]
-    assert main(["rerun", f"{s3_bucket}/off/runs/off1", "--s3-endpoint", s3_server, "--model", flow_model,
-                 "--needs-review", "--settings", json.dumps(SETTINGS)]) == 0  # fmt: skip
-    assert "run off1: no edit needs review; nothing to rerun" in capsys.readouterr().out

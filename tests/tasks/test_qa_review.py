@@ -120,6 +120,7 @@ def test_the_review_manifest_holds_only_the_flagged_edits_with_new_ids(make_run,
         "manifest": run.out.uri(keys.run_manifest_key(review)),
         "edits": 4,
         "planned": False,
+        "originals": [by_row[i].edit_id for i in WORST_FIRST],
     }
     write_json(run.out, keys.plan_key(review), {"run_id": review})
     assert write_review_manifest(run.out, run.run_id, run.plan, settings)["planned"] is True
@@ -128,7 +129,7 @@ def test_the_review_manifest_holds_only_the_flagged_edits_with_new_ids(make_run,
 
 
 @pytest.mark.parametrize("root", ["local"], indirect=True)
-def test_a_run_without_flagged_edits_has_an_empty_review_manifest(make_run, root):
+def test_a_run_without_flagged_edits_has_nothing_to_rerun(make_run, root, model_dir, capsys):
     run = make_run(root, [row("img:1")])
     table = run.shard().table
     r = {"edit_id": table.column("edit_id")[0].as_py(), "status": "succeeded", "qa_text": 0.4}
@@ -136,3 +137,9 @@ def test_a_run_without_flagged_edits_has_an_empty_review_manifest(make_run, root
     assert review_manifest(run.out, run.run_id, run.plan, {"attn_t": 0.8}).num_rows == 0
     assert write_review_manifest(run.out, run.run_id, run.plan, {"attn_t": 0.8})["edits"] == 0
     assert not run.out.exists(keys.run_manifest_key(review_run_id(run.run_id, {"attn_t": 0.8})))
+    # the CLI says so before starting any flow
+    from flows.cli import main
+
+    args = ["rerun", run.run_id, "--out", run.options.out, "--model", model_dir, "--needs-review"]
+    assert main([*args, "--settings", '{"attn_t": 0.8}']) == 0
+    assert f"run {run.run_id}: no edit needs review; nothing to rerun" in capsys.readouterr().out
