@@ -299,8 +299,7 @@ def _review_lines(info: dict[str, Any], limit: int) -> list[str]:
     gate = ((info.get("summary") or {}).get("qa") or {}).get("gate")
     shown = review if limit <= 0 else review[:limit]
     lines = [f"needs review ({len(review)}, worst first{f'; gate {gate}' if gate else ''}):"]
-    lines += [f"  row {r.get('row')}  edit {r['edit_id']}  {_margin(r.get('qa_text'))}  {r['qa']}"
-              for r in shown]  # fmt: skip
+    lines += [f"  row {r.get('row')}  edit {r['edit_id']}  {r['qa']}" for r in shown]
     if len(shown) < len(review):
         lines.append(f"  ... {len(review) - len(shown)} more (--limit 0 lists all)")
     run = f"{info['out'].rstrip('/')}/runs/{info['run_id']}"

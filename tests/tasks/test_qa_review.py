@@ -66,8 +66,9 @@ def test_flagged_edits_are_listed_worst_first(make_run, root):
     listed = text.split("needs review (4")[1]  # after the failures (row 3)
     lines = [ln for ln in listed.splitlines() if ln.startswith("  row ")]
     assert [int(ln.split()[1]) for ln in lines] == WORST_FIRST[:3]
-    assert "text 0.050  text 0.0500 fails text>=0.137" in text
-    assert "not judged  not judged: RuntimeError: boom" in text
+    row4 = next(r for r in run.shard(0).rows + run.shard(1).rows if r.row == 4)
+    assert f"row 4  edit {row4.edit_id}  text 0.0500 fails text>=0.137" in text
+    assert "  not judged: RuntimeError: boom" in text
     assert "... 1 more (--limit 0 lists all)" in text
     assert (
         f"editflow rerun {run.out.uri()}/runs/{run.run_id} --needs-review --settings JSON" in text
