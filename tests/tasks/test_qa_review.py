@@ -144,3 +144,19 @@ def test_a_run_without_flagged_edits_has_nothing_to_rerun(make_run, root, model_
     args = ["rerun", run.run_id, "--out", run.options.out, "--model", model_dir, "--needs-review"]
     assert main([*args, "--settings", '{"attn_t": 0.8}']) == 0
     assert f"run {run.run_id}: no edit needs review; nothing to rerun" in capsys.readouterr().out
+
+
+def test_a_manifest_may_not_name_a_column_after_the_qa_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from manifests.stream import scan_manifest
+
+    row = {"image_uri": "x.png", "source_prompt": "a red circle", "target_prompt": "a blue circle"}
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist([row | {"qa": "mine", "qa_text": 1.0}]), path)
+    problems = [str(p) for p in scan_manifest(str(path)).problems]
+    for name in ("qa", "qa_text"):
+        assert (
+            f"column {name!r}: column name is reserved for the results table; rename it" in problems
+        )
