@@ -489,8 +489,16 @@ def edit_sources(
 
 # ---------------------------------------------------------------- 4b. edit QA
 
-# The judge's settings in every run: editing.judge's measured defaults (4 UNet evaluations per edit)
+# The judge's settings in every run: editing.judge's measured defaults (4 UNet evaluations per edit);
+# its UNet rows per call are capped by the run's max_batch (see judge_config)
 JUDGE = JudgeConfig()
+
+
+def judge_config(options: RunOptions) -> JudgeConfig:
+    """:data:`JUDGE` with at most as many UNet rows (and VAE images) per call as the run's own edit
+    chunks can have (2 x max_batch target rows + a source row per image), so that a max_batch chosen to
+    fit the device fits the judge too."""
+    return replace(JUDGE, max_batch=3 * options.max_batch)
 
 
 @dataclass(frozen=True)
@@ -502,6 +510,7 @@ class EditQA:
     text: float | None
     reasons: tuple[str, ...]
     gate: str  # the gate's spec
+    judge: dict[str, Any]  # the judge's settings (JudgeConfig.to_settings())
     unet_evals: int = 0
 
     def columns(self) -> dict[str, Any]:
@@ -512,7 +521,7 @@ class EditQA:
         """The sidecar's ``qa`` item (JSON: a NaN margin is written as null, its reason says why)."""
         text = self.text if self.text is not None and math.isfinite(self.text) else None
         return {"text": text, "needs_review": bool(self.reasons), "reasons": list(self.reasons),
-                "gate": self.gate, "judge": JUDGE.to_settings(), "unet_evals": self.unet_evals}  # fmt: skip
+                "gate": self.gate, "judge": self.judge, "unet_evals": self.unet_evals}  # fmt: skip
 
 
 def judge_results(
@@ -528,17 +537,21 @@ def judge_results(
             if isinstance(res, EditResult)]  # fmt: skip
     if not gate.enabled or not done:
         return {}
+    config = judge_config(options)
     try:
         scores = judge_edits(
             model, [res.image for _, res in done], [row.source_prompt for row, _ in done],
-            [row.target_prompt for row, _ in done], JUDGE, size_policy=options.size_policy,
+            [row.target_prompt for row, _ in done], config, size_policy=options.size_policy,
         )  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - QA never fails an edit; the edits stand, flagged
         logger.warning("edit QA failed on %d edits: %s: %s", len(done), type(exc).__name__, exc)
         reason = f"not judged: {type(exc).__name__}: {exc}"
-        return {row.edit_id: EditQA(None, (reason,), gate.spec) for row, _ in done}
+        return {row.edit_id: EditQA(None, (reason,), gate.spec, config.to_settings())
+                for row, _ in done}  # fmt: skip
     return {
-        row.edit_id: EditQA(sc.text, tuple(gate.check(sc)), gate.spec, sc.unet_evals)
+        row.edit_id: EditQA(
+            sc.text, tuple(gate.check(sc)), gate.spec, config.to_settings(), sc.unet_evals
+        )
         for (row, _), sc in zip(done, scores)
     }
 

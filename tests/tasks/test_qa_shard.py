@@ -33,8 +33,10 @@ def test_scores_and_gate_reach_the_results_and_sidecars(make_run, root, monkeypa
     run = make_run(root, ROWS, qa="text>=100")
     calls = spy(monkeypatch, "judge_edits")
     stats = run_shard(run.options, run.run_id, 0)
-    # one judge call for the shard's three edits (its UNet rows batch across them)
+    # one judge call for the shard's three edits (its UNet rows batch across them), with no more rows
+    # per UNet call than the run's edit chunks have
     assert len(calls) == 1 and len(calls[0][0][1]) == 3
+    assert calls[0][0][4].max_batch == 3 * run.options.max_batch == 24
     assert (stats["succeeded"], stats["failed"], stats["needs_review"]) == (3, 1, 3)
     assert stats["qa_unet_evals"] == 3 * shard_mod.JUDGE.unet_evals() == 12
     assert stats["seconds"]["qa"] > 0
@@ -50,7 +52,7 @@ def test_scores_and_gate_reach_the_results_and_sidecars(make_run, root, monkeypa
         assert side["text"] == pytest.approx(res["qa_text"])
         assert side["needs_review"] is True and side["reasons"] == [res["qa"]]
         assert side["gate"] == "text>=100" and side["unet_evals"] == 4
-        assert side["judge"] == {"timesteps": [750, 950], "seeds": [0], "max_batch": 64}
+        assert side["judge"] == {"timesteps": [750, 950], "seeds": [0], "max_batch": 24}
 
 
 @pytest.mark.parametrize("root", ["local"], indirect=True)
