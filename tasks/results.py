@@ -18,7 +18,6 @@ from storage.base import ObjectStore
 from storage.writer import read_parquet, write_parquet
 
 STATUSES = ("succeeded", "failed", "skipped")
-QA_COLUMNS = ("qa_text", "qa")  # the edit-QA columns (see needs_review)
 
 RESULT_FIELDS = [
     pa.field("edit_id", pa.string(), nullable=False),

@@ -93,7 +93,7 @@ class ShardStats:
     unet_evals: float = 0.0
     # the edit-QA judge's UNet evaluations (not in unet_evals, which is the edits' own cost)
     qa_unet_evals: int = 0
-    needs_review: int = 0  # edits judged here that the run's QA gate flagged
+    needs_review: int = 0  # the shard's succeeded edits its QA gate flagged (earlier attempts' too)
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def to_dict(self) -> dict[str, Any]:
