@@ -102,3 +102,15 @@ def test_rerun_of_flagged_edits_on_s3(prefect_server, s3_server, s3_client, s3_b
     results = read_run_results(options, summary["run_id"]).to_pylist()
     originals = read_run_results(options, flagged["run_id"]).column("edit_id").to_pylist()
     assert sorted(r[REVIEW_OF] for r in results) == sorted(originals)
+
+
+def test_qa_flag_is_checked_as_an_argument(capsys):
+    from flows.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["run", "m.parquet", "--out", "o", "--qa", "OFF"]).qa == "off"
+    assert parser.parse_args(["restyle", "c.csv", "--style", "s", "--out", "o"]).qa is None
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["run", "m.parquet", "--out", "o", "--qa", "txt>=1"])
+    assert exited.value.code == 2
+    assert "unknown metric 'txt'; known: text" in capsys.readouterr().err
