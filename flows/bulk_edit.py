@@ -11,6 +11,7 @@ deployments store parameters as JSON).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -39,6 +40,7 @@ from tasks.units import (
     read_plan_task,
     report_task,
     restyle_manifest_task,
+    review_manifest_task,
     shard_task,
     shards_to_rerun_task,
     write_summary_task,
@@ -231,6 +233,39 @@ def rerun(run_id: str, options: RunOptions, gpu_resources: bool = False) -> dict
     shards = [s for s in plan["shards"] if s["index"] in todo]
     _notify({"planned": {"shards": len(shards), "pending": sum(s["edits"] for s in shards)}})
     return _edit_and_summarise(options, run_id, plan, shards, gpu_resources, t0)
+
+
+@flow(name="bulk-edit-review", log_prints=False, task_runner=_DEFAULT_RUNNER)
+def rerun_needs_review(
+    run_id: str, settings: dict[str, Any], options: RunOptions, gpu_resources: bool = False
+) -> dict[str, Any]:
+    """Re-edit the edits of run `run_id` that its QA gate flagged, with `settings` over each edit's own,
+    as a new run under the same output root (new edit ids: the original's plus a settings hash; the
+    originals kept): :func:`bulk_edit` of :func:`tasks.results.review_manifest` as a subflow, or, when
+    the same command planned it before, :func:`rerun` of that run. Options as for :func:`rerun`."""
+    plan = read_plan_task(options, run_id)
+    options = trusted_options(plan, options, run_id=run_id)
+    review = review_manifest_task(options, run_id, plan, settings)
+    runner = _current_task_runner() or _DEFAULT_RUNNER
+    if review["planned"]:
+        return rerun.with_options(task_runner=runner)(review["run_id"], options, gpu_resources)
+    if not review["edits"]:
+        raise ValueError(
+            f"run {run_id}: no edit needs review (QA gate {options.qa}); nothing to rerun"
+        )
+    edit = bulk_edit.with_options(task_runner=runner)
+    try:
+        return edit(
+            review["manifest"], options, run_id=review["run_id"], gpu_resources=gpu_resources
+        )
+    except ManifestError as exc:  # e.g. a setting a flagged edit's method does not take
+        discard_restyle_manifest_task(options, review["run_id"])  # nothing is left
+        originals = review["originals"]
+        raise ManifestError([
+            dataclasses.replace(p, reason=f"{p.reason} (edit {originals[p.row]} of run {run_id})")
+            if p.row is not None and p.row < len(originals) else p
+            for p in exc.problems
+        ]) from None  # fmt: skip
 
 
 @flow(name="restyle", log_prints=False, task_runner=_DEFAULT_RUNNER)

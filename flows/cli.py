@@ -94,6 +94,27 @@ def _settings_json(text: str) -> str:
     return text
 
 
+def _qa_spec(text: str) -> str:
+    """--qa: a gate spec editing.judge.parse_gate reads ('text>=0.1', rules joined by ',', or 'off')."""
+    from editing.judge import parse_gate
+
+    try:
+        return parse_gate(text).spec
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _qa_args(p: argparse.ArgumentParser) -> None:
+    """--qa: the edit-QA review gate (README: Edit QA)."""
+    from editing.judge import DEFAULT_GATE
+
+    p.add_argument(
+        "--qa", type=_qa_spec, default=None, metavar="GATE",
+        help=f"edit-QA review gate: flag edits whose judge score fails it, e.g. 'text>=0.1'; 'off' = no "
+        f"judging (default {DEFAULT_GATE!r})",
+    )  # fmt: skip
+
+
 # The options' flags: each dest is the name of a RunOptions field (the CLI builds one from them).
 def _location_args(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
     p.add_argument(
@@ -244,6 +265,7 @@ def _add_run(sub) -> None:
     r = sub.add_parser("run", help="validate and run a manifest")
     r.add_argument("manifest")
     _edit_args(r)
+    _qa_args(r)
 
 
 def _add_rerun(sub) -> None:
@@ -255,6 +277,15 @@ def _add_rerun(sub) -> None:
     _runner_args(rr)
     _trusted_args(rr, rerun=True)
     _pickle_arg(rr)
+    rr.add_argument(
+        "--needs-review", action="store_true",
+        help="instead: re-edit the edits the run's QA gate flagged, with --settings, as a new run "
+        "(new edit ids: the original's plus a settings hash; the originals kept)",
+    )  # fmt: skip
+    rr.add_argument(
+        "--settings", type=_settings_json, default=None,
+        help="with --needs-review: settings over each flagged edit's own, a JSON object (e.g. '{\"attn_t\": 0.8}')",
+    )  # fmt: skip
 
 
 def _add_restyle(sub) -> None:
@@ -282,6 +313,7 @@ def _add_restyle(sub) -> None:
     rs.add_argument("--image-column", default=spec["image_column"])
     rs.add_argument("--caption-column", default=spec["caption_column"])
     _edit_args(rs)
+    _qa_args(rs)
 
 
 def _add_show(sub) -> None:
@@ -306,6 +338,7 @@ def _add_serve(sub) -> None:
     sv.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *"')
     sv.add_argument("--name", default="editflow-bulk-edit")
     _edit_args(sv)
+    _qa_args(sv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,6 +442,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
         print(
             f"report: {summary['report_uri']} (and `editflow show {summary['run_id']} --out {summary['out']}`)"
         )
+    if summary.get("needs_review"):  # edit QA: the show command lists them, worst first
+        print(f"needs review: {summary['needs_review']} succeeded edit(s) (QA gate {summary['qa']['gate']}); "
+              f"`editflow rerun {summary['run_id']} --out {summary['out']} --needs-review --settings JSON` re-edits them")  # fmt: skip
     for s in summary.get("failed_shards", []):
         print(f"failed {s}")
     rows = summary.get("failed_rows", [])
@@ -803,10 +839,36 @@ def _rerun(args: argparse.Namespace) -> int:
     from flows.bulk_edit import rerun
 
     options = _run_options(args)
+    if args.needs_review:
+        return _rerun_needs_review(args, options)
     return _execute(
         args,
         lambda runner, gpu: rerun.with_options(task_runner=runner)(
             args.run_id, options, gpu_resources=gpu
+        ),
+    )
+
+
+def _rerun_needs_review(args: argparse.Namespace, options) -> int:
+    """`editflow rerun RUN --needs-review --settings JSON`: the flagged edits re-edited as a new run."""
+    from flows.bulk_edit import rerun_needs_review
+    from storage.base import NotFound
+    from storage.uri import open_store
+    from tasks.report import run_overview
+
+    try:
+        flagged = run_overview(open_store(args.out, s3_endpoint=args.s3_endpoint), args.run_id)
+    except NotFound:  # no such run: the preflight says so
+        flagged = {"needs_review": True}
+    if not flagged["needs_review"]:
+        print(f"run {args.run_id}: no edit needs review; nothing to rerun")
+        return 0
+    settings = json.loads(args.settings)
+    args.manifest = f"the needs-review manifest of run {args.run_id} with settings {args.settings}"
+    return _execute(
+        args,
+        lambda runner, gpu: rerun_needs_review.with_options(task_runner=runner)(
+            args.run_id, settings, options, gpu_resources=gpu
         ),
     )
 
@@ -895,6 +957,8 @@ def _main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("rerun", "show"):
         _resolve_run(parser, args)
+    if args.command == "rerun" and (args.settings is None) == args.needs_review:
+        parser.error("rerun: --needs-review and --settings JSON go together")
     _check_locations(parser, args)
     if args.command == "show":
         return _show(args)

@@ -60,6 +60,8 @@ RESERVED_COLUMNS: tuple[str, ...] = (
     "cache_hit",
     "unet_evals",
     "seconds",
+    "qa_text",  # edit QA (tasks.results)
+    "qa",
 )
 
 METHODS: tuple[str, ...] = tuple(METHOD_CONFIGS)  # ("pnp", "p2p")

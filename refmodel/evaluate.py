@@ -647,9 +647,21 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="with --gate: re-analyse the judged edits saved in this folder (gate_*.npz) instead",
     )
+    p.add_argument(
+        "--judge-seconds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: time the edit-QA judge with its default settings on N rendered edits",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
+    if args.judge_seconds:
+        seconds = judge_seconds(load_model(args.model), JudgeConfig(), n=args.judge_seconds)
+        print(f"judge, default settings ({JudgeConfig().unet_evals()} UNet evaluations per edit): "
+              f"{seconds * 1000:.0f} ms per edit on {torch.get_num_threads()} CPU thread(s)")  # fmt: skip
+        return None
     if args.gate:
         return _main_gate(args)
     model = load_model(args.model)

@@ -67,8 +67,12 @@ class RunOptions:
     threads: int | None = (
         None  # CPU intra-op threads per worker process; None = the policy (tasks.worker.apply_thread_policy)
     )
+    # the edit-QA review gate (editing.judge.parse_gate): "text>=X" (rules joined by ","), or "off" (no
+    # judging at all, no cost); None = editing.judge.DEFAULT_GATE. Kept as the gate's canonical spec.
+    qa: str | None = None
 
     def __post_init__(self) -> None:
+        from editing.judge import DEFAULT_GATE, parse_gate
         from editing.model import SIZE_POLICIES  # here, not at import: editing.model imports torch
         from editing.model_forms import parse_lora
 
@@ -111,6 +115,9 @@ class RunOptions:
             not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
         ):
             raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
+        # a bad spec: a ValueError that quotes it and says what a spec looks like
+        gate = parse_gate(DEFAULT_GATE if self.qa is None else self.qa)
+        object.__setattr__(self, "qa", gate.spec)
         if self.dtype not in _ACCEPTED_DTYPES:
             raise ValueError(
                 f"dtype must be float16, bfloat16, float32 or float64, got {self.dtype!r}"

@@ -37,6 +37,7 @@ from storage.uri import open_store, read_uri, split_uri
 from storage.writer import png_bytes, read_json, read_parquet, write_json
 from tasks.errors import RunDamaged
 from tasks.planning import read_shard_plan
+from tasks.results import needs_review
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ def run_overview(store: ObjectStore, run_id: str) -> dict[str, Any]:
             0, plan.get("rows", 0) - run.results.num_rows
         ),  # rows without a result yet
         "failures": failures(run.results),
+        "needs_review": needs_review(run.results),
         "summary": summary,
     }
     report = keys.report_key(run_id)
@@ -278,6 +280,7 @@ def format_overview(info: dict[str, Any], *, limit: int = 50) -> str:
         lines.extend(f"  row {f['row']}  edit {f['edit_id']}  {f['reason']}" for f in shown)
         if len(shown) < len(fails):
             lines.append(f"  ... {len(fails) - len(shown)} more (--limit 0 lists all)")
+    lines.extend(_review_lines(info, limit))
     lines.append(
         f"report: {info['report_uri']}"
         if info.get("report_uri")
@@ -288,6 +291,29 @@ def format_overview(info: dict[str, Any], *, limit: int = 50) -> str:
             f"finish it with: editflow rerun {info['out'].rstrip('/')}/runs/{info['run_id']}"
         )
     return "\n".join(lines)
+
+
+def _review_lines(info: dict[str, Any], limit: int) -> list[str]:
+    """``editflow show``'s needs-review list: the succeeded edits the QA gate flagged, worst first."""
+    review = info.get("needs_review") or []
+    if not review:
+        return []
+    gate = ((info.get("summary") or {}).get("qa") or {}).get("gate")
+    shown = review if limit <= 0 else review[:limit]
+    lines = [f"needs review ({len(review)}, worst first{f'; gate {gate}' if gate else ''}):"]
+    lines += [f"  row {r.get('row')}  edit {r['edit_id']}  {r['qa']}" for r in shown]
+    if len(shown) < len(review):
+        lines.append(f"  ... {len(review) - len(shown)} more (--limit 0 lists all)")
+    run = f"{info['out'].rstrip('/')}/runs/{info['run_id']}"
+    lines.append(
+        f"re-edit them with other settings: editflow rerun {run} --needs-review --settings JSON"
+    )
+    return lines
+
+
+def _margin(value: float | None) -> str:
+    """A qa_text margin as shown: ``text 0.123``, or why there is none."""
+    return "not judged" if value is None else f"text {value:.3f}"
 
 
 def _per_hour(edits: int, seconds: float) -> str:
@@ -382,6 +408,13 @@ class _Edit:
     seconds: float | None
     settings: dict[str, Any] = field(default_factory=dict)
     image: Image.Image | None = None
+    qa_text: float | None = None  # the edit-QA margin (None: not judged)
+    qa: str | None = None  # why the QA gate flags it (None: it passes)
+
+    @property
+    def label(self) -> str:
+        """Its status as shown: a flagged succeeded edit "needs review"."""
+        return "needs review" if self.qa and self.status == "succeeded" else self.status
 
 
 @dataclass
@@ -467,6 +500,7 @@ def _gather(
             status=r["status"], error=r.get("error"), output_uri=r.get("output_uri") or side.get("output_uri"),
             unet_evals=r.get("unet_evals") if r.get("unet_evals") is not None else side.get("unet_evals"),
             seconds=r.get("seconds") if r.get("seconds") is not None else side.get("seconds"), settings=diff,
+            qa_text=r.get("qa_text"), qa=r.get("qa"),
         )  # fmt: skip
         key = (r["image_uri"], src_prompt)
         if key not in groups:
@@ -574,6 +608,8 @@ def totals(summary: dict[str, Any] | None, run: RunFiles) -> dict[str, Any]:
         | {k: v for k, v in secs.items() if k not in _STAGES},
         "edits_per_hour": counts.get("succeeded", 0) / wall * 3600 if wall > 0 else None,
         "failed_shards": list(s.get("failed_shards") or []),
+        "needs_review": s.get("needs_review", len(needs_review(run.results))),
+        "qa_gate": (s.get("qa") or {}).get("gate"),
     }
 
 
@@ -582,6 +618,9 @@ def _totals_rows(t: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [("edits", str(t["rows"]))] + [
         (k, str(c.get(k, 0))) for k in ("succeeded", "failed", "skipped")
     ]
+    if t.get("needs_review") is not None:
+        gate = f" (gate {t['qa_gate']})" if t.get("qa_gate") else ""
+        rows.append((f"needs review{gate}", str(t["needs_review"])))
     if t["inversions_computed"] is not None:
         rows.append(
             (
@@ -613,6 +652,7 @@ image-rendering:pixelated;background:#f3f3f3;border:1px solid #ccc;display:block
 figcaption{font-size:12px;word-wrap:break-word}.src figcaption b{color:#036}
 .failed figcaption .st{color:#a00;font-weight:bold}.succeeded .st{color:#070}.skipped .st{color:#666}
 code{font-size:11px;color:#555}.note{color:#666}
+.review .st,.qa-flag{color:#b60;font-weight:bold}
 """
 
 
@@ -621,8 +661,10 @@ def _esc(value: Any) -> str:
 
 
 def render_html(run: RunFiles, t: dict[str, Any], sources: list[_Source], fails: list[dict], *, sources_total: int,
-                failures_uri: str | None, contact_sheet_name: str = CONTACT_SHEET_NAME) -> str:  # fmt: skip
-    """The report page (self-contained: styles inline, thumbnails as data: URIs)."""
+                failures_uri: str | None, contact_sheet_name: str = CONTACT_SHEET_NAME,
+                review: list[dict] | None = None) -> str:  # fmt: skip
+    """The report page (self-contained: styles inline, thumbnails as data: URIs); `review`: the edits
+    the QA gate flagged, worst first (:func:`tasks.results.needs_review`)."""
     state = "finished" if run.finished else "interrupted"
     p = [
         "<!doctype html>",
@@ -655,6 +697,7 @@ def render_html(run: RunFiles, t: dict[str, Any], sources: list[_Source], fails:
             )
     else:
         p.append("<p>none</p>")
+    p += _review_html(review or [], t.get("qa_gate"))
     shown = len({s.image_uri for s in sources})
     note = (
         f"all {sources_total}"
@@ -671,9 +714,12 @@ def render_html(run: RunFiles, t: dict[str, Any], sources: list[_Source], fails:
         )
         for e in s.edits:
             cap = [
-                f"<span class=st>{_esc(e.status)}</span> · {_esc(e.method)} · row {_esc(e.row)}",
+                f"<span class=st>{_esc(e.label)}</span> · {_esc(e.method)} · row {_esc(e.row)}",
                 _esc(e.target_prompt),
             ]
+            if e.qa_text is not None or e.qa:
+                flag = f" · <span class=qa-flag>{_esc(e.qa)}</span>" if e.qa else ""
+                cap.append(f"QA {_esc(_margin(e.qa_text))}{flag}")
             if e.settings:
                 cap.append(
                     "<code>"
@@ -685,8 +731,9 @@ def render_html(run: RunFiles, t: dict[str, Any], sources: list[_Source], fails:
             if e.error and e.status == "failed":
                 cap.append(f"<span class=st>{_esc(e.error)}</span>")
             missing = "failed" if e.status == "failed" else "image unavailable"
+            css = "succeeded review" if e.label == "needs review" else e.status
             p.append(
-                f'<figure class="{_esc(e.status)}">'
+                f'<figure class="{_esc(css)}">'
                 + _img(e.image, missing)
                 + "<figcaption>"
                 + "<br>".join(cap)
@@ -697,6 +744,27 @@ def render_html(run: RunFiles, t: dict[str, Any], sources: list[_Source], fails:
         p.append("</section>")
     p.append("</body></html>")
     return "\n".join(p)
+
+
+def _review_html(review: list[dict], gate: str | None) -> list[str]:
+    """The page's needs-review section: the succeeded edits the QA gate flagged, worst first."""
+    if not review and not gate:
+        return []
+    note = f" · gate <code>{_esc(gate)}</code>" if gate else ""
+    p = [f"<h2>Needs review ({len(review)}, worst first{note})</h2>"]
+    if not review:
+        return p + ["<p>none</p>"]
+    p.append("<table id=needs-review><tr><th>row</th><th>edit id</th><th>method</th>"
+             "<th>target prompt</th><th>QA text</th><th>why</th></tr>")  # fmt: skip
+    p += [
+        f"<tr><td>{_esc(r.get('row'))}</td><td><code>{_esc(r['edit_id'])}</code></td><td>{_esc(r.get('method', ''))}</td>"
+        f"<td>{_esc(r.get('target_prompt', ''))}</td><td>{_esc(_margin(r.get('qa_text')))}</td><td>{_esc(r['qa'])}</td></tr>"
+        for r in review[:FAILURES_IN_PAGE]
+    ]
+    p.append("</table>")
+    if len(review) > FAILURES_IN_PAGE:
+        p.append(f"<p class=note>{len(review) - FAILURES_IN_PAGE} more: the results' qa column</p>")
+    return p
 
 
 def _img(image: Image.Image | None, missing: str) -> str:
@@ -724,11 +792,11 @@ def render_contact_sheet(
         y = pad + r * (cell + cap_h + pad)
         items = [(s.image, "source: " + s.source_prompt, "#036", "unavailable")]
         for e in s.edits[:max_edits]:
-            color = "#a00" if e.status == "failed" else "#222"
+            color = {"failed": "#a00", "needs review": "#b60"}.get(e.label, "#222")
             items.append(
                 (
                     e.image,
-                    f"{e.status} · {e.method}: {e.target_prompt}",
+                    f"{e.label} · {e.method}: {e.target_prompt}",
                     color,
                     "failed" if e.status == "failed" else "unavailable",
                 )
@@ -808,8 +876,9 @@ def write_report(
     else:  # an earlier attempt's list no longer applies
         store.delete(keys.failures_key(run_id))
     page = render_html(
-        run, t, sources, fails, sources_total=sources_total, failures_uri=failures_uri
-    )
+        run, t, sources, fails, sources_total=sources_total, failures_uri=failures_uri,
+        review=needs_review(run.results),
+    )  # fmt: skip
     report_key = keys.report_key(run_id)
     store.put(report_key, page.encode("utf-8"))
     sheet_key = keys.contact_sheet_key(run_id)
@@ -851,6 +920,8 @@ def report_markdown(
     rows = [("succeeded", c.get("succeeded", 0)), ("failed", c.get("failed", 0)), ("skipped", c.get("skipped", 0)),
             ("inversions computed / from cache", f"{summary.get('inversions_computed', 0)} / {summary.get('inversion_cache_hits', 0)}"),
             ("UNet evaluations", f"{summary.get('unet_evals', 0):.0f}")]  # fmt: skip
+    if "needs_review" in summary:
+        rows.insert(1, ("needs review", summary["needs_review"]))
     rows += [
         (f"seconds: {k.replace('shards_', 'shards ')}", f"{secs[k]:.1f}")
         for k in _STAGES

@@ -32,6 +32,7 @@ from tasks.errors import RunExists, RunIncomplete, RunMismatch, RunNotFound
 from tasks.options import RestyleSpec, RunOptions
 from tasks.report import failures as report_failures
 from tasks.report import read_run_plan_json
+from tasks.results import needs_review
 from tasks.shard import read_run_results
 
 logger = logging.getLogger(__name__)
@@ -281,6 +282,9 @@ def collect_results(
         "inversion_cache_hits": _add_up(stats, "inversion_cache_hits"),
         "edit_cache_hits": cache_hits,
         "unet_evals": sum(s.get("unet_evals", 0.0) for s in stats),
+        # succeeded edits the QA gate flagged (editflow show and the report list them, worst first)
+        "needs_review": len(needs_review(results)),
+        "qa": {"gate": options.qa, "unet_evals": _add_up(stats, "qa_unet_evals")},
         "failed_shards": failed_shards,
         # the first FAILED_ROWS_SHOWN failed rows: row, edit_id, error
         "failed_rows": _failed_rows(results, FAILED_ROWS_SHOWN),

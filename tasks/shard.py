@@ -8,6 +8,7 @@ pipeline of steps, each returning what the next one needs:
    key its inversion by content, get it from the cache or compute it;
 3. :func:`prepare_edits`: per-row checks, the engine's source groups (with cached PnP features);
 4. :func:`edit_sources`: the engine's batched edit (it packs, reports each chunk, isolates failures);
+   :func:`judge_results`: the edit-QA judge on the shard's edits (batched), the run's review gate;
 5. :func:`write_jobs` + :func:`write_outputs`: assets and sidecars, first-writer-wins;
 6. :func:`shard_results`: the shard's results table.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +35,7 @@ from PIL import Image
 
 from editing.configs import PnPConfig, config_to_settings
 from editing.inversion import Inversion, InversionMismatch, inversion_facts, invert, invert_many
+from editing.judge import JudgeConfig, judge_edits, parse_gate
 from editing.methods import (
     METHOD_OF_CONFIG,
     EditResult,
@@ -88,6 +91,9 @@ class ShardStats:
     inversions_computed: int = 0
     inversion_cache_hits: int = 0
     unet_evals: float = 0.0
+    # the edit-QA judge's UNet evaluations (not in unet_evals, which is the edits' own cost)
+    qa_unet_evals: int = 0
+    needs_review: int = 0  # the shard's succeeded edits its QA gate flagged (earlier attempts' too)
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,6 +107,8 @@ class ShardStats:
                 "inversions_computed",
                 "inversion_cache_hits",
                 "unet_evals",
+                "qa_unet_evals",
+                "needs_review",
             )
         }
         d["seconds"] = dict(self.seconds)
@@ -480,6 +488,75 @@ def edit_sources(
     )
 
 
+# ---------------------------------------------------------------- 4b. edit QA
+
+# The judge's settings in every run: editing.judge's measured defaults (4 UNet evaluations per edit);
+# its UNet rows per call are capped by the run's max_batch (see judge_config)
+JUDGE = JudgeConfig()
+
+
+def judge_config(options: RunOptions) -> JudgeConfig:
+    """:data:`JUDGE` with at most as many UNet rows (and VAE images) per call as the run's own edit
+    chunks can have (2 x max_batch target rows + a source row per image), so that a max_batch chosen to
+    fit the device fits the judge too."""
+    return replace(JUDGE, max_batch=3 * options.max_batch)
+
+
+@dataclass(frozen=True)
+class EditQA:
+    """One edit's QA: the judge's text margin and why the run's gate flags it (no reasons: it passes)."""
+
+    # the margin (editing.judge.text_margin); None: not judged (the judge failed); NaN: nothing to
+    # compare (the target prompt is the source prompt)
+    text: float | None
+    reasons: tuple[str, ...]
+    gate: str  # the gate's spec
+    judge: dict[str, Any]  # the judge's settings (JudgeConfig.to_settings())
+    unet_evals: int = 0
+
+    def columns(self) -> dict[str, Any]:
+        """The results row's ``qa_text`` and ``qa`` (null when the edit passes)."""
+        return {"qa_text": self.text, "qa": "; ".join(self.reasons) or None}
+
+    def sidecar(self) -> dict[str, Any]:
+        """The sidecar's ``qa`` item (JSON: a NaN margin is written as null, its reason says why)."""
+        text = self.text if self.text is not None and math.isfinite(self.text) else None
+        return {"text": text, "needs_review": bool(self.reasons), "reasons": list(self.reasons),
+                "gate": self.gate, "judge": self.judge, "unet_evals": self.unet_evals}  # fmt: skip
+
+
+def judge_results(
+    model: EditModel, groups: list[EditGroup], edited: list[Edited], options: RunOptions
+) -> dict[str, EditQA]:
+    """Every succeeded edit judged against its target and source prompts (editing.judge; one call, so
+    the judge's UNet rows batch across the shard's edits) and checked by the run's gate `options.qa`;
+    by edit id. Nothing (no cost) with ``qa="off"``. The judge reads the edited image as it is stored
+    (VAE-encoded again): its gate was calibrated on images, and an edit's final latents score differently.
+    A judge that fails flags the edits (not judged) and fails none."""
+    gate = parse_gate(options.qa)
+    done = [(row, res) for eg, results in zip(groups, edited) for row, res in zip(eg.rows, results)
+            if isinstance(res, EditResult)]  # fmt: skip
+    if not gate.enabled or not done:
+        return {}
+    config = judge_config(options)
+    try:
+        scores = judge_edits(
+            model, [res.image for _, res in done], [row.source_prompt for row, _ in done],
+            [row.target_prompt for row, _ in done], config, size_policy=options.size_policy,
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - QA never fails an edit; the edits stand, flagged
+        logger.warning("edit QA failed on %d edits: %s: %s", len(done), type(exc).__name__, exc)
+        reason = f"not judged: {type(exc).__name__}: {exc}"
+        return {row.edit_id: EditQA(None, (reason,), gate.spec, config.to_settings())
+                for row, _ in done}  # fmt: skip
+    return {
+        row.edit_id: EditQA(
+            sc.text, tuple(gate.check(sc)), gate.spec, config.to_settings(), sc.unet_evals
+        )
+        for (row, _), sc in zip(done, scores)
+    }
+
+
 def store_features(cache: BlobCache, groups: list[EditGroup], edited: list[Edited]) -> int:
     """Cache the PnP features recorded for each group that had none cached (the first PnP result's);
     returns how many entries were written."""
@@ -514,6 +591,7 @@ class WriteJob:
     cache_hit: bool  # the inversion came from the cache
     unet_evals: float  # this edit's UNet evaluations, its share of the inversion's included
     seconds: float
+    qa: EditQA | None = None  # its edit QA (None: not judged, --qa off)
 
 
 def write_jobs(
@@ -522,9 +600,10 @@ def write_jobs(
     groups: list[EditGroup],
     edited: list[Edited],
     options: RunOptions | None = None,
+    qa: dict[str, EditQA] | None = None,
 ) -> tuple[list[WriteJob], dict[str, dict[str, Any]]]:
-    """A write job per edit that succeeded, and the results rows of those that failed. Each edit is
-    at `options.output_size` (None: as the model made it)."""
+    """A write job per edit that succeeded (with its QA from `qa`, by edit id), and the results rows of
+    those that failed. Each edit is at `options.output_size` (None: as the model made it)."""
     jobs: list[WriteJob] = []
     failed: dict[str, dict[str, Any]] = {}
     for eg, results in zip(groups, edited):
@@ -534,7 +613,11 @@ def write_jobs(
                     row, "failed", error=f"row {row.row}: edit failed: {type(res).__name__}: {res}"
                 )
                 continue
-            jobs.append(_write_job(model, run_id, eg, row, target, res, options))
+            job = _write_job(model, run_id, eg, row, target, res, options)
+            if qa and row.edit_id in qa:
+                job = replace(job, qa=qa[row.edit_id])
+                job.metadata["qa"] = job.qa.sidecar()
+            jobs.append(job)
     return jobs, failed
 
 
@@ -615,6 +698,7 @@ def write_one(out: ObjectStore, image_format: str, job: WriteJob) -> dict[str, A
         row, "succeeded" if written else "skipped", output_uri=asset_uri, metadata_uri=sidecar_uri,
         cache_hit=job.cache_hit, unet_evals=job.unet_evals, seconds=job.seconds,
         reason=None if written else "finished earlier or by another worker",
+        **(job.qa.columns() if job.qa is not None else {}),
     )  # fmt: skip
 
 
@@ -673,8 +757,13 @@ def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, A
                 edited = edit_sources(model, [eg.group for eg in edits.groups], options, progress)
                 stats.seconds["edit"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
+                qa = judge_results(model, edits.groups, edited, options)
+                if qa:
+                    stats.seconds["qa"] += time.perf_counter() - t0
+                    stats.qa_unet_evals += sum(q.unet_evals for q in qa.values())
+                t0 = time.perf_counter()
                 store_features(cache, edits.groups, edited)
-                jobs, failed = write_jobs(model, run_id, edits.groups, edited, options)
+                jobs, failed = write_jobs(model, run_id, edits.groups, edited, options, qa)
                 stats.unet_evals += sum(job.unet_evals for job in jobs)
                 results |= failed | write_outputs(out, options.image_format, jobs)
                 stats.seconds["write"] += time.perf_counter() - t0
@@ -682,6 +771,7 @@ def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, A
         stats.succeeded += r["status"] == "succeeded"
         stats.failed += r["status"] == "failed"
         stats.skipped += r["status"] == "skipped"
+        stats.needs_review += r["status"] == "succeeded" and r.get("qa") is not None
     t0 = time.perf_counter()
     table = shard_results(shard, results)
     write_parquet(out, keys.shard_results_key(run_id, shard_index), table)

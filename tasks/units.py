@@ -22,6 +22,7 @@ from tasks import runs
 from tasks.options import RestyleSpec, RunOptions
 from tasks.planning import plan_run
 from tasks.report import write_run_report
+from tasks.results import write_review_manifest
 from tasks.shard import run_shard
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,16 @@ def write_summary_task(options: RunOptions, run_id: str, summary: dict[str, Any]
 def restyle_manifest_task(catalog: str, spec: RestyleSpec, options: RunOptions, run_id: str) -> str:
     """Build restyle's manifest (catalog x styles) and write it under the run; returns its URI."""
     return runs.write_restyle_manifest(catalog, spec, options, run_id)
+
+
+@_io_task("review-manifest")
+def review_manifest_task(
+    options: RunOptions, run_id: str, plan: dict[str, Any], settings: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the manifest that re-edits the edits of `run_id` its QA gate flagged, with `settings`
+    (:func:`tasks.results.write_review_manifest`); returns its run id, URI and edit count."""
+    store = open_store(options.out, s3_endpoint=options.s3_endpoint)
+    return write_review_manifest(store, run_id, plan, settings)
 
 
 @_io_task("discard-restyle-manifest")

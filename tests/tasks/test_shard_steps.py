@@ -294,7 +294,7 @@ def test_run_shard_writes_results_and_a_rerun_keeps_them(make_run, root):
     stats = run_shard(run.options, run.run_id, 0)
     assert (stats["edits"], stats["succeeded"], stats["failed"], stats["skipped"]) == (3, 2, 1, 0)
     assert (stats["inversions_computed"], stats["inversion_cache_hits"]) == (1, 0)
-    assert set(stats["seconds"]) == {"read", "inversion", "edit", "write", "total"}
+    assert set(stats["seconds"]) == {"read", "inversion", "edit", "qa", "write", "total"}
     assert stats["unet_evals"] > 0 and stats["threads"] >= 1
     first = shard_mod.read_run_results(run.options, run.run_id)
     assert first.column("status").to_pylist() == ["succeeded", "succeeded", "failed"]

@@ -1,0 +1,122 @@
+"""Edit QA in the shard (tasks.shard.judge_results and run_shard): every succeeded edit is judged in one
+batched call, its margin and the gate's reason land in the results table and the sidecar, ``qa="off"``
+costs nothing, and a judge that fails flags the edits without failing them. The tiny random model judges
+arbitrarily: these tests check the wiring, tests/editing/test_judge.py the judge on the bundled model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import tasks.shard as shard_mod
+from storage import keys
+from storage.writer import read_json
+from tasks.shard import read_run_results, run_shard
+from tests.tasks.conftest import row
+
+
+def spy(monkeypatch, name: str) -> list:
+    """The calls ``tasks.shard`` makes to `name` (the real function still runs)."""
+    calls = []
+    real = getattr(shard_mod, name)
+    monkeypatch.setattr(shard_mod, name, lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    return calls
+
+
+ROWS = [row("img:1"), row("img:1", target="a green circle"), row("img:2"), row("missing:3")]
+
+
+@pytest.mark.parametrize("root", ["local"], indirect=True)
+def test_scores_and_gate_reach_the_results_and_sidecars(make_run, root, monkeypatch):
+    # a gate no margin passes (every judged edit flagged), so the reasons are known in advance
+    run = make_run(root, ROWS, qa="text>=100")
+    calls = spy(monkeypatch, "judge_edits")
+    stats = run_shard(run.options, run.run_id, 0)
+    # one judge call for the shard's three edits (its UNet rows batch across them), with no more rows
+    # per UNet call than the run's edit chunks have
+    assert len(calls) == 1 and len(calls[0][0][1]) == 3
+    assert calls[0][0][4].max_batch == 3 * run.options.max_batch == 24
+    assert (stats["succeeded"], stats["failed"], stats["needs_review"]) == (3, 1, 3)
+    assert stats["qa_unet_evals"] == 3 * shard_mod.JUDGE.unet_evals() == 12
+    assert stats["seconds"]["qa"] > 0
+    table = read_run_results(run.options, run.run_id)
+    got = table.select(["status", "qa_text", "qa"]).to_pylist()
+    assert [r["status"] for r in got] == ["succeeded"] * 3 + ["failed"]
+    for r in got[:3]:
+        assert math.isfinite(r["qa_text"])
+        assert r["qa"] == f"text {r['qa_text']:.4f} fails text>=100"
+    assert got[3]["qa_text"] is None and got[3]["qa"] is None  # a failed edit is not judged
+    for r, res in zip(run.shard().rows[:3], got):
+        side = read_json(run.out, keys.sidecar_key(r.edit_id))["qa"]
+        assert side["text"] == pytest.approx(res["qa_text"])
+        assert side["needs_review"] is True and side["reasons"] == [res["qa"]]
+        assert side["gate"] == "text>=100" and side["unet_evals"] == 4
+        assert side["judge"] == {"timesteps": [750, 950], "seeds": [0], "max_batch": 24}
+
+
+@pytest.mark.parametrize("root", ["local"], indirect=True)
+def test_edits_above_the_gate_are_not_flagged_and_margins_follow_the_judge(
+    make_run, root, monkeypatch
+):
+    run = make_run(root, ROWS[:3], qa="text>=-100")
+    stats = run_shard(run.options, run.run_id, 0)
+    assert stats["needs_review"] == 0
+    table = read_run_results(run.options, run.run_id)
+    assert table.column("qa").to_pylist() == [None] * 3
+    margins = table.column("qa_text").to_pylist()
+    # the margins are the judge's on the stored images (re-read here), with the shard's prompts
+    from PIL import Image
+
+    from editing.judge import judge_edits
+    from tasks.worker import get_model
+
+    model = get_model(run.options.model_ref, device="cpu", dtype="float32")
+    rows = run.shard().rows
+    images = [
+        Image.open(run.out.uri(keys.asset_key(r.edit_id, "png"))).convert("RGB") for r in rows
+    ]
+    again = judge_edits(
+        model, images, [r.source_prompt for r in rows], [r.target_prompt for r in rows]
+    )
+    assert margins == pytest.approx([s.text for s in again], abs=1e-4)
+
+
+@pytest.mark.parametrize("root", ["local"], indirect=True)
+def test_qa_off_judges_nothing(make_run, root, monkeypatch):
+    run = make_run(root, ROWS[:2], qa="off")
+    calls = spy(monkeypatch, "judge_edits")
+    stats = run_shard(run.options, run.run_id, 0)
+    assert calls == [] and stats["qa_unet_evals"] == 0 and "qa" not in stats["seconds"]
+    table = read_run_results(run.options, run.run_id)
+    assert table.column("qa_text").to_pylist() == [None, None]
+    assert table.column("qa").to_pylist() == [None, None]
+    sidecar = read_json(run.out, keys.sidecar_key(run.shard().rows[0].edit_id))
+    assert "qa" not in sidecar
+
+
+@pytest.mark.parametrize("root", ["local"], indirect=True)
+def test_a_failing_judge_flags_the_edits_and_fails_none(make_run, root, monkeypatch):
+    run = make_run(root, ROWS[:2])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("judge out of memory")
+
+    monkeypatch.setattr(shard_mod, "judge_edits", broken)
+    stats = run_shard(run.options, run.run_id, 0)
+    assert (stats["succeeded"], stats["failed"], stats["needs_review"]) == (2, 0, 2)
+    table = read_run_results(run.options, run.run_id)
+    assert table.column("qa").to_pylist() == ["not judged: RuntimeError: judge out of memory"] * 2
+    assert table.column("qa_text").to_pylist() == [None, None]
+
+
+def test_the_gate_is_a_run_option_checked_and_recorded():
+    from editing.judge import DEFAULT_GATE
+    from tasks.options import RunOptions
+
+    assert RunOptions(out="x").qa == DEFAULT_GATE
+    assert RunOptions(out="x", qa=" text > 0.2 ,text<0.9").qa == "text>0.2,text<0.9"
+    assert RunOptions(out="x", qa="OFF").qa == "off"
+    assert RunOptions.from_dict(RunOptions(out="x", qa="text>=0.3").to_dict()).qa == "text>=0.3"
+    with pytest.raises(ValueError, match="QA gate spec 'txt>=1': unknown metric 'txt'"):
+        RunOptions(out="x", qa="txt>=1")
