@@ -917,6 +917,7 @@ def _execute(args: argparse.Namespace, start: Callable[[Any, bool], dict[str, An
     absent = getattr(args, "created_folders", [])
     progress = _Progress(_progress_mode())
     t0 = time.perf_counter()
+    _stage("checked the manifest's files, --out, the model and the device")
     try:
         runner, gpu = _task_runner(args)
         _server_ready(args)
@@ -1129,7 +1130,6 @@ def _main(argv: list[str] | None = None) -> int:
         check_scheduler(args.dask_address)
     _configure_logging(args)  # before a server is launched: it inherits the environment
     if args.command in _FLOW_COMMANDS:
-        _stage(f"checking {_what(args)}")
         done = _before_the_server(args)  # the manifest's files, --out, the run; nothing to do?
         if done is not None:
             return done

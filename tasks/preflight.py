@@ -120,13 +120,17 @@ def finished_rows(manifest_uri: str, out_uri: str, *, s3_endpoint: str | None = 
     """The manifest's row count when a run of it into `out_uri` would have nothing to do (every edit is
     finished there: in the output's finished-edit index, its image still stored), else None. None too
     for a manifest with problems (the run then reports them) and for an output root without finished
-    edits (nothing is read then). Stops at the first batch with an unfinished edit; no model, no Prefect."""
+    edits (nothing is read or written then). Stops at the first batch with an unfinished edit; no model, no Prefect."""
     from manifests.stream import ManifestScan, open_manifest
+    from storage import keys
     from storage.finished import load_finished
     from storage.uri import open_store
     from tasks.planning import split_finished
 
-    done = load_finished(open_store(out_uri, s3_endpoint=s3_endpoint))
+    out = open_store(out_uri, s3_endpoint=s3_endpoint)
+    if not any(k.endswith(".parquet") for k in out.list(keys.finished_index_prefix())):
+        return None  # no index (a new root): nothing finished, and nothing is written here
+    done = load_finished(out)
     if not len(done):
         return None
     source = open_manifest(manifest_uri, s3_endpoint=s3_endpoint)
