@@ -82,6 +82,16 @@ def test_run_exit_status_and_summary(prefect_server, flow_model, tmp_path, capsy
     )  # the model comes from the command line
     assert "run r1: 9 succeeded, 0 failed, 0 skipped (of 9)" in capsys.readouterr().out
 
+    # nothing left to do: said so, before Prefect or the engine are imported, and no run folder made
+    from .test_startup import probe_cli
+
+    code, prefect, torch, text = probe_cli(
+        run_args(manifest, out, flow_model, shard_size=3, run_id="r2")
+    )
+    assert (code, prefect, torch) == (0, False, False), text
+    assert f"nothing to do: all 9 edits of {manifest} are finished under {out}" in text
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["r1"]
+
 
 def test_run_refuses_an_invalid_manifest_before_loading_a_model(tmp_path, capsys):
     path = tmp_path / "bad.parquet"
