@@ -84,3 +84,16 @@ def test_a_server_that_editflow_serve_recorded_is_used_while_it_answers(
         assert os.environ["PREFECT_API_URL"] == url
     finally:
         monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+
+
+def test_a_long_contact_sheet_caption_keeps_its_end_where_restyle_puts_the_style():
+    from PIL import Image, ImageDraw, ImageFont
+
+    from tasks.report import _wrap
+
+    draw, font = ImageDraw.Draw(Image.new("RGB", (8, 8))), ImageFont.load_default(size=11)
+    caption = "succeeded · pnp: a yellow triangle on a black background, in watercolor style"
+    lines = _wrap(draw, caption, font, 128, 3).splitlines()
+    assert len(lines) == 3 and lines[0].startswith("succeeded · pnp:")
+    assert lines[1].startswith("…") and " ".join(lines).endswith("in watercolor style")
+    assert _wrap(draw, "succeeded · pnp: a cat", font, 128, 3) == "succeeded · pnp: a cat"
