@@ -822,7 +822,7 @@ def _what(args: argparse.Namespace) -> str:
 
 def _before_the_server(args: argparse.Namespace) -> int | None:
     """`run`, `rerun`, `restyle`: the checks that need neither Prefect nor the model, in the order of
-    their cost: the manifest's files (footers only), --out and --cache writable, the run id; then
+    their cost: the manifest's files (footers only; restyle: the catalog, read), --out and --cache writable, the run id; then
     whether a run has anything to do. Returns the exit status to end with (2: an invalid manifest;
     0: every edit is already finished, and nothing was written), or None to go on."""
     from manifests import ManifestError
@@ -832,9 +832,13 @@ def _before_the_server(args: argparse.Namespace) -> int | None:
         if args.command == "run":
             from manifests.stream import open_manifest
 
-            open_manifest(
-                args.manifest, s3_endpoint=args.s3_endpoint
-            )  # gone, unreadable, disagreeing
+            # gone, unreadable, files that disagree: one line, exit 2
+            open_manifest(args.manifest, s3_endpoint=args.s3_endpoint)
+        if args.command == "restyle":
+            from manifests.build import read_catalog
+
+            # gone, not .csv / .parquet, unreadable
+            read_catalog(args.catalog, s3_endpoint=args.s3_endpoint)
         _preflight(args)
         if args.command == "run":
             from tasks.preflight import finished_rows

@@ -55,6 +55,8 @@ def test_latest_of_an_empty_root_and_runs_of_one(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"no runs under {tmp_path}"
     assert main(["show", "latest", "--out", str(tmp_path)]) == 2
     assert "no runs under" in capsys.readouterr().err
+    assert main(["rerun", "latest", "--out", str(tmp_path)]) == 2
+    assert "no runs under" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # the word is taken: not a new run's id
         main(["run", "m.parquet", "--out", str(tmp_path), "--run-id", "latest"])
     assert exc.value.code == 2

@@ -36,6 +36,10 @@ def test_a_missing_manifest_is_refused_before_prefect_or_torch_are_imported(tmp_
     assert code == 2 and "no manifest file or folder at" in text
     assert not prefect and not torch, text
     assert not (tmp_path / "o").exists()
+    argv = ["restyle", str(tmp_path / "nosuch.csv"), "--style", "x", "--out", str(tmp_path / "o")]
+    code, prefect, torch, text = probe_cli(argv)
+    assert code == 2 and "nosuch.csv' does not exist" in text
+    assert not prefect and not torch, text
 
 
 def test_verbose_after_the_command_and_version(capsys):
