@@ -822,8 +822,8 @@ def _what(args: argparse.Namespace) -> str:
 
 def _before_the_server(args: argparse.Namespace) -> int | None:
     """`run`, `rerun`, `restyle`: the checks that need neither Prefect nor the model, in the order of
-    their cost: the manifest's files (footers only; restyle: the catalog, read), --out and --cache writable, the run id; then
-    whether a run has anything to do. Returns the exit status to end with (2: an invalid manifest;
+    their cost: the manifest's files (footers only; restyle: the catalog, read), --out and --cache
+    writable, the run id; then whether a run has anything to do. Returns the exit status to end with (2: an invalid manifest;
     0: every edit is already finished, and nothing was written), or None to go on."""
     from manifests import ManifestError
 

@@ -5,6 +5,13 @@ the CLI's life: a terminal's Ctrl-C then stopped the server first (the CLI spent
 against it) and SIGTERM/SIGKILL left it running. This one runs the same uvicorn app in its own
 session (Ctrl-C reaches only the CLI, which stops the server on its way out) and asks the kernel to
 kill it when the CLI dies, whatever the signal (Linux ``PR_SET_PDEATHSIG``).
+
+It is launched in the background (:func:`launch_temporary_server`) once the CLI's cheap checks have
+passed, and waited for (:func:`wait_for_server`) just before the flow, so that its start (seconds of
+imports and migrations) overlaps the model check and the flow's imports. Prefect 3.9's own ephemeral
+mode runs the same kind of subprocess server, started at the first API call with nothing overlapped.
+`editflow serve` records its server (:func:`register_server`); other commands on the machine use it
+(:func:`use_running_server`) instead of starting one.
 """
 
 from __future__ import annotations
