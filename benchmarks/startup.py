@@ -16,7 +16,7 @@ Rows (issue 20, targets on a 2-core machine):
   root: everything finished; < 6 s.
 * 1-edit run (the demo's first row, a new output root each time): wall time, and the part of it outside
   the editing itself (wall minus the shard's read + inversion + edit + write seconds from the run's
-  summary): < 5 s.
+  summary): < 5 s; and the same with a Prefect server already running (PREFECT_API_URL set).
 
 The medians of `--repeats` runs; the machine's load average is printed with each row.
 """
@@ -79,7 +79,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         env |= {"PREFECT_HOME": str(tmp / "prefect-home"), "OMP_NUM_THREADS": "1",
-                "EDITFLOW_PROGRESS": "0", "PYTHONPATH": str(code)}  # fmt: skip
+                "EDITFLOW_PROGRESS": "0", "PYTHONPATH": str(code), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
         demo = code / "manifests" / "examples" / "demo.parquet"
         import pyarrow.parquet as pq
 
@@ -120,6 +120,29 @@ def main() -> None:
         rows.append(("1-edit run, wall", statistics.median(walls), None, _load()))
         rows.append(("1-edit run, outside the editing", statistics.median(outside), TARGETS["one_outside"], _load()))  # fmt: skip
 
+        # the same with a Prefect server already running (PREFECT_API_URL), as `editflow serve` or
+        # `prefect server start` leave one
+        from flows.server import start_temporary_server, stop_temporary_server
+
+        saved = dict(os.environ)
+        os.environ.update({k: v for k, v in env.items() if k.startswith("PREFECT")})
+        os.environ.pop("PREFECT_API_URL", None)
+        url = start_temporary_server()
+        os.environ.clear()
+        os.environ.update(saved)
+        served = []
+        try:
+            for i in range(args.repeats):
+                out = tmp / f"served-{i}"
+                argv = ["run", str(one), "--out", str(out)]
+                seconds, status, text = _cli(code, argv, env | {"PREFECT_API_URL": url})
+                assert status == 0, text[-2000:]
+                secs = _summary(out)["seconds"]
+                served.append(seconds - sum(secs.get(k, 0.0) for k in EDIT_STAGES))
+        finally:
+            stop_temporary_server()
+        rows.append(("1-edit run, outside the editing, server running", statistics.median(served), TARGETS["one_outside"], _load()))  # fmt: skip
+
     print_table(
         ("command", "median s", "target s", "load (1 min)"),
         rows,
@@ -133,7 +156,13 @@ def main() -> None:
             {"command": r[0], "median_s": round(r[1], 2), "target_s": r[2], "load": r[3]}
             for r in rows
         ],
-        "samples": {"nosuch": nosuch, "noop": noop, "one_wall": walls, "one_outside": outside},
+        "samples": {
+            "nosuch": nosuch,
+            "noop": noop,
+            "one_wall": walls,
+            "one_outside": outside,
+            "one_outside_server_running": served,
+        },  # fmt: skip
     }
     name = "startup" + (f"_{args.label}" if args.label else "")
     write_result(name, result, facts=facts)
