@@ -75,6 +75,10 @@ def test_run_exit_status_and_summary(prefect_server, flow_model, tmp_path, capsy
     failed = [r for r in results.to_pylist() if r["status"] == "failed"]
     assert failed[0]["row"] == 0 and "image_uri: no object at" in failed[0]["error"]
     assert len(list((out / "assets").glob("*.png"))) == 8
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # the Prefect flow run is named after the run id
+        assert "r1" in {run.name for run in client.read_flow_runs()}
 
     (tmp_path / "missing.png").write_bytes(scene_png(5))
     assert (
