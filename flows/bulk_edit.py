@@ -196,6 +196,7 @@ def _edit_and_summarise(
     _merge_index(options, run_id)
     collected = collect_task(options, run_id, plan, stats, failed, time.perf_counter() - t0)
     summary = collected.summary
+    _notify({"stage": {"name": "report"}})
     summary.update(_report(options, run_id, summary))
     _write_summary(options, run_id, summary)
     _publish(run_id, summary, collected.preview, collected.failures)

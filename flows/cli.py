@@ -4,12 +4,19 @@
     editflow run MANIFEST --out URI [--model M] [--cache URI] [--shard-size N] [--runner local|dask]
     editflow rerun RUN_ID --out URI        (or: editflow rerun URI/runs/RUN_ID)
     editflow show RUN_ID --out URI         (or: editflow show URI/runs/RUN_ID)
+    editflow runs --out URI                (the runs under URI, newest first; RUN_ID may be `latest`)
     editflow restyle CATALOG --style "in watercolor style" [--style ...] --out URI
     editflow serve MANIFEST --out URI --cron "0 2 * * *"
 
-Exit status: 0 when every edit succeeded (or was already finished), 1 when any failed, 2 for an invalid
-manifest, bad arguments or a damaged run, 3 for storage (unwritable, unreachable, full), 130 / 143 when
-interrupted. Every error is one line on stderr (``-v`` adds the traceback).
+Exit status: 0 when every edit succeeded (or was already finished), 1 when any failed (`show`: when the
+run has failed edits), 2 for an invalid manifest, bad arguments or a damaged run, 3 for storage
+(unwritable, unreachable, full), 130 / 143 when interrupted. Every error is one line on stderr (``-v``, before
+or after the command, adds the traceback).
+
+Start-up: every check that needs no Prefect (arguments, the manifest's files, --out, the model, the
+device) runs before the flow; a run with nothing to do ends there. A temporary Prefect server is launched
+in the background only when a run will happen and no server is known (PREFECT_API_URL, or the one a
+running `editflow serve` recorded: see :mod:`flows.server`).
 """
 
 from __future__ import annotations
@@ -205,7 +212,10 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
         "--shard-size", type=_positive_int, default=None,
         help=f"edits per shard task (default: {DEFAULT_SHARD_SIZE}, or rows / 10,000 when more)",
     )  # fmt: skip
-    p.add_argument("--format", dest="image_format", choices=IMAGE_FORMATS, default=IMAGE_FORMATS[0])
+    p.add_argument(
+        "--format", dest="image_format", choices=IMAGE_FORMATS, default=IMAGE_FORMATS[0],
+        help=f"file format of the edited images (default {IMAGE_FORMATS[0]})",
+    )  # fmt: skip
     p.add_argument(
         "--output-size", choices=("source", "model"), default="source",
         help="source (default): each edit at its source image's pixel size; model: as the model made it "
@@ -272,7 +282,9 @@ def _add_rerun(sub) -> None:
     rr = sub.add_parser(
         "rerun", help="finish a run: redo shards without results and failed rows only"
     )
-    rr.add_argument("run_id", help="the run id (with --out), or the run's URI: OUT/runs/RUN_ID")
+    rr.add_argument(
+        "run_id", help="the run id or `latest` (with --out), or the run's URI: OUT/runs/RUN_ID"
+    )
     _location_args(rr, out_required=False)
     _runner_args(rr)
     _trusted_args(rr, rerun=True)
@@ -303,15 +315,24 @@ def _add_restyle(sub) -> None:
     rs.add_argument(
         "--template", default=template, help=f'target prompt template (default "{template}")'
     )
-    rs.add_argument("--method", choices=METHODS, default=spec["method"])
+    rs.add_argument(
+        "--method", choices=METHODS, default=spec["method"],
+        help=f"editing method of every row (default {spec['method']})",
+    )  # fmt: skip
     rs.add_argument(
         "--settings",
         default=spec["settings"],
         type=_settings_json,
         help="the method's settings for every row, a JSON object (e.g. '{\"attn_t\": 0.8}')",
     )
-    rs.add_argument("--image-column", default=spec["image_column"])
-    rs.add_argument("--caption-column", default=spec["caption_column"])
+    rs.add_argument(
+        "--image-column", default=spec["image_column"],
+        help=f"the catalog's column of image URIs (default {spec['image_column']})",
+    )  # fmt: skip
+    rs.add_argument(
+        "--caption-column", default=spec["caption_column"],
+        help=f"the catalog's column of captions, the source prompts (default {spec['caption_column']})",
+    )  # fmt: skip
     _edit_args(rs)
     _qa_args(rs)
 
@@ -321,13 +342,20 @@ def _add_show(sub) -> None:
         "show", help="a finished or interrupted run: its summary, failures and report"
     )
     sh.add_argument(
-        "run_id", metavar="RUN", help="the run id (with --out), or the run's URI: OUT/runs/RUN_ID"
-    )
+        "run_id", metavar="RUN",
+        help="the run id or `latest` (with --out), or the run's URI: OUT/runs/RUN_ID",
+    )  # fmt: skip
     sh.add_argument("--out", default=None, help="output root of the run (when RUN is a run id)")
     sh.add_argument("--s3-endpoint", default=None)
     sh.add_argument(
         "--limit", type=_count, default=50, help="failures listed (default 50; 0 = all)"
     )
+
+
+def _add_runs(sub) -> None:
+    rl = sub.add_parser("runs", help="the runs under an output root, newest first")
+    _location_args(rl)
+    rl.add_argument("--limit", type=_count, default=20, help="runs listed (default 20; 0 = all)")
 
 
 def _add_serve(sub) -> None:
@@ -336,9 +364,15 @@ def _add_serve(sub) -> None:
     )
     sv.add_argument("manifest")
     sv.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *"')
-    sv.add_argument("--name", default="editflow-bulk-edit")
+    sv.add_argument(
+        "--name", default="editflow-bulk-edit",
+        help="the Prefect deployment's name (default editflow-bulk-edit)",
+    )  # fmt: skip
     _edit_args(sv)
     _qa_args(sv)
+    for action in sv._actions:  # every scheduled run takes a new run id: refused, so not shown
+        if action.dest == "run_id":
+            action.help = argparse.SUPPRESS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,10 +383,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="editflow's own log at INFO level"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_validate, _add_run, _add_rerun, _add_restyle, _add_show, _add_serve):
+    for add in (
+        _add_validate,
+        _add_run,
+        _add_rerun,
+        _add_restyle,
+        _add_show,
+        _add_runs,
+        _add_serve,
+    ):
         add(sub)
+    for (
+        command
+    ) in sub.choices.values():  # -v after the command too; SUPPRESS keeps one given before
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+            help="editflow's own log at INFO level",
+        )  # fmt: skip
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("editflow")
+    except PackageNotFoundError:  # a checkout that is not installed
+        return "unknown"
 
 
 PROGRESS_LINE_SECONDS = 30.0  # without a terminal: at most one progress line per this many seconds
@@ -377,21 +436,25 @@ class _Progress:
         self.mode, self.bar, self.failed = mode, None, 0
         self.done = self.total = self.shards_done = self.shards = 0
         self.rate, self.eta = 0.0, None
+        self.stages_seen: set[str] = set()
         self.last_line = float("-inf")
         self.lock = threading.Lock()  # progress events come from worker threads
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self.mode == "off":
             return
+        if "stage" in event:  # a shard's stage (tasks.progress.ShardProgress.stage), or the flow's
+            self._stage(event["stage"])
+            return
         if "planned" in event:
-            self.total, self.shards = (
-                event["planned"].get("pending", 0),
-                event["planned"].get("shards", 0),
-            )
-            if self.mode == "bar":
+            planned = event["planned"]
+            self.total, self.shards = planned.get("pending", 0), planned.get("shards", 0)
+            _stage(_planned_line(planned))
+            if self.mode == "bar" and self.total:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=self.total, unit="edit", desc="editing", file=sys.stderr)
+                _BAR[0] = self.bar
             return
         if "progress" in event:  # per-edit counts from the shards (tasks.progress.RunWatch)
             snap = event["progress"]
@@ -423,12 +486,80 @@ class _Progress:
             print(f"progress: {self.done}/{self.total} edits, {self.failed} failed, {self.shards_done}/{self.shards} shards, "
                   f"{self.rate:.2f} edits/s, ETA {eta}", file=sys.stderr, flush=True)  # fmt: skip
 
+    def _stage(self, stage: dict[str, Any]) -> None:
+        """The first time each stage is reached: its line (later shards repeat the stages silently)."""
+        name = stage.get("name", "")
+        with self.lock:
+            if name in self.stages_seen:
+                return
+            self.stages_seen.add(name)
+        _stage(_STAGE_LINES.get(name, name).format(**stage))
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = _BAR[0] = None
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+# a shard's stages (tasks.shard publishes them through tasks.progress) and the flow's, as lines
+_STAGE_LINES = {
+    "model": "loading the model {model}",
+    "invert": "inverting {sources} source(s) (or reading them from the cache)",
+    "edit": "editing {edits} edit(s)",
+    "write": "writing {edits} edit(s)",
+    "report": "writing the report",
+}
+
+
+def _planned_line(planned: dict[str, Any]) -> str:
+    """``planned 9 edits (0 skipped), 3 sources, 1 shard`` (a rerun: the shards and edits it redoes)."""
+    shards = planned.get("shards", 0)
+    text = f"planned {planned.get('pending', 0)} edit(s)"
+    if "skipped" in planned:
+        text += f" ({planned['skipped']} skipped: finished earlier)"
+    if "sources" in planned:
+        text += f", {planned['sources']} source(s)"
+    return text + f", {shards} shard(s)"
+
+
+_T0 = [time.monotonic()]  # when the command started: stage lines show the seconds since
+
+
+def _stage(text: str) -> None:
+    """One stage line on stderr (a terminal or a log), with the seconds since the command started;
+    none with EDITFLOW_PROGRESS=0."""
+    if _progress_mode() == "off":
+        return
+    line = f"editflow {time.monotonic() - _T0[0]:5.1f}s  {text}"
+    bar = _BAR[0]
+    if bar is not None:
+        bar.write(line, file=sys.stderr)  # above the progress bar, not through it
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+_BAR: list[Any] = [None]  # the progress bar while it is shown
+
+
+def _command(
+    args: argparse.Namespace | None, verb: str, run_id: str | None, out: str | None = None
+) -> str:
+    """The full command a hint gives: ``editflow VERB [RUN_ID] --out OUT [--s3-endpoint URL]``."""
+    out = out or (args.out if args is not None else ".")
+    parts = ["editflow", verb] + ([run_id] if run_id else []) + ["--out", _quote(out)]
+    endpoint = getattr(args, "s3_endpoint", None)
+    if endpoint:
+        parts += ["--s3-endpoint", _quote(endpoint)]
+    return " ".join(parts)
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def _print_summary(summary: dict[str, Any], args: argparse.Namespace | None = None) -> None:
     c = summary["counts"]
     secs = summary["seconds"]
     print(
@@ -439,12 +570,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
     )
     print(f"time: {secs['wall']:.1f}s; results: {summary['results_uri']}")
     if summary.get("report_uri"):
-        print(
-            f"report: {summary['report_uri']} (and `editflow show {summary['run_id']} --out {summary['out']}`)"
-        )
+        show = _command(args, "show", summary["run_id"], summary["out"])
+        print(f"report: {summary['report_uri']} (and `{show}`)")
     if summary.get("needs_review"):  # edit QA: the show command lists them, worst first
+        again = _command(args, "rerun", summary["run_id"], summary["out"])
         print(f"needs review: {summary['needs_review']} succeeded edit(s) (QA gate {summary['qa']['gate']}); "
-              f"`editflow rerun {summary['run_id']} --out {summary['out']} --needs-review --settings JSON` re-edits them")  # fmt: skip
+              f"`{again} --needs-review --settings JSON` re-edits them")  # fmt: skip
     for s in summary.get("failed_shards", []):
         print(f"failed {s}")
     rows = summary.get("failed_rows", [])
@@ -456,7 +587,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if c["failed"]:
         print(
             f"all failed rows: status 'failed' and their 'error' in {summary['results_uri']}; "
-            f"`editflow rerun {summary['run_id']} --out {summary['out']}` retries them"
+            f"`{_command(args, 'rerun', summary['run_id'], summary['out'])}` retries them"
         )
 
 
@@ -502,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     interrupted; 1 an unexpected error (``-v`` adds the traceback). As the program, it ends the process
     itself (:func:`_end_process`)."""
     _PROGRAM["on"] = argv is None
+    _T0[0] = time.monotonic()
+    _ARGS.clear()
     verbose = any(a in ("-v", "--verbose") for a in (sys.argv[1:] if argv is None else argv))
     if _PROGRAM["on"]:
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -513,10 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     except (KeyboardInterrupt, _Terminated) as exc:
         code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
-        print(
-            "editflow: interrupted; finished edits are kept: `editflow rerun RUN_ID --out OUT` finishes the run",
-            file=sys.stderr,
-        )
+        print(f"editflow: interrupted; {_interrupted_hint()}", file=sys.stderr)
         if _PROGRAM["on"]:  # worker threads may be mid-shard: do not wait for them
             from flows.server import stop_temporary_server
 
@@ -533,6 +663,15 @@ def main(argv: list[str] | None = None) -> int:
     if _PROGRAM["on"]:
         _end_process(code)
     return code
+
+
+def _interrupted_hint() -> str:
+    """What to do after an interrupt, with the run's real id and the full command when they are known."""
+    args = _ARGS[0] if _ARGS else None
+    run_id = getattr(args, "run_id", None)
+    if args is None or args.command not in _FLOW_COMMANDS or not run_id or not args.out:
+        return "finished edits are kept: `editflow rerun RUN_ID --out OUT` finishes the run"
+    return f"finished edits are kept: `{_command(args, 'rerun', run_id)}` finishes run {run_id}"
 
 
 MAX_ERROR_LINE = 1000  # characters of an error line (a message may quote a long input)
@@ -618,6 +757,8 @@ def _check_locations(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             check_endpoint(args.s3_endpoint)
         except ValueError as exc:
             parser.error(str(exc))
+    if args.command in ("run", "restyle", "serve") and getattr(args, "run_id", None) == LATEST:
+        parser.error(f"--run-id {LATEST}: that word names the newest run; choose another id")
     if getattr(args, "run_id", None):
         try:
             check_id(args.run_id, what="run_id")
@@ -705,8 +846,7 @@ def _remove_empty_folders(folders: list[Path | None]) -> None:
 
 def _preflight(args: argparse.Namespace) -> None:
     """Before any flow: --out and a given --cache must be writable (probe objects; ``StorageUnusable``,
-    exit 3), a rerun's run must exist; then the temporary Prefect server, when the CLI runs as the
-    program and none is configured."""
+    exit 3), a given run id free, a rerun's run must exist."""
     from storage.uri import open_store
     from tasks.preflight import probe_location
     from tasks.runs import read_plan, refuse_existing_run
@@ -718,12 +858,80 @@ def _preflight(args: argparse.Namespace) -> None:
         refuse_existing_run(open_store(args.out, s3_endpoint=args.s3_endpoint), args.run_id)
     if args.command == "rerun":
         read_plan(open_store(args.out, s3_endpoint=args.s3_endpoint), args.run_id)
-    from flows.server import quiet_prefect_failures, start_temporary_server
+
+
+def _what(args: argparse.Namespace) -> str:
+    if args.command == "rerun":
+        return f"run {args.run_id}"
+    return args.catalog if args.command == "restyle" else args.manifest
+
+
+def _before_the_server(args: argparse.Namespace) -> int | None:
+    """`run`, `rerun`, `restyle`: the checks that need neither Prefect nor the model, in the order of
+    their cost: the manifest's files (footers only; restyle: the catalog, read), --out and --cache
+    writable, the run id; then whether a run has anything to do. Returns the exit status to end with (2: an invalid manifest;
+    0: every edit is already finished, and nothing was written), or None to go on."""
+    from manifests import ManifestError
+
+    args.created_folders = [_absent_folder(uri) for uri in (args.out, args.cache) if uri]
+    try:
+        if args.command == "run":
+            from manifests.stream import open_manifest
+
+            # gone, unreadable, files that disagree: one line, exit 2
+            open_manifest(args.manifest, s3_endpoint=args.s3_endpoint)
+        if args.command == "restyle":
+            from manifests.build import read_catalog
+
+            # gone, not .csv / .parquet, unreadable
+            read_catalog(args.catalog, s3_endpoint=args.s3_endpoint)
+        _preflight(args)
+        if args.command == "run":
+            from tasks.preflight import finished_rows
+
+            rows = finished_rows(args.manifest, args.out, s3_endpoint=args.s3_endpoint)
+            if rows is not None:
+                _remove_empty_folders(args.created_folders)
+                runs = _command(args, "runs", None)
+                print(f"nothing to do: all {rows} edits of {args.manifest} are finished under "
+                      f"{args.out}; no run was started (`{runs}` lists the earlier runs)")  # fmt: skip
+                return 0
+    except ManifestError as exc:
+        _remove_empty_folders(args.created_folders)
+        return _report_invalid(args, exc.problems)
+    except BaseException:
+        _remove_empty_folders(args.created_folders)
+        raise
+    if args.command in ("run", "restyle") and not args.run_id:
+        from storage.keys import new_run_id
+
+        args.run_id = new_run_id()  # known from here on: the interrupt line and the hints name it
+    return None
+
+
+def _launch_server() -> None:
+    """As the program, with no PREFECT_API_URL: use the server a running `editflow serve` recorded, else
+    launch a temporary one in the background (it starts while the model and the flow are loaded)."""
+    if not _PROGRAM["on"]:
+        return
+    from flows.server import launch_temporary_server, use_running_server
+
+    if use_running_server() is None:
+        launch_temporary_server()
+
+
+def _server_ready(args: argparse.Namespace) -> None:
+    """Just before the flow: wait for the launched temporary server (if any); quiet Prefect's failure
+    records (the CLI reports failures itself)."""
+    from flows.server import quiet_prefect_failures, server_launched, wait_for_server
 
     if not args.verbose:
         quiet_prefect_failures()
-    if _PROGRAM["on"]:
-        start_temporary_server()
+    if _PROGRAM["on"] and server_launched():
+        _stage(
+            "waiting for the temporary Prefect server (PREFECT_API_URL or a running `editflow serve` skips it)"
+        )
+        wait_for_server()
 
 
 def _run_options(args: argparse.Namespace):
@@ -756,13 +964,15 @@ def _execute(args: argparse.Namespace, start: Callable[[Any, bool], dict[str, An
     from flows import bulk_edit as flows_mod
     from manifests import ManifestError
 
-    absent = [_absent_folder(uri) for uri in (args.out, args.cache) if uri]
+    absent = getattr(args, "created_folders", [])
     progress = _Progress(_progress_mode())
     t0 = time.perf_counter()
+    _stage("checked the manifest's files, --out, the model and the device")
     try:
-        _preflight(args)
         runner, gpu = _task_runner(args)
+        _server_ready(args)
         flows_mod.set_progress_callback(progress)
+        _stage(f"planning {_what(args)}" if args.command != "rerun" else f"reading {_what(args)}")
         summary = start(runner, gpu)
     except ManifestError as exc:
         _remove_empty_folders(absent)
@@ -773,7 +983,7 @@ def _execute(args: argparse.Namespace, start: Callable[[Any, bool], dict[str, An
     finally:
         flows_mod.set_progress_callback(None)
         progress.close()
-    _print_summary(summary)
+    _print_summary(summary, args)
     if args.verbose:
         print(json.dumps(summary, indent=2, default=str))
     logging.getLogger(__name__).debug("cli finished in %.1fs", time.perf_counter() - t0)
@@ -783,12 +993,12 @@ def _execute(args: argparse.Namespace, start: Callable[[Any, bool], dict[str, An
     # edits failed because storage did (full, read-only...): fixing the rows would not help
     storage = summary.get("storage_failures")
     if storage:
-        print(f"editflow: error: {_storage_failures_line(summary)}", file=sys.stderr)
+        print(f"editflow: error: {_storage_failures_line(summary, args)}", file=sys.stderr)
         return EXIT_STORAGE
     return 0 if summary["counts"]["failed"] == 0 else 1
 
 
-def _storage_failures_line(summary: dict[str, Any]) -> str:
+def _storage_failures_line(summary: dict[str, Any], args: argparse.Namespace | None = None) -> str:
     """One line for a run whose edits or shards failed because storage did (credentials redacted)."""
     from storage.endpoints import redact
 
@@ -797,7 +1007,7 @@ def _storage_failures_line(summary: dict[str, Any]) -> str:
     return redact(
         f"storage failed during run {summary['run_id']}: {f['edits']} edit(s) and {f['shards']} "
         f"shard(s) could not be written ({error}); fix the storage, then "
-        f"`editflow rerun {summary['run_id']} --out {summary['out']}`"
+        f"`{_command(args, 'rerun', summary['run_id'], summary['out'])}`"
     )
 
 
@@ -828,7 +1038,7 @@ def _run(args: argparse.Namespace) -> int:
     options = _run_options(args)
     return _execute(
         args,
-        lambda runner, gpu: bulk_edit.with_options(task_runner=runner)(
+        lambda runner, gpu: bulk_edit.with_options(task_runner=runner, flow_run_name=args.run_id)(
             args.manifest, options, run_id=args.run_id, gpu_resources=gpu
         ),
     )
@@ -843,9 +1053,9 @@ def _rerun(args: argparse.Namespace) -> int:
         return _rerun_needs_review(args, options)
     return _execute(
         args,
-        lambda runner, gpu: rerun.with_options(task_runner=runner)(
-            args.run_id, options, gpu_resources=gpu
-        ),
+        lambda runner, gpu: rerun.with_options(
+            task_runner=runner, flow_run_name=f"{args.run_id}-rerun"
+        )(args.run_id, options, gpu_resources=gpu),
     )
 
 
@@ -885,9 +1095,9 @@ def _restyle(args: argparse.Namespace) -> int:
     options = _run_options(args)
     return _execute(
         args,
-        lambda runner, gpu: restyle.with_options(task_runner=runner)(
-            args.catalog, spec, options, run_id=args.run_id, gpu_resources=gpu
-        ),
+        lambda runner, gpu: restyle.with_options(
+            task_runner=runner, flow_run_name=f"{args.run_id}-restyle"
+        )(args.catalog, spec, options, run_id=args.run_id, gpu_resources=gpu),
     )
 
 
@@ -899,7 +1109,12 @@ def _serve(args: argparse.Namespace) -> int:
     if problems:
         return _report_invalid(args, problems)
     _preflight(args)
+    _launch_server()
     runner, gpu = _task_runner(args)
+    _server_ready(args)
+    from flows.server import register_server
+
+    register_server()  # runs on this machine use this server while it serves
     parameters = {
         "manifest": args.manifest,
         "options": _run_options(args).to_dict(),  # stored as JSON; the flow coerces it back
@@ -927,8 +1142,15 @@ def _show(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    print(format_overview(info, limit=args.limit))
-    return 0
+    text = format_overview(info, limit=args.limit)
+    if args.s3_endpoint:  # the hint to finish an interrupted run: the full command
+        run_uri = f"{info['out'].rstrip('/')}/runs/{info['run_id']}"
+        text = text.replace(
+            f"editflow rerun {run_uri}",
+            f"editflow rerun {run_uri} --s3-endpoint {_quote(args.s3_endpoint)}",
+        )
+    print(text)
+    return 1 if info["counts"].get("failed") else 0  # like `run`: 1 while the run has failed edits
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -938,6 +1160,31 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "restyle": _restyle,
     "serve": _serve,
 }
+
+
+LATEST = "latest"  # accepted wherever a run id is: the newest run under --out
+
+
+def _resolve_latest(args: argparse.Namespace) -> None:
+    """``latest`` -> the id of the newest run under args.out (``NoRuns``, exit 2, when there is none)."""
+    from storage.uri import open_store
+    from tasks.listing import latest_run
+
+    args.run_id = latest_run(open_store(args.out, s3_endpoint=args.s3_endpoint))
+
+
+def _runs(args: argparse.Namespace) -> int:
+    """`editflow runs`: the runs under --out, newest first (no Prefect, no model)."""
+    from storage.uri import open_store
+    from tasks.listing import format_runs, list_runs
+
+    store = open_store(args.out, s3_endpoint=args.s3_endpoint)
+    entries = list_runs(store, limit=args.limit)
+    if not entries:
+        print(f"no runs under {store.uri()}")
+        return 0
+    print(format_runs(entries))
+    return 0
 
 
 def _resolve_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -950,24 +1197,45 @@ def _resolve_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error(str(exc))
 
 
+_FLOW_COMMANDS = ("run", "rerun", "restyle")
+_ARGS: list[
+    argparse.Namespace
+] = []  # the command's arguments, once parsed  # the commands that run a flow now
+
+
 def _main(argv: list[str] | None = None) -> int:
     from flows.runners import check_scheduler
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _ARGS.append(args)  # the interrupt line names the run
     if args.command in ("rerun", "show"):
         _resolve_run(parser, args)
     if args.command == "rerun" and (args.settings is None) == args.needs_review:
         parser.error("rerun: --needs-review and --settings JSON go together")
     _check_locations(parser, args)
+    if args.command in ("rerun", "show") and args.run_id == LATEST:
+        _resolve_latest(args)
     if args.command == "show":
         return _show(args)
+    if args.command == "runs":
+        return _runs(args)
     if getattr(args, "dask_address", None):  # before the slow imports: one line, exit 3
         check_scheduler(args.dask_address)
-    invalid = _check_model(args)
-    _check_environment(parser, args)
-    _configure_logging(args)
+    _configure_logging(args)  # before a server is launched: it inherits the environment
+    if args.command in _FLOW_COMMANDS:
+        done = _before_the_server(args)  # the manifest's files, --out, the run; nothing to do?
+        if done is not None:
+            return done
+        _launch_server()
+    try:
+        invalid = _check_model(args)
+        _check_environment(parser, args)
+    except BaseException:
+        _remove_empty_folders(getattr(args, "created_folders", []))
+        raise
     if invalid:
+        _remove_empty_folders(getattr(args, "created_folders", []))
         return _report_invalid(args, invalid)
     return _COMMANDS[args.command](args)
 

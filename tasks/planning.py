@@ -18,13 +18,12 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from editing.prompts import PromptBudget
 from manifests.normalise import normalized_table
 from manifests.schema import EditRow
 from manifests.stream import (
@@ -45,6 +44,9 @@ from storage.writer import read_json, read_parquet, write_json, write_parquet
 from tasks.errors import RunExists
 from tasks.options import DEFAULT_SHARD_SIZE, RunOptions
 from tasks.results import results_table
+
+if TYPE_CHECKING:  # the tokenizer's module imports torch: not needed to plan
+    from editing.prompts import PromptBudget
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,14 @@ from pathlib import Path
 
 from tasks.errors import RunError, StorageUnusable
 
-__all__ = ["BadDevice", "BadModel", "check_device", "check_model", "probe_location"]
+__all__ = [
+    "BadDevice",
+    "BadModel",
+    "check_device",
+    "check_model",
+    "finished_rows",
+    "probe_location",
+]
 
 
 class BadModel(RunError):
@@ -107,3 +114,34 @@ def probe_location(uri: str, *, flag: str, s3_endpoint: str | None = None) -> No
             line = f"{exc.strerror or type(exc).__name__}"
         where = f"{flag}: " if uri in line else f"{flag} {uri}: "
         raise StorageUnusable(where + line) from exc
+
+
+def finished_rows(manifest_uri: str, out_uri: str, *, s3_endpoint: str | None = None) -> int | None:
+    """The manifest's row count when a run of it into `out_uri` would have nothing to do (every edit is
+    finished there: in the output's finished-edit index, its image still stored), else None. None too
+    for a manifest with problems (the run then reports them) and for an output root without finished
+    edits (nothing is read or written then). Stops at the first batch with an unfinished edit; no model, no Prefect."""
+    from manifests.stream import ManifestScan, open_manifest
+    from storage import keys
+    from storage.finished import load_finished
+    from storage.uri import open_store
+    from tasks.planning import split_finished
+
+    out = open_store(out_uri, s3_endpoint=s3_endpoint)
+    if not any(k.endswith(".parquet") for k in out.list(keys.finished_index_prefix())):
+        return None  # no index (a new root): nothing finished, and nothing is written here
+    done = load_finished(out)
+    if not len(done):
+        return None
+    source = open_manifest(manifest_uri, s3_endpoint=s3_endpoint)
+    scan = ManifestScan(
+        source
+    )  # structure and values; prompt lengths are checked when there is work
+    for batch in scan.batches():
+        if scan.total:
+            return None
+        pending, _ = split_finished(batch.normalized(), done)
+        if pending.num_rows:
+            return None
+    scan.finish()
+    return None if scan.total or not source.rows else source.rows

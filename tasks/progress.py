@@ -8,6 +8,10 @@ sources are read and after every batch of edits. Where it goes depends on where 
 * in a Dask worker process: as a Dask event (``Worker.log_event``) on the topic of the run, which the
   flow's Dask client receives through ``Client.subscribe_topic``.
 
+A shard also publishes the stage it enters (:meth:`ShardProgress.stage`: ``{"run_id", "shard", "stage":
+{"name": ..., facts}}``: loading the model, inverting, editing, writing), which the flow passes on as
+``{"stage": ...}`` so that the CLI can say what is happening before the first edit is done.
+
 Counts are cumulative per shard, so a repeated or late event (a retried shard, an event that arrives
 after the shard's result) never counts twice: :class:`RunProgress` keeps the largest count per shard.
 """
@@ -79,6 +83,10 @@ class ShardProgress:
     def add(self, n: int) -> None:
         """`n` more edits are finished."""
         self.set(self.done + n)
+
+    def stage(self, name: str, **facts: Any) -> None:
+        """The shard enters stage `name` (``model``, ``invert``, ``edit``, ``write``), with its facts."""
+        self._sink({"run_id": self.run_id, "shard": self.shard, "stage": {"name": name, **facts}})
 
     def _emit(self) -> None:
         self._sink(
@@ -287,6 +295,10 @@ class RunWatch:
             self._listening = None
 
     def _on_event(self, event: dict[str, Any]) -> None:
+        if "stage" in event:
+            if event.get("shard") in self.shard_edits:
+                self.notify({"stage": event["stage"]})
+            return
         if event.get("shard") in self.shard_edits and self.progress.update(event):
             self.notify({"progress": self.progress.snapshot()})
 

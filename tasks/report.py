@@ -836,8 +836,9 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int, max_lines
     if line:
         lines.append(line)
     if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] = lines[-1][: max(0, len(lines[-1]) - 1)] + "…"
+        # the first line (status, method) and the end: restyle's style words end the prompt
+        tail = lines[len(lines) - max_lines + 1 :]
+        lines = [lines[0], "…" + tail[0], *tail[1:]]
     return "\n".join(lines)
 
 

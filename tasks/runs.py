@@ -33,7 +33,6 @@ from tasks.options import RestyleSpec, RunOptions
 from tasks.report import failures as report_failures
 from tasks.report import read_run_plan_json
 from tasks.results import needs_review
-from tasks.shard import read_run_results
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +259,9 @@ def collect_results(
     wall: float,
 ) -> Collected:
     """Read the run's results and total them with the shards' stats into the run summary."""
+    # the engine's modules (torch) only once a run is collected: the CLI's checks import this module
+    from tasks.shard import read_run_results
+
     results = read_run_results(options, run_id)
     counts = {s: 0 for s in ("succeeded", "failed", "skipped")}
     cache_hits = 0

@@ -734,6 +734,7 @@ def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, A
     if todo:
         # once per worker process: its share of the CPUs
         threads = apply_thread_policy(options.threads)
+        progress.stage("model", model=options.model_ref)
         model = get_model(
             options.model_ref,
             device=options.device,
@@ -741,6 +742,7 @@ def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, A
             **options.model_args(),
         )
         with model_lock(model):
+            progress.stage("invert", sources=len(group_sources(todo)))
             prepared = prepare_sources(model, todo, options, cache)
             for stage, seconds in prepared.seconds.items():
                 stats.seconds[stage] += seconds
@@ -753,9 +755,11 @@ def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, A
                 len(results), failed=sum(r["status"] == "failed" for r in results.values())
             )
             if edits.groups:
+                progress.stage("edit", edits=sum(len(eg.rows) for eg in edits.groups))
                 t0 = time.perf_counter()
                 edited = edit_sources(model, [eg.group for eg in edits.groups], options, progress)
                 stats.seconds["edit"] += time.perf_counter() - t0
+                progress.stage("write", edits=sum(len(eg.rows) for eg in edits.groups))
                 t0 = time.perf_counter()
                 qa = judge_results(model, edits.groups, edited, options)
                 if qa:

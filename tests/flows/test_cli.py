@@ -75,12 +75,26 @@ def test_run_exit_status_and_summary(prefect_server, flow_model, tmp_path, capsy
     failed = [r for r in results.to_pylist() if r["status"] == "failed"]
     assert failed[0]["row"] == 0 and "image_uri: no object at" in failed[0]["error"]
     assert len(list((out / "assets").glob("*.png"))) == 8
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # the Prefect flow run is named after the run id
+        assert "r1" in {run.name for run in client.read_flow_runs()}
 
     (tmp_path / "missing.png").write_bytes(scene_png(5))
     assert (
         main(["rerun", "r1", "--out", str(out), "--model", flow_model]) == 0
     )  # the model comes from the command line
     assert "run r1: 9 succeeded, 0 failed, 0 skipped (of 9)" in capsys.readouterr().out
+
+    # nothing left to do: said so, before Prefect or the engine are imported, and no run folder made
+    from .test_startup import probe_cli
+
+    code, prefect, torch, text = probe_cli(
+        run_args(manifest, out, flow_model, shard_size=3, run_id="r2")
+    )
+    assert (code, prefect, torch) == (0, False, False), text
+    assert f"nothing to do: all 9 edits of {manifest} are finished under {out}" in text
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["r1"]
 
 
 def test_run_refuses_an_invalid_manifest_before_loading_a_model(tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import re
 import select
 import struct
 import subprocess
@@ -81,6 +82,15 @@ def test_a_run_on_a_terminal_shows_no_third_party_noise_and_v_shows_editflows_lo
     assert "run q1: 5 succeeded, 0 failed, 0 skipped (of 5)" in text
     assert f"report: {out}/runs/q1/report.html" in text
     assert "5/5" in text and "edit/s" in text  # our own progress bar, with its rate
+    # a line per stage, in order, each with the seconds since the start
+    stages = ["checked the manifest's files, --out, the model and the device",
+              "waiting for the temporary Prefect server", f"planning {manifest}",
+              "planned 5 edit(s) (0 skipped: finished earlier), 2 source(s), 1 shard(s)",
+              "loading the model", "inverting 2 source(s)", "editing 5 edit(s)", "writing 5 edit(s)",
+              "writing the report", "run q1: 5 succeeded"]  # fmt: skip
+    at = [text.find(stage) for stage in stages]
+    assert -1 not in at and at == sorted(at), list(zip(stages, at))
+    assert re.search(r"editflow +\d+\.\ds  loading the model ", text), text
     noisy = [line for line in text.splitlines() if any(n in line for n in NOISE)]
     assert not noisy, noisy
 

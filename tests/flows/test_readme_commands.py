@@ -129,7 +129,8 @@ def test_every_readme_block_that_can_run_here_is_run(prefect_server, tmp_path, m
     for kind, step in steps:
         if kind == "sh":
             command, expected = step
-            argv = shlex.split(command)
+            # a trailing "# ..." is a comment, as in bash
+            argv = shlex.split(command, comments=True)
             if argv[0] == "editflow":
                 code = main(argv[1:])
                 out = capsys.readouterr().out

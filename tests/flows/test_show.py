@@ -24,7 +24,7 @@ def test_show_and_rerun_by_uri_on_local_output(prefect_server, flow_model, tmp_p
     capsys.readouterr()
     run_uri = f"{out}/runs/r1"
 
-    assert main(["show", run_uri]) == 0
+    assert main(["show", run_uri]) == 1  # the run has a failed edit (as `run` exits)
     text = capsys.readouterr().out
     assert "run r1 (finished): 8 succeeded, 1 failed, 0 skipped (of 9)" in text
     assert (
@@ -33,13 +33,13 @@ def test_show_and_rerun_by_uri_on_local_output(prefect_server, flow_model, tmp_p
         and f"image_uri: no object at {missing}" in text
     )
     assert f"report: {out}/runs/r1/report.html" in text
-    assert main(["show", "r1", "--out", str(out)]) == 0
+    assert main(["show", "r1", "--out", str(out)]) == 1
     assert capsys.readouterr().out == text
 
     # interrupted: the plan, no summary, one shard's results missing
     (out / "runs" / "r1" / "summary.json").unlink()
     (out / "runs" / "r1" / "results" / "shard-00002.parquet").unlink()
-    assert main(["show", run_uri]) == 0
+    assert main(["show", run_uri]) == 1
     text = capsys.readouterr().out
     assert "run r1 (interrupted: 2 of 3 shards have results)" in text
     assert "not run (of 9)" in text and "failures (1):" in text
@@ -68,13 +68,13 @@ def test_show_and_rerun_by_uri_on_s3(
     )
     assert first["counts"] == {"succeeded": 3, "failed": 4, "skipped": 0}
     run_uri = f"{out}/runs/{first['run_id']}"
-    assert main(["show", run_uri, "--s3-endpoint", s3_server]) == 0
+    assert main(["show", run_uri, "--s3-endpoint", s3_server]) == 1
     text = capsys.readouterr().out
     assert f"run {first['run_id']} (finished): 3 succeeded, 4 failed" in text
     assert text.count("image_uri: no object at") == 4 and f"report: {run_uri}/report.html" in text
     assert (
         main(["show", first["run_id"], "--out", out, "--s3-endpoint", s3_server, "--limit", "2"])
-        == 0
+        == 1
     )
     assert "... 2 more (--limit 0 lists all)" in capsys.readouterr().out
 
