@@ -103,7 +103,7 @@ def _settings_json(text: str) -> str:
 
 def _qa_spec(text: str) -> str:
     """--qa: a gate spec editing.judge.parse_gate reads ('text>=0.1', rules joined by ',', or 'off')."""
-    from editing.judge import parse_gate
+    from editing.gate import parse_gate
 
     try:
         return parse_gate(text).spec
@@ -113,7 +113,7 @@ def _qa_spec(text: str) -> str:
 
 def _qa_args(p: argparse.ArgumentParser) -> None:
     """--qa: the edit-QA review gate (README: Edit QA)."""
-    from editing.judge import DEFAULT_GATE
+    from editing.gate import DEFAULT_GATE
 
     p.add_argument(
         "--qa", type=_qa_spec, default=None, metavar="GATE",

@@ -72,7 +72,7 @@ class RunOptions:
     qa: str | None = None
 
     def __post_init__(self) -> None:
-        from editing.judge import DEFAULT_GATE, parse_gate
+        from editing.gate import DEFAULT_GATE, parse_gate
         from editing.model import SIZE_POLICIES  # here, not at import: editing.model imports torch
         from editing.model_forms import parse_lora
 

@@ -1,0 +1,98 @@
+"""The edit-QA review gate: thresholds on an edit's judge scores (editing.judge), read from a spec such as
+``"text>=0.137"``. No torch here: the CLI and RunOptions check a gate before anything heavy is imported."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+GATE_METRICS = ("text",)  # the scores a gate rule may name
+_OPS = {
+    ">=": lambda v, x: v >= x,
+    ">": lambda v, x: v > x,
+    "<=": lambda v, x: v <= x,
+    "<": lambda v, x: v < x,
+}
+_RULE = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
+
+
+@dataclass(frozen=True)
+class GateRule:
+    """One threshold: the edit passes when `metric op threshold` holds."""
+
+    metric: str  # one of GATE_METRICS
+    op: str  # >=, >, <= or <
+    threshold: float
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.threshold:g}"
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Review thresholds on an edit's scores; no rules = off (every edit passes)."""
+
+    rules: tuple[GateRule, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rules)
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec string (what :func:`parse_gate` reads back)."""
+        return ",".join(str(r) for r in self.rules) if self.rules else "off"
+
+    def check(self, scores: Any) -> list[str]:
+        """Why one edit needs review, one reason per failed rule ([] = it passes). `scores`: a mapping of
+        metric to value, or an object with ``as_dict()`` (editing.judge.JudgeScore)."""
+        values: Mapping[str, float] = scores.as_dict() if hasattr(scores, "as_dict") else scores
+        reasons = []
+        for rule in self.rules:
+            value = values.get(rule.metric)
+            if value is None:
+                reasons.append(f"no {rule.metric} score")
+            elif not math.isfinite(value):
+                reasons.append(f"{rule.metric} is {value}")
+            elif not _OPS[rule.op](value, rule.threshold):
+                reasons.append(f"{rule.metric} {value:.4f} fails {rule}")
+        return reasons
+
+
+def parse_gate(spec: str) -> Gate:
+    """A gate from its spec: ``"text>=0.02"``, several rules joined by commas, or ``"off"``."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(
+            f"QA gate spec must be a non-empty string like 'text>=0.02' or 'off', got {spec!r}"
+        )
+    if spec.strip().lower() == "off":
+        return Gate()
+    rules = []
+    for part in spec.split(","):
+        m = _RULE.match(part)
+        if not m:
+            raise ValueError(
+                f"QA gate spec {spec!r}: cannot read {part.strip()!r}; expected METRIC OP NUMBER "
+                f"like 'text>=0.02' (OP one of >=, >, <=, <), rules joined by ',', or 'off'"
+            )
+        metric, op, number = m.groups()
+        if metric not in GATE_METRICS:
+            raise ValueError(
+                f"QA gate spec {spec!r}: unknown metric {metric!r}; known: {', '.join(GATE_METRICS)}"
+            )
+        try:
+            threshold = float(number)
+        except ValueError:
+            raise ValueError(f"QA gate spec {spec!r}: {number!r} is not a number") from None
+        if not math.isfinite(threshold):
+            raise ValueError(f"QA gate spec {spec!r}: the threshold must be finite, got {number!r}")
+        rules.append(GateRule(metric, op, threshold))
+    return Gate(tuple(rules))
+
+
+# The default review gate: the threshold flagging 12% of the good calibration edits with the default
+# JudgeConfig on the bundled model (README: Edit QA); another checkpoint needs its own calibration.
+DEFAULT_GATE = "text>=0.137"
