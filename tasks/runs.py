@@ -44,6 +44,8 @@ PREVIEW_COLUMNS = (
     "output_uri",
     "error",
     "reason",
+    "qa_text",
+    "qa",
     "cache_hit",
     "unet_evals",
     "seconds",
