@@ -164,7 +164,7 @@ def edit_chunk(model: EditModel, pieces: list[Piece], *, pad: bool = False) -> l
     # 4. Install processors, 5. denoise (local blend after each step; no host round trip inside)
     with controlled_unet(model.unet, state, p2p=True):
         for i, level in enumerate(range(steps, 0, -1)):
-            state.step = i
+            state.set_step(i)
             state.outputs.new_step()
             z = denoise_level(model, batch, z, level)
             if p2p.blends:
