@@ -33,10 +33,12 @@ class StepMask:
 
     mask: torch.Tensor  # (T, B) bool
     steps: tuple[bool, ...]  # host-side, per step: whether any row is acted on (recording, reports)
+    # host-side: whether any row is acted on at any step (what the processors branch on: a compiled
+    # graph guards on this one bool, not on the per-step tuple, which differs from chunk to chunk)
+    any: bool = False
 
-    @property
-    def any(self) -> bool:
-        return any(self.steps)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "any", any(self.steps))
 
     def at(self, step: torch.Tensor, ndim: int) -> torch.Tensor:
         """The rows acted on at `step` (the (1,) step tensor), shaped to broadcast over a (B, ...) tensor
@@ -62,6 +64,10 @@ class CrossControl:
     equalizer: torch.Tensor  # (K, 1, 1, L)
     weight: torch.Tensor  # (T, K, 1, 1, L): per step, the cross-replace schedule
     active: tuple[bool, ...]  # per step: whether any weight is non-zero (host-side)
+    any_active: bool = False  # whether any step is active (host-side; what the processors read)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "any_active", any(self.active))
 
 
 @dataclass(frozen=True)
@@ -191,16 +197,25 @@ class StepOutputs:
     # when a dict, live source features are saved into it (on the device, fp16): per
     # "{layer}.{q|k|conv2}" one tensor per step (a row per piece); see :meth:`recorded`
     record: dict[str, list[torch.Tensor]] | None = None
+    # this step's recording: the processors write a fresh dict each step (so a compiled UNet sees the
+    # same empty dict at every step, not a list that grows), moved into `record` by :meth:`new_step`
+    step_record: dict[str, torch.Tensor] = field(default_factory=dict)
     blend_sum: torch.Tensor | None = None  # (B, Q, L) this step's summed local-blend maps
     blend_count: int = 0  # how many layers were summed into blend_sum this step
     acted: set[str] = field(default_factory=set)  # layers that changed something (tests/reports)
 
     def new_step(self) -> None:
-        """Forget the previous step's local-blend maps."""
+        """Forget the previous step's local-blend maps; keep its recording."""
         self.blend_sum, self.blend_count = None, 0
+        if self.record is not None:
+            for key, t in self.step_record.items():
+                # a copy: a CUDA-graph replay reuses its output buffers at the next step
+                self.record.setdefault(key, []).append(t.clone())
+        self.step_record = {}
 
     def recorded(self, plan: ChunkPlan) -> dict[str, torch.Tensor]:
         """The recording as "{layer}.{kind}@{step}" -> (G, ...) for the steps that injected it."""
+        self.new_step()
         out = {}
         for key, per_step in (self.record or {}).items():
             steps = (plan.feature if key.endswith(".conv2") else plan.attn).steps
@@ -236,11 +251,8 @@ class ControlState:
             cached = plan.replay[key]  # (S, G, ...); masked-off steps past S read step S-1, unused
             source = cached[self.step.clamp(max=cached.shape[0] - 1)][0, plan.group]
         else:
-            record = self.outputs.record
-            if record is not None:  # every step, in step order; stays on the device
-                record.setdefault(key, []).append(
-                    tensor[plan.source_rows].detach().to(torch.float16)
-                )
+            if self.outputs.record is not None:  # every step; stays on the device
+                self.outputs.step_record[key] = tensor[plan.source_rows].detach().to(torch.float16)
             source = tensor[plan.src]
         return torch.where(on.at(self.step, tensor.ndim), source, tensor)
 
@@ -401,7 +413,7 @@ class P2PAttnProcessor:
             a = cross.alpha
             edited = torch.einsum("nhqs,nst->nhqt", src, cross.mapper) * a + own * (1 - a)
             probs = probs.index_put((cross.rows,), w * (edited * cross.equalizer) + (1 - w) * own)
-            if any(cross.active):
+            if cross.any_active:
                 st.acted(self.name)
         elif edit_self:
             on = plan.self_attn

@@ -217,6 +217,40 @@ class EditModel:
         return images
 
 
+# graphs a compiled UNet may keep per code object: one per (padded batch shape, method and its
+# controls), inversion's too; past dynamo's default (8) a frame silently runs eager
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def compile_unet(model: EditModel, mode: str, *, backend: str | Any = "inductor") -> str:
+    """``torch.compile`` the model's UNet in place (``nn.Module.compile``): the editing processors and
+    feature hooks installed per chunk run inside its graph, which reads the step from a device tensor
+    (:class:`editing.attention.ControlState`), so a graph is made per padded batch shape and method, not
+    per step or chunk. `mode`: one of :data:`editing.configs.COMPILE_MODES`; "reduce-overhead" (CUDA
+    graphs) off CUDA falls back to "default" with one log line. Returns the mode in force."""
+    from editing.configs import COMPILE_MODES
+
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode == "off":
+        return mode
+    if mode == "reduce-overhead" and model.device.type != "cuda":
+        logger.warning(
+            "compile 'reduce-overhead' (CUDA graphs) needs a CUDA device; the UNet on %s is "
+            "compiled with mode 'default' instead",
+            model.device,
+        )
+        mode = "default"
+    import torch._dynamo
+
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, COMPILE_RECOMPILE_LIMIT)
+    options = {"mode": mode} if backend == "inductor" else {}  # modes are inductor's
+    model.unet.compile(backend=backend, dynamic=False, **options)
+    logger.info("UNet compiled (mode %s, backend %s)", mode, backend)
+    return mode
+
+
 def _default_device_dtype(
     device: str | torch.device | None, dtype: torch.dtype | None
 ) -> tuple[torch.device, torch.dtype]:

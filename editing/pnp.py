@@ -148,6 +148,7 @@ def edit_chunk(
     with controlled_unet(model.unet, state, pnp_attn_parents=attns, pnp_feature_layers=feats):
         for i, level in enumerate(range(steps, 0, -1)):
             state.set_step(i)
+            state.outputs.new_step()
             z = denoise_level(model, batch, z, level)
             finite[i] = torch.isfinite(z).all()
     check_finite(finite)

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from editing.configs import DEFAULT_MAX_BATCH
+from editing.configs import COMPILE_MODES, DEFAULT_MAX_BATCH
 from manifests.build import DEFAULT_TEMPLATE
 from manifests.schema import DEFAULT_METHOD
 from storage.endpoints import check_endpoint
@@ -63,6 +63,10 @@ class RunOptions:
         None  # CPU intra-op threads per worker process; None = the policy (tasks.worker.apply_thread_policy)
     )
 
+    # torch.compile of the controlled UNet, one of COMPILE_MODES ("reduce-overhead": CUDA graphs, CUDA
+    # only); "off" by default: a compile costs minutes and pays off on long GPU runs (README: GPU levers)
+    compile: str = "off"
+
     def __post_init__(self) -> None:
         from editing.model import SIZE_POLICIES  # here, not at import: editing.model imports torch
         from editing.model_forms import parse_lora
@@ -98,6 +102,8 @@ class RunOptions:
             not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
         ):
             raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.dtype not in _ACCEPTED_DTYPES:
             raise ValueError(
                 f"dtype must be float16, bfloat16, float32 or float64, got {self.dtype!r}"
@@ -127,6 +133,7 @@ class RunOptions:
             "download": self.download,
             "loras": self.loras,
             "config": self.config_ref,
+            "compile": self.compile,
         }
 
     @property
