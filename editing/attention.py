@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 if TYPE_CHECKING:
     from editing.batching import RowLayout
@@ -469,12 +469,14 @@ def controlled_unet(
     p2p: bool = False,
     pnp_attn_parents: tuple[str, ...] = (),
     pnp_feature_layers: tuple[str, ...] = (),
+    sdpa: bool = True,
 ) -> Iterator[list[str]]:
     """Install the editing processors and hooks; yield the controlled layer names; restore in `finally`.
 
     P2P: every attention layer gets a :class:`P2PAttnProcessor` (cross ones edit maps, self ones replace
     at low resolution). PnP: attn1 of `pnp_attn_parents` get :class:`PnPSelfAttnProcessor`, and the conv2
-    of each resnet in `pnp_feature_layers` a forward hook. All other layers: fused SDPA. The state must
+    of each resnet in `pnp_feature_layers` a forward hook. All other layers: fused SDPA (`sdpa` False:
+    diffusers' classic unfused processor, the lever's "off"). The state must
     have a plan placed (:meth:`ChunkPlan.place`) on the UNet's device; anything elsewhere is an error here,
     before the loop, rather than a device mismatch deep inside it.
     """
@@ -498,7 +500,7 @@ def controlled_unet(
             procs[name + PROC_SUFFIX] = PnPSelfAttnProcessor(name, state)
             controlled.append(name)
         else:
-            procs[name + PROC_SUFFIX] = AttnProcessor2_0()
+            procs[name + PROC_SUFFIX] = AttnProcessor2_0() if sdpa else AttnProcessor()
     if state.plan.replay is not None:  # before the loop: cached features must cover every step used
         for name in pnp_names:
             for kind in ("q", "k"):

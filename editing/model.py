@@ -73,6 +73,14 @@ class EditModel:
         default_factory=dict
     )  # from the folder's editflow.json, if any
     vae_dtype: torch.dtype | None = None  # the VAE's precision; None = the VAE's parameters' dtype
+    # GPU levers (README: GPU levers), each a switch; the defaults keep outputs as they always were.
+    # the layers no editing processor controls run fused SDPA (False: diffusers' classic AttnProcessor)
+    sdpa: bool = True
+    # latents per VAE decode call; 0 = a chunk's targets in one call (in the VAE's precision either way)
+    decode_batch: int = 8
+    # the UNet's torch.compile mode (compile_unet sets it); when not "off", the engine runs every UNet
+    # batch at a padded, fixed shape so that the compiled graphs are reused
+    compiled: str = "off"
     _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -201,7 +209,7 @@ class EditModel:
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
         """Decode scaled latents (B, C, h, w) to PIL images."""
         images = []
-        for z in latents.split(8):
+        for z in latents.split(self.decode_batch or max(1, len(latents))):
             x = self.vae.decode(
                 z.to(self.device, self.vae_dtype) / float(self.vae.config.scaling_factor)
             ).sample
@@ -215,6 +223,13 @@ class EditModel:
             )
             images.extend(Image.fromarray(a) for a in x)
         return images
+
+
+def set_channels_last(model: EditModel, on: bool) -> None:
+    """The channels-last lever: the UNet's weights (and so its convolutions) in channels-last memory
+    format, or back to contiguous. Values are unchanged; only the kernels chosen differ."""
+    fmt = torch.channels_last if on else torch.contiguous_format
+    model.unet.to(memory_format=fmt)
 
 
 # graphs a compiled UNet may keep per code object: one per (padded batch shape, method and its
@@ -247,6 +262,7 @@ def compile_unet(model: EditModel, mode: str, *, backend: str | Any = "inductor"
     torch._dynamo.config.recompile_limit = max(limit, COMPILE_RECOMPILE_LIMIT)
     options = {"mode": mode} if backend == "inductor" else {}  # modes are inductor's
     model.unet.compile(backend=backend, dynamic=False, **options)
+    model.compiled = mode
     logger.info("UNet compiled (mode %s, backend %s)", mode, backend)
     return mode
 

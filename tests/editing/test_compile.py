@@ -69,15 +69,15 @@ def test_compiled_unet_no_graph_breaks_no_recompiles_and_equal_to_eager(tiny_dir
     compile_unet(model, "default", backend=backend)
     chunks: list[ChunkDone] = []
     try:
-        compiled = edit(
-            model, groups, max_batch=2, pad=True, isolate_failures=False, on_chunk=chunks.append
-        )
+        # no pad=: a compiled UNet's chunks are padded to fixed shapes by default
+        compiled = edit(model, groups, max_batch=2, isolate_failures=False, on_chunk=chunks.append)
     finally:
         torch._dynamo.reset()
     # 3 chunks of 2 targets (a source row and 4 target rows, padded to 8) per method
     assert [(c.method, c.targets) for c in chunks] == [("pnp", 2), ("p2p", 2)] * 3
     shapes = {(c.method, padded_rows(2 * c.targets + 1)) for c in chunks}
     assert shapes == {("pnp", 8), ("p2p", 8)}
+    assert all(c.padding_evals == 3 * STEPS for c in chunks)  # 3 padding rows at every step
     assert not counters["graph_break"], dict(counters["graph_break"])
     # one graph per (method, padded shape): not per step (STEPS x 6 calls), not per chunk
     assert len(backend.graphs) == len(shapes), backend.graphs
