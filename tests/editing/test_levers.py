@@ -102,3 +102,23 @@ def test_padded_inversion_runs_fixed_shapes_and_gives_the_same_trajectories(tiny
     for a, b in zip(plain, padded):
         torch.testing.assert_close(b.latents, a.latents, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(b.corrections, a.corrections, rtol=1e-9, atol=1e-9)
+
+
+def test_the_shard_inverts_at_least_four_sources_per_call(tiny):
+    """The cold path at the working batch: even with --max-batch 1, a shard's sources share inversion
+    calls, four at a time (tasks.shard.invert_sources)."""
+    from tasks.options import RunOptions
+    from tasks.shard import invert_sources
+
+    images, prompts = [make_image(i) for i in range(5)], ["a photo of a cat"] * 5
+    options = RunOptions(out="unused", max_batch=1)
+    facts = [{"source_prompt": p} for p in prompts]
+    rows = []
+    handle = tiny.unet.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    try:
+        invs = invert_sources(tiny, images, prompts, 2, options, facts)
+    finally:
+        handle.remove()
+    assert all(not isinstance(inv, Exception) for inv in invs) and len(invs) == 5
+    # 4 sources, then the fifth: inversion calls of 4 and 1 rows, guided calls of 8 and 2
+    assert sorted(set(rows)) == [1, 2, 4, 8]
