@@ -25,13 +25,14 @@ Measured, each in this one run:
    512 px, forward) and the device's dense fp16 tensor peak (table below, or ``--peak-tflops``);
    toggles: fused attention (diffusers' SDPA processor, the default) vs the classic unfused processor,
    channels-last, and ``torch.compile`` (batch 9).
-2. The engine: PnP with K = 4 target prompts per source, T = 50: editflow warm (inversion loaded from
-   bytes, one ``edit`` call of 9 rows per step), editflow cold (``invert`` + that call), and the naive
-   per-row loop (``invert`` + a one-target ``edit`` per row), same sources and prompts: edits per
-   GPU-hour, UNet evaluations per second, MFU; with channels-last and with ``torch.compile`` toggled.
-   The engine controls 8 self-attention layers and one resnet through processors and hooks whose
-   Python state changes per step, so ``torch.compile`` may recompile or fall back: the script reports
-   what it got.
+2. The engine: PnP with K = 4 target prompts per source, T = 50: editflow warm (inversions loaded from
+   bytes, one ``edit`` call), editflow cold (the sources inverted together with ``invert_many``, as a
+   shard does, then that call), and the naive per-row loop (``invert`` + a one-target ``edit`` per row),
+   same sources and prompts: edits per GPU-hour, UNet evaluations per second, UNet rows per call (and per
+   inversion call), padding waste, MFU; for each lever on (the others at their defaults): channels-last,
+   SDPA off, the VAE decode per chunk, fixed (padded) shapes, and ``torch.compile`` of the controlled UNet
+   (editing.model.compile_unet: default, and on CUDA max-autotune and reduce-overhead). The processors
+   read the step from a device tensor, so a compiled UNet makes one graph per padded shape and method.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
-    UNetCounter,
     machine_facts,
     print_machine,
     print_table,
@@ -296,15 +296,49 @@ def unet_throughput(model, batch: int, iters: int, warmup: int) -> float:
     return batch * iters / (time.perf_counter() - t0)
 
 
+class CountingUNet:
+    """Stands in for ``model.unet`` and counts each call's rows, outside any compiled graph (hooks on a
+    compiled module would run inside it); everything else goes to the UNet itself."""
+
+    def __init__(self, unet) -> None:
+        self.unet, self.rows, self.calls = unet, 0, 0
+
+    def __call__(self, sample, *args, **kwargs):
+        self.rows += int(sample.shape[0])
+        self.calls += 1
+        return self.unet(sample, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.unet, name)
+
+    def take(self) -> tuple[int, int]:
+        """(rows, calls) since the last take."""
+        out, self.rows, self.calls = (self.rows, self.calls), 0, 0
+        return out
+
+
+def uncompile_unet(model) -> None:
+    """Undo :func:`editing.model.compile_unet` between levers (nn.Module.compile keeps the compiled
+    call in ``_compiled_call_impl``; clearing it restores the eager call)."""
+    import torch._dynamo
+
+    model.unet._compiled_call_impl = None
+    model.compiled = "off"
+    torch._dynamo.reset()
+
+
 def engine_run(
-    model, n_sources: int, k: int, steps: int, modes: tuple[str, ...], log, pad: bool = False
+    model, n_sources: int, k: int, steps: int, modes: tuple[str, ...], log, pad: bool | None = None
 ) -> dict:
-    """Edits per hour and UNet evaluations per second of the engine's modes (interleaved per source);
-    `pad`: the engine's chunks at fixed (padded) batch shapes, the padding rows reported as waste."""
+    """Edits per hour and UNet evaluations per second of the engine's modes with the model's levers as
+    set: naive (one inversion and a one-target edit per row), cold (the sources inverted together, then
+    one ``edit`` of all of them, as a shard does) and warm (inversions loaded from bytes, one ``edit``).
+    Reports UNet rows per call (and per inversion call), and the padding rows' share (waste). `pad`:
+    the engine's fixed batch shapes (None: its default, on when the UNet is compiled)."""
     import torch
 
     from editing.configs import PnPConfig
-    from editing.inversion import Inversion, invert
+    from editing.inversion import Inversion, invert, invert_many
     from editing.methods import SourceGroup, Target, edit
 
     size = model.native_size
@@ -319,66 +353,72 @@ def engine_run(
                 [Target(f"{prompt} {STYLES[j % len(STYLES)]}", cfg) for j in range(k)],
             )
         )
-    with (
-        torch.no_grad()
-    ):  # warm-up (allocations, kernels, compile), in the same grad mode as the timed runs
-        inv = invert(model, sources[0][0], sources[0][1], num_steps=2)
-        edit(model, [SourceGroup(inv, sources[0][2])])
-        edit(model, [SourceGroup(inv, sources[0][2][:1])])
-        blobs = [invert(model, img, p, num_steps=steps).to_bytes() for img, p, _ in sources]
-        t0 = time.perf_counter()
-        edit(
-            model, [SourceGroup(Inversion.from_bytes(blobs[0]), sources[0][2])]
-        )  # every step once (torch.compile variants)
-        sync(model.device)
-        warmup_s = time.perf_counter() - t0
-    secs = {m: 0.0 for m in modes}
-    rows = {m: 0 for m in modes}
-    calls = {m: 0 for m in modes}
-    waste = {m: 0.0 for m in modes}  # padding rows' evaluations, as the engine reports them
-    counter = UNetCounter(model.unet)
-    with counter, torch.no_grad():
-        for i, (img, prompt, targets) in enumerate(sources):
-            order = modes[i % len(modes) :] + modes[: i % len(modes)]
-            for mode in order:
-                counter.reset()
+    images, prompts = [s[0] for s in sources], [s[1] for s in sources]
+    real_unet = model.unet
+    counter = model.unet = CountingUNet(real_unet)
+    waste = [0.0]
+
+    def on_chunk(done) -> None:
+        waste[0] += done.padding_evals
+
+    try:
+        with torch.no_grad():
+            # warm-up (allocations, kernels, compile: every shape the timed runs use), untimed
+            t0 = time.perf_counter()
+            invs = invert_many(model, images, prompts, num_steps=steps, pad=pad)
+            blobs = [inv.to_bytes() for inv in invs]
+            edit(model, [SourceGroup(inv, s[2]) for inv, s in zip(invs, sources)], pad=pad)
+            if "naive" in modes:
+                invert(model, images[0], prompts[0], num_steps=2)
+                edit(model, [SourceGroup(invs[0], sources[0][2][:1])])
+            sync(model.device)
+            warmup_s = time.perf_counter() - t0
+            counter.take()
+            out = {}
+            for mode in modes:
+                waste[0] = 0.0
                 sync(model.device)
                 t0 = time.perf_counter()
+                inv_rows = inv_calls = 0
                 if mode == "naive":
-                    for t in targets:
-                        inv = invert(model, img, prompt, num_steps=steps)
-                        edit(model, [SourceGroup(inv, [t])])
+                    for img, prompt, targets in sources:
+                        for t in targets:
+                            edit(
+                                model,
+                                [SourceGroup(invert(model, img, prompt, num_steps=steps), [t])],
+                            )
                 elif mode == "editflow cold":
-                    inv = invert(model, img, prompt, num_steps=steps)
-                    edit(model, [SourceGroup(inv, targets)])
+                    invs = invert_many(model, images, prompts, num_steps=steps, pad=pad)
+                    inv_rows, inv_calls = counter.take()
+                    groups = [SourceGroup(inv, s[2]) for inv, s in zip(invs, sources)]
+                    edit(model, groups, on_chunk=on_chunk, pad=pad)
                 else:
-                    edit(
-                        model,
-                        [SourceGroup(Inversion.from_bytes(blobs[i]), targets)],
-                        pad=pad,
-                        on_chunk=lambda d, m=mode: waste.__setitem__(m, waste[m] + d.padding_evals),
-                    )
+                    groups = [
+                        SourceGroup(Inversion.from_bytes(b), s[2]) for b, s in zip(blobs, sources)
+                    ]
+                    edit(model, groups, on_chunk=on_chunk, pad=pad)
                 sync(model.device)
-                secs[mode] += time.perf_counter() - t0
-                rows[mode] += counter.rows
-                calls[mode] += counter.calls
-            log(f"source {i + 1}/{n_sources}: " + ", ".join(f"{m} {secs[m]:.1f}s" for m in modes))
-    edits = n_sources * k
-    log(f"untimed full warm-up edit: {warmup_s:.1f}s")
-    return {
-        m: {
-            "seconds": secs[m],
-            "warmup_s": warmup_s,
-            "edits": edits,
-            "edits_per_gpu_hour": edits / secs[m] * 3600,
-            "seconds_per_edit": secs[m] / edits,
-            "unet_evals": rows[m],
-            "unet_evals_per_s": rows[m] / secs[m],
-            "rows_per_call": rows[m] / max(calls[m], 1),
-            "padding_share": waste[m] / max(rows[m], 1),
-        }
-        for m in modes
-    }
+                secs = time.perf_counter() - t0
+                rows, calls = counter.take()
+                rows, calls = rows + inv_rows, calls + inv_calls
+                edits = n_sources * k
+                out[mode] = {
+                    "seconds": secs,
+                    "warmup_s": warmup_s,
+                    "edits": edits,
+                    "edits_per_gpu_hour": edits / secs * 3600,
+                    "seconds_per_edit": secs / edits,
+                    "unet_evals": rows,
+                    "unet_evals_per_s": rows / secs,
+                    "rows_per_call": rows / max(calls, 1),
+                    "inversion_rows_per_call": inv_rows / inv_calls if inv_calls else None,
+                    "padding_share": waste[0] / max(rows, 1),
+                }
+                log(f"{mode}: {secs:.1f}s")
+    finally:
+        model.unet = real_unet
+    log(f"untimed warm-up: {warmup_s:.1f}s")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,7 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="run the torch.compile toggles even with --quick/--smoke",
+        help="run the torch.compile toggles even with --quick",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default=None,
+        help="the engine's torch.compile backend (default: inductor; with --smoke aot_eager: dynamo's "
+        "graphs run by eager kernels, since inductor's C++ builds take 15+ minutes on a small CPU)",
     )
     p.add_argument(
         "--peak-tflops",
@@ -454,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     n_sources = args.sources or (1 if smoke else 2 if args.quick else 3)
     iters = 2 if smoke else 10 if args.quick else 30
     warmup = 1 if smoke else 3
-    do_compile = args.compile or not (args.no_compile or args.quick or smoke)
+    # --smoke compiles too: its figures show compiled vs eager (the graphs, not inductor's kernels)
+    do_compile = args.compile or not (args.no_compile or args.quick)
+    backend = args.compile_backend or ("aot_eager" if smoke else "inductor")
     facts = machine_facts()
     print_machine(facts)
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
@@ -509,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     if do_compile:
         b = 9 if not smoke else 3
         try:
-            compiled_unet = torch.compile(model.unet)
+            compiled_unet = torch.compile(model.unet, backend=backend)
             plain = model.unet
             model.unet = compiled_unet
             t0 = time.perf_counter()
@@ -545,56 +593,54 @@ def main(argv: list[str] | None = None) -> int:
         title=f"UNet level ({name}, {dtype}, {model.native_size}px)",
     )
 
-    # 2. the engine
+    # 2. the engine: each lever on (the others at their defaults), warm and cold
+    from editing.model import compile_unet, set_channels_last
+
     engine = {}
-    modes = ("naive", "editflow cold", "editflow warm")
-    configs = [
-        ("baseline", {}),
+    levers: list[tuple[str, dict]] = [
+        ("baseline (eager, SDPA, contiguous, decode by 8)", {}),
         ("channels_last", {"cl": True}),
+        ("SDPA off (classic attention)", {"sdpa": False}),
+        ("VAE decode per chunk", {"decode_batch": 0}),
         ("fixed shapes (padded)", {"pad": True}),
     ]
     if do_compile:
-        configs.append(("torch.compile", {"compile": True}))
-    for label, opt in configs:
-        plain = model.unet
+        modes_ = ["default"] + (["max-autotune", "reduce-overhead"] if device == "cuda" else [])
+        levers += [(f"compile {m} ({backend})", {"compile": m}) for m in modes_]
+    for label, opt in levers:
+        t0 = time.perf_counter()
         try:
-            if opt.get("cl"):
-                model.unet.to(memory_format=torch.channels_last)
+            set_channels_last(model, bool(opt.get("cl")))
+            model.sdpa = opt.get("sdpa", True)
+            model.decode_batch = opt.get("decode_batch", 8)
+            pad = opt.get("pad")
             if opt.get("compile"):
-                import torch._dynamo
-
-                # the processors read per-step Python state: allow a compiled variant per step
-                cfg = torch._dynamo.config
-                name_ = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-                setattr(cfg, name_, max(getattr(cfg, name_), 4 * steps + 64))
-                model.unet = torch.compile(
-                    plain
-                )  # a wrapper: the counting hooks stay outside the graph
-            t0 = time.perf_counter()
-            res = engine_run(
-                model,
-                n_sources,
-                args.k,
-                steps,
-                modes if label == "baseline" else ("editflow warm",),
-                log,
-                pad=bool(opt.get("pad")),
+                # its chunks are padded (fixed shapes)
+                compile_unet(model, opt["compile"], backend=backend)
+            modes = (
+                ("naive", "editflow cold", "editflow warm")
+                if not opt
+                else ("editflow cold", "editflow warm")
             )
+            res = engine_run(model, n_sources, args.k, steps, modes, log, pad=pad)
             for m, d in res.items():
                 d["mfu"] = mfu(d["unet_evals_per_s"])
+                inv = d["inversion_rows_per_call"]
                 log(
-                    f"engine {label}, {m}: {d['rows_per_call']:.1f} UNet rows per call, "
-                    f"padding {d['padding_share']:.0%} of the rows"
+                    f"engine {label}, {m}: {d['rows_per_call']:.1f} UNet rows per call"
+                    + (f" ({inv:.1f} per inversion call)" if inv else "")
+                    + f", padding {d['padding_share']:.0%} of the rows"
                 )
             engine[label] = {"modes": res, "wall_s": time.perf_counter() - t0}
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - report, do not fail the whole benchmark
             engine[label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             log(f"engine {label} failed: {type(exc).__name__}: {exc}")
         finally:
-            model.unet = plain
-            model.unet.to(memory_format=torch.contiguous_format)
+            uncompile_unet(model)
+            set_channels_last(model, False)
+            model.sdpa, model.decode_batch = True, 8
     rows = []
-    base = engine.get("baseline", {}).get("modes", {})
+    base = next(iter(engine.values()), {}).get("modes", {})
     for label, e in engine.items():
         for m, d in e.get("modes", {}).items():
             ratio = (
@@ -612,16 +658,17 @@ def main(argv: list[str] | None = None) -> int:
                     ratio,
                     d["unet_evals"] / d["edits"],
                     d["unet_evals_per_s"],
+                    d["rows_per_call"],
+                    d["inversion_rows_per_call"],
+                    d["padding_share"],
                     d["mfu"],
                 ]
             )
         if "error" in e:
-            rows.append(
-                [label, "error: " + e["error"][:80], None, None, None, None, None, None, None]
-            )
+            rows.append([label, "error: " + e["error"][:80]] + [None] * 10)
     print_table(
         [
-            "config",
+            "lever",
             "mode",
             "edits",
             "s/edit",
@@ -629,6 +676,9 @@ def main(argv: list[str] | None = None) -> int:
             "x naive",
             "UNet evals/edit",
             "UNet evals/s",
+            "rows/call",
+            "rows/inversion call",
+            "padding",
             "MFU",
         ],
         rows,

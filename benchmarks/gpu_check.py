@@ -16,7 +16,9 @@ would bury a real precision bug under noise, so the check's UNet has its output 
 - identity edits (target = source prompt, PnP and P2P, guidance 1, target corrections on) against the
   same edits of a reference model in fp32 (fp64 when the dtype checked is fp32) within `identity` tol.;
 - the shard task path (``tasks.planning.plan_run`` + ``tasks.shard.run_shard``, local store, no Prefect)
-  for a 2-source x 2-target manifest, and two shard workers (separate processes) sharing one device.
+  for a 2-source x 2-target manifest, and two shard workers (separate processes) sharing one device;
+- for the first dtype, the compiled pass: PnP and P2P through a ``torch.compile``d UNet equal eager, with
+  no graph break and no recompile when run again (CUDA: reduce-overhead; CPU: dynamo's eager backend).
 
 Tolerances are relative (max |a - b| / max |b|) and printed with the measured value. Exit status 1 on
 any failure. On CUDA the whole run must also finish within 240 s (a row of the table).
@@ -142,6 +144,78 @@ class Checks:
             ("shard task path (local store)", self.shard_path),
             ("two shard workers, one device", self.two_workers),
         )]  # fmt: skip
+
+    def compiled_pass(self) -> tuple[str, str, Callable[[], str]]:
+        """The compiled pass (run once, for the first dtype): see :meth:`compiled`."""
+        return ("compiled UNet vs eager", self.name, self.compiled)
+
+    def compiled(self) -> str:
+        """PnP (recording features) and P2P (replace, local blend) of two sources through a
+        ``torch.compile``d UNet (editing.model.compile_unet on a model of its own; CUDA: mode
+        reduce-overhead, i.e. inductor and CUDA graphs; CPU: dynamo with the eager backend, to stay cheap)
+        equal the eager model's edits at the same padded shapes (within `batch` tol.), with no graph break
+        and no new graph when the same edits run again (one graph per chunk kind and shape, not per step)."""
+        import torch
+        import torch._dynamo
+        from torch._dynamo.utils import counters
+
+        from editing.configs import P2PConfig, PnPConfig
+        from editing.methods import SourceGroup, Target, edit
+        from editing.model import compile_unet, load_model
+
+        blend = P2PConfig(
+            blend_source_words=("cat",), blend_target_words=("dog",), blend_fraction=0.25
+        )
+        targets = [
+            Target("a photo of a dog", PnPConfig()),
+            Target("a photo of a red cat", PnPConfig(inject_uncond=True)),
+            Target("a photo of a dog", P2PConfig(kind="replace")),
+            Target("a photo of a dog", blend),
+        ]
+        cat, dog = self._inversions()[:2]  # the local blend's words are the cat source's
+        cuda = torch.device(self.device).type == "cuda"
+        # CPU: one source's PnP edits (one graph: ~9 s of tracing each, so the CPU test stays cheap;
+        # P2P compiled is tests/editing/test_compile.py's); CUDA: two sources, PnP and P2P (3 graphs)
+        groups = (
+            [SourceGroup(cat, targets), SourceGroup(dog, targets[:3])]
+            if cuda
+            else [SourceGroup(cat, targets[:2])]
+        )
+        t0 = time.perf_counter()
+        eager = edit(self.m, groups, pad=True, record_features=True, isolate_failures=False)
+        _sync(self.device)
+        eager_s = time.perf_counter() - t0
+        model = load_model(self.folder, device=self.device, dtype=self.m.dtype)
+        torch._dynamo.reset()
+        counters.clear()
+        mode = compile_unet(
+            model, "reduce-overhead" if cuda else "default", backend="inductor" if cuda else "eager"
+        )
+        try:
+            t0 = time.perf_counter()
+            ours = edit(model, groups, record_features=True, isolate_failures=False)
+            _sync(self.device)
+            first_s = time.perf_counter() - t0
+            graphs = counters["stats"]["unique_graphs"]
+            t0 = time.perf_counter()
+            again = edit(model, groups, record_features=True, isolate_failures=False)
+            _sync(self.device)
+            again_s = time.perf_counter() - t0
+            regraphs = counters["stats"]["unique_graphs"] - graphs
+            breaks = sum(counters["graph_break"].values())
+        finally:
+            torch._dynamo.reset()
+        pairs = [(b, a) for ge, gc in zip(eager, ours) for a, b in zip(ge, gc)]
+        pairs += [(b, a) for ge, gc in zip(eager, again) for a, b in zip(ge, gc)]
+        worst = max(rel(b.latent, a.latent) for b, a in pairs)
+        expect(all(bool(b.latent.isfinite().all()) for b, _ in pairs), "non-finite compiled edit")
+        expect(breaks == 0, f"{breaks} graph break(s) in the UNet forward")
+        expect(regraphs == 0, f"the same edits again made {regraphs} new graph(s)")
+        detail = (
+            f"mode {mode}: {graphs} graphs, 0 breaks; rel {worst:.1e} (tol {self.tol['batch']:.0e}); "
+            f"eager {eager_s:.1f}s, compiled {first_s:.1f}s first, {again_s:.1f}s again"
+        )
+        return expect(worst <= self.tol["batch"], detail)
 
     def _inversions(self):
         from editing.inversion import invert_many
@@ -369,6 +443,13 @@ class Checks:
 # ---------------------------------------------------------------- entry point
 
 
+def _sync(device: str) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def main(device: str | None, tiny: bool, dtypes: list[str] | None, steps: int | None) -> int:
     import torch
 
@@ -415,7 +496,9 @@ def main(device: str | None, tiny: bool, dtypes: list[str] | None, steps: int | 
             refs[str(ref_dtype)] = load_model(folder, device=device, dtype=ref_dtype)
         model = load_model(folder, device=device, dtype=dtype)
         checks = Checks(model, refs[str(ref_dtype)], dtype_name, steps, folder, device, work)
-        rows += run_checks(checks.all())
+        rows += run_checks(
+            checks.all() + ([checks.compiled_pass()] if dtype_name == dtypes[0] else [])
+        )
         del model, checks
         if not on_cpu:
             torch.cuda.empty_cache()

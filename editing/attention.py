@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 if TYPE_CHECKING:
     from editing.batching import RowLayout
@@ -27,46 +27,69 @@ PROC_SUFFIX = ".processor"
 
 
 @dataclass(frozen=True)
-class StepRows:
-    """The rows one control acts on at one step and the rows they take from, on the UNet's device.
+class StepMask:
+    """Per step, the batch rows one control acts on: a fixed-shape mask indexed by the step tensor on the
+    device, so that a compiled UNet sees the same graph at every step (no per-step Python values)."""
 
-    `n` is known on the host, so processors branch on it without reading a device tensor back.
-    """
+    mask: torch.Tensor  # (T, B) bool
+    steps: tuple[bool, ...]  # host-side, per step: whether any row is acted on (recording, reports)
+    # host-side: whether any row is acted on at any step (what the processors branch on: a compiled
+    # graph guards on this one bool, not on the per-step tuple, which differs from chunk to chunk)
+    any: bool = False
 
-    rows: torch.Tensor  # (n,) long; batch rows that are edited
-    src: torch.Tensor  # (n,) long; the live source row of each
-    group: torch.Tensor  # (n,) long; the cached-feature group (piece) of each
-    n: int
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "any", any(self.steps))
+
+    def at(self, step: torch.Tensor, ndim: int) -> torch.Tensor:
+        """The rows acted on at `step` (the (1,) step tensor), shaped to broadcast over a (B, ...) tensor
+        of `ndim` dimensions."""
+        return self.mask[step].view(-1, *([1] * (ndim - 1)))
+
+    def any_at(self, step: torch.Tensor) -> torch.Tensor:
+        """Whether any row is acted on at `step`: a 0-dim bool tensor on the device (never read back)."""
+        return self.mask[step].any()
 
 
 @dataclass(frozen=True)
 class CrossControl:
-    """Prompt-to-Prompt's cross-attention edit of the conditional target rows, on the UNet's device."""
+    """Prompt-to-Prompt's cross-attention edit of the conditional target rows, on the UNet's device.
 
-    rows: StepRows
-    mapper: torch.Tensor  # (n, L, L) in the model's dtype
-    alpha: torch.Tensor  # (n, 1, 1, L)
-    equalizer: torch.Tensor  # (n, 1, 1, L)
-    weight: tuple[torch.Tensor, ...]  # per step (n, 1, 1, L): the cross-replace schedule
+    Its `rows` have a fixed length (half the batch, at least the chunk's targets): the entries past the
+    targets repeat row 0 with a zero schedule weight, so they write that row's own maps back unchanged."""
+
+    rows: torch.Tensor  # (K,) long; the edited rows
+    src: torch.Tensor  # (K,) long; the source row of each
+    mapper: torch.Tensor  # (K, L, L) in the model's dtype
+    alpha: torch.Tensor  # (K, 1, 1, L)
+    equalizer: torch.Tensor  # (K, 1, 1, L)
+    weight: torch.Tensor  # (T, K, 1, 1, L): per step, the cross-replace schedule
     active: tuple[bool, ...]  # per step: whether any weight is non-zero (host-side)
+    any_active: bool = False  # whether any step is active (host-side; what the processors read)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "any_active", any(self.active))
 
 
 @dataclass(frozen=True)
 class ChunkPlan:
     """Everything the processors and hooks read, made once per chunk by :meth:`place` on the UNet's
-    device and never changed: per step the rows of each control, Prompt-to-Prompt's cross-attention
-    control, the replayed features. Only the step index (:attr:`ControlState.step`) moves in the loop,
-    so the loop does no host round trip: no `.cpu()`, `.item()`, host `nonzero` or `bool(tensor)`.
-    """
+    device and never changed: per step the rows of each control (masks indexed by the step tensor),
+    Prompt-to-Prompt's cross-attention control, the replayed features. Only the step tensor
+    (:attr:`ControlState.step`) moves in the loop, so the loop does no host round trip (no `.cpu()`,
+    `.item()`, host `nonzero` or `bool(tensor)`) and every tensor's shape depends on the batch shape and
+    the step count only (one compiled graph per padded shape and method)."""
 
     device: torch.device
     latent_positions: int  # h * w of the latent (for resolution-relative layer choices)
-    feature_rows: tuple[StepRows, ...]  # per step: PnP residual injection
-    attn_rows: tuple[StepRows, ...]  # per step: PnP q/k injection (target rows)
-    self_rows: tuple[StepRows, ...]  # per step: P2P self-attention replacement (cond. target rows)
+    src: torch.Tensor  # (B,) long; per row the source row it takes from (itself when none)
+    group: torch.Tensor  # (B,) long; per row its piece (the cached features it takes)
+    feature: StepMask  # PnP residual injection (target rows)
+    attn: StepMask  # PnP q/k injection (target rows)
+    self_attn: StepMask  # P2P self-attention replacement (conditional target rows)
     source_rows: torch.Tensor  # (G,) long; each piece's source row (empty when replaying)
     cross: CrossControl | None = None  # P2P cross-attention
-    # cached source features by "{layer}.{q|k|conv2}@{step}" -> (G, ...); None: live source rows
+    # cached source features by "{layer}.{q|k|conv2}" -> (S, G, ...), S the recorded steps (0..S-1);
+    # None: live source rows
     replay: dict[str, torch.Tensor] | None = None
     self_max_positions: int = 0  # P2P: replace self-attention only where query positions <= this
     # P2P: collect cross maps for local blend at layers with this many positions; -1: none
@@ -86,94 +109,157 @@ class ChunkPlan:
         self_max_positions: int = 0,
         blend_positions: int = -1,
     ) -> ChunkPlan:
-        """Derive every per-step index and schedule from the host-side row layout `rows`
+        """Derive every per-step mask and schedule from the host-side row layout `rows`
         (:class:`editing.batching.RowLayout`) and put them, Prompt-to-Prompt's `cross` tensors
-        (mapper, alpha, equalizer, schedule; one row per batch row) and any replayed features (in
-        `dtype`) on `device`; once per chunk, before the loop."""
+        (mapper, alpha, equalizer, schedule; one row per batch row) and any replayed features
+        ("{layer}.{kind}@{step}" -> (G, ...), in `dtype`) on `device`; once per chunk, before the loop."""
         device = torch.device(device)
-        src, group = torch.tensor(rows.src), torch.tensor(rows.group)
+        b = rows.size
+        src = torch.tensor([s if s >= 0 else r for r, s in enumerate(rows.src)], dtype=torch.long)
         target, cond = torch.tensor(rows.target), torch.tensor(rows.cond_target)
+        level = torch.arange(steps)[:, None]  # (T, 1)
         feature_steps, attn_steps = torch.tensor(rows.feature_steps), torch.tensor(rows.attn_steps)
-        cache: dict[tuple[int, ...], StepRows] = {}
 
-        def rows_where(mask: torch.Tensor) -> StepRows:
-            idx = tuple(torch.nonzero(mask).flatten().tolist())  # host, before the loop
-            if idx not in cache:
-                t = torch.tensor(idx, dtype=torch.long)
-                cache[idx] = StepRows(
-                    t.to(device), src[t].to(device), group[t].to(device), len(idx)
-                )
-            return cache[idx]
+        def mask(m: torch.Tensor) -> StepMask:  # (T, B) on the host
+            return StepMask(m.to(device), tuple(bool(x) for x in m.any(1)))
 
         control = None
         if cross is not None:
             r = torch.nonzero(cond).flatten()  # the conditional target rows, on the host
+            k = max(b // 2, len(r))
+            fill = k - len(r)  # entries that repeat row 0 with a zero weight: a fixed length
 
-            def cols(t: torch.Tensor) -> torch.Tensor:  # (n, L) -> (n, 1, 1, L) on device
+            def pad(t: torch.Tensor) -> torch.Tensor:
+                return torch.cat([t, t[:1].expand(fill, *t.shape[1:])]) if fill else t
+
+            def cols(t: torch.Tensor) -> torch.Tensor:  # (K, L) -> (K, 1, 1, L) on device
                 return t.to(device, dtype)[:, None, None, :]
 
             sched = cross["schedule"][r]  # (n, T, L)
+            weight = torch.cat([sched, sched.new_zeros(fill, *sched.shape[1:])])  # (K, T, L)
+            rows_k = torch.cat([r, r.new_zeros(fill)])
             control = CrossControl(
-                rows=rows_where(cond),
-                mapper=cross["mapper"][r].to(device, dtype),
-                alpha=cols(cross["alpha"][r]),
-                equalizer=cols(cross["equalizer"][r]),
-                weight=tuple(cols(sched[:, i]) for i in range(steps)),
+                rows=rows_k.to(device),
+                src=src[rows_k].to(device),
+                mapper=pad(cross["mapper"][r]).to(device, dtype),
+                alpha=cols(pad(cross["alpha"][r])),
+                equalizer=cols(pad(cross["equalizer"][r])),
+                weight=weight.transpose(0, 1).to(device, dtype)[:, :, None, None, :],
                 active=tuple(bool((sched[:, i] > 0).any()) for i in range(steps)),
             )
         return cls(
             device=device,
             latent_positions=latent_positions,
-            feature_rows=tuple(rows_where(target & (i < feature_steps)) for i in range(steps)),
-            attn_rows=tuple(rows_where(target & (i < attn_steps)) for i in range(steps)),
-            self_rows=tuple(rows_where(cond & (i < attn_steps)) for i in range(steps)),
+            src=src.to(device),
+            group=torch.tensor(rows.group, dtype=torch.long).to(device),
+            feature=mask(target & (level < feature_steps)),
+            attn=mask(target & (level < attn_steps)),
+            self_attn=mask(cond & (level < attn_steps)),
             source_rows=torch.tensor(rows.src_rows, dtype=torch.long).to(device),
             cross=control,
-            replay=None if replay is None else {k: v.to(device, dtype) for k, v in replay.items()},
+            replay=None if replay is None else _stack_replay(replay, device, dtype),
             self_max_positions=self_max_positions,
             blend_positions=blend_positions,
         )
+
+    def check_replay(self, key: str, needed: StepMask) -> None:
+        """Refuse, before the loop, cached features that lack a step the chunk injects `key` at."""
+        have = 0 if self.replay is None or key not in self.replay else self.replay[key].shape[0]
+        last = max((i for i, on in enumerate(needed.steps) if on), default=-1)
+        if last >= have:
+            raise KeyError(
+                f"cached features lack {f'{key}@{last}'!r}; the cache was made with other settings"
+            )
+
+
+def _stack_replay(
+    replay: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """ "{layer}.{kind}@{step}" -> (G, ...) as "{layer}.{kind}" -> (S, G, ...) over steps 0..S-1 (a
+    recording holds the first S steps of each key; a gap ends it), on `device` in `dtype`."""
+    per_key: dict[str, dict[int, torch.Tensor]] = {}
+    for full_key, t in replay.items():
+        key, _, step = full_key.rpartition("@")
+        per_key.setdefault(key, {})[int(step)] = t
+    out = {}
+    for key, by_step in per_key.items():
+        n = 0
+        while n in by_step:
+            n += 1
+        out[key] = torch.stack([by_step[i] for i in range(n)]).to(device, dtype)
+    return out
 
 
 @dataclass
 class StepOutputs:
     """What the processors and hooks write while a chunk runs (kept apart from the plan they read)."""
 
-    # when a dict, live source features are saved into it (on the device, fp16), one entry per
-    # "{layer}.{q|k|conv2}@{step}" with a row per piece
-    record: dict[str, torch.Tensor] | None = None
+    # when a dict, live source features are saved into it (on the device, fp16): per
+    # "{layer}.{q|k|conv2}" one tensor per step (a row per piece); see :meth:`recorded`
+    record: dict[str, list[torch.Tensor]] | None = None
+    # this step's recording: the processors write a fresh dict each step (so a compiled UNet sees the
+    # same empty dict at every step, not a list that grows), moved into `record` by :meth:`new_step`
+    step_record: dict[str, torch.Tensor] = field(default_factory=dict)
     blend_sum: torch.Tensor | None = None  # (B, Q, L) this step's summed local-blend maps
     blend_count: int = 0  # how many layers were summed into blend_sum this step
     acted: set[str] = field(default_factory=set)  # layers that changed something (tests/reports)
 
     def new_step(self) -> None:
-        """Forget the previous step's local-blend maps."""
+        """Forget the previous step's local-blend maps; keep its recording."""
         self.blend_sum, self.blend_count = None, 0
+        if self.record is not None:
+            for key, t in self.step_record.items():
+                # a copy: a CUDA-graph replay reuses its output buffers at the next step
+                self.record.setdefault(key, []).append(t.clone())
+        self.step_record = {}
+
+    def recorded(self, plan: ChunkPlan) -> dict[str, torch.Tensor]:
+        """The recording as "{layer}.{kind}@{step}" -> (G, ...) for the steps that injected it."""
+        self.new_step()
+        out = {}
+        for key, per_step in (self.record or {}).items():
+            steps = (plan.feature if key.endswith(".conv2") else plan.attn).steps
+            out |= {f"{key}@{i}": t for i, t in enumerate(per_step) if steps[i]}
+        return out
 
 
 @dataclass
 class ControlState:
-    """What the processors see: the chunk's (immutable, placed) plan, the step the loop is at (the one
-    thing that changes) and the outputs they write."""
+    """What the processors see: the chunk's (immutable, placed) plan, the step the loop is at (a (1,)
+    long tensor on the plan's device, filled in place: the one thing that changes) and the outputs.
+
+    The step is a 1-element tensor, not a 0-dim one: indexing with a 0-dim integer tensor reads it back
+    to the host (it counts as a Python int); a 1-element index is a gather on the device."""
 
     plan: ChunkPlan
     outputs: StepOutputs = field(default_factory=StepOutputs)
-    step: int = 0
+    step: torch.Tensor | None = None
 
-    def source_for(self, key: str, tensor: torch.Tensor, sel: StepRows) -> torch.Tensor:
-        """The source's `key` feature for the rows `sel`: from the batch's source rows, or from the cache."""
-        plan, step = self.plan, self.step
+    def __post_init__(self) -> None:
+        if self.step is None and isinstance(self.plan, ChunkPlan):
+            self.step = torch.zeros(1, dtype=torch.long, device=self.plan.device)
+
+    def set_step(self, i: int) -> None:
+        """Tell the processors the loop is at step `i` (no host read; the same tensor every step)."""
+        self.step.fill_(i)
+
+    def take(self, key: str, tensor: torch.Tensor, on: StepMask) -> torch.Tensor:
+        """`tensor` (B, ...) with the rows `on` acts on at this step replaced by their source's `key`
+        feature: from the batch's source rows, or from the cache (recording the source rows' when asked)."""
+        plan = self.plan
         if plan.replay is not None:
-            full_key = f"{key}@{step}"
-            if full_key not in plan.replay:
-                raise KeyError(
-                    f"cached features lack {full_key!r}; the cache was made with other settings"
-                )
-            return plan.replay[full_key][sel.group]
-        record = self.outputs.record
-        if record is not None:  # one entry per piece, in piece order; stays on the device
-            record[f"{key}@{step}"] = tensor[plan.source_rows].detach().to(torch.float16)
-        return tensor[sel.src]
+            cached = plan.replay[key]  # (S, G, ...); masked-off steps past S read step S-1, unused
+            source = cached[self.step.clamp(max=cached.shape[0] - 1)][0, plan.group]
+        else:
+            if self.outputs.record is not None:  # every step; stays on the device
+                self.outputs.step_record[key] = tensor[plan.source_rows].detach().to(torch.float16)
+            source = tensor[plan.src]
+        return torch.where(on.at(self.step, tensor.ndim), source, tensor)
+
+    def acted(self, name: str) -> None:
+        """Note (eager runs only; nothing to trace) that layer `name` changed something in this chunk."""
+        if not torch.compiler.is_compiling():
+            self.outputs.acted.add(name)
 
 
 def tensors_in(obj, _seen: dict[int, object] | None = None) -> list[torch.Tensor]:
@@ -267,12 +353,11 @@ class PnPSelfAttnProcessor:
         residual = hidden_states
         q, k, v, shape4 = _project(attn, hidden_states, None)
         st = self.state
-        sel = st.plan.attn_rows[st.step]
-        if sel.n:
-            q, k = q.clone(), k.clone()
-            q[sel.rows] = st.source_for(f"{self.name}.q", q, sel)
-            k[sel.rows] = st.source_for(f"{self.name}.k", k, sel)
-            st.outputs.acted.add(self.name)
+        on = st.plan.attn
+        if on.any:  # host-side, fixed for the chunk: the same graph at every step
+            q = st.take(f"{self.name}.q", q, on)
+            k = st.take(f"{self.name}.k", k, on)
+            st.acted(self.name)
         out = F.scaled_dot_product_attention(_heads(attn, q), _heads(attn, k), _heads(attn, v))
         return _finish(attn, out, residual, shape4)
 
@@ -282,7 +367,9 @@ class P2PAttnProcessor:
 
     Cross-attention: target maps = schedule * (mapped source maps * alpha + own * (1 - alpha)) * equalizer
     + (1 - schedule) * own. Self-attention (only at low resolutions): target maps = source maps while
-    step < self-replace steps. Layers where neither applies at this step run fused SDPA.
+    step < self-replace steps; at the steps where no row replaces, the layer's output is fused SDPA's
+    (both are computed there and one is selected on the device, so that every step runs one graph).
+    Layers where neither applies run fused SDPA.
     """
 
     def __init__(self, name: str, state: ControlState, is_cross: bool):
@@ -305,36 +392,36 @@ class P2PAttnProcessor:
         q, k, v, shape4 = _project(attn, hidden_states, encoder_hidden_states)
         st, plan = self.state, self.state.plan
         positions = q.shape[1]
-        if self.is_cross:
-            sel = plan.cross.rows
-            collect = positions == plan.blend_positions
-        else:
-            sel = plan.self_rows[st.step] if positions <= plan.self_max_positions else None
-            collect = False
+        # host-side choices, fixed for the chunk
+        edit_cross = self.is_cross and plan.cross is not None
+        edit_self = (
+            not self.is_cross and positions <= plan.self_max_positions and plan.self_attn.any
+        )
+        collect = self.is_cross and positions == plan.blend_positions
         qh, kh, vh = _heads(attn, q), _heads(attn, k), _heads(attn, v)
-        if not (sel is not None and sel.n) and not collect:
+        if not (edit_cross or edit_self or collect):
             return _finish(attn, F.scaled_dot_product_attention(qh, kh, vh), residual, shape4)
         probs = (
             qh @ kh.transpose(-1, -2) * (attn.scale if attn.scale else 1 / math.sqrt(qh.shape[-1]))
         ).softmax(-1)
         if collect:
             self._collect(probs)
-        if sel is not None and sel.n:
-            src = probs[sel.src]  # (n, heads, Q, K)
-            if self.is_cross:
-                cross = plan.cross
-                if cross.active[st.step]:
-                    own = probs[sel.rows]
-                    w = cross.weight[st.step]  # (n, 1, 1, L)
-                    a = cross.alpha
-                    edited = torch.einsum("nhqs,nst->nhqt", src, cross.mapper) * a + own * (1 - a)
-                    probs = probs.clone()
-                    probs[sel.rows] = w * (edited * cross.equalizer) + (1 - w) * own
-                    st.outputs.acted.add(self.name)
-            else:
-                probs = probs.clone()
-                probs[sel.rows] = src
-                st.outputs.acted.add(self.name)
+        if edit_cross:
+            cross = plan.cross
+            src, own = probs[cross.src], probs[cross.rows]  # (K, heads, Q, L)
+            w = cross.weight[st.step][0]  # (K, 1, 1, L); 0 where (or when) a row takes nothing
+            a = cross.alpha
+            edited = torch.einsum("nhqs,nst->nhqt", src, cross.mapper) * a + own * (1 - a)
+            probs = probs.index_put((cross.rows,), w * (edited * cross.equalizer) + (1 - w) * own)
+            if cross.any_active:
+                st.acted(self.name)
+        elif edit_self:
+            on = plan.self_attn
+            probs = torch.where(on.at(st.step, probs.ndim), probs[plan.src], probs)
+            fused = F.scaled_dot_product_attention(qh, kh, vh)
+            out = torch.where(on.any_at(st.step), probs @ vh, fused)
+            st.acted(self.name)
+            return _finish(attn, out, residual, shape4)
         return _finish(attn, probs @ vh, residual, shape4)
 
     def _collect(self, probs: torch.Tensor) -> None:
@@ -366,13 +453,10 @@ def self_attention_names(unet, parents: tuple[str, ...]) -> list[str]:
 
 def _feature_hook(name: str, state: ControlState):
     def hook(module, args, output):
-        sel = state.plan.feature_rows[state.step]
-        if not sel.n:
+        if not state.plan.feature.any:  # host-side, fixed for the chunk
             return None
-        output = output.clone()
-        output[sel.rows] = state.source_for(f"{name}.conv2", output, sel)
-        state.outputs.acted.add(name)
-        return output
+        state.acted(name)
+        return state.take(f"{name}.conv2", output, state.plan.feature)
 
     return hook
 
@@ -385,12 +469,14 @@ def controlled_unet(
     p2p: bool = False,
     pnp_attn_parents: tuple[str, ...] = (),
     pnp_feature_layers: tuple[str, ...] = (),
+    sdpa: bool = True,
 ) -> Iterator[list[str]]:
     """Install the editing processors and hooks; yield the controlled layer names; restore in `finally`.
 
     P2P: every attention layer gets a :class:`P2PAttnProcessor` (cross ones edit maps, self ones replace
     at low resolution). PnP: attn1 of `pnp_attn_parents` get :class:`PnPSelfAttnProcessor`, and the conv2
-    of each resnet in `pnp_feature_layers` a forward hook. All other layers: fused SDPA. The state must
+    of each resnet in `pnp_feature_layers` a forward hook. All other layers: fused SDPA (`sdpa` False:
+    diffusers' classic unfused processor, the lever's "off"). The state must
     have a plan placed (:meth:`ChunkPlan.place`) on the UNet's device; anything elsewhere is an error here,
     before the loop, rather than a device mismatch deep inside it.
     """
@@ -414,7 +500,13 @@ def controlled_unet(
             procs[name + PROC_SUFFIX] = PnPSelfAttnProcessor(name, state)
             controlled.append(name)
         else:
-            procs[name + PROC_SUFFIX] = AttnProcessor2_0()
+            procs[name + PROC_SUFFIX] = AttnProcessor2_0() if sdpa else AttnProcessor()
+    if state.plan.replay is not None:  # before the loop: cached features must cover every step used
+        for name in pnp_names:
+            for kind in ("q", "k"):
+                state.plan.check_replay(f"{name}.{kind}", state.plan.attn)
+        for path in pnp_feature_layers:
+            state.plan.check_replay(f"{path}.conv2", state.plan.feature)
     handles = []
     try:
         for path in pnp_feature_layers:

@@ -28,6 +28,9 @@ SD_PNP_ATTN_LAYERS: tuple[str, ...] = (  # decoder layers 4-11 (self-attention q
 P2P_KINDS = ("auto", "replace", "refine", "reweight")
 # Targets per UNet batch (a chunk: rows = 2 x targets + one source row per image); runs override it.
 DEFAULT_MAX_BATCH = 8
+# torch.compile of the controlled UNet (editing.model.compile_unet): off, or a torch.compile mode;
+# "reduce-overhead" (CUDA graphs) needs CUDA and falls back to "default" elsewhere
+COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
 PNP_SOURCE_TEXTS = ("source", "empty")
 BLEND_NORMALIZATIONS = ("minmax", "max")
 

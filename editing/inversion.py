@@ -184,12 +184,17 @@ def invert_many(
     size_policy: str = "fit",
     max_batch: int = 16,
     facts: Sequence[Mapping[str, Any]] | None = None,
+    pad: bool | None = None,
 ) -> list[Inversion]:
     """:func:`invert` for several images at once: images of the same size share every UNet call
     (up to `max_batch` images per call). Results are identical to inverting each alone. `facts`: each
-    image's :func:`inversion_facts` when the caller has them already (computed here otherwise)."""
+    image's :func:`inversion_facts` when the caller has them already (computed here otherwise). `pad`:
+    run each call at a fixed batch shape (images padded to a power of two by repeating the last; the
+    copies are discarded); None: padded when the model's UNet is compiled (the editing chunks' rule)."""
     if len(images) != len(source_prompts):
         raise ValueError(f"{len(images)} images for {len(source_prompts)} source prompts")
+    if pad is None:
+        pad = model.compiled != "off"
     if facts is None:
         facts = [
             inversion_facts(model, p, num_steps=num_steps, guidance_scale=guidance_scale,
@@ -215,6 +220,7 @@ def invert_many(
                 torch.cat([pixels[i] for i in part]),
                 [source_prompts[i] for i in part],
                 guidance_scale,
+                pad,
             )
             for i, inv in zip(part, invs):
                 inv.facts = dict(facts[i]) | {
@@ -234,13 +240,20 @@ def _invert_batch(
     pixels: torch.Tensor,
     prompts: list[str],
     guidance_scale: float,
+    pad: bool = False,
 ) -> list[Inversion]:
     n, steps = pixels.shape[0], schedule.num_steps
-    # 2. Encode prompts and the images
+    # 2. Encode prompts and the images (padding: the last image again, up to a fixed batch shape)
     emb = model.encode_prompts([""] * n + prompts)
     uncond, cond = emb[:n], emb[n:]
     z = model.encode_image(pixels)  # (n, C, h, w) fp32 (fp64 for fp64 models)
     _check_finite("the image latent", z)
+    extra = (1 << (n - 1).bit_length()) - n if pad else 0
+    if extra:
+        uncond, cond, z = (
+            torch.cat([t, t[-1:].expand(extra, *t.shape[1:])]) for t in (uncond, cond, z)
+        )
+        n += extra
     timesteps = schedule.timesteps_on(model.device)  # once; indexed on the device per step
     # 3. Invert: z_0 -> z_T with the source prompt, guidance 1
     latents = [z]
@@ -259,6 +272,7 @@ def _invert_batch(
         produced = denoise_step(guide(out[:n], out[n:], guidance_scale), x, schedule, level)
         gaps[:, level - 1] = traj[:, level - 1] - produced
     _check_finite("the Direct Inversion corrections", gaps)
+    n -= extra
     return [
         Inversion(
             latents=traj[i].cpu(),

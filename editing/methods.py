@@ -134,7 +134,7 @@ def edit(
     *,
     max_batch: int = DEFAULT_MAX_BATCH,
     record_features: bool = False,
-    pad: bool = False,
+    pad: bool | None = None,
     on_chunk: Callable[[ChunkDone], None] | None = None,
     isolate_failures: bool = True,
 ) -> list[list[Outcome]]:
@@ -145,10 +145,14 @@ def edit(
     of each finished chunk. A failing chunk is retried per source, then per target, so that one bad edit
     fails alone (with ``isolate_failures=False`` the first failure is raised instead). Options go to the
     methods that take them (`record_features`: Plug-and-Play's, kept in the retries). `pad`: every chunk
-    runs at a fixed batch shape (rows padded to a power of two; the padding counted as waste).
+    runs at a fixed batch shape (rows padded to a power of two; the padding counted as waste); None:
+    padded when the model's UNet is compiled (:func:`editing.model.compile_unet`), so that its graphs are
+    reused, and not otherwise.
     """
     # 1. Validate: every target's config names a method
     methods = [[_method_of(gi, t) for t in g.targets] for gi, g in enumerate(groups)]
+    if pad is None:
+        pad = model.compiled != "off"
     options = {"record_features": record_features, "pad": pad}
 
     def key(gi: int, group: SourceGroup, ti: int) -> Any:

@@ -76,6 +76,14 @@ class EditModel:
         default_factory=dict
     )  # from the folder's editflow.json, if any
     vae_dtype: torch.dtype | None = None  # the VAE's precision; None = the VAE's parameters' dtype
+    # GPU levers (README: GPU levers), each a switch; the defaults keep outputs as they always were.
+    # the layers no editing processor controls run fused SDPA (False: diffusers' classic AttnProcessor)
+    sdpa: bool = True
+    # latents per VAE decode call; 0 = a chunk's targets in one call (in the VAE's precision either way)
+    decode_batch: int = 8
+    # the UNet's torch.compile mode (compile_unet sets it); when not "off", the engine runs every UNet
+    # batch at a padded, fixed shape so that the compiled graphs are reused
+    compiled: str = "off"
     _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -241,7 +249,7 @@ class EditModel:
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
         """Decode scaled latents (B, C, h, w) to PIL images."""
         images = []
-        for z in latents.split(8):
+        for z in latents.split(self.decode_batch or max(1, len(latents))):
             x = self.vae.decode(
                 z.to(self.device, self.vae_dtype) / float(self.vae.config.scaling_factor)
             ).sample
@@ -255,6 +263,48 @@ class EditModel:
             )
             images.extend(Image.fromarray(a) for a in x)
         return images
+
+
+def set_channels_last(model: EditModel, on: bool) -> None:
+    """The channels-last lever: the UNet's weights (and so its convolutions) in channels-last memory
+    format, or back to contiguous. Values are unchanged; only the kernels chosen differ."""
+    fmt = torch.channels_last if on else torch.contiguous_format
+    model.unet.to(memory_format=fmt)
+
+
+# graphs a compiled UNet may keep per code object: one per (padded batch shape, method and its
+# controls), inversion's too; past dynamo's default (8) a frame silently runs eager
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def compile_unet(model: EditModel, mode: str, *, backend: str | Any = "inductor") -> str:
+    """``torch.compile`` the model's UNet in place (``nn.Module.compile``): the editing processors and
+    feature hooks installed per chunk run inside its graph, which reads the step from a device tensor
+    (:class:`editing.attention.ControlState`), so a graph is made per padded batch shape and method, not
+    per step or chunk. `mode`: one of :data:`editing.configs.COMPILE_MODES`; "reduce-overhead" (CUDA
+    graphs) off CUDA falls back to "default" with one log line. Returns the mode in force."""
+    from editing.configs import COMPILE_MODES
+
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode == "off":
+        return mode
+    if mode == "reduce-overhead" and model.device.type != "cuda":
+        logger.warning(
+            "compile 'reduce-overhead' (CUDA graphs) needs a CUDA device; the UNet on %s is "
+            "compiled with mode 'default' instead",
+            model.device,
+        )
+        mode = "default"
+    import torch._dynamo
+
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, COMPILE_RECOMPILE_LIMIT)
+    options = {"mode": mode} if backend == "inductor" else {}  # modes are inductor's
+    model.unet.compile(backend=backend, dynamic=False, **options)
+    model.compiled = mode
+    logger.info("UNet compiled (mode %s, backend %s)", mode, backend)
+    return mode
 
 
 def _default_device_dtype(

@@ -175,9 +175,9 @@ def edit_chunk(model: EditModel, pieces: list[Piece], *, pad: bool = False) -> l
     z = batch.start_latents()  # (n, C, h, w) fp32 (fp64 for fp64 models)
     finite = torch.ones(steps, dtype=torch.bool, device=model.device)  # read back after the loop
     # 4. Install processors, 5. denoise (local blend after each step; no host round trip inside)
-    with controlled_unet(model.unet, state, p2p=True):
+    with controlled_unet(model.unet, state, p2p=True, sdpa=model.sdpa):
         for i, level in enumerate(range(steps, 0, -1)):
-            state.step = i
+            state.set_step(i)
             state.outputs.new_step()
             z = denoise_level(model, batch, z, level)
             if p2p.blends:

@@ -145,14 +145,17 @@ def edit_chunk(
     z = batch.start_latents()  # (n, C, h, w) fp32 (fp64 for fp64 models)
     finite = torch.ones(steps, dtype=torch.bool, device=model.device)  # read back after the loop
     # 4. Install processors, 5. denoise (no host round trip inside)
-    with controlled_unet(model.unet, state, pnp_attn_parents=attns, pnp_feature_layers=feats):
+    with controlled_unet(
+        model.unet, state, pnp_attn_parents=attns, pnp_feature_layers=feats, sdpa=model.sdpa
+    ):
         for i, level in enumerate(range(steps, 0, -1)):
-            state.step = i
+            state.set_step(i)
+            state.outputs.new_step()
             z = denoise_level(model, batch, z, level)
             finite[i] = torch.isfinite(z).all()
     check_finite(finite)
     # 6. Decode (and split the recorded source features per piece)
-    recorded = _split_features(state.outputs.record, pieces, model) if record else None
+    recorded = _split_features(state.outputs.recorded(plan), pieces, model) if record else None
     return chunk_results(model, pieces, layout, z, "pnp", start=start, features=recorded)
 
 

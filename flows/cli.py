@@ -242,6 +242,12 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", default=None, choices=DTYPES, help="default: float16 on CUDA, float32 on CPU"
     )
+    from tasks.options import COMPILE_MODES
+
+    p.add_argument(
+        "--compile", choices=COMPILE_MODES, default="off",
+        help="torch.compile the UNet (reduce-overhead: CUDA graphs, CUDA only); see README: GPU levers",
+    )  # fmt: skip
     p.add_argument("--run-id", default=None, help="run id (default: time + random suffix)")
     _pickle_arg(p)
     _model_form_args(p)

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from editing.configs import DEFAULT_MAX_BATCH
+from editing.configs import COMPILE_MODES, DEFAULT_MAX_BATCH
 from manifests.build import DEFAULT_TEMPLATE
 from manifests.schema import DEFAULT_METHOD
 from storage.endpoints import check_endpoint
@@ -71,6 +71,10 @@ class RunOptions:
     # judging at all, no cost); None = editing.judge.DEFAULT_GATE. Kept as the gate's canonical spec.
     qa: str | None = None
 
+    # torch.compile of the controlled UNet, one of COMPILE_MODES ("reduce-overhead": CUDA graphs, CUDA
+    # only); "off" by default: a compile costs minutes and pays off on long GPU runs (README: GPU levers)
+    compile: str = "off"
+
     def __post_init__(self) -> None:
         from editing.gate import DEFAULT_GATE, parse_gate
         from editing.model import SIZE_POLICIES  # here, not at import: editing.model imports torch
@@ -118,6 +122,8 @@ class RunOptions:
         # a bad spec: a ValueError that quotes it and says what a spec looks like
         gate = parse_gate(DEFAULT_GATE if self.qa is None else self.qa)
         object.__setattr__(self, "qa", gate.spec)
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.dtype not in _ACCEPTED_DTYPES:
             raise ValueError(
                 f"dtype must be float16, bfloat16, float32 or float64, got {self.dtype!r}"
@@ -147,6 +153,7 @@ class RunOptions:
             "download": self.download,
             "loras": self.loras,
             "config": self.config_ref,
+            "compile": self.compile,
         }
 
     @property

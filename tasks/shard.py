@@ -291,12 +291,15 @@ def invert_sources(
     options: RunOptions,
     facts: list[dict[str, Any]],
 ) -> list[Inversion | Exception]:
-    """Invert the images (one step count) sharing UNet calls; if that fails, one by one, so a bad
-    source fails alone (its exception in its place). `facts`: each image's, from its cache look-up."""
+    """Invert the images (one step count) sharing UNet calls, at least 4 sources per call (the
+    inversion's rows, 1 and 2 per source, stay under an editing chunk's 2 per target + 1 per source);
+    if that fails, one by one, so a bad source fails alone (its exception in its place). `facts`: each
+    image's, from its cache look-up. A compiled UNet runs them at padded shapes (invert_many's rule)."""
+    per_call = max(options.max_batch, 4)
     try:
         return list(invert_many(
             model, images, prompts, num_steps=num_steps, guidance_scale=options.inversion_guidance,
-            size_policy=options.size_policy, max_batch=options.max_batch, facts=facts,
+            size_policy=options.size_policy, max_batch=per_call, facts=facts,
         ))  # fmt: skip
     except Exception:  # noqa: BLE001 - find the one that fails
         pass

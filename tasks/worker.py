@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from editing.model import EditModel, load_model
+from editing.model import EditModel, compile_unet, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -216,11 +216,24 @@ def get_model(
     download: bool = False,
     loras: tuple[str, ...] = (),
     config: str | None = None,
+    compile: str = "off",
 ) -> EditModel:
     """The process's model for these settings (and this worker's GPU), loaded on first use; a hub id at
-    the run's pinned `revision` (fetched only with `download`), with the run's LoRA adapters."""
+    the run's pinned `revision` (fetched only with `download`), with the run's LoRA adapters; its UNet
+    ``torch.compile``d once here when `compile` is not "off" (:func:`editing.model.compile_unet`), so
+    every shard of the process reuses the compiled graphs."""
     device = device or worker_device()
-    key = (model_ref, device, dtype, allow_pickle, revision, download, tuple(loras), config)
+    key = (
+        model_ref,
+        device,
+        dtype,
+        allow_pickle,
+        revision,
+        download,
+        tuple(loras),
+        config,
+        compile,
+    )
     with _LOCK:
         model = _MODELS.get(key)
         if model is None:
@@ -230,6 +243,7 @@ def get_model(
                 model_ref, device=device, dtype=torch_dtype, allow_pickle=allow_pickle,
                 revision=revision, local_files_only=not download, loras=loras, config=config,
             )  # fmt: skip
+            compile_unet(model, compile)
             _MODELS[key] = model
             logger.info("worker loaded model %s", model_ref)
         return model

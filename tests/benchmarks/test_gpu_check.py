@@ -28,6 +28,8 @@ def test_the_check_passes_on_cpu_with_a_tiny_model(capsys):
         for name in names:
             assert any(name in line and f"| {dtype}" in line for line in table), (name, dtype, out)
     assert "FAIL" not in out
+    # the compiled pass, once (first dtype): no graph break, equal to eager
+    assert any("compiled UNet vs eager" in line and "| float32" in line for line in table), out
 
 
 def test_a_failing_check_fails_the_run(capsys):
