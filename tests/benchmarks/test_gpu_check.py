@@ -25,7 +25,9 @@ def test_the_check_passes_on_cpu_with_a_tiny_model(capsys):
         "two shard workers",
     )
     for dtype in dtypes:
-        for name in names:
+        for name in (
+            names[:-1] if dtype != "float32" else names
+        ):  # processes: first dtype only on CPU
             assert any(name in line and f"| {dtype}" in line for line in table), (name, dtype, out)
     assert "FAIL" not in out
     # the compiled pass, once (first dtype): no graph break, equal to eager
