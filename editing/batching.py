@@ -29,7 +29,7 @@ from PIL import Image
 from editing.configs import P2PConfig, PnPConfig
 from editing.ddim import Schedule, denoise_step, guide, make_schedule
 from editing.inversion import Inversion, NonFiniteError
-from editing.model import EditModel
+from editing.model import EditModel, padded_rows  # noqa: F401 (editing.batching.padded_rows)
 
 if TYPE_CHECKING:
     from editing.pnp import PnPFeatures
@@ -156,14 +156,6 @@ class RowLayout:
     @property
     def real_rows(self) -> int:
         return self.size - self.padding
-
-
-def padded_rows(rows: int) -> int:
-    """The fixed batch shape a chunk of `rows` rows runs at: the next power of two (so a compiled or
-    graph-captured UNet sees at most log2(working batch) + 1 shapes)."""
-    if rows < 1:
-        raise ValueError(f"a chunk needs at least one row, got {rows}")
-    return 1 << (rows - 1).bit_length()
 
 
 def layout_rows(

@@ -21,7 +21,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from editing.ddim import Schedule, denoise_step, guide, invert_step, make_schedule
-from editing.model import SIZE_RULE, EditModel
+from editing.model import SIZE_RULE, EditModel, padded_rows
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def _invert_batch(
     uncond, cond = emb[:n], emb[n:]
     z = model.encode_image(pixels)  # (n, C, h, w) fp32 (fp64 for fp64 models)
     _check_finite("the image latent", z)
-    extra = (1 << (n - 1).bit_length()) - n if pad else 0
+    extra = padded_rows(n) - n if pad else 0
     if extra:
         uncond, cond, z = (
             torch.cat([t, t[-1:].expand(extra, *t.shape[1:])]) for t in (uncond, cond, z)

@@ -143,6 +143,14 @@ def text_margin(errors: torch.Tensor) -> torch.Tensor:
     return (gap / errors.mean(-2).clamp_min(1e-12)).mean(-1)
 
 
+def _by_shape(tensors: Sequence[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
+    """The positions of `tensors` grouped by shape (each group batches into one tensor), in order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(tuple(t.shape), []).append(i)
+    return groups
+
+
 @torch.no_grad()
 def judge_edits(
     model: EditModel,
@@ -158,10 +166,7 @@ def judge_edits(
     config = config or JudgeConfig()
     pixels = [model.prepare_image(img, size_policy) for img in images]
     latents: list[torch.Tensor | None] = [None] * len(pixels)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, px in enumerate(pixels):
-        by_shape.setdefault(tuple(px.shape), []).append(i)
-    for idxs in by_shape.values():
+    for idxs in _by_shape(pixels).values():
         for b in range(0, len(idxs), config.max_batch):
             part = idxs[b : b + config.max_batch]
             z = model.encode_image(torch.cat([pixels[i] for i in part]))
@@ -212,10 +217,7 @@ def judge_latents(
     alpha = model.scheduler.alphas_cumprod.to(dtype=torch.float64)[ts]  # (K,) per sample
     # 3. Score each group of same-shaped latents in chunks of max_batch rows; errors stay on the device
     errors: list[torch.Tensor | None] = [None] * n
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, z in enumerate(latents):
-        by_shape.setdefault(tuple(z.shape), []).append(i)
-    for shape, idxs in by_shape.items():
+    for shape, idxs in _by_shape(latents).items():
         noise = (
             torch.stack(  # (S, C, h, w): drawn on the CPU for reproducibility, used on the device
                 [

@@ -277,6 +277,14 @@ def set_channels_last(model: EditModel, on: bool) -> None:
 COMPILE_RECOMPILE_LIMIT = 64
 
 
+def padded_rows(rows: int) -> int:
+    """The fixed batch shape a chunk (or an inversion call) of `rows` rows runs at: the next power of two (so a compiled or
+    graph-captured UNet sees at most log2(working batch) + 1 shapes)."""
+    if rows < 1:
+        raise ValueError(f"a chunk needs at least one row, got {rows}")
+    return 1 << (rows - 1).bit_length()
+
+
 def compile_unet(model: EditModel, mode: str, *, backend: str | Any = "inductor") -> str:
     """``torch.compile`` the model's UNet in place (``nn.Module.compile``): the editing processors and
     feature hooks installed per chunk run inside its graph, which reads the step from a device tensor

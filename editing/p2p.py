@@ -51,8 +51,15 @@ def level_positions(latent: tuple[int, int], fraction: float, *, at_most: bool =
     for k in range(32):
         nominal = 4.0**-k
         if (nominal <= fraction * (1 + 1e-9)) if at_most else math.isclose(nominal, fraction):
-            return -(-h // 2**k) * -(-w // 2**k)
+            grid_h, grid_w = level_grid(h, w, k)
+            return grid_h * grid_w
     return 0 if at_most else int(round(fraction * h * w))
+
+
+def level_grid(h: int, w: int, k: int) -> tuple[int, int]:
+    """The grid of the UNet level `k` downsamplings below a latent of h x w: odd sides are rounded up
+    at each downsampling (a stride-2 conv with padding)."""
+    return -(-h // 2**k), -(-w // 2**k)
 
 
 def chunk_key(model: EditModel, group: SourceGroup, target: Target) -> Any:
@@ -231,9 +238,10 @@ def local_blend_mask(
     h, w = size
     side = math.sqrt(h * w / src_maps.shape[0])
     mh, mw = round(h / side), round(w / side)
-    for k in range(32):  # the level's grid: odd sides are rounded up at each downsampling
-        if -(-h // 2**k) * -(-w // 2**k) == src_maps.shape[0]:
-            mh, mw = -(-h // 2**k), -(-w // 2**k)
+    for k in range(32):  # the level whose grid has as many cells as the maps
+        grid_h, grid_w = level_grid(h, w, k)
+        if grid_h * grid_w == src_maps.shape[0]:
+            mh, mw = grid_h, grid_w
             break
     masks = []
     for maps in (src_maps, tgt_maps):

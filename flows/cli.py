@@ -203,7 +203,14 @@ def _model_form_args(p: argparse.ArgumentParser) -> None:
 
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
-    from tasks.options import DEFAULT_MAX_BATCH, DEFAULT_SHARD_SIZE, DTYPES, IMAGE_FORMATS
+    from tasks.options import (
+        COMPILE_MODES,
+        DEFAULT_MAX_BATCH,
+        DEFAULT_SHARD_SIZE,
+        DTYPES,
+        IMAGE_FORMATS,
+        OUTPUT_SIZES,
+    )
 
     _location_args(p)
     _runner_args(p)
@@ -217,7 +224,7 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
         help=f"file format of the edited images (default {IMAGE_FORMATS[0]})",
     )  # fmt: skip
     p.add_argument(
-        "--output-size", choices=("source", "model"), default="source",
+        "--output-size", choices=OUTPUT_SIZES, default="source",
         help="source (default): each edit at its source image's pixel size; model: as the model made it "
         "(about its native area, the source's aspect ratio within one latent cell)",
     )  # fmt: skip
@@ -242,8 +249,6 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", default=None, choices=DTYPES, help="default: float16 on CUDA, float32 on CPU"
     )
-    from tasks.options import COMPILE_MODES
-
     p.add_argument(
         "--compile", choices=COMPILE_MODES, default="off",
         help="torch.compile the UNet (reduce-overhead: CUDA graphs, CUDA only); see README: GPU levers",

@@ -81,9 +81,8 @@ class FinishedIndex:
         self.store = store
         self.hashes, self.codes = hashes[first], codes[first]
         self.heads = 0  # HEADs sent by verify()
-        self._headed: dict[
-            int, bool
-        ] = {}  # edit hash -> image found, for a second pass over the rows
+        # edit hash -> image found, for a second pass over the rows
+        self._headed: dict[int, bool] = {}
         self._listed: FinishedIndex | None = None  # set once verify() listed ``assets/``
 
     def __len__(self) -> int:

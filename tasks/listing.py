@@ -48,12 +48,10 @@ def run_entry(store: ObjectStore, run_id: str) -> dict[str, Any]:
     if plan.get("state") == "planning":
         entry["status"] = "planning"
         return entry
-    summary = None
-    if store.exists(keys.summary_key(run_id)):
-        try:
-            summary = read_json(store, keys.summary_key(run_id))
-        except Exception:  # noqa: BLE001
-            summary = None
+    try:  # one request: a missing or damaged summary is an interrupted run
+        summary = read_json(store, keys.summary_key(run_id))
+    except Exception:  # noqa: BLE001
+        summary = None
     if isinstance(summary, dict) and isinstance(summary.get("counts"), dict):
         counts = summary["counts"]
         entry["counts"] = counts
@@ -73,13 +71,10 @@ def list_runs(store: ObjectStore, limit: int = 0) -> list[dict[str, Any]]:
 
 def latest_run(store: ObjectStore) -> str:
     """The id of the newest run under `store` (``NoRuns`` when there is none)."""
-    ids = run_ids(store)
-    if not ids:
+    newest = list_runs(store, limit=1)
+    if not newest:
         raise NoRuns(f"no runs under {store.uri()} (no {store.uri('runs/')}RUN_ID/{_PLAN})")
-    newest = max(
-        (run_entry(store, run_id) for run_id in ids), key=lambda e: (e["start"], e["run_id"])
-    )
-    return newest["run_id"]
+    return newest[0]["run_id"]
 
 
 def format_runs(entries: list[dict[str, Any]]) -> str:

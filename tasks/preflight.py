@@ -134,9 +134,8 @@ def finished_rows(manifest_uri: str, out_uri: str, *, s3_endpoint: str | None = 
     if not len(done):
         return None
     source = open_manifest(manifest_uri, s3_endpoint=s3_endpoint)
-    scan = ManifestScan(
-        source
-    )  # structure and values; prompt lengths are checked when there is work
+    # structure and values; prompt lengths are checked when there is work
+    scan = ManifestScan(source)
     for batch in scan.batches():
         if scan.total:
             return None
