@@ -506,7 +506,8 @@ def choose_gate(
             for prompts in prompt_sets:
                 probe = GateChoice(prompts, ts, grid.seeds[:n_seeds], 0.0)
                 m = gate_margins(edits, probe)
-                threshold = gate_threshold(edits, m, max_flagged)
+                # at the 4 significant digits a gate spec shows (what runs is what is measured)
+                threshold = float(f"{gate_threshold(edits, m, max_flagged):.4g}")
                 rates = gate_rates(edits, m, threshold)
                 choices.append(replace(probe, threshold=threshold))
                 all_rates.append(rates)
@@ -530,7 +531,7 @@ def evaluate_gate(cal: list[JudgedEdit], ev: list[JudgedEdit]) -> dict[str, Any]
         "max_flagged": GATE_MAX_FLAGGED,
     }
     choices, cal_rates = choose_gate(cal)  # everything fixed here, before `ev` is scored
-    out["gate"] = ",".join(f"{GATE_METRIC[c.prompts]}>={c.threshold:.4g}" for c in choices)
+    out["gate"] = ",".join(f"{GATE_METRIC[c.prompts]}>={c.threshold:g}" for c in choices)
     out["variants"] = []
     for choice, rates in zip(choices, cal_rates):
         out["variants"].append({
