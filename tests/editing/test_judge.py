@@ -88,6 +88,30 @@ def test_contrast_prompts_join_the_comparison(ref_model):
     assert contrasted.prompts == (right, wrong, *others)
     np.testing.assert_allclose(contrasted.errors[:2], plain.errors, rtol=1e-5)
     assert contrasted.text > 0
+    # only a contrast-judged edit carries the gate's contrast metric (the same margin)
+    assert (plain.contrasts, contrasted.contrasts) == (0, 2)
+    assert plain.as_dict() == {"text": plain.text}
+    assert contrasted.as_dict() == {"text": contrasted.text, "contrast": contrasted.text}
+
+
+def test_contrast_prompts_catch_an_edit_that_shows_another_value(ref_model):
+    """Asked for purple, the edit made the object green: against the source prompt alone the target
+    can still look better (the square), against every other colour the green prompt wins."""
+    images, sources, targets, contrasts = [], [], [], []
+    for s in SCENES:
+        wanted = replace(s, colour="purple")
+        images.append(domain.render(replace(s, colour="green"))[0])
+        sources.append(domain.caption(s))
+        targets.append(domain.caption(wanted))
+        contrasts.append([domain.caption(replace(s, colour=c)) for c in domain.COLOURS])
+    plain = judge_edits(ref_model, images, sources, targets)
+    contrasted = judge_edits(ref_model, images, sources, targets, None, contrasts)
+    gate = parse_gate(DEFAULT_GATE)
+    for p, c in zip(plain, contrasted):
+        assert c.contrasts == len(domain.COLOURS) - 2  # the target and the source are not contrasts
+        assert c.text < min(p.text, 0)
+        assert gate.check(c) and gate.check(c)[0].startswith("contrast ")
+    assert not gate.check(plain[1])  # the blue square: passed against its source prompt alone
 
 
 def test_scores_do_not_depend_on_how_rows_are_chunked(ref_model):
@@ -212,14 +236,19 @@ def test_judge_config_settings_round_trip():
         JudgeConfig.from_settings({"timesteps": "100"})
 
 
-def test_text_margin_is_a_relative_gap():
+def test_text_margin_is_a_relative_gap_to_the_closest_alternative():
     # target error 0.9, source 1.1 at both samples: gap 0.2 over a mean of 1.0
     errors = torch.tensor([[0.9, 0.9], [1.1, 1.1]], dtype=torch.float64)
     assert float(text_margin(errors)) == pytest.approx(0.2)
     assert float(text_margin(errors * 100)) == pytest.approx(0.2)  # scale-free
     assert float(text_margin(errors.flip(0))) == pytest.approx(-0.2)
-    three = torch.tensor([[1.0], [2.0], [0.0]], dtype=torch.float64)  # others' mean 1.0 = target
-    assert float(text_margin(three)) == pytest.approx(0.0)
+    # the others' mean (1.0) equals the target's error, but one of them (0.0) explains the image better
+    three = torch.tensor([[1.0], [2.0], [0.0]], dtype=torch.float64)
+    assert float(text_margin(three)) == pytest.approx(-1.0)
+    # the closest alternative per sample: 1.2 at the first, 1.1 at the second
+    per_sample = torch.tensor([[1.0, 1.0], [1.2, 1.4], [1.5, 1.1]], dtype=torch.float64)
+    expected = ((1.2 - 1.0) / (3.7 / 3) + (1.1 - 1.0) / (3.5 / 3)) / 2
+    assert float(text_margin(per_sample)) == pytest.approx(expected)
     with pytest.raises(ValueError, match="at least 2 prompts"):
         text_margin(torch.ones(1, 3))
 
@@ -233,6 +262,10 @@ def test_text_margin_is_a_relative_gap():
         ("text>=0.02", (GateRule("text", ">=", 0.02),)),
         (" text > -0.1 ", (GateRule("text", ">", -0.1),)),
         ("text>=1e-3,text<0.9", (GateRule("text", ">=", 0.001), GateRule("text", "<", 0.9))),
+        (
+            "text>=0.1,contrast>=0.02",
+            (GateRule("text", ">=", 0.1), GateRule("contrast", ">=", 0.02)),
+        ),
         ("off", ()),
         ("OFF", ()),
     ],
@@ -253,7 +286,7 @@ def test_gate_specs_parse_and_round_trip(spec, rules):
         ("text>=0.1,", "cannot read ''"),
         ("text>=abc", "cannot read 'text>=abc'"),
         ("text>=1e", "'1e' is not a number"),
-        ("clip>=0.2", "unknown metric 'clip'; known: text"),
+        ("clip>=0.2", "unknown metric 'clip'; known: text, contrast"),
         (None, "non-empty string"),
     ],
 )
@@ -271,3 +304,18 @@ def test_gate_check_gives_a_reason_per_failed_rule():
     assert gate.check({}) == ["no text score", "no text score"]
     assert Gate().check({"text": float("nan")}) == []  # off: every edit passes
     assert parse_gate(DEFAULT_GATE).enabled
+
+
+def test_contrast_rules_hold_contrast_judged_edits_and_replace_their_text_rules():
+    both = parse_gate("text>=0.1,contrast>=0.02")
+    assert both.check({"text": 0.05}) == ["text 0.0500 fails text>=0.1"]  # no contrasts: text rules
+    assert both.check({"text": 0.2}) == []
+    assert both.check({"text": 0.05, "contrast": 0.05}) == []  # contrasts: their rule alone
+    assert both.check({"text": 0.01, "contrast": 0.01}) == ["contrast 0.0100 fails contrast>=0.02"]
+    assert both.check({"contrast": float("nan")}) == ["contrast is nan"]
+    assert both.check({}) == ["no text score"]  # not judged: flagged
+    # a gate without contrast rules holds every edit to its text rules
+    assert parse_gate("text>=0.1").check({"text": 0.05, "contrast": 0.05}) == [
+        "text 0.0500 fails text>=0.1"
+    ]
+    assert parse_gate("contrast>=0.02").check({"text": -1.0}) == []  # only contrast rules

@@ -18,6 +18,7 @@ from refmodel.evaluate import (
     choose_gate,
     gate_margins,
     gate_rates,
+    gate_threshold,
     load_judged,
     save_judged,
 )
@@ -69,7 +70,7 @@ def _synthetic(n_good: int, n_bad: int, informative: int, rng) -> list[JudgedEdi
 def test_choose_gate_finds_the_informative_timestep_and_caps_the_good_edits_flagged():
     rng = np.random.default_rng(0)
     edits = _synthetic(80, 40, informative=JUDGE_GRID.timesteps.index(650) * 2, rng=rng)
-    choice, rates = choose_gate(edits, "source", max_flagged=0.1)
+    [choice], [rates] = choose_gate(edits, ("source",), budget=2, max_flagged=0.1)
     assert choice.timesteps == (650,) and choice.seeds == (0,)  # fewest samples among the best
     assert rates["overall"]["recall"] == 1.0
     assert rates["overall"]["flagged_good"] <= 0.1
@@ -110,3 +111,19 @@ def test_judged_edits_round_trip_through_npz(tmp_path):
     ]
     for a, b in zip(back, edits):
         np.testing.assert_array_equal(a.errors, b.errors)
+
+
+def test_the_threshold_caps_the_good_edits_flagged_in_each_target_kind():
+    """Good colour edits with low margins pull the threshold below what the overall cap would allow."""
+    edits = [JudgedEdit("colour", "pnp", True, np.zeros((2, K))) for _ in range(10)]
+    edits += [JudgedEdit("style", "pnp", True, np.zeros((2, K))) for _ in range(30)]
+    margins = np.concatenate([np.linspace(0.0, 0.09, 10), np.linspace(0.5, 0.8, 30)])
+    threshold = gate_threshold(edits, margins, max_flagged=0.1)
+    assert threshold == pytest.approx(0.0)  # overall alone: the 4th lowest of 40, 0.03
+    flagged = margins < threshold
+    assert flagged[:10].mean() <= 0.1 and flagged.mean() <= 0.1
+    # the chosen gate's evaluation rows and the recorded spec follow the same rule
+    only_style = edits[10:]
+    assert gate_threshold(only_style, margins[10:], max_flagged=0.1) == pytest.approx(
+        np.quantile(margins[10:], 0.1, method="lower")
+    )
