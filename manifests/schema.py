@@ -3,7 +3,8 @@
 Required: ``image_uri``, ``source_prompt``, ``target_prompt``. Optional: ``edit_id``,
 ``method`` ("pnp" or "p2p"), ``seed``, ``num_steps``, ``guidance_scale``, ``negative_prompt``
 and ``settings`` (a JSON object of method settings, see ``editing.configs``). Every other
-column is passthrough: carried untouched into metadata and results.
+column is passthrough: carried untouched into metadata and results. One passthrough column is also
+read: ``qa_contrast``, the edit-QA judge's contrast prompts (:func:`contrast_prompts`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ __all__ = [
     "NORMALIZED_SCHEMA",
     "default_guidance",
     "EditRow",
+    "QA_CONTRAST_COLUMN",
+    "QA_CONTRAST_MAX",
+    "contrast_prompts",
 ]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("image_uri", "source_prompt", "target_prompt")
@@ -89,6 +93,40 @@ NORMALIZED_SCHEMA = pa.schema(
         pa.field("settings", pa.string(), nullable=False),
     ]
 )
+
+
+# The edit-QA judge's contrast prompts of a row (editing.judge): prompts the edited image should NOT show
+# (e.g. the edited attribute's other values: "a red circle|a green circle"), as a "|"-separated string or
+# a list of strings; null or empty = judged against the source prompt only. Passthrough (kept in the
+# results), checked by manifests.validate, read by the shard's judge.
+QA_CONTRAST_COLUMN = "qa_contrast"
+# at most this many per row: each one costs the judge len(timesteps) x len(seeds) UNet evaluations
+QA_CONTRAST_MAX = 16
+
+
+def contrast_prompts(value: Any) -> tuple[str, ...]:
+    """A ``qa_contrast`` value as its prompts: a "|"-separated string or a list of strings (each stripped;
+    None = none). ``ValueError`` naming the problem for anything else, an empty prompt or too many."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        items: list[Any] = value.split("|") if value.strip() else []
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError(
+            f"must be '|'-separated prompts or a list of prompts, got {type(value).__name__}"
+        )
+    prompts = []
+    for i, item in enumerate(items, 1):
+        if not isinstance(item, str):
+            raise ValueError(f"prompt {i} is not a string: {item!r}")
+        if not item.strip():
+            raise ValueError(f"prompt {i} of {len(items)} is empty")
+        prompts.append(item.strip())
+    if len(prompts) > QA_CONTRAST_MAX:
+        raise ValueError(f"has {len(prompts)} prompts; at most {QA_CONTRAST_MAX}")
+    return tuple(prompts)
 
 
 def default_guidance(method: str) -> float:

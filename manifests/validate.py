@@ -35,8 +35,10 @@ from manifests.schema import (
     KNOWN_COLUMNS,
     METHODS,
     NUM_STEPS_RANGE,
+    QA_CONTRAST_COLUMN,
     REQUIRED_COLUMNS,
     RESERVED_COLUMNS,
+    contrast_prompts,
     default_guidance,
 )
 from storage.base import NotFound, NotRegularFile
@@ -640,6 +642,35 @@ def _derived_duplicates(
     return problems
 
 
+def _qa_contrast(table: pa.Table) -> list[Problem]:
+    """The ``qa_contrast`` passthrough column: strings or lists of strings, each value readable by
+    :func:`manifests.schema.contrast_prompts` (each distinct string checked once)."""
+    names = table.column_names
+    if names.count(QA_CONTRAST_COLUMN) != 1:  # absent, or repeated (a column problem already)
+        return []
+    column = table.column(QA_CONTRAST_COLUMN)
+    if column.null_count == len(column):  # every value missing: judged against the source prompt
+        return []
+    arr = _array(column, QA_CONTRAST_COLUMN)
+    t = arr.type
+    is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
+    if not (is_string_type(t) or (is_list and is_string_type(t.value_type))):
+        reason = f"must be a string column ('|'-separated prompts) or a list of strings, got {t}"
+        return [Problem(None, QA_CONTRAST_COLUMN, reason)]
+    if is_list:
+        codes, distinct = np.arange(len(arr)), arr.to_pylist()
+    else:  # each distinct string once
+        codes, distinct = _codes(arr)
+    reasons = {}
+    for j, value in enumerate(distinct):
+        try:
+            contrast_prompts(value)
+        except ValueError as exc:
+            reasons[j] = str(exc)
+    bad = np.flatnonzero(np.isin(codes, list(reasons)))
+    return [Problem(int(r), QA_CONTRAST_COLUMN, reasons[int(codes[r])]) for r in bad]
+
+
 # ----------------------------------------------------------------------------- the analysis
 
 
@@ -689,6 +720,7 @@ def analyse(table: pa.Table, *, duplicates: bool = True) -> Analysis:
         + guidance_problems
         + negative_problems
         + (_derived_duplicates(arrays, values, settings.identity_codes) if duplicates else [])
+        + _qa_contrast(table)
     )
     return Analysis(problems=_sorted(problems), n=n, arrays=arrays, values=values)
 

@@ -47,7 +47,7 @@ from editing.methods import (
 )
 from editing.model import EditModel
 from manifests import edit_rows
-from manifests.schema import EditRow
+from manifests.schema import QA_CONTRAST_COLUMN, EditRow, contrast_prompts
 from storage import keys
 from storage.base import NotFound, ObjectStore
 from storage.cache import BlobCache, CorruptEntry
@@ -531,8 +531,9 @@ class EditQA:
 def judge_results(
     model: EditModel, groups: list[EditGroup], edited: list[Edited], options: RunOptions
 ) -> dict[str, EditQA]:
-    """Every succeeded edit judged against its target and source prompts (editing.judge; one call, so
-    the judge's UNet rows batch across the shard's edits) and checked by the run's gate `options.qa`;
+    """Every succeeded edit judged against its target and source prompts, and its manifest's
+    ``qa_contrast`` prompts if any (editing.judge; one call, so the judge's UNet rows batch across the
+    shard's edits) and checked by the run's gate `options.qa`;
     by edit id. Nothing (no cost) with ``qa="off"``. The judge reads the edited image as it is stored
     (VAE-encoded again): its gate was calibrated on images, and an edit's final latents score differently.
     A judge that fails flags the edits (not judged) and fails none."""
@@ -543,9 +544,12 @@ def judge_results(
         return {}
     config = judge_config(options)
     try:
+        # validated with the manifest (manifests.validate); a row without any: the source prompt alone
+        contrasts = [contrast_prompts(row.passthrough.get(QA_CONTRAST_COLUMN)) for row, _ in done]
         scores = judge_edits(
             model, [res.image for _, res in done], [row.source_prompt for row, _ in done],
-            [row.target_prompt for row, _ in done], config, size_policy=options.size_policy,
+            [row.target_prompt for row, _ in done], config, contrasts if any(contrasts) else None,
+            size_policy=options.size_policy,
         )  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - QA never fails an edit; the edits stand, flagged
         logger.warning("edit QA failed on %d edits: %s: %s", len(done), type(exc).__name__, exc)

@@ -29,16 +29,21 @@ ROWS = [row("img:1"), row("img:1", target="a green circle"), row("img:2"), row("
 
 @pytest.mark.parametrize("root", ["local"], indirect=True)
 def test_scores_and_gate_reach_the_results_and_sidecars(make_run, root, monkeypatch):
-    # a gate no margin passes (every judged edit flagged), so the reasons are known in advance
-    run = make_run(root, ROWS, qa="text>=100")
+    # a gate no margin passes (every judged edit flagged), so the reasons are known in advance; the
+    # second row names contrast prompts (the manifest's qa_contrast column), the others none
+    contrasts = [None, " a red square | a yellow circle", None, None]
+    rows = [r | {"qa_contrast": c} for r, c in zip(ROWS, contrasts)]
+    run = make_run(root, rows, qa="text>=100")
     calls = spy(monkeypatch, "judge_edits")
     stats = run_shard(run.options, run.run_id, 0)
     # one judge call for the shard's three edits (its UNet rows batch across them), with no more rows
     # per UNet call than the run's edit chunks have
     assert len(calls) == 1 and len(calls[0][0][1]) == 3
     assert calls[0][0][4].max_batch == 3 * run.options.max_batch == 24
+    assert calls[0][0][5] == [(), ("a red square", "a yellow circle"), ()]
     assert (stats["succeeded"], stats["failed"], stats["needs_review"]) == (3, 1, 3)
-    assert stats["qa_unet_evals"] == 3 * shard_mod.JUDGE.unet_evals() == 12
+    # 2 prompts x 4 samples per edit, 4 prompts for the one with two contrast prompts
+    assert stats["qa_unet_evals"] == 4 * shard_mod.JUDGE.unet_evals() == 32
     assert stats["seconds"]["qa"] > 0
     table = read_run_results(run.options, run.run_id)
     got = table.select(["status", "qa_text", "qa"]).to_pylist()
@@ -47,12 +52,14 @@ def test_scores_and_gate_reach_the_results_and_sidecars(make_run, root, monkeypa
         assert math.isfinite(r["qa_text"])
         assert r["qa"] == f"text {r['qa_text']:.4f} fails text>=100"
     assert got[3]["qa_text"] is None and got[3]["qa"] is None  # a failed edit is not judged
-    for r, res in zip(run.shard().rows[:3], got):
+    for r, res, evals in zip(run.shard().rows[:3], got, [8, 16, 8]):
         side = read_json(run.out, keys.sidecar_key(r.edit_id))["qa"]
         assert side["text"] == pytest.approx(res["qa_text"])
         assert side["needs_review"] is True and side["reasons"] == [res["qa"]]
-        assert side["gate"] == "text>=100" and side["unet_evals"] == 4
-        assert side["judge"] == {"timesteps": [750, 950], "seeds": [0], "max_batch": 24}
+        assert side["gate"] == "text>=100" and side["unet_evals"] == evals
+        assert side["judge"] == {"timesteps": [750, 850], "seeds": [0, 1], "max_batch": 24}
+    # the column stays a passthrough column of the results, as written
+    assert table.column("qa_contrast").to_pylist() == contrasts
 
 
 @pytest.mark.parametrize("root", ["local"], indirect=True)
