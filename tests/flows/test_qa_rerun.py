@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from editing.judge import JudgeConfig
 from flows.bulk_edit import bulk_edit, rerun_needs_review
 from flows.cli import main
 from storage import keys
@@ -40,7 +41,7 @@ def test_flagged_edits_are_shown_and_rerun_as_a_new_run_on_local_output(
     assert "needs review: 3 succeeded edit(s) (QA gate text>=100)" in text
     summary = json.loads((out / "runs" / "q1" / "summary.json").read_text())
     assert summary["needs_review"] == 3 and summary["qa"]["gate"] == "text>=100"
-    assert summary["qa"]["unet_evals"] == 3 * 4
+    assert summary["qa"]["unet_evals"] == 3 * JudgeConfig().unet_evals() == 24
     plan = json.loads((out / "runs" / "q1" / "plan.json").read_text())
     assert plan["options"]["qa"] == "text>=100"  # recorded: a rerun judges with the same gate
 
