@@ -5,7 +5,8 @@ is imported.
 ``text`` is the judge's margin of every judged edit; ``contrast`` is the same margin of an edit judged
 with contrast prompts (a manifest's ``qa_contrast``), whose margins are lower (against the closest of
 more alternatives). A gate with ``contrast`` rules holds those edits to them instead of its ``text``
-rules; edits without contrast prompts skip the ``contrast`` rules.
+rules; edits without contrast prompts skip the ``contrast`` rules. ``clip`` is CLIP's directional
+similarity of the edit (editing.clip_judge), with ``--qa-model``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-GATE_METRICS = ("text", "contrast")  # the scores a gate rule may name
+# the scores a gate rule may name; "clip": CLIP directional similarity (editing.clip_judge), scored only
+# when the run names a CLIP model (--qa-model)
+GATE_METRICS = ("text", "contrast", "clip")
 _OPS = {
     ">=": lambda v, x: v >= x,
     ">": lambda v, x: v > x,

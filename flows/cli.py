@@ -120,6 +120,11 @@ def _qa_args(p: argparse.ArgumentParser) -> None:
         help=f"edit-QA review gate: flag edits whose judge score fails it, e.g. 'text>=0.1'; 'off' = no "
         f"judging (default {DEFAULT_GATE!r})",
     )  # fmt: skip
+    p.add_argument(
+        "--qa-model", dest="qa_model", default=None, metavar="CLIP",
+        help="also score each edit's CLIP directional similarity with this CLIP model (a hub id or a "
+        "folder; transformers' CLIPModel): the qa_clip column, gate rules like 'clip>=0.1'",
+    )  # fmt: skip
 
 
 # The options' flags: each dest is the name of a RunOptions field (the CLI builds one from them).

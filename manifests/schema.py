@@ -66,6 +66,7 @@ RESERVED_COLUMNS: tuple[str, ...] = (
     "seconds",
     "qa_text",  # edit QA (tasks.results)
     "qa",
+    "qa_clip",
 )
 
 METHODS: tuple[str, ...] = tuple(METHOD_CONFIGS)  # ("pnp", "p2p")

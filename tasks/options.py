@@ -70,6 +70,9 @@ class RunOptions:
     # the edit-QA review gate (editing.judge.parse_gate): "text>=X" (rules joined by ","), or "off" (no
     # judging at all, no cost); None = editing.judge.DEFAULT_GATE. Kept as the gate's canonical spec.
     qa: str | None = None
+    # the CLIP model of edit QA's second score (editing.clip_judge; a hub id or a folder): CLIP directional
+    # similarity per edit, the results' qa_clip, gate rules "clip>=X"; None = not scored (no cost)
+    qa_model: str | None = None
 
     # torch.compile of the controlled UNet, one of COMPILE_MODES ("reduce-overhead": CUDA graphs, CUDA
     # only); "off" by default: a compile costs minutes and pays off on long GPU runs (README: GPU levers)
@@ -122,6 +125,14 @@ class RunOptions:
         # a bad spec: a ValueError that quotes it and says what a spec looks like
         gate = parse_gate(DEFAULT_GATE if self.qa is None else self.qa)
         object.__setattr__(self, "qa", gate.spec)
+        if self.qa_model is not None and (not isinstance(self.qa_model, str) or not self.qa_model):
+            raise ValueError(
+                f"qa_model must be a CLIP model's hub id or folder, got {self.qa_model!r}"
+            )
+        if any(r.metric == "clip" for r in gate.rules) and not self.qa_model:
+            raise ValueError(
+                f"QA gate spec {gate.spec!r} has a clip rule but no CLIP model: give --qa-model"
+            )
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.dtype not in _ACCEPTED_DTYPES:

@@ -37,6 +37,8 @@ RESULT_FIELDS = [
     # did not succeed here) and why the edit needs review (null when it passed the run's gate)
     pa.field("qa_text", pa.float64()),
     pa.field("qa", pa.string()),
+    # CLIP directional similarity of the edit (editing.clip_judge; null without --qa-model)
+    pa.field("qa_clip", pa.float64()),
 ]
 _FROM_SOURCE = ("row", "image_uri", "target_prompt", "method")
 

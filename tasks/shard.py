@@ -33,6 +33,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
+from editing.clip_judge import clip_directional, load_clip
 from editing.configs import PnPConfig, config_to_settings
 from editing.inversion import Inversion, InversionMismatch, inversion_facts, invert, invert_many
 from editing.judge import JudgeConfig, judge_edits, parse_gate
@@ -516,16 +517,23 @@ class EditQA:
     gate: str  # the gate's spec
     judge: dict[str, Any]  # the judge's settings (JudgeConfig.to_settings())
     unet_evals: int = 0
+    # CLIP directional similarity (editing.clip_judge) with the run's qa_model; None: not scored
+    clip: float | None = None
+    clip_model: str | None = None
 
     def columns(self) -> dict[str, Any]:
-        """The results row's ``qa_text`` and ``qa`` (null when the edit passes)."""
-        return {"qa_text": self.text, "qa": "; ".join(self.reasons) or None}
+        """The results row's ``qa_text``, ``qa`` (null when the edit passes) and ``qa_clip``."""
+        return {"qa_text": self.text, "qa": "; ".join(self.reasons) or None, "qa_clip": self.clip}
 
     def sidecar(self) -> dict[str, Any]:
-        """The sidecar's ``qa`` item (JSON: a NaN margin is written as null, its reason says why)."""
+        """The sidecar's ``qa`` item (JSON: a NaN score is written as null, its reason says why)."""
         text = self.text if self.text is not None and math.isfinite(self.text) else None
-        return {"text": text, "needs_review": bool(self.reasons), "reasons": list(self.reasons),
-                "gate": self.gate, "judge": self.judge, "unet_evals": self.unet_evals}  # fmt: skip
+        out = {"text": text, "needs_review": bool(self.reasons), "reasons": list(self.reasons),
+               "gate": self.gate, "judge": self.judge, "unet_evals": self.unet_evals}  # fmt: skip
+        if self.clip_model:
+            clip = self.clip if self.clip is not None and math.isfinite(self.clip) else None
+            out |= {"clip": clip, "clip_model": self.clip_model}
+        return out
 
 
 def judge_results(
@@ -551,6 +559,20 @@ def judge_results(
             [row.target_prompt for row, _ in done], config, contrasts if any(contrasts) else None,
             size_policy=options.size_policy,
         )  # fmt: skip
+        clips: list[float | None] = [None] * len(done)
+        if options.qa_model:
+            # the CLIP model once per worker process (editing.clip_judge.load_clip caches it); each
+            # source image read again, once per source (the shard keeps only its inversion)
+            judge = load_clip(options.qa_model, str(model.device))
+            first = {}
+            for eg in groups:
+                first.setdefault(eg.source.rows[0].image_uri, eg.source.rows[0])
+            sources = {uri: read_source(model, r, options)[1] for uri, r in first.items()}
+            clips = list(clip_directional(
+                judge, [sources[row.image_uri] for row, _ in done], [res.image for _, res in done],
+                [row.source_prompt for row, _ in done], [row.target_prompt for row, _ in done],
+                max_batch=config.max_batch,
+            ))  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - QA never fails an edit; the edits stand, flagged
         logger.warning("edit QA failed on %d edits: %s: %s", len(done), type(exc).__name__, exc)
         reason = f"not judged: {type(exc).__name__}: {exc}"
@@ -558,9 +580,15 @@ def judge_results(
                 for row, _ in done}  # fmt: skip
     return {
         row.edit_id: EditQA(
-            sc.text, tuple(gate.check(sc)), gate.spec, config.to_settings(), sc.unet_evals
-        )
-        for (row, _), sc in zip(done, scores)
+            sc.text,
+            tuple(gate.check({**sc.as_dict(), **({} if c is None else {"clip": c})})),
+            gate.spec,
+            config.to_settings(),
+            sc.unet_evals,
+            c,
+            options.qa_model,
+        )  # fmt: skip
+        for (row, _), sc, c in zip(done, scores, clips)
     }
 
 

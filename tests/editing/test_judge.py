@@ -286,7 +286,7 @@ def test_gate_specs_parse_and_round_trip(spec, rules):
         ("text>=0.1,", "cannot read ''"),
         ("text>=abc", "cannot read 'text>=abc'"),
         ("text>=1e", "'1e' is not a number"),
-        ("clip>=0.2", "unknown metric 'clip'; known: text, contrast"),
+        ("clap>=0.2", "unknown metric 'clap'; known: text, contrast, clip"),
         (None, "non-empty string"),
     ],
 )
@@ -319,3 +319,67 @@ def test_contrast_rules_hold_contrast_judged_edits_and_replace_their_text_rules(
         "text 0.0500 fails text>=0.1"
     ]
     assert parse_gate("contrast>=0.02").check({"text": -1.0}) == []  # only contrast rules
+
+
+# ----------------------------------------------------------------------------- the CLIP judge
+
+
+def make_tiny_clip(folder) -> str:
+    """A tiny random CLIPModel (built in memory from a CLIPConfig, the bundled model's tokenizer) and its
+    processor, saved to `folder`: what --qa-model loads, nothing downloaded."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(REFERENCE_MODEL_DIR / "tokenizer"))
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+           "pad_token_id": tok.pad_token_id}  # fmt: skip
+    config = CLIPConfig(
+        text_config={"vocab_size": tok.vocab_size, "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, **ids},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32,
+                       "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from editing.clip_judge import load_clip
+
+    return load_clip(make_tiny_clip(tmp_path_factory.mktemp("clip")))
+
+
+def test_clip_directional_is_the_cosine_of_the_image_and_text_directions(tiny_clip):
+    from editing.clip_judge import clip_directional
+
+    src_scene = SCENES[0]
+    new_scene = replace(src_scene, colour="blue")
+    src, new = domain.render(src_scene)[0], domain.render(new_scene)[0]
+    s, t = domain.caption(src_scene), domain.caption(new_scene)
+    scores = clip_directional(tiny_clip, [src, src, src], [new, new, src], [s, t, s], [t, s, t])
+    # by hand, with the model's own projections
+    m, p = tiny_clip.model, tiny_clip.processor
+    with torch.no_grad():
+        txt = m.get_text_features(**p(text=[s, t], return_tensors="pt", padding=True)).pooler_output
+        img = m.get_image_features(**p(images=[src, new], return_tensors="pt")).pooler_output
+    txt, img = txt / txt.norm(dim=-1, keepdim=True), img / img.norm(dim=-1, keepdim=True)
+    expected = torch.nn.functional.cosine_similarity(img[1] - img[0], txt[1] - txt[0], dim=0)
+    assert scores[0] == pytest.approx(float(expected), abs=1e-5)
+    assert scores[1] == pytest.approx(-scores[0], abs=1e-5)  # the prompts the other way round
+    assert math.isnan(scores[2])  # an edit that is its source has no direction
+    assert -1.0 <= scores[0] <= 1.0
+
+
+def test_clip_judge_errors_are_clear(tiny_clip, tmp_path):
+    from editing.clip_judge import clip_directional, load_clip
+
+    img = domain.render(SCENES[0])[0]
+    with pytest.raises(ValueError, match="2 edits for 1 sources, 2 source and 2 target prompts"):
+        clip_directional(tiny_clip, [img], [img, img], ["a", "b"], ["c", "d"])
+    assert clip_directional(tiny_clip, [], [], [], []) == []
+    with pytest.raises(ValueError, match="cannot load a CLIP model and processor"):
+        load_clip(str(tmp_path))  # an empty folder

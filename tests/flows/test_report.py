@@ -136,7 +136,7 @@ def _synthetic_run(
             "error": [f"row {r}: image_uri: no object at x" if f else None for r, f in zip(rows, failed)],
             "reason": [None] * per_shard,
             "cache_hit": [False] * per_shard, "unet_evals": np.full(per_shard, 150.0), "seconds": np.full(per_shard, 2.0),
-            "qa_text": [None] * per_shard, "qa": [None] * per_shard,
+            "qa_text": [None] * per_shard, "qa": [None] * per_shard, "qa_clip": [None] * per_shard,
         }  # fmt: skip
         table = pa.Table.from_arrays(
             [pa.array(cols[f.name], f.type) for f in RESULT_FIELDS], schema=pa.schema(RESULT_FIELDS)
