@@ -90,6 +90,25 @@ def test_edits_above_the_gate_are_not_flagged_and_margins_follow_the_judge(
 
 
 @pytest.mark.parametrize("root", ["local"], indirect=True)
+def test_a_clip_model_adds_its_score_and_its_gate_rules(make_run, root, tmp_path):
+    from tests.editing.test_judge import make_tiny_clip
+
+    clip = make_tiny_clip(tmp_path / "clip")
+    # every margin passes the text rule; no CLIP similarity can reach 2, so the clip rule flags all
+    run = make_run(root, ROWS[:3], qa="text>=-100,clip>=2", qa_model=clip)
+    stats = run_shard(run.options, run.run_id, 0)
+    assert (stats["succeeded"], stats["needs_review"]) == (3, 3)
+    got = read_run_results(run.options, run.run_id).select(["qa_text", "qa", "qa_clip"]).to_pylist()
+    for r, planned in zip(got, run.shard().rows):
+        assert -1.0 <= r["qa_clip"] <= 1.0
+        assert r["qa"] == f"clip {r['qa_clip']:.4f} fails clip>=2"
+        side = read_json(run.out, keys.sidecar_key(planned.edit_id))["qa"]
+        assert side["clip"] == pytest.approx(r["qa_clip"]) and side["clip_model"] == clip
+    # ROWS[1] edits the same source as ROWS[0] to another target: another direction, another score
+    assert got[0]["qa_clip"] != pytest.approx(got[1]["qa_clip"])
+
+
+@pytest.mark.parametrize("root", ["local"], indirect=True)
 def test_qa_off_judges_nothing(make_run, root, monkeypatch):
     run = make_run(root, ROWS[:2], qa="off")
     calls = spy(monkeypatch, "judge_edits")
@@ -127,3 +146,7 @@ def test_the_gate_is_a_run_option_checked_and_recorded():
     assert RunOptions.from_dict(RunOptions(out="x", qa="text>=0.3").to_dict()).qa == "text>=0.3"
     with pytest.raises(ValueError, match="QA gate spec 'txt>=1': unknown metric 'txt'"):
         RunOptions(out="x", qa="txt>=1")
+    with pytest.raises(ValueError, match="'text>=0.1,clip>=0.2' has a clip rule but no CLIP model"):
+        RunOptions(out="x", qa="text>=0.1,clip>=0.2")
+    assert RunOptions(out="x", qa="clip>=0.2", qa_model="m").qa_model == "m"
+    assert RunOptions(out="x").qa_model is None  # no CLIP score unless asked
