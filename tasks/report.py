@@ -316,6 +316,12 @@ def _margin(value: float | None) -> str:
     return "not judged" if value is None else f"text {value:.3f}"
 
 
+def _scores(r: dict[str, Any]) -> str:
+    """A flagged edit's QA scores as shown: its margin, and its CLIP score when the run had one."""
+    clip = r.get("qa_clip")
+    return _margin(r.get("qa_text")) + ("" if clip is None else f" · clip {clip:.3f}")
+
+
 def _per_hour(edits: int, seconds: float) -> str:
     return f"{edits / seconds * 3600:.0f} edits/hour" if seconds > 0 else "-- edits/hour"
 
@@ -758,7 +764,7 @@ def _review_html(review: list[dict], gate: str | None) -> list[str]:
              "<th>target prompt</th><th>QA text</th><th>why</th></tr>")  # fmt: skip
     p += [
         f"<tr><td>{_esc(r.get('row'))}</td><td><code>{_esc(r['edit_id'])}</code></td><td>{_esc(r.get('method', ''))}</td>"
-        f"<td>{_esc(r.get('target_prompt', ''))}</td><td>{_esc(_margin(r.get('qa_text')))}</td><td>{_esc(r['qa'])}</td></tr>"
+        f"<td>{_esc(r.get('target_prompt', ''))}</td><td>{_esc(_scores(r))}</td><td>{_esc(r['qa'])}</td></tr>"
         for r in review[:FAILURES_IN_PAGE]
     ]
     p.append("</table>")

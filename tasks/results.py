@@ -75,13 +75,13 @@ def _worst_first(value: float | None) -> float:
 def needs_review(results: pa.Table) -> list[dict[str, Any]]:
     """The succeeded edits the run's QA gate flagged (a non-null ``qa``), worst first (lowest
     ``qa_text``; unjudged ones before all), then in manifest order: row, edit_id, method, target_prompt,
-    qa_text, qa, output_uri (those the table has)."""
+    qa_text, qa_clip, qa, output_uri (those the table has)."""
     if not results.num_rows or "qa" not in results.column_names:
         return []
     flagged = results.filter(
         pc.and_(pc.equal(results.column("status"), "succeeded"), pc.is_valid(results.column("qa")))
     )
-    wanted = ("row", "edit_id", "method", "target_prompt", "qa_text", "qa", "output_uri")
+    wanted = ("row", "edit_id", "method", "target_prompt", "qa_text", "qa_clip", "qa", "output_uri")
     rows = flagged.select([c for c in wanted if c in flagged.column_names]).to_pylist()
     rows.sort(key=lambda r: (_worst_first(r.get("qa_text")), r.get("row") or 0))
     return rows

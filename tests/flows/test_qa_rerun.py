@@ -111,6 +111,9 @@ def test_qa_flag_is_checked_as_an_argument(capsys):
     parser = build_parser()
     assert parser.parse_args(["run", "m.parquet", "--out", "o", "--qa", "OFF"]).qa == "off"
     assert parser.parse_args(["restyle", "c.csv", "--style", "s", "--out", "o"]).qa is None
+    given = ["run", "m.parquet", "--out", "o", "--qa", "clip>=0.1", "--qa-model", "clip-dir"]
+    assert parser.parse_args(given).qa_model == "clip-dir"
+    assert parser.parse_args(["run", "m.parquet", "--out", "o"]).qa_model is None
     with pytest.raises(SystemExit) as exited:
         parser.parse_args(["run", "m.parquet", "--out", "o", "--qa", "txt>=1"])
     assert exited.value.code == 2

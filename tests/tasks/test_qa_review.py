@@ -46,7 +46,9 @@ def _judged_run(make_run, root):
         results = []
         for r in table.to_pylist():
             status, text, qa = OUTCOMES[r["row"]]
-            results.append({"edit_id": r["edit_id"], "status": status, "qa_text": text, "qa": qa})
+            clip = 0.25 if r["row"] == 0 else None  # a CLIP score (--qa-model) on one edit
+            results.append({"edit_id": r["edit_id"], "status": status, "qa_text": text, "qa": qa,
+                            "qa_clip": clip})  # fmt: skip
         write_parquet(run.out, keys.shard_results_key(run.run_id, shard["index"]),
                       results_table(results, table))  # fmt: skip
     return run
@@ -82,6 +84,7 @@ def test_flagged_edits_are_listed_worst_first(make_run, root):
         table.index(ids[i]) for i in WORST_FIRST
     )
     assert ids[1] not in table and ids[3] not in table  # passed; failed
+    assert "<td>text 0.100 · clip 0.250</td>" in table and flagged[-1]["qa_clip"] == 0.25
     assert "<tr><th>needs review</th><td>4</td></tr>" in page
     assert "class=st>needs review</span>" in page  # the flagged edits' captions
 
