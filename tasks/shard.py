@@ -544,16 +544,32 @@ def judge_results(
     shard's edits) and checked by the run's gate `options.qa`;
     by edit id. Nothing (no cost) with ``qa="off"``. The judge reads the edited image as it is stored
     (VAE-encoded again): its gate was calibrated on images, and an edit's final latents score differently.
-    A judge that fails flags the edits (not judged) and fails none."""
+    A judge that fails flags the edits (not judged) and fails none; a row whose contrast prompts the model
+    cannot take (too long) flags that edit alone."""
     gate = parse_gate(options.qa)
     done = [(row, res) for eg, results in zip(groups, edited) for row, res in zip(eg.rows, results)
             if isinstance(res, EditResult)]  # fmt: skip
     if not gate.enabled or not done:
         return {}
     config = judge_config(options)
+    # validated with the manifest (manifests.validate); a row without any: the source prompt alone
+    contrasts, unusable, judged = [], {}, []
+    for row, res in done:
+        try:
+            prompts = contrast_prompts(row.passthrough.get(QA_CONTRAST_COLUMN))
+            for prompt in prompts:
+                model.tokenize(prompt)  # the prompt length check editing makes on the row's prompts
+        except ValueError as exc:
+            unusable[row.edit_id] = EditQA(
+                None, (f"not judged: {QA_CONTRAST_COLUMN}: {exc}",), gate.spec, config.to_settings()
+            )
+        else:
+            contrasts.append(prompts)
+            judged.append((row, res))
+    done = judged
+    if not done:
+        return unusable
     try:
-        # validated with the manifest (manifests.validate); a row without any: the source prompt alone
-        contrasts = [contrast_prompts(row.passthrough.get(QA_CONTRAST_COLUMN)) for row, _ in done]
         scores = judge_edits(
             model, [res.image for _, res in done], [row.source_prompt for row, _ in done],
             [row.target_prompt for row, _ in done], config, contrasts if any(contrasts) else None,
@@ -576,9 +592,9 @@ def judge_results(
     except Exception as exc:  # noqa: BLE001 - QA never fails an edit; the edits stand, flagged
         logger.warning("edit QA failed on %d edits: %s: %s", len(done), type(exc).__name__, exc)
         reason = f"not judged: {type(exc).__name__}: {exc}"
-        return {row.edit_id: EditQA(None, (reason,), gate.spec, config.to_settings())
-                for row, _ in done}  # fmt: skip
-    return {
+        return unusable | {row.edit_id: EditQA(None, (reason,), gate.spec, config.to_settings())
+                           for row, _ in done}  # fmt: skip
+    return unusable | {
         row.edit_id: EditQA(
             sc.text,
             tuple(gate.check({**sc.as_dict(), **({} if c is None else {"clip": c})})),

@@ -90,6 +90,19 @@ def test_edits_above_the_gate_are_not_flagged_and_margins_follow_the_judge(
 
 
 @pytest.mark.parametrize("root", ["local"], indirect=True)
+def test_a_contrast_prompt_the_model_cannot_take_flags_its_edit_alone(make_run, root):
+    too_long = "a " + "very " * 100 + "red circle"
+    rows = [r | {"qa_contrast": c} for r, c in zip(ROWS[:2], [None, too_long])]
+    run = make_run(root, rows, qa="text>=-100")
+    stats = run_shard(run.options, run.run_id, 0)
+    assert (stats["succeeded"], stats["needs_review"]) == (2, 1)
+    got = read_run_results(run.options, run.run_id).select(["qa_text", "qa"]).to_pylist()
+    assert math.isfinite(got[0]["qa_text"]) and got[0]["qa"] is None  # judged, passed
+    assert got[1]["qa_text"] is None
+    assert got[1]["qa"].startswith("not judged: qa_contrast: prompt is too long")
+
+
+@pytest.mark.parametrize("root", ["local"], indirect=True)
 def test_a_clip_model_adds_its_score_and_its_gate_rules(make_run, root, tmp_path):
     from tests.editing.test_judge import make_tiny_clip
 
