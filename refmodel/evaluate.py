@@ -16,9 +16,11 @@ Prints a table and writes ``metrics.json`` and ``contact_sheet.png`` into ``--ou
     python -m refmodel.evaluate --gate CALIBRATION EVALUATION [--out DIR] [--gate-edits DIR]
 
 measures the edit-QA gate instead (:mod:`editing.judge`): every kind of edit by GATE_METHODS on drawn
-sources, each judged once on JUDGE_GRID; the judge's settings (timesteps, seeds, prompt set) and the
-threshold are chosen on the CALIBRATION sources, then the gate's recall of failed edits and share of good
-edits flagged are scored on the EVALUATION sources (another seed). Writes ``gate.json`` and the judged
+sources, each judged once on JUDGE_GRID; the judge's settings (timesteps, seeds: one setting for judging
+against the source prompt and against every other value of the changed attribute) and a threshold per
+prompt set (the gate's ``text`` and ``contrast`` rules) are chosen on the CALIBRATION sources, then the
+gate's recall of failed edits and share of good edits flagged are scored on the EVALUATION sources
+(another seed). Writes ``gate.json`` and the judged
 edits (``gate_*.npz``, re-analysed without editing again by ``--gate-edits DIR``).
 """
 

@@ -127,3 +127,41 @@ def test_the_threshold_caps_the_good_edits_flagged_in_each_target_kind():
     assert gate_threshold(only_style, margins[10:], max_flagged=0.1) == pytest.approx(
         np.quantile(margins[10:], 0.1, method="lower")
     )
+
+
+def test_the_shipped_defaults_are_what_the_committed_measurement_chose():
+    """editing's DEFAULT_GATE and JudgeConfig defaults are refmodel/eval/gate.json's choice (README: Edit
+    QA): a new calibration must update them together."""
+    import json
+    from pathlib import Path
+
+    from editing.gate import DEFAULT_GATE
+
+    gate = json.loads((Path(__file__).parents[2] / "refmodel/eval/gate.json").read_text())
+    assert gate["gate"] == DEFAULT_GATE
+    for variant in gate["variants"]:
+        assert tuple(variant["timesteps"]) == JudgeConfig().timesteps
+        assert tuple(variant["seeds"]) == JudgeConfig().seeds
+    assert [v["metric"] for v in gate["variants"]] == ["text", "contrast"]
+
+
+def test_evaluate_gate_fixes_one_setting_and_a_threshold_per_prompt_set():
+    from refmodel.evaluate import evaluate_gate
+
+    rng = np.random.default_rng(2)
+
+    def edits(n):
+        out = []
+        for i in range(n):
+            ok = i % 3 != 0
+            err = rng.uniform(0.9, 1.1, size=(3, K))  # target, source, one contrast prompt
+            err[0, JUDGE_GRID.timesteps.index(750) * 2] = 0.8 if ok else 1.2
+            out.append(JudgedEdit(EDIT_KINDS[i % len(EDIT_KINDS)], "pnp", ok, err))
+        return out
+
+    out = evaluate_gate(edits(24), edits(12))
+    text, contrast = out["variants"]
+    assert (text["prompts"], contrast["prompts"]) == ("source", "attribute")
+    assert text["timesteps"] == contrast["timesteps"] and text["seeds"] == contrast["seeds"]
+    assert out["gate"] == f"text>={text['threshold']:g},contrast>={contrast['threshold']:g}"
+    assert out["evaluation_edits"] == 12 and text["evaluation"]["overall"]["n"] == 12
