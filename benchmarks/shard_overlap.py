@@ -1,6 +1,6 @@
 """The shard path against the bare engine on the same edits: how much of the model's speed a shard keeps.
 
-    python -m benchmarks.shard_overlap                      # 8 sources x 2 edits, 3 repeats, QA off and on
+    python -m benchmarks.shard_overlap                      # 8 sources x 2 edits, 5 repeats, QA off and on
     python -m benchmarks.shard_overlap --label before       # the same script on a tree of an older commit
 
 What runs (issue 21 item 6): the bundled reference model (refmodel/shapes-v2, CPU, fp32, one torch
@@ -16,7 +16,8 @@ max_batch 8, outputs at the source's size (512 px PNG).
     PNGs, hashes and looks up the inversions, inverts, edits, judges (QA on), encodes and writes every
     edit and sidecar, caches the inversions, writes the results table.
 
-Printed: edits/s of each and shard / engine (target >= 90%), the shard's per-stage seconds (its own
+Printed: edits/s of each and shard / engine (target >= 90%; paired: each shard run against the engine
+run just before it, as the machine's load drifts between repeats), the shard's per-stage seconds (its own
 thread's wall time: what was not hidden behind the model), the thread-seconds of the work around the
 model (reads, encodes, writes; summed over threads, so overlapped work shows here and not in the stages),
 and the model's busy share of the shard's wall time. The result goes to
@@ -157,14 +158,18 @@ def engine_pass(model, options, run_id: str, probes: Probes) -> dict:
 
     shard = load_shard(open_store(options.out), run_id, 0)
     groups = group_sources(shard.todo())
-    images = [Image.open(io.BytesIO(Path(g[0].image_uri).read_bytes())).convert("RGB") for g in groups]
+    images = [
+        Image.open(io.BytesIO(Path(g[0].image_uri).read_bytes())).convert("RGB") for g in groups
+    ]
     per_call = max(options.max_batch, 4)
     t0 = time.perf_counter()
     invs = invert_many(model, images, [g[0].source_prompt for g in groups],
                        num_steps=groups[0][0].num_steps, guidance_scale=options.inversion_guidance,
                        size_policy=options.size_policy, max_batch=per_call)  # fmt: skip
     source_groups = [
-        SourceGroup(inv, [Target(r.target_prompt, r.config, edit_id=r.edit_id, seed=r.seed) for r in g])
+        SourceGroup(
+            inv, [Target(r.target_prompt, r.config, edit_id=r.edit_id, seed=r.seed) for r in g]
+        )
         for inv, g in zip(invs, groups)
     ]
     out = edit(model, source_groups, max_batch=options.max_batch)
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sources", type=int, default=8)
     ap.add_argument("--edits", type=int, default=2, help="edits per source")
     ap.add_argument("--size", type=int, default=512, help="source images' side in pixels")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5, help="T (5: a CPU edit of the bundled model costs "
                     "about what an SD edit does on a GPU at the target, so I/O is the same share)")  # fmt: skip
     ap.add_argument("--qa", nargs="+", default=["off", "on"], choices=["off", "on"])
@@ -226,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeats):  # interleaved, so that load changes hit both alike
                 for mode in ("engine", "shard"):
                     options, run_id = plan(
-                        manifest, root / "out", "off" if qa == "off" else DEFAULT_GATE, args.max_batch
+                        manifest,
+                        root / "out",
+                        "off" if qa == "off" else DEFAULT_GATE,
+                        args.max_batch,
                     )
                     runs[mode].append(
                         engine_pass(model, options, run_id, probes)
@@ -240,15 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for qa, runs in results.items():
         med = {m: statistics.median(r["edits_per_s"] for r in rs) for m, rs in runs.items()}
-        best = {m: max(r["edits_per_s"] for r in rs) for m, rs in runs.items()}
-        summary[qa] = {"median_edits_per_s": med, "best_edits_per_s": best,
-                       "ratio_median": med["shard"] / med["engine"],
-                       "ratio_best": best["shard"] / best["engine"]}  # fmt: skip
+        # each shard run against the engine run just before it (the load changes between repeats)
+        pairs = [s["edits_per_s"] / e["edits_per_s"] for e, s in zip(runs["engine"], runs["shard"])]
+        summary[qa] = {"median_edits_per_s": med, "ratio_of_medians": med["shard"] / med["engine"],
+                       "ratios_paired": pairs, "ratio_paired_median": statistics.median(pairs)}  # fmt: skip
         rows.append([f"QA {qa}", med["engine"], med["shard"], med["shard"] / med["engine"],
-                     best["shard"] / best["engine"]])  # fmt: skip
+                     statistics.median(pairs), f"{min(pairs):.2f}-{max(pairs):.2f}"])  # fmt: skip
     n = args.sources * args.edits
-    print_table(["", "engine edits/s (median)", "shard edits/s (median)", "shard / engine",
-                 "best / best"], rows, title=f"{n} edits, {args.repeats} repeats, label {args.label}")  # fmt: skip
+    print_table(["", "engine edits/s (median)", "shard edits/s (median)", "ratio of medians",
+                 "paired ratio (median)", "paired range"], rows,
+                title=f"{n} edits, {args.repeats} repeats, label {args.label}")  # fmt: skip
     stage_rows = []
     for qa, runs in results.items():
         for r in runs["shard"]:

@@ -8,9 +8,15 @@ pipeline of steps, each returning what the next one needs:
    key its inversion by content, get it from the cache or compute it;
 3. :func:`prepare_edits`: per-row checks, the engine's source groups (with cached PnP features);
 4. :func:`edit_sources`: the engine's batched edit (it packs, reports each chunk, isolates failures);
-   :func:`judge_results`: the edit-QA judge on the shard's edits (batched), the run's review gate;
-5. :func:`write_jobs` + :func:`write_outputs`: assets and sidecars, first-writer-wins;
+   :func:`judge_results`: the edit-QA judge on a chunk's edits (batched), the run's review gate;
+5. :class:`ChunkWriter` (in the shard) or :func:`write_jobs` + :func:`write_outputs` (the same writes in
+   one go): assets and sidecars, first-writer-wins;
 6. :func:`shard_results`: the shard's results table.
+
+The device is kept busy: the model lock (:func:`tasks.worker.model_lock`) is held for model work only.
+Sources are read, decoded and looked up in the cache in threads ahead of their inversion, and each chunk
+the engine finishes is judged and handed to writer threads (a bounded queue: the model waits only when it
+is full) while the next chunk is edited; the shard ends when the last write has landed.
 
 A bad row (unreadable image, missing object, invalid prompt) is recorded as failed with its row, field and
 reason, and the shard carries on. A finished edit (its sidecar exists) is never redone or rewritten.
@@ -376,9 +382,8 @@ def prepare_sources(
     lock = lock or nullcontext()
     seconds = {"read": 0.0, "inversion": 0.0}
     sources: list[Source] = []
-    waiting: dict[
-        tuple, list[tuple[int, Image.Image, CachedInversion]]
-    ] = {}  # batch key -> to invert
+    # batch key (_batch_key) -> the sources read that wait for their inversion
+    waiting: dict[tuple, list[tuple[int, Image.Image, CachedInversion]]] = {}
 
     def invert_batch(items: list[tuple[int, Image.Image, CachedInversion]]) -> None:
         t0 = time.perf_counter()
@@ -395,9 +400,9 @@ def prepare_sources(
             obj = keys.inversion_object_key(found.inversion_key)
             put = cache.replace if found.stale else cache.put
             if behind is None:
-                put(obj, inv.to_bytes())
+                _put_bytes(put, obj, inv.to_bytes)
             else:
-                behind.submit(lambda put=put, obj=obj, inv=inv: put(obj, inv.to_bytes()))
+                behind.submit(_put_bytes, put, obj, inv.to_bytes)
             sources[i] = replace(sources[i], inversion=inv)
         seconds["inversion"] += time.perf_counter() - t0
 
@@ -428,6 +433,11 @@ def prepare_sources(
     for batch in waiting.values():
         invert_batch(batch)
     return PreparedSources(sources, dict(seconds))
+
+
+def _put_bytes(put: Callable[[str, bytes], Any], key: str, data: Callable[[], bytes]) -> None:
+    """``put(key, data())``: a cache entry serialised and written (in a writer thread when handed to one)."""
+    put(key, data())
 
 
 def _batch_key(
