@@ -123,6 +123,8 @@ class ChunkDone:
     seconds: float  # wall time of the chunk and its retries
     unet_evals: float = 0.0  # UNet row evaluations of its edited targets (padding included)
     padding_evals: float = 0.0  # of them, padding rows' (waste: the price of a fixed batch shape)
+    # (group index, target index, its result or exception) per target of the chunk, in chunk order
+    outcomes: tuple[tuple[int, int, Outcome], ...] = ()
 
 
 Outcome = EditResult | Exception
@@ -180,6 +182,7 @@ def edit(
                     time.perf_counter() - start,
                     unet_evals=sum(sum(r.unet_evals.values()) for r in ok),
                     padding_evals=sum(r.unet_evals.get("padding", 0.0) for r in ok),
+                    outcomes=tuple((gi, ti, r) for (gi, ti), r in zip(_slots(chunk), results)),
                 )
             )
     return out  # type: ignore[return-value]

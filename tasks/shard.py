@@ -8,9 +8,15 @@ pipeline of steps, each returning what the next one needs:
    key its inversion by content, get it from the cache or compute it;
 3. :func:`prepare_edits`: per-row checks, the engine's source groups (with cached PnP features);
 4. :func:`edit_sources`: the engine's batched edit (it packs, reports each chunk, isolates failures);
-   :func:`judge_results`: the edit-QA judge on the shard's edits (batched), the run's review gate;
-5. :func:`write_jobs` + :func:`write_outputs`: assets and sidecars, first-writer-wins;
+   :func:`judge_results`: the edit-QA judge on a chunk's edits (batched), the run's review gate;
+5. :class:`ChunkWriter` (in the shard) or :func:`write_jobs` + :func:`write_outputs` (the same writes in
+   one go): assets and sidecars, first-writer-wins;
 6. :func:`shard_results`: the shard's results table.
+
+The device is kept busy: the model lock (:func:`tasks.worker.model_lock`) is held for model work only.
+Sources are read, decoded and looked up in the cache in threads ahead of their inversion, and each chunk
+the engine finishes is judged and handed to writer threads (a bounded queue: the model waits only when it
+is full) while the next chunk is edited; the shard ends when the last write has landed.
 
 A bad row (unreadable image, missing object, invalid prompt) is recorded as failed with its row, field and
 reason, and the shard carries on. A finished edit (its sidecar exists) is never redone or rewritten.
@@ -25,7 +31,9 @@ import logging
 import math
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -39,6 +47,7 @@ from editing.inversion import Inversion, InversionMismatch, inversion_facts, inv
 from editing.judge import JudgeConfig, judge_edits, parse_gate
 from editing.methods import (
     METHOD_OF_CONFIG,
+    ChunkDone,
     EditResult,
     PnPFeatures,
     SourceGroup,
@@ -59,7 +68,7 @@ from tasks.options import RunOptions
 from tasks.planning import read_shard_plan, source_key
 from tasks.progress import ShardProgress
 from tasks.results import results_table
-from tasks.worker import apply_thread_policy, get_model, model_lock
+from tasks.worker import Behind, apply_thread_policy, get_model, model_lock, read_ahead
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +83,13 @@ def _version(pkg: str) -> str:
 VERSIONS = {p: _version(p) for p in ("editflow", "diffusers", "torch", "transformers")}
 # concurrent encodes + storage requests per shard (S3 latency, not bandwidth, dominates)
 WRITE_THREADS = 8
+# finished edits (and cache entries) waiting to be written at most; the model waits when it is full
+# (a 512 px edit holds ~0.8 MB until written)
+WRITE_QUEUE = 4 * WRITE_THREADS
+# concurrent source reads (and cache look-ups) per shard, and how many sources they run ahead of the
+# one being inverted (each holds its decoded image until its inversion batch runs)
+READ_THREADS = 4
+READ_AHEAD = 8
 # The sidecar items also embedded in the image (PNG text chunk, JPEG comment, WebP EXIF)
 EMBEDDED = ("edit_id", "source_prompt", "target_prompt", "method", "settings", "seed", "model_id",
             "model_revision", "source_sha256")  # fmt: skip
@@ -95,6 +111,11 @@ class ShardStats:
     # the edit-QA judge's UNet evaluations (not in unet_evals, which is the edits' own cost)
     qa_unet_evals: int = 0
     needs_review: int = 0  # the shard's succeeded edits its QA gate flagged (earlier attempts' too)
+    # wall seconds of the shard's own thread per stage, so they add up to about "total": "read" waiting
+    # for its sources (read, decoded, checked and looked up in the inversion cache ahead, in threads),
+    # "inversion" inverting, "edit" editing, "qa" judging, "write" what writing adds to the shard: handing
+    # finished edits to the writer threads (waiting when their queue is full), waiting for the last ones
+    # after the model is done, and the results table. Encodes and writes behind the model count nowhere.
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,7 +200,9 @@ class PreparedSources:
     """:func:`prepare_sources`' result: the sources in first-row order, and the seconds it spent."""
 
     sources: list[Source]
-    seconds: dict[str, float]  # "read" (read, decode, check) and "inversion" (key, cache, invert)
+    # "read": waiting for the sources (read, decoded, checked and looked up in the cache ahead, in
+    # threads); "inversion": inverting those the cache lacked
+    seconds: dict[str, float]
 
     @property
     def inversions_computed(self) -> int:
@@ -201,6 +224,21 @@ def group_sources(rows: list[EditRow]) -> list[list[EditRow]]:
 def read_source(model: EditModel, row: EditRow, options: RunOptions) -> tuple[bytes, Image.Image]:
     """The source image of `row`: its bytes and the decoded, checked RGB image; ``RowError`` naming
     the field when it cannot be read or edited (the source prompt is checked here too)."""
+    data, image = read_image(row, options)
+    check_source_prompt(model, row)
+    return data, image
+
+
+def check_source_prompt(model: EditModel, row: EditRow) -> None:
+    """``RowError`` naming ``source_prompt`` when the model cannot take `row`'s source prompt."""
+    try:
+        model.tokenize(row.source_prompt)
+    except ValueError as exc:
+        raise RowError(f"source_prompt: {exc}") from exc
+
+
+def read_image(row: EditRow, options: RunOptions) -> tuple[bytes, Image.Image]:
+    """:func:`read_source` without the prompt check (no model: safe in a reading thread)."""
     try:
         data = read_uri(
             row.image_uri, s3_endpoint=options.s3_endpoint, max_bytes=options.max_source_bytes
@@ -224,10 +262,6 @@ def read_source(model: EditModel, row: EditRow, options: RunOptions) -> tuple[by
         check_shape(image.width, image.height)
     except Exception as exc:  # noqa: BLE001 - an image that decodes but cannot be edited is this row's problem
         raise RowError(f"image_uri: {row.image_uri}: {type(exc).__name__}: {exc}") from exc
-    try:
-        model.tokenize(row.source_prompt)
-    except ValueError as exc:
-        raise RowError(f"source_prompt: {exc}") from exc
     return data, image
 
 
@@ -292,11 +326,10 @@ def invert_sources(
     options: RunOptions,
     facts: list[dict[str, Any]],
 ) -> list[Inversion | Exception]:
-    """Invert the images (one step count) sharing UNet calls, at least 4 sources per call (the
-    inversion's rows, 1 and 2 per source, stay under an editing chunk's 2 per target + 1 per source);
+    """Invert the images (one step count) sharing UNet calls, :func:`inversion_batch` sources per call;
     if that fails, one by one, so a bad source fails alone (its exception in its place). `facts`: each
     image's, from its cache look-up. A compiled UNet runs them at padded shapes (invert_many's rule)."""
-    per_call = max(options.max_batch, 4)
+    per_call = inversion_batch(options)
     try:
         return list(invert_many(
             model, images, prompts, num_steps=num_steps, guidance_scale=options.inversion_guidance,
@@ -314,46 +347,109 @@ def invert_sources(
     return out
 
 
+def inversion_batch(options: RunOptions) -> int:
+    """Sources per inversion UNet call: at least 4 (the inversion's rows, 1 and 2 per source, stay under
+    an editing chunk's 2 per target + 1 per source)."""
+    return max(options.max_batch, 4)
+
+
+def fetch_source(
+    model: EditModel, row: EditRow, options: RunOptions, cache: BlobCache
+) -> tuple[Image.Image, CachedInversion]:
+    """A source read and decoded (:func:`read_image`) and its inversion looked up in the cache: the
+    storage half of preparing a source, which runs in reading threads without the model lock."""
+    data, image = read_image(row, options)
+    return image, look_up_inversion(model, row, data, options, cache)
+
+
 def prepare_sources(
-    model: EditModel, rows: list[EditRow], options: RunOptions, cache: BlobCache
+    model: EditModel,
+    rows: list[EditRow],
+    options: RunOptions,
+    cache: BlobCache,
+    *,
+    lock: AbstractContextManager | None = None,
+    behind: Behind | None = None,
 ) -> PreparedSources:
     """Each source of `rows` with its inversion: read, keyed, taken from the cache or computed (sources
-    without one share UNet calls, per step count) and cached; or with the error that fails its rows."""
-    seconds: dict[str, float] = defaultdict(float)
+    without one share UNet calls, per step count and size) and cached; or with the error that fails its
+    rows.
+
+    Sources are read and looked up in :data:`READ_THREADS` threads, up to :data:`READ_AHEAD` ahead, while
+    the sources before them are inverted (under `lock`, the model's: :func:`tasks.worker.model_lock`); each
+    full batch of :func:`inversion_batch` sources of one step count and size is inverted as soon as it is
+    read (the same batches as inverting them all at the end). New cache entries are written by `behind`
+    (in its threads) when given, else here."""
+    lock = lock or nullcontext()
+    seconds = {"read": 0.0, "inversion": 0.0}
     sources: list[Source] = []
-    missing: dict[int, list[tuple[int, Image.Image, CachedInversion]]] = {}  # steps -> to invert
-    for group in group_sources(rows):
+    # batch key (_batch_key) -> the sources read that wait for their inversion
+    waiting: dict[tuple, list[tuple[int, Image.Image, CachedInversion]]] = {}
+
+    def invert_batch(items: list[tuple[int, Image.Image, CachedInversion]]) -> None:
         t0 = time.perf_counter()
-        try:
-            data, image = read_source(model, group[0], options)
-        except RowError as exc:
-            sources.append(Source(group, error=str(exc)))
-            continue
-        seconds["read"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        found = look_up_inversion(model, group[0], data, options, cache)
-        seconds["inversion"] += time.perf_counter() - t0
-        source = Source(group, found.content_sha256, found.inversion_key, found.inversion,
-                        cache_hit=found.inversion is not None, size=image.size)  # fmt: skip
-        if found.inversion is None:
-            missing.setdefault(group[0].num_steps, []).append((len(sources), image, found))
-        sources.append(source)
-    t0 = time.perf_counter()
-    for steps, items in missing.items():
+        steps = sources[items[0][0]].rows[0].num_steps
         prompts = [sources[i].rows[0].source_prompt for i, _, _ in items]
         facts = [found.facts for _, _, found in items]
-        invs = invert_sources(model, [im for _, im, _ in items], prompts, steps, options, facts)
+        with lock:
+            invs = invert_sources(model, [im for _, im, _ in items], prompts, steps, options, facts)
         for (i, _, found), inv in zip(items, invs):
             if isinstance(inv, Exception):
                 error = f"image_uri/source_prompt: cannot invert: {type(inv).__name__}: {inv}"
                 sources[i] = replace(sources[i], error=error)
                 continue
             obj = keys.inversion_object_key(found.inversion_key)
-            (cache.replace if found.stale else cache.put)(obj, inv.to_bytes())
+            put = cache.replace if found.stale else cache.put
+            if behind is None:
+                _put_bytes(put, obj, inv.to_bytes)
+            else:
+                behind.submit(_put_bytes, put, obj, inv.to_bytes)
             sources[i] = replace(sources[i], inversion=inv)
-    if missing:
         seconds["inversion"] += time.perf_counter() - t0
+
+    groups = group_sources(rows)
+    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shard-read") as pool:
+        fetched = read_ahead(
+            pool, lambda g: fetch_source(model, g[0], options, cache), groups, READ_AHEAD
+        )
+        for group, job in zip(groups, fetched):
+            t0 = time.perf_counter()
+            try:
+                image, found = job.result()
+                with lock:
+                    check_source_prompt(model, group[0])
+            except RowError as exc:
+                sources.append(Source(group, error=str(exc)))
+                continue
+            finally:
+                seconds["read"] += time.perf_counter() - t0
+            sources.append(Source(group, found.content_sha256, found.inversion_key, found.inversion,
+                                  cache_hit=found.inversion is not None, size=image.size))  # fmt: skip
+            if found.inversion is None:
+                key = _batch_key(model, group[0], image, options, len(sources))
+                batch = waiting.setdefault(key, [])
+                batch.append((len(sources) - 1, image, found))
+                if len(batch) == inversion_batch(options):
+                    invert_batch(waiting.pop(key))
+    for batch in waiting.values():
+        invert_batch(batch)
     return PreparedSources(sources, dict(seconds))
+
+
+def _put_bytes(put: Callable[[str, bytes], Any], key: str, data: Callable[[], bytes]) -> None:
+    """``put(key, data())``: a cache entry serialised and written (in a writer thread when handed to one)."""
+    put(key, data())
+
+
+def _batch_key(
+    model: EditModel, row: EditRow, image: Image.Image, options: RunOptions, n: int
+) -> tuple:
+    """The sources that share inversion UNet calls: one step count and one model-side size (as
+    :func:`editing.inversion.invert_many` groups them); a size the model refuses, alone (`n`: unique)."""
+    try:
+        return row.num_steps, model.target_size(image.width, image.height, options.size_policy)
+    except ValueError:
+        return row.num_steps, n
 
 
 # ---------------------------------------------------------------- 3. what to edit
@@ -379,10 +475,17 @@ class PreparedEdits:
 
 
 def prepare_edits(
-    model: EditModel, sources: list[Source], options: RunOptions, cache: BlobCache
+    model: EditModel,
+    sources: list[Source],
+    options: RunOptions,
+    cache: BlobCache,
+    *,
+    lock: AbstractContextManager | None = None,
 ) -> PreparedEdits:
     """The edit groups of the sources with an inversion: each row's target prompt and settings checked
-    (a bad one fails its row), and, with ``cache_features``, the source's cached PnP features attached."""
+    (a bad one fails its row; the tokenizer under `lock`), and, with ``cache_features``, the source's
+    cached PnP features attached (read without it)."""
+    lock = lock or nullcontext()
     groups: list[EditGroup] = []
     failed: dict[str, dict[str, Any]] = {}
     for src in sources:
@@ -391,17 +494,20 @@ def prepare_edits(
                 failed[row.edit_id] = _result(row, "failed", error=f"row {row.row}: {src.error}")
             continue
         targets, kept = [], []
-        for row in src.rows:
-            try:
-                model.tokenize(row.target_prompt)
-                config = row.config
-            except ValueError as exc:
-                failed[row.edit_id] = _result(
-                    row, "failed", error=f"row {row.row}: target_prompt/settings: {exc}"
+        with lock:
+            for row in src.rows:
+                try:
+                    model.tokenize(row.target_prompt)
+                    config = row.config
+                except ValueError as exc:
+                    failed[row.edit_id] = _result(
+                        row, "failed", error=f"row {row.row}: target_prompt/settings: {exc}"
+                    )
+                    continue
+                targets.append(
+                    Target(row.target_prompt, config, edit_id=row.edit_id, seed=row.seed)
                 )
-                continue
-            targets.append(Target(row.target_prompt, config, edit_id=row.edit_id, seed=row.seed))
-            kept.append(row)
+                kept.append(row)
         if not targets:
             continue
         features = CachedFeatures()
@@ -479,16 +585,24 @@ def edit_sources(
     groups: list[SourceGroup],
     options: RunOptions,
     progress: ShardProgress | None = None,
+    on_chunk: Callable[[ChunkDone], None] | None = None,
 ) -> list[Edited]:
     """The engine's :func:`editing.methods.edit` of all the groups (it packs them, and isolates a failing
-    edit); each finished chunk's edits are reported to `progress`. Results per group, as the input."""
-    on_chunk = None if progress is None else (lambda done: progress.add(done.targets))
+    edit); each finished chunk's edits are reported to `progress`, and the chunk to `on_chunk` (with its
+    outcomes: the shard writes them while the next chunk is edited). Results per group, as the input."""
+
+    def chunk_done(done: ChunkDone) -> None:
+        if progress is not None:
+            progress.add(done.targets)
+        if on_chunk is not None:
+            on_chunk(done)
+
     return edit(
         model,
         groups,
         max_batch=options.max_batch,
         record_features=options.cache_features,
-        on_chunk=on_chunk,
+        on_chunk=chunk_done,
     )
 
 
@@ -611,22 +725,41 @@ def judge_results(
 def store_features(cache: BlobCache, groups: list[EditGroup], edited: list[Edited]) -> int:
     """Cache the PnP features recorded for each group that had none cached (the first PnP result's);
     returns how many entries were written."""
-    written = 0
-    for eg, results in zip(groups, edited):
-        if not eg.features_key or eg.group.features is not None:
+    found = features_to_store(groups, outcomes_of(edited))
+    for gi, features in found.items():
+        _store_features(cache, groups[gi], features)
+    return len(found)
+
+
+Outcomes = list[tuple[int, int, EditResult | Exception]]  # (group index, target index, outcome)
+
+
+def outcomes_of(edited: list[Edited]) -> Outcomes:
+    """The groups' results as (group index, target index, outcome), group by group."""
+    return [(gi, ti, r) for gi, results in enumerate(edited) for ti, r in enumerate(results)]
+
+
+def features_to_store(
+    groups: list[EditGroup], outcomes: Outcomes, done: Collection[int] = ()
+) -> dict[int, PnPFeatures]:
+    """By group index, the PnP features to cache for the groups (not in `done`) that had none cached: the
+    first PnP outcome's in `outcomes` that recorded them."""
+    found: dict[int, PnPFeatures] = {}
+    for gi, ti, r in outcomes:
+        eg = groups[gi]
+        if gi in done or gi in found or not eg.features_key or eg.group.features is not None:
             continue
-        for t, r in zip(eg.group.targets, results):
-            if (
-                isinstance(r, EditResult)
-                and r.features is not None
-                and METHOD_OF_CONFIG[type(t.config)] == "pnp"
-            ):
-                (cache.replace if eg.stale_features else cache.put)(
-                    eg.features_key, r.features.to_bytes()
-                )
-                written += 1
-                break
-    return written
+        if (
+            isinstance(r, EditResult)
+            and r.features is not None
+            and METHOD_OF_CONFIG[type(eg.group.targets[ti].config)] == "pnp"
+        ):
+            found[gi] = r.features
+    return found
+
+
+def _store_features(cache: BlobCache, eg: EditGroup, features: PnPFeatures) -> None:
+    (cache.replace if eg.stale_features else cache.put)(eg.features_key, features.to_bytes())
 
 
 # ---------------------------------------------------------------- 5. writing
@@ -657,19 +790,36 @@ def write_jobs(
     those that failed. Each edit is at `options.output_size` (None: as the model made it)."""
     jobs: list[WriteJob] = []
     failed: dict[str, dict[str, Any]] = {}
-    for eg, results in zip(groups, edited):
-        for row, target, res in zip(eg.rows, eg.group.targets, results):
-            if isinstance(res, Exception):
-                failed[row.edit_id] = _result(
-                    row, "failed", error=f"row {row.row}: edit failed: {type(res).__name__}: {res}"
-                )
-                continue
-            job = _write_job(model, run_id, eg, row, target, res, options)
-            if qa and row.edit_id in qa:
-                job = replace(job, qa=qa[row.edit_id])
-                job.metadata["qa"] = job.qa.sidecar()
-            jobs.append(job)
+    for gi, ti, res in outcomes_of(edited):
+        row = groups[gi].rows[ti]
+        if isinstance(res, Exception):
+            failed[row.edit_id] = edit_failed(row, res)
+        else:
+            jobs.append(edit_job(model, run_id, groups[gi], ti, res, options, qa))
     return jobs, failed
+
+
+def edit_failed(row: EditRow, exc: Exception) -> dict[str, Any]:
+    """The results row of an edit the engine failed."""
+    return _result(row, "failed", error=f"row {row.row}: edit failed: {type(exc).__name__}: {exc}")
+
+
+def edit_job(
+    model: EditModel,
+    run_id: str,
+    eg: EditGroup,
+    ti: int,
+    res: EditResult,
+    options: RunOptions | None = None,
+    qa: dict[str, EditQA] | None = None,
+) -> WriteJob:
+    """The write job of the group's `ti`-th edit, with its QA from `qa` (by edit id) if there."""
+    row = eg.rows[ti]
+    job = _write_job(model, run_id, eg, row, eg.group.targets[ti], res, options)
+    if qa and row.edit_id in qa:
+        job = replace(job, qa=qa[row.edit_id])
+        job.metadata["qa"] = job.qa.sidecar()
+    return job
 
 
 def _write_job(
@@ -753,6 +903,91 @@ def write_one(out: ObjectStore, image_format: str, job: WriteJob) -> dict[str, A
     )  # fmt: skip
 
 
+class ChunkWriter:
+    """The shard's edits written chunk by chunk while the model edits the next (the engine's ``on_chunk``,
+    called with the model lock held): each finished chunk is judged (:func:`judge_results`, model work),
+    then its edits' encodes and writes and its PnP features' cache entries are handed to `behind`'s threads
+    (waiting while their queue is full). :meth:`results` waits for them: results rows by edit id."""
+
+    def __init__(
+        self,
+        model: EditModel,
+        run_id: str,
+        groups: list[EditGroup],
+        options: RunOptions,
+        out: ObjectStore,
+        cache: BlobCache,
+        behind: Behind,
+    ) -> None:
+        self.model, self.run_id, self.groups, self.options = model, run_id, groups, options
+        self.out, self.cache, self.behind = out, cache, behind
+        self.failed: dict[str, dict[str, Any]] = {}  # edits the engine failed
+        self.qa_seconds = 0.0  # judging
+        self.qa_unet_evals = 0
+        self.handoff_seconds = (
+            0.0  # handing edits to the writer threads (a full queue's waits included)
+        )
+        self._writes: list[
+            tuple[str, Future]
+        ] = []  # edit id -> (its UNet evaluations, results row)
+        self._features: set[int] = set()  # groups whose features are being cached
+
+    def __call__(self, done: ChunkDone) -> None:
+        outcomes = list(done.outcomes)
+        t0 = time.perf_counter()
+        qa = judge_results(self.model, *self._chunk_groups(outcomes), self.options)
+        if qa:
+            self.qa_seconds += time.perf_counter() - t0
+            self.qa_unet_evals += sum(q.unet_evals for q in qa.values())
+        t0 = time.perf_counter()
+        for gi, features in features_to_store(self.groups, outcomes, self._features).items():
+            self._features.add(gi)
+            self.behind.submit(_store_features, self.cache, self.groups[gi], features)
+        for gi, ti, res in outcomes:
+            row = self.groups[gi].rows[ti]
+            if isinstance(res, Exception):
+                self.failed[row.edit_id] = edit_failed(row, res)
+                continue
+            job = self.behind.submit(self._write, self.groups[gi], ti, res, qa)
+            self._writes.append((row.edit_id, job))
+        self.handoff_seconds += time.perf_counter() - t0
+
+    def _chunk_groups(self, outcomes: Outcomes) -> tuple[list[EditGroup], list[Edited]]:
+        """The chunk's edits as groups of the edited rows only (the judge's input)."""
+        by_group: dict[int, list[tuple[int, EditResult | Exception]]] = {}
+        for gi, ti, res in outcomes:
+            by_group.setdefault(gi, []).append((ti, res))
+        groups, edited = [], []
+        for gi, items in by_group.items():
+            eg = self.groups[gi]
+            targets = [eg.group.targets[ti] for ti, _ in items]
+            rows = [eg.rows[ti] for ti, _ in items]
+            groups.append(replace(eg, rows=rows, group=replace(eg.group, targets=targets)))
+            edited.append([res for _, res in items])
+        return groups, edited
+
+    def _write(
+        self, eg: EditGroup, ti: int, res: EditResult, qa: dict[str, EditQA]
+    ) -> tuple[float, dict[str, Any]]:
+        """One edit encoded and written (in a writer thread): its UNet evaluations and results row."""
+        row = eg.rows[ti]
+        try:
+            job = edit_job(self.model, self.run_id, eg, ti, res, self.options, qa)
+        except Exception as exc:  # noqa: BLE001 - this edit's output cannot be made: it fails alone
+            return 0.0, _result(row, "failed", error=f"row {row.row}: writing output failed: "
+                                f"{type(exc).__name__}: {exc}")  # fmt: skip
+        return job.unet_evals, write_one(self.out, self.options.image_format, job)
+
+    def results(self) -> tuple[dict[str, dict[str, Any]], float]:
+        """Every handed edit's results row (waiting for its write), the failed edits' too, by edit id; and
+        the written edits' UNet evaluations."""
+        rows, evals = dict(self.failed), 0.0
+        for edit_id, job in self._writes:
+            n, rows[edit_id] = job.result()
+            evals += n
+        return rows, evals
+
+
 # ---------------------------------------------------------------- 6. results
 
 
@@ -792,36 +1027,41 @@ def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, A
             dtype=options.dtype,
             **options.model_args(),
         )
-        with model_lock(model):
+        lock = model_lock(model)
+        # the model lock is held for model work only; storage and encodes run in these threads
+        with Behind(WRITE_THREADS, WRITE_QUEUE, name="shard-write") as behind:
             progress.stage("invert", sources=len(group_sources(todo)))
-            prepared = prepare_sources(model, todo, options, cache)
+            prepared = prepare_sources(model, todo, options, cache, lock=lock, behind=behind)
             for stage, seconds in prepared.seconds.items():
                 stats.seconds[stage] += seconds
             stats.inversions_computed += prepared.inversions_computed
             stats.inversion_cache_hits += prepared.cache_hits
-            edits = prepare_edits(model, prepared.sources, options, cache)
+            edits = prepare_edits(model, prepared.sources, options, cache, lock=lock)
             results |= edits.failed
             # rows kept from earlier and rows failed before editing are finished
             progress.set(
                 len(results), failed=sum(r["status"] == "failed" for r in results.values())
             )
+            writer = ChunkWriter(model, run_id, edits.groups, options, out, cache, behind)
             if edits.groups:
                 progress.stage("edit", edits=sum(len(eg.rows) for eg in edits.groups))
                 t0 = time.perf_counter()
-                edited = edit_sources(model, [eg.group for eg in edits.groups], options, progress)
-                stats.seconds["edit"] += time.perf_counter() - t0
+                with lock:
+                    edit_sources(
+                        model, [eg.group for eg in edits.groups], options, progress, writer
+                    )
+                t_edit = time.perf_counter() - t0
+                stats.seconds["edit"] += t_edit - writer.qa_seconds - writer.handoff_seconds
+                if writer.qa_seconds:
+                    stats.seconds["qa"] += writer.qa_seconds
+                stats.qa_unet_evals += writer.qa_unet_evals
                 progress.stage("write", edits=sum(len(eg.rows) for eg in edits.groups))
-                t0 = time.perf_counter()
-                qa = judge_results(model, edits.groups, edited, options)
-                if qa:
-                    stats.seconds["qa"] += time.perf_counter() - t0
-                    stats.qa_unet_evals += sum(q.unet_evals for q in qa.values())
-                t0 = time.perf_counter()
-                store_features(cache, edits.groups, edited)
-                jobs, failed = write_jobs(model, run_id, edits.groups, edited, options, qa)
-                stats.unet_evals += sum(job.unet_evals for job in jobs)
-                results |= failed | write_outputs(out, options.image_format, jobs)
-                stats.seconds["write"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            behind.drain()  # the edits' writes and the cache entries (the first failure raised)
+            written, evals = writer.results()
+            results |= written
+            stats.unet_evals += evals
+            stats.seconds["write"] += writer.handoff_seconds + time.perf_counter() - t0
     for r in results.values():
         stats.succeeded += r["status"] == "succeeded"
         stats.failed += r["status"] == "failed"

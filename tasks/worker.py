@@ -1,4 +1,6 @@
-"""One loaded model per worker process: shard tasks in the same process (thread or Dask worker) reuse it.
+"""One loaded model per worker process: shard tasks in the same process (thread or Dask worker) reuse it,
+one at a time per device (:func:`model_lock`), with their storage work around it (:class:`Behind`,
+:func:`read_ahead`).
 
 Also the CPU thread policy: each worker process gives torch (and OpenMP/MKL in its child processes)
 its share of the machine's CPUs, so that several workers on one machine do not spin OpenMP threads
@@ -7,12 +9,18 @@ against each other (see README: Performance and threads).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import sys
 import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -263,6 +271,68 @@ _DEVICE_LOCKS: dict[str, threading.Lock] = {}
 
 
 def model_lock(model: EditModel) -> threading.Lock:
-    """Held while a shard uses `model`'s device: one shard at a time per device in a process."""
+    """Held while a shard runs `model` (one shard at a time per device in a process), for model work only:
+    inversion, editing, decoding, judging and the tokenizer (not thread-safe); a shard's storage requests
+    and encodes run outside it, so that the device does not wait on them."""
     with _LOCK:
         return _DEVICE_LOCKS.setdefault(str(model.device), threading.Lock())
+
+
+class Behind:
+    """Work done behind the caller in `threads` threads, bounded: at most `depth` jobs wait or run at once,
+    and :meth:`submit` blocks while that many do (back-pressure, so a slow store holds back the producer
+    instead of filling memory). :meth:`drain` waits for every job and raises the first exception one
+    raised; leaving the ``with`` block waits for the jobs still running (their exceptions are logged when
+    the block itself ends in an exception, so none is lost)."""
+
+    def __init__(self, threads: int, depth: int, *, name: str = "behind") -> None:
+        if threads < 1 or depth < 1:
+            raise ValueError(f"threads and depth must be >= 1, got {threads} and {depth}")
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._room = threading.Semaphore(depth)
+        self._jobs: list[Future] = []
+        self.waited = 0.0  # seconds submit blocked on a full queue
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future:
+        """Run ``fn(*args)`` in a thread, once the queue has room; its future."""
+        t0 = time.perf_counter()
+        self._room.acquire()
+        self.waited += time.perf_counter() - t0
+        try:
+            job = self._pool.submit(fn, *args)
+        except BaseException:
+            self._room.release()
+            raise
+        job.add_done_callback(lambda _: self._room.release())
+        self._jobs.append(job)
+        return job
+
+    def drain(self) -> None:
+        """Wait for every job submitted so far; the first exception a job raised, raised here."""
+        wait(self._jobs)
+        for job in self._jobs:
+            job.result()
+
+    def __enter__(self) -> Behind:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._pool.shutdown(wait=True)
+        if exc is not None:
+            for job in self._jobs:
+                if job.exception() is not None:
+                    logger.error("a background job failed too: %r", job.exception())
+
+
+def read_ahead(
+    pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], depth: int
+) -> Iterator[Future]:
+    """``fn(item)`` of each item run in `pool`, at most `depth` items ahead of the one the caller takes;
+    their futures in order (a future's ``result()`` raises what `fn` raised)."""
+    items = iter(items)
+    pending = deque(pool.submit(fn, item) for item in itertools.islice(items, depth))
+    while pending:
+        job = pending.popleft()
+        for item in itertools.islice(items, 1):
+            pending.append(pool.submit(fn, item))
+        yield job
