@@ -984,7 +984,10 @@ def _execute(args: argparse.Namespace, start: Callable[[Any, bool], dict[str, An
         _server_ready(args)
         flows_mod.set_progress_callback(progress)
         _stage(f"planning {_what(args)}" if args.command != "rerun" else f"reading {_what(args)}")
-        summary = start(runner, gpu)
+        from flows.server import flow_run_settings
+
+        with flow_run_settings():
+            summary = start(runner, gpu)
     except ManifestError as exc:
         _remove_empty_folders(absent)
         return _report_invalid(args, exc.problems)
