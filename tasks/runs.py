@@ -139,21 +139,23 @@ def trusted_options(plan: dict[str, Any], caller: RunOptions, *, run_id: str) ->
 RERUN_READ_THREADS = 16
 
 
-def shards_to_rerun(options: RunOptions, run_id: str, plan: dict[str, Any]) -> list[int]:
-    """Shards to run again: those without a results file, with failed rows, or with a finished edit
-    whose image or sidecar is gone (deleted since). Such an edit's row is recorded as failed in its
+def shards_to_rerun(options: RunOptions, run_id: str, plan: dict[str, Any]) -> dict[int, int]:
+    """Shards to run again, each with the edits it will redo (its others stand): those without a
+    results file (all their edits), with failed rows, or with a finished edit whose image or sidecar is
+    gone (deleted since). Such an edit's row is recorded as failed in its
     shard's results ("is gone"), so that the shard redoes it and keeps every other finished edit.
 
     Requests: one GET per shard, the root's finished-edit index (:func:`storage.finished.load_finished`),
     and two HEADs per finished edit or, when that takes fewer requests, one listing of ``assets/``."""
     out = _store(options)
-    todo: list[int] = []
+    edits = {s["index"]: int(s["edits"]) for s in plan["shards"]}
+    todo: dict[int, int] = {}
     index: list[
         FinishedIndex
     ] = []  # the root's finished-edit index, read at the first finished edit
-    for shard, results in _shard_results(out, run_id, [s["index"] for s in plan["shards"]]):
+    for shard, results in _shard_results(out, run_id, list(edits)):
         if results is None:
-            todo.append(shard)
+            todo[shard] = edits[shard]
             continue
         finished = pc.and_(
             pc.is_in(results.column("status"), pa.array(["succeeded", "skipped"])),
@@ -168,7 +170,7 @@ def shards_to_rerun(options: RunOptions, run_id: str, plan: dict[str, Any]) -> l
             logger.info("run %s shard %d: %d finished edits lost their output; redoing them",
                         run_id, shard, int(gone.sum()))  # fmt: skip
         if gone.any() or pc.any(pc.equal(results.column("status"), "failed")).as_py():
-            todo.append(shard)
+            todo[shard] = max(0, edits[shard] - int((finished & ~gone).sum()))
     return todo
 
 

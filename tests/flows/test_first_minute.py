@@ -22,3 +22,19 @@ def test_the_local_dask_cluster_lets_its_workers_end_on_their_own(tmp_path):
     with LocalCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
         client.run(slow_exit)
     assert marker.read_text() == "ended"  # the worker process ran its exit to the end
+
+
+def test_a_rerun_s_progress_counts_only_the_edits_it_redoes():
+    """A rerun's shard of 8 edits with 1 failed: the shard counts its 7 standing edits as done at its
+    start; the run's progress shows 0/1, then 1/1 (it showed 7/8 at once before)."""
+    from tasks.progress import RunWatch, ShardProgress
+
+    seen: list[dict] = []
+    watch = RunWatch("rerun-1", {0: 1}, seen.append, standing={0: 7}).start()
+    shard = ShardProgress("rerun-1", 0, 8)
+    shard.set(7)  # the standing edits, published as the shard starts
+    shard.add(1)  # the redone edit
+    watch.shard_finished({"shard": 0, "edits": 8, "failed": 0})
+    watch.close()
+    counts = [(e["progress"]["done"], e["progress"]["total"]) for e in seen if "progress" in e]
+    assert sorted(set(counts)) == [(0, 1), (1, 1)] and counts[-1] == (1, 1)
