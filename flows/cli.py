@@ -866,7 +866,8 @@ def _preflight(args: argparse.Namespace) -> None:
     if args.cache:
         probe_location(args.cache, flag="--cache", s3_endpoint=args.s3_endpoint)
     if args.command in ("run", "restyle") and args.run_id:
-        refuse_existing_run(open_store(args.out, s3_endpoint=args.s3_endpoint), args.run_id)
+        store = open_store(args.out, s3_endpoint=args.s3_endpoint)
+        refuse_existing_run(store, args.run_id, s3_endpoint=args.s3_endpoint)
     if args.command == "rerun":
         read_plan(open_store(args.out, s3_endpoint=args.s3_endpoint), args.run_id)
 

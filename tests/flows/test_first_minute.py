@@ -38,3 +38,18 @@ def test_a_rerun_s_progress_counts_only_the_edits_it_redoes():
     watch.close()
     counts = [(e["progress"]["done"], e["progress"]["total"]) for e in seen if "progress" in e]
     assert sorted(set(counts)) == [(0, 1), (1, 1)] and counts[-1] == (1, 1)
+
+
+def test_a_taken_run_id_s_hint_is_the_full_command_with_the_endpoint(s3_server, s3_bucket, capsys):
+    from flows.cli import main
+    from storage import keys
+    from storage.uri import open_store
+    from storage.writer import write_json
+
+    out = f"{s3_bucket}/out"
+    write_json(open_store(out, s3_endpoint=s3_server), keys.plan_key("taken"), {"run_id": "taken"})
+    argv = ["run", "manifests/examples/demo.parquet", "--out", out, "--s3-endpoint", s3_server]
+    assert main([*argv, "--run-id", "taken"]) == 2
+    err = capsys.readouterr().err
+    assert "run taken already exists" in err
+    assert f"`editflow rerun taken --out {out}/ --s3-endpoint {s3_server}`" in err
