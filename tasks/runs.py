@@ -156,7 +156,11 @@ def shards_to_rerun(options: RunOptions, run_id: str, plan: dict[str, Any]) -> d
 
     Requests: one GET per shard, the root's finished-edit index (:func:`storage.finished.load_finished`),
     and two HEADs per finished edit or, when that takes fewer requests, one listing of ``assets/``."""
-    out = _store(options)
+    return edits_to_redo(_store(options), run_id, plan)
+
+
+def edits_to_redo(out: ObjectStore, run_id: str, plan: dict[str, Any]) -> dict[int, int]:
+    """:func:`shards_to_rerun` under the output root `out`."""
     edits = {s["index"]: int(s["edits"]) for s in plan["shards"]}
     todo: dict[int, int] = {}
     index: list[
@@ -321,7 +325,11 @@ def collect_results(
 def read_previous_summary(options: RunOptions, run_id: str) -> dict[str, Any] | None:
     """The summary an earlier attempt of `run_id` wrote, or None (first attempt, an interrupted one that
     wrote none, or one that cannot be read: it is replaced)."""
-    out = _store(options)
+    return read_summary(_store(options), run_id)
+
+
+def read_summary(out: ObjectStore, run_id: str) -> dict[str, Any] | None:
+    """:func:`read_previous_summary` from the output root `out`."""
     try:
         previous = read_json(out, keys.summary_key(run_id))
     except NotFound:
