@@ -130,6 +130,19 @@ class ObjectStore(abc.ABC):
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys starting with `prefix` (a plain string prefix, recursive), in sorted order."""
 
+    def folders(self, prefix: str) -> Iterator[str]:
+        """The names of the folders right below `prefix` (a key prefix ending in ``/``, or ""), sorted:
+        a delimiter listing (S3's CommonPrefixes) that reads no key below them. This default derives
+        them from :meth:`list` (every key below); the stores list only the one level."""
+        check_key(prefix, allow_empty=True)
+        yield from sorted(
+            {
+                k[len(prefix) :].split("/", 1)[0]
+                for k in self.list(prefix)
+                if "/" in k[len(prefix) :]
+            }
+        )
+
     @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Remove the object under `key`; deleting an absent key is not an error."""

@@ -295,6 +295,22 @@ class LocalStore(ObjectStore):
                 os.close(fd)
         yield from sorted(keys)
 
+    def folders(self, prefix: str) -> Iterator[str]:
+        check_key(prefix, allow_empty=True)
+        if prefix and not prefix.endswith("/"):
+            raise ValueError(f"a folder listing takes a prefix ending in '/', got {prefix!r}")
+        start = tuple(prefix.rstrip("/").split("/")) if prefix else ()
+        try:
+            with self._folder((*self._below, *start), create=False) as fd:
+                if fd is None:
+                    return
+                with os.scandir(fd) as entries:  # one level; links are not followed (as list)
+                    names = [e.name for e in entries if e.is_dir(follow_symlinks=self.follow_links)]
+        except UnsafePath as exc:
+            logger.warning("not listing below %s", exc)
+            return
+        yield from sorted(names)
+
     def _walk(self, fd: int, rel: str, prefix: str, keys: list[str]) -> None:
         """Append to `keys` the objects below the open folder `fd` (key prefix `rel`) that start with
         `prefix`; links are skipped (and logged), never followed."""
