@@ -12,6 +12,7 @@ import stat
 from collections.abc import Iterator
 
 __all__ = [
+    "MissingFile",
     "NotFound",
     "NotRegularFile",
     "ObjectStore",
@@ -31,6 +32,14 @@ class NotFound(KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the argument
         return f"no object at {self.uri}"
+
+
+class MissingFile(NotFound):
+    """No file at a local path read as an input (a source image): said in file words, with the
+    absolute path (a relative one is resolved against the working folder, which the user may not see)."""
+
+    def __str__(self) -> str:
+        return f"no such file: {self.uri}"
 
 
 class UnsafePath(PermissionError):

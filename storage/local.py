@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from storage.base import (
+    MissingFile,
     NotFound,
     NotRegularFile,
     ObjectStore,
@@ -72,12 +73,13 @@ def read_file(path: str, *, max_bytes: int | None = None) -> bytes:
 
     Opened without blocking and checked on the open descriptor (no race): a FIFO, device, socket
     or folder raises :class:`NotRegularFile`; more than ``max_bytes`` raises :class:`TooLarge`
-    after reading at most ``max_bytes + 1``. A missing file raises :class:`NotFound`.
+    after reading at most ``max_bytes + 1``. A missing file raises :class:`MissingFile` (a
+    :class:`NotFound` naming the absolute path).
     """
     try:
         fd = os.open(path, _READ_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
-        raise NotFound(path) from None
+        raise MissingFile(os.path.abspath(path)) from None
     except OSError as exc:
         if exc.errno != errno.ENXIO:  # ENXIO: a socket (or a device with no driver)
             raise

@@ -73,7 +73,10 @@ def test_run_exit_status_and_summary(prefect_server, flow_model, tmp_path, capsy
         [pq.read_table(p) for p in sorted((out / "runs" / "r1" / "results").glob("*.parquet"))]
     )
     failed = [r for r in results.to_pylist() if r["status"] == "failed"]
-    assert failed[0]["row"] == 0 and "image_uri: no object at" in failed[0]["error"]
+    assert (
+        failed[0]["row"] == 0
+        and f"image_uri: no such file: {tmp_path}/missing.png" in failed[0]["error"]
+    )
     assert len(list((out / "assets").glob("*.png"))) == 8
     from prefect.client.orchestration import get_client
 
