@@ -918,8 +918,8 @@ def _before_the_server(args: argparse.Namespace) -> int | None:
             if summary is not None:
                 c = summary["counts"]
                 show = _command(args, "show", args.run_id)
-                print(f"nothing to do: run {args.run_id} is complete ({c['succeeded']} succeeded, "
-                      f"{c['skipped']} skipped, 0 failed, every output in place); no attempt was "
+                print(f"nothing to do: run {args.run_id} is complete ({c.get('succeeded', 0)} succeeded, "
+                      f"{c.get('skipped', 0)} skipped, 0 failed, every output in place); no attempt was "
                       f"started (`{show}` shows it)")  # fmt: skip
                 return 0
     except ManifestError as exc:
@@ -945,9 +945,8 @@ def _complete_run(args: argparse.Namespace) -> dict[str, Any] | None:
 
     out = open_store(args.out, s3_endpoint=args.s3_endpoint)  # (no RunOptions: it imports torch)
     summary = read_summary(out, args.run_id)
-    if not isinstance(summary, dict) or summary.get("counts", {}).get("failed", 1) != 0:
-        return None
-    if summary.get("failed_shards"):
+    counts = summary.get("counts") if isinstance(summary, dict) else None
+    if not isinstance(counts, dict) or counts.get("failed", 1) != 0 or summary.get("failed_shards"):
         return None
     return None if edits_to_redo(out, args.run_id, read_plan(out, args.run_id)) else summary
 
