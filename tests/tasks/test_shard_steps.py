@@ -81,7 +81,10 @@ def test_read_source_names_the_field_and_reason(model, make_run, root):
     data, image = read_source(model, good, run.options)
     assert data == png_bytes(1)
     assert image.mode == "RGB" and image.size == (32, 32)
-    with pytest.raises(shard_mod.RowError, match=r"^image_uri: (no object at s3://|no such file: /).*missing-1\.png"):
+    with pytest.raises(
+        shard_mod.RowError,
+        match=r"^image_uri: (no object at s3://|no such file: /).*missing-1\.png",
+    ):
         read_source(model, missing, run.options)
     with pytest.raises(
         shard_mod.RowError, match=r"^image_uri: .*junk-1\.png is not a readable image"
