@@ -42,7 +42,8 @@ def check_scheduler(address: str, *, timeout: float = CONNECT_TIMEOUT_S) -> None
 
 # Seconds a local cluster's worker process may take to end once asked (its interpreter's exit, with torch,
 # diffusers and a model loaded, takes several seconds on a busy machine) before Dask kills it. Dask's own
-# 4 s (80% of Nanny.close's 5 s) made most runs end with "Worker process still alive ... killing" warnings.
+# 4 s (80% of Nanny.close's 5 s) made runs on a busy machine end with "Worker process still alive ...
+# killing" warnings (seen at load ~5: a torch-loaded worker took 3-5 s to exit).
 WORKER_EXIT_TIMEOUT_S = 60.0
 
 
