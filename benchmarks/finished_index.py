@@ -201,7 +201,7 @@ def rerun(bucket: str, out: str, endpoint: str, n: int, counter: RequestCounter)
     todo = shards_to_rerun(RunOptions(out=out, s3_endpoint=endpoint), "earlier", {"shards": shards})
     seconds = time.perf_counter() - t0
     ops = counter.take()
-    assert todo == [lost // SHARD], todo
+    assert list(todo) == [lost // SHARD], todo
     return {"seconds": seconds, "requests": sum(ops.values()), "ops": ops, "shards": len(shards)}
 
 

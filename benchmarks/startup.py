@@ -1,7 +1,7 @@
 """Start-up of the `editflow` command: whole-process wall time of what a user runs first.
 
     python -m benchmarks.startup                        # this checkout's code, 3 repeats
-    python -m benchmarks.startup --code /tmp/base       # another tree's code (e.g. `git archive d805534`)
+    python -m benchmarks.startup --code /tmp/base --label before   # another tree's (README row 8: `git archive bfd0366`)
     python -m benchmarks.startup --repeats 1 --label before
 
 Each command is ``python -m flows.cli ...`` in a fresh process with the code root as its working

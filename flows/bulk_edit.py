@@ -105,10 +105,12 @@ def _fan_out(
     """Run one task per shard (`shards`: the plan's entries), a bounded window of them in flight (see
     :func:`fan_out_window`): the next is submitted as one finishes; collect their stats."""
     runner = _current_task_runner()
+    # a rerun's shard redoes only its `pending` edits: progress counts those, not the ones that stand
     watch = RunWatch(
         run_id,
-        {sh["index"]: sh["edits"] for sh in shards},
+        {sh["index"]: sh.get("pending", sh["edits"]) for sh in shards},
         _notify,
+        standing={sh["index"]: sh["edits"] - sh["pending"] for sh in shards if "pending" in sh},
         task_runner=runner,
         artifact_key=f"progress-{run_id.lower()}"[:100],
     ).start()
@@ -230,9 +232,9 @@ def rerun(run_id: str, options: RunOptions, gpu_resources: bool = False) -> dict
     t0 = time.perf_counter()
     plan = read_plan_task(options, run_id)
     options = trusted_options(plan, options, run_id=run_id)
-    todo = set(shards_to_rerun_task(options, run_id, plan))
-    shards = [s for s in plan["shards"] if s["index"] in todo]
-    _notify({"planned": {"shards": len(shards), "pending": sum(s["edits"] for s in shards)}})
+    todo = shards_to_rerun_task(options, run_id, plan)  # shard -> the edits it redoes
+    shards = [{**s, "pending": todo[s["index"]]} for s in plan["shards"] if s["index"] in todo]
+    _notify({"planned": {"shards": len(shards), "pending": sum(todo.values())}})
     return _edit_and_summarise(options, run_id, plan, shards, gpu_resources, t0)
 
 

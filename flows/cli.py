@@ -871,7 +871,8 @@ def _preflight(args: argparse.Namespace) -> None:
     if args.cache:
         probe_location(args.cache, flag="--cache", s3_endpoint=args.s3_endpoint)
     if args.command in ("run", "restyle") and args.run_id:
-        refuse_existing_run(open_store(args.out, s3_endpoint=args.s3_endpoint), args.run_id)
+        store = open_store(args.out, s3_endpoint=args.s3_endpoint)
+        refuse_existing_run(store, args.run_id, s3_endpoint=args.s3_endpoint)
     if args.command == "rerun":
         read_plan(open_store(args.out, s3_endpoint=args.s3_endpoint), args.run_id)
 
@@ -909,8 +910,22 @@ def _before_the_server(args: argparse.Namespace) -> int | None:
             if rows is not None:
                 _remove_empty_folders(args.created_folders)
                 runs = _command(args, "runs", None)
+                # no prompt-length check: it needs the model's tokenizer (seconds of imports) and
+                # checks edits to make; validate checks every row
+                validate = f"editflow validate {_quote(args.manifest)}" + (
+                    f" --model {_quote(args.model)}" if args.model else "")  # fmt: skip
                 print(f"nothing to do: all {rows} edits of {args.manifest} are finished under "
-                      f"{args.out}; no run was started (`{runs}` lists the earlier runs)")  # fmt: skip
+                      f"{args.out}; no run was started (`{runs}` lists the earlier runs; prompt "
+                      f"lengths are checked only for edits to make: `{validate}` checks every row)")  # fmt: skip
+                return 0
+        if args.command == "rerun" and not args.needs_review:
+            summary = _complete_run(args)
+            if summary is not None:
+                c = summary["counts"]
+                show = _command(args, "show", args.run_id)
+                print(f"nothing to do: run {args.run_id} is complete ({c.get('succeeded', 0)} succeeded, "
+                      f"{c.get('skipped', 0)} skipped, 0 failed, every output in place); no attempt was "
+                      f"started (`{show}` shows it)")  # fmt: skip
                 return 0
     except ManifestError as exc:
         _remove_empty_folders(args.created_folders)
@@ -923,6 +938,22 @@ def _before_the_server(args: argparse.Namespace) -> int | None:
 
         args.run_id = new_run_id()  # known from here on: the interrupt line and the hints name it
     return None
+
+
+def _complete_run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The last summary of the rerun's run when nothing is left to redo, else None: it records no failed
+    edit and :func:`tasks.runs.shards_to_rerun` (what the rerun flow asks) finds no shard to redo,
+    every output still in place. Only a run whose summary says complete is checked shard by shard here
+    (the flow would check again)."""
+    from storage.uri import open_store
+    from tasks.runs import edits_to_redo, read_plan, read_summary
+
+    out = open_store(args.out, s3_endpoint=args.s3_endpoint)  # (no RunOptions: it imports torch)
+    summary = read_summary(out, args.run_id)
+    counts = summary.get("counts") if isinstance(summary, dict) else None
+    if not isinstance(counts, dict) or counts.get("failed", 1) != 0 or summary.get("failed_shards"):
+        return None
+    return None if edits_to_redo(out, args.run_id, read_plan(out, args.run_id)) else summary
 
 
 def _launch_server() -> None:
@@ -989,7 +1020,10 @@ def _execute(args: argparse.Namespace, start: Callable[[Any, bool], dict[str, An
         _server_ready(args)
         flows_mod.set_progress_callback(progress)
         _stage(f"planning {_what(args)}" if args.command != "rerun" else f"reading {_what(args)}")
-        summary = start(runner, gpu)
+        from flows.server import flow_run_settings
+
+        with flow_run_settings():
+            summary = start(runner, gpu)
     except ManifestError as exc:
         _remove_empty_folders(absent)
         return _report_invalid(args, exc.problems)

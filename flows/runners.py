@@ -40,6 +40,31 @@ def check_scheduler(address: str, *, timeout: float = CONNECT_TIMEOUT_S) -> None
         ) from None
 
 
+# Seconds a local cluster's worker process may take to end once asked (its interpreter's exit, with torch,
+# diffusers and a model loaded, takes several seconds on a busy machine) before Dask kills it. Dask's own
+# 4 s (80% of Nanny.close's 5 s) made runs on a busy machine end with "Worker process still alive ...
+# killing" warnings (seen at load ~5: a torch-loaded worker took 3-5 s to exit).
+WORKER_EXIT_TIMEOUT_S = 60.0
+
+
+def _patient_nanny():
+    """A ``distributed.Nanny`` that waits up to :data:`WORKER_EXIT_TIMEOUT_S` for its worker process to
+    end at close (a module attribute once made: distributed is imported only for Dask runs)."""
+    cls = globals().get("PatientNanny")
+    if cls is None:
+        from distributed import Nanny
+
+        class PatientNanny(Nanny):
+            async def close(
+                self, timeout: float = WORKER_EXIT_TIMEOUT_S, reason: str = "nanny-close"
+            ):
+                return await super().close(timeout=timeout, reason=reason)
+
+        PatientNanny.__module__ = __name__
+        cls = globals()["PatientNanny"] = PatientNanny
+    return cls
+
+
 def device_count() -> int:
     import torch
 
@@ -85,6 +110,7 @@ def make_task_runner(
             "threads_per_worker": 1,
             "processes": True,
             "dashboard_address": None,
+            "worker_class": _patient_nanny(),
         }
         if gpus:
             kwargs["resources"] = {"GPU": 1}

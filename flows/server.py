@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,27 @@ def start_temporary_server(timeout: float = 60.0) -> str | None:
         return None
     launch_temporary_server()
     return wait_for_server(timeout)
+
+
+def own_server_in_use() -> bool:
+    """Whether Prefect points at the temporary server this process launched (and waited for)."""
+    url = _URL.get("url")
+    return "proc" in _SERVER and url is not None and os.environ.get("PREFECT_API_URL") == url
+
+
+@contextlib.contextmanager
+def flow_run_settings() -> Iterator[None]:
+    """Prefect settings for the CLI's flow runs. On the CLI's own temporary server, no flow-run
+    heartbeats: they let a long-lived server mark crashed runs, but this server dies with the CLI, and
+    Prefect's heartbeat thread sleeps in 1 s steps that the end of every flow run waits for (up to 1 s
+    per flow). On any other server (PREFECT_API_URL, `editflow serve`'s) Prefect's settings apply."""
+    if not own_server_in_use():
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 # ---------------------------------------------------------------- a server already running here

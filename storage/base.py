@@ -12,6 +12,7 @@ import stat
 from collections.abc import Iterator
 
 __all__ = [
+    "MissingFile",
     "NotFound",
     "NotRegularFile",
     "ObjectStore",
@@ -31,6 +32,14 @@ class NotFound(KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the argument
         return f"no object at {self.uri}"
+
+
+class MissingFile(NotFound):
+    """No file at a local path read as an input (a source image): said in file words, with the
+    absolute path (a relative one is resolved against the working folder, which the user may not see)."""
+
+    def __str__(self) -> str:
+        return f"no such file: {self.uri}"
 
 
 class UnsafePath(PermissionError):
@@ -129,6 +138,19 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys starting with `prefix` (a plain string prefix, recursive), in sorted order."""
+
+    def folders(self, prefix: str) -> Iterator[str]:
+        """The names of the folders right below `prefix` (a key prefix ending in ``/``, or ""), sorted:
+        a delimiter listing (S3's CommonPrefixes) that reads no key below them. This default derives
+        them from :meth:`list` (every key below); the stores list only the one level."""
+        check_key(prefix, allow_empty=True)
+        yield from sorted(
+            {
+                k[len(prefix) :].split("/", 1)[0]
+                for k in self.list(prefix)
+                if "/" in k[len(prefix) :]
+            }
+        )
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:

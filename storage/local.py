@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from storage.base import (
+    MissingFile,
     NotFound,
     NotRegularFile,
     ObjectStore,
@@ -72,12 +73,13 @@ def read_file(path: str, *, max_bytes: int | None = None) -> bytes:
 
     Opened without blocking and checked on the open descriptor (no race): a FIFO, device, socket
     or folder raises :class:`NotRegularFile`; more than ``max_bytes`` raises :class:`TooLarge`
-    after reading at most ``max_bytes + 1``. A missing file raises :class:`NotFound`.
+    after reading at most ``max_bytes + 1``. A missing file raises :class:`MissingFile` (a
+    :class:`NotFound` naming the absolute path).
     """
     try:
         fd = os.open(path, _READ_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
-        raise NotFound(path) from None
+        raise MissingFile(os.path.abspath(path)) from None
     except OSError as exc:
         if exc.errno != errno.ENXIO:  # ENXIO: a socket (or a device with no driver)
             raise
@@ -294,6 +296,22 @@ class LocalStore(ObjectStore):
             finally:
                 os.close(fd)
         yield from sorted(keys)
+
+    def folders(self, prefix: str) -> Iterator[str]:
+        check_key(prefix, allow_empty=True)
+        if prefix and not prefix.endswith("/"):
+            raise ValueError(f"a folder listing takes a prefix ending in '/', got {prefix!r}")
+        start = tuple(prefix.rstrip("/").split("/")) if prefix else ()
+        try:
+            with self._folder((*self._below, *start), create=False) as fd:
+                if fd is None:
+                    return
+                with os.scandir(fd) as entries:  # one level; links are not followed (as list)
+                    names = [e.name for e in entries if e.is_dir(follow_symlinks=self.follow_links)]
+        except UnsafePath as exc:
+            logger.warning("not listing below %s", exc)
+            return
+        yield from sorted(names)
 
     def _walk(self, fd: int, rel: str, prefix: str, keys: list[str]) -> None:
         """Append to `keys` the objects below the open folder `fd` (key prefix `rel`) that start with

@@ -240,6 +240,25 @@ class S3Store(ObjectStore):
                 if not key.endswith("/"):  # folder markers made by some tools are not objects
                     yield key[skip:]
 
+    def folders(self, prefix: str) -> Iterator[str]:
+        check_key(prefix, allow_empty=True)
+        if prefix and not prefix.endswith("/"):
+            raise ValueError(f"a folder listing takes a prefix ending in '/', got {prefix!r}")
+        paginator = self.client.get_paginator("list_objects_v2")
+        full = self.prefix + prefix
+        pages = paginator.paginate(
+            Bucket=self.bucket,
+            Prefix=full,
+            Delimiter="/",
+            PaginationConfig={"PageSize": self.page_size},
+        )
+        names = {
+            cp["Prefix"][len(full) :].rstrip("/")
+            for page in pages
+            for cp in page.get("CommonPrefixes", [])
+        }
+        yield from sorted(n for n in names if n)
+
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 

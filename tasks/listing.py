@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from storage import keys
-from storage.base import ObjectStore
+from storage.base import NotFound, ObjectStore
 from storage.writer import read_json
 from tasks.errors import RunError
 
@@ -21,19 +21,18 @@ class NoRuns(RunError):
 
 
 def run_ids(store: ObjectStore) -> list[str]:
-    """The ids of the runs under `store` (every ``runs/{id}/plan.json``), in key order."""
-    ids = []
-    for key in store.list("runs/"):
-        parts = key.split("/")
-        if len(parts) == 3 and parts[2] == _PLAN:
-            ids.append(parts[1])
-    return ids
+    """The ids of the runs under `store`: the folders of ``runs/`` (one delimiter listing, not every key
+    of every run), sorted; :func:`run_entry` leaves out a folder without a ``plan.json``."""
+    return list(store.folders("runs/"))
 
 
-def run_entry(store: ObjectStore, run_id: str) -> dict[str, Any]:
-    """One run's line: id, start, status, counts and wall time (what its plan and summary say)."""
+def run_entry(store: ObjectStore, run_id: str) -> dict[str, Any] | None:
+    """One run's line: id, start, status, counts and wall time (what its plan and summary say); None
+    when the folder holds no plan.json."""
     try:
         plan = read_json(store, keys.plan_key(run_id))
+    except NotFound:  # a folder under runs/ that holds no run
+        return None
     except Exception:  # noqa: BLE001 - a damaged plan is listed as such, the rest still are
         plan = None
     if not isinstance(plan, dict):
@@ -64,7 +63,7 @@ def run_entry(store: ObjectStore, run_id: str) -> dict[str, Any]:
 
 def list_runs(store: ObjectStore, limit: int = 0) -> list[dict[str, Any]]:
     """The runs under `store`, newest first (by start time, then id); the first `limit` (0 = all)."""
-    entries = [run_entry(store, run_id) for run_id in run_ids(store)]
+    entries = [e for run_id in run_ids(store) if (e := run_entry(store, run_id)) is not None]
     entries.sort(key=lambda e: (e["start"], e["run_id"]), reverse=True)
     return entries if limit <= 0 else entries[:limit]
 

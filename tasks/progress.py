@@ -249,7 +249,9 @@ class ArtifactUpdater:
 class RunWatch:
     """The flow's side of a run's progress: listens to its shards (this process and Dask workers), keeps a
     :class:`RunProgress`, passes ``{"progress": snapshot}`` to `notify` on every change and keeps a Prefect
-    progress artifact current. `shard_edits` maps the shards of this fan-out to their edit counts."""
+    progress artifact current. `shard_edits` maps the shards of this fan-out to the edits they do now;
+    `standing`, a rerun's shards to their edits finished before (a shard counts them as done from its
+    start: they are left out of this run's progress)."""
 
     def __init__(
         self,
@@ -259,8 +261,10 @@ class RunWatch:
         *,
         task_runner: Any = None,
         artifact_key: str | None = None,
+        standing: dict[int, int] | None = None,
     ) -> None:
         self.run_id, self.shard_edits, self.notify = run_id, dict(shard_edits), notify
+        self.standing = dict(standing or {})
         self.progress = RunProgress(sum(self.shard_edits.values()))
         self._task_runner, self._artifact_key = task_runner, artifact_key
         self._listening: contextlib.ExitStack | None = None
@@ -287,7 +291,10 @@ class RunWatch:
         shard = stats.get("shard")
         edits = self.shard_edits.get(shard, stats.get("edits", 0))
         failed = edits if "error" in stats else stats.get("failed", 0)
-        self._on_event({"shard": shard, "done": edits, "failed": failed})
+        # as the shard counts: with its standing edits (``_on_event`` takes them off again)
+        self._on_event(
+            {"shard": shard, "done": edits + self.standing.get(shard, 0), "failed": failed}
+        )
 
     def close(self) -> None:
         if self._listening is not None:
@@ -299,7 +306,12 @@ class RunWatch:
             if event.get("shard") in self.shard_edits:
                 self.notify({"stage": event["stage"]})
             return
-        if event.get("shard") in self.shard_edits and self.progress.update(event):
+        shard = event.get("shard")
+        if shard not in self.shard_edits:
+            return
+        if "done" in event and self.standing.get(shard):
+            event = {**event, "done": max(0, int(event["done"]) - self.standing[shard])}
+        if self.progress.update(event):
             self.notify({"progress": self.progress.snapshot()})
 
 

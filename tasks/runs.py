@@ -66,13 +66,22 @@ def _store(options: RunOptions) -> ObjectStore:
     return open_store(options.out, s3_endpoint=options.s3_endpoint)
 
 
-def refuse_existing_run(store: ObjectStore, run_id: str) -> None:
-    """``RunExists`` when `run_id` already has a plan under `store` (planning claims ids race-free too)."""
+def rerun_command(run_id: str, out: str, s3_endpoint: str | None = None) -> str:
+    """The full command that finishes run `run_id` under `out` (with the endpoint it was reached at)."""
+    import shlex
+
+    endpoint = f" --s3-endpoint {shlex.quote(s3_endpoint)}" if s3_endpoint else ""
+    return f"editflow rerun {shlex.quote(run_id)} --out {shlex.quote(out)}{endpoint}"
+
+
+def refuse_existing_run(store: ObjectStore, run_id: str, *, s3_endpoint: str | None = None) -> None:
+    """``RunExists`` when `run_id` already has a plan under `store` (planning claims ids race-free too);
+    its hint is the full rerun command, with `s3_endpoint` when one was given."""
     key = keys.plan_key(run_id)
     if store.exists(key):
         raise RunExists(
             f"run {run_id} already exists under {store.uri()} ({store.uri(key)}); choose another --run-id, "
-            f"or finish that run with `editflow rerun {run_id} --out {store.uri()}`"
+            f"or finish that run with `{rerun_command(run_id, store.uri(), s3_endpoint)}`"
         )
 
 
@@ -139,21 +148,27 @@ def trusted_options(plan: dict[str, Any], caller: RunOptions, *, run_id: str) ->
 RERUN_READ_THREADS = 16
 
 
-def shards_to_rerun(options: RunOptions, run_id: str, plan: dict[str, Any]) -> list[int]:
-    """Shards to run again: those without a results file, with failed rows, or with a finished edit
-    whose image or sidecar is gone (deleted since). Such an edit's row is recorded as failed in its
+def shards_to_rerun(options: RunOptions, run_id: str, plan: dict[str, Any]) -> dict[int, int]:
+    """Shards to run again, each with the edits it will redo (its others stand): those without a
+    results file (all their edits), with failed rows, or with a finished edit whose image or sidecar is
+    gone (deleted since). Such an edit's row is recorded as failed in its
     shard's results ("is gone"), so that the shard redoes it and keeps every other finished edit.
 
     Requests: one GET per shard, the root's finished-edit index (:func:`storage.finished.load_finished`),
     and two HEADs per finished edit or, when that takes fewer requests, one listing of ``assets/``."""
-    out = _store(options)
-    todo: list[int] = []
+    return edits_to_redo(_store(options), run_id, plan)
+
+
+def edits_to_redo(out: ObjectStore, run_id: str, plan: dict[str, Any]) -> dict[int, int]:
+    """:func:`shards_to_rerun` under the output root `out`."""
+    edits = {s["index"]: int(s["edits"]) for s in plan["shards"]}
+    todo: dict[int, int] = {}
     index: list[
         FinishedIndex
     ] = []  # the root's finished-edit index, read at the first finished edit
-    for shard, results in _shard_results(out, run_id, [s["index"] for s in plan["shards"]]):
+    for shard, results in _shard_results(out, run_id, list(edits)):
         if results is None:
-            todo.append(shard)
+            todo[shard] = edits[shard]
             continue
         finished = pc.and_(
             pc.is_in(results.column("status"), pa.array(["succeeded", "skipped"])),
@@ -168,7 +183,7 @@ def shards_to_rerun(options: RunOptions, run_id: str, plan: dict[str, Any]) -> l
             logger.info("run %s shard %d: %d finished edits lost their output; redoing them",
                         run_id, shard, int(gone.sum()))  # fmt: skip
         if gone.any() or pc.any(pc.equal(results.column("status"), "failed")).as_py():
-            todo.append(shard)
+            todo[shard] = max(0, edits[shard] - int((finished & ~gone).sum()))
     return todo
 
 
@@ -310,7 +325,11 @@ def collect_results(
 def read_previous_summary(options: RunOptions, run_id: str) -> dict[str, Any] | None:
     """The summary an earlier attempt of `run_id` wrote, or None (first attempt, an interrupted one that
     wrote none, or one that cannot be read: it is replaced)."""
-    out = _store(options)
+    return read_summary(_store(options), run_id)
+
+
+def read_summary(out: ObjectStore, run_id: str) -> dict[str, Any] | None:
+    """:func:`read_previous_summary` from the output root `out`."""
     try:
         previous = read_json(out, keys.summary_key(run_id))
     except NotFound:

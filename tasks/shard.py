@@ -243,8 +243,9 @@ def read_image(row: EditRow, options: RunOptions) -> tuple[bytes, Image.Image]:
         data = read_uri(
             row.image_uri, s3_endpoint=options.s3_endpoint, max_bytes=options.max_source_bytes
         )
-    except NotFound:
-        raise RowError(f"image_uri: no object at {row.image_uri}") from None
+    # "no object at s3://...", or for a local file "no such file: /abs/path"
+    except NotFound as exc:
+        raise RowError(f"image_uri: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any read failure is this row's problem, with its reason
         raise RowError(
             f"image_uri: could not read {row.image_uri}: {type(exc).__name__}: {exc}"

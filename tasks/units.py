@@ -84,8 +84,8 @@ def read_plan_task(options: RunOptions, run_id: str) -> dict[str, Any]:
 
 
 @_io_task("shards-to-rerun")
-def shards_to_rerun_task(options: RunOptions, run_id: str, plan: dict[str, Any]) -> list[int]:
-    """The shards of `plan` without results, or with failed rows."""
+def shards_to_rerun_task(options: RunOptions, run_id: str, plan: dict[str, Any]) -> dict[int, int]:
+    """The shards of `plan` without results, or with failed rows: each with the edits it redoes."""
     return runs.shards_to_rerun(options, run_id, plan)
 
 

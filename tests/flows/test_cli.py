@@ -73,7 +73,10 @@ def test_run_exit_status_and_summary(prefect_server, flow_model, tmp_path, capsy
         [pq.read_table(p) for p in sorted((out / "runs" / "r1" / "results").glob("*.parquet"))]
     )
     failed = [r for r in results.to_pylist() if r["status"] == "failed"]
-    assert failed[0]["row"] == 0 and "image_uri: no object at" in failed[0]["error"]
+    assert (
+        failed[0]["row"] == 0
+        and f"image_uri: no such file: {tmp_path}/missing.png" in failed[0]["error"]
+    )
     assert len(list((out / "assets").glob("*.png"))) == 8
     from prefect.client.orchestration import get_client
 
@@ -94,7 +97,14 @@ def test_run_exit_status_and_summary(prefect_server, flow_model, tmp_path, capsy
     )
     assert (code, prefect, torch) == (0, False, False), text
     assert f"nothing to do: all 9 edits of {manifest} are finished under {out}" in text
+    assert f"`editflow validate {manifest} --model {flow_model}` checks every row" in text
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["r1"]
+    # a rerun of the complete run: said so, without Prefect or the engine
+    code, prefect, torch, text = probe_cli(
+        ["rerun", "r1", "--out", str(out), "--model", flow_model]
+    )
+    assert (code, prefect, torch) == (0, False, False), text
+    assert "nothing to do: run r1 is complete (9 succeeded, 0 skipped, 0 failed" in text
 
 
 def test_run_refuses_an_invalid_manifest_before_loading_a_model(tmp_path, capsys):

@@ -37,7 +37,8 @@ def test_summary_lists_failed_rows_progress_lines_and_skipped_rows_keep_their_ur
     captured = capsys.readouterr()
     text = captured.out
     assert "run r1: 2 succeeded, 12 failed, 0 skipped (of 14)" in text
-    assert "failed row 2, edit missing-0: image_uri: no object at" in text  # row, edit id, reason
+    # row, edit id, reason
+    assert "failed row 2, edit missing-0: image_uri: no such file: /" in text
     assert (
         "failed row 11, edit missing-9:" in text and "missing-10:" not in text
     )  # the first 10 only

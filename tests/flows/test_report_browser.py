@@ -93,7 +93,7 @@ def test_a_local_runs_report_renders_every_source_and_edit(
     shot, dom = render(report, tmp_path)
     # 4 sources (the missing one shown as unavailable), 8 edits with an image, 1 failed
     check_rendered(shot, dom, sources=3, edits_with_output=8, missing=2)
-    assert "image_uri: no object at" in dom and "missing.png" in dom
+    assert "image_uri: no such file: /" in dom and "missing.png" in dom
     sheet = Image.open(out / "runs" / "r1" / "contact_sheet.png")
     assert sheet.width > 128 * 4 and sheet.height > 128 * 3
 

@@ -97,3 +97,45 @@ def _printed(fn) -> str:
     with contextlib.redirect_stdout(buf):
         fn()
     return buf.getvalue()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_runs_are_found_by_listing_the_run_folders_not_every_key(
+    where, tmp_path, s3_client, s3_bucket
+):
+    """A delimiter listing of runs/ (one level): a run's many result keys are never listed; a folder
+    without a plan.json is no run."""
+    from storage.local import LocalStore
+    from storage.s3 import S3Store
+    from tasks.listing import list_runs
+
+    if where == "s3":
+        bucket, prefix = s3_bucket[len("s3://") :].split("/", 1)
+        store = S3Store(bucket, prefix, s3_client, page_size=2)
+    else:
+        store = LocalStore(tmp_path / "out")
+    for run_id, created in (
+        ("r-a", "2026-12-01T00:00:00+00:00"),
+        ("r-b", "2026-12-02T00:00:00+00:00"),
+    ):
+        write_json(store, keys.plan_key(run_id), _plan(run_id, created))
+        for part in range(6):  # results parts: 3 pages each at 2 keys a page
+            store.put(f"runs/{run_id}/results/part-{part}.parquet", b"x")
+    store.put("runs/no-plan/results/part-0.parquet", b"x")
+    store.put("runs/loose.json", b"{}")
+    listed: list[int] = []
+    if where == "s3":  # count the keys the listing requests return (a real moto server)
+
+        def count(parsed, **_):
+            listed.append(len(parsed.get("Contents", [])))
+
+        s3_client.meta.events.register("after-call.s3.ListObjectsV2", count)
+    try:
+        assert list(store.folders("runs/")) == ["no-plan", "r-a", "r-b"]
+        assert [e["run_id"] for e in list_runs(store)] == ["r-b", "r-a"]
+    finally:
+        if where == "s3":
+            s3_client.meta.events.unregister("after-call.s3.ListObjectsV2", count)
+    if where == "s3":
+        # two listings of two pages each; the only key returned is runs/loose.json (once a listing)
+        assert len(listed) == 4 and sum(listed) == 2

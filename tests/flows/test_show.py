@@ -30,7 +30,7 @@ def test_show_and_rerun_by_uri_on_local_output(prefect_server, flow_model, tmp_p
     assert (
         "failures (1):" in text
         and "row 0  edit " in text
-        and f"image_uri: no object at {missing}" in text
+        and f"image_uri: no such file: {missing}" in text
     )
     assert f"report: {out}/runs/r1/report.html" in text
     assert main(["show", "r1", "--out", str(out)]) == 1

@@ -101,3 +101,23 @@ def test_a_long_contact_sheet_caption_keeps_its_end_where_restyle_puts_the_style
     assert len(lines) == 3 and lines[0].startswith("succeeded · pnp:")
     assert lines[1].startswith("…") and " ".join(lines).endswith("in watercolor style")
     assert _wrap(draw, "succeeded · pnp: a cat", font, 128, 3) == "succeeded · pnp: a cat"
+
+
+def test_flow_runs_on_the_cli_s_own_temporary_server_send_no_heartbeats(monkeypatch):
+    """Prefect's heartbeat thread sleeps in 1 s steps that each flow's end waits for: off on the CLI's own
+    temporary server (it dies with the CLI), Prefect's default on any other."""
+    from prefect.settings import get_current_settings
+
+    default = get_current_settings().flows.heartbeat_frequency
+    assert default is not None
+    own = "http://127.0.0.1:9/api"
+    monkeypatch.setitem(server._SERVER, "proc", subprocess.Popen([sys.executable, "-c", "pass"]))
+    monkeypatch.setitem(server._URL, "url", own)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:8/api")  # another server: unchanged
+    with server.flow_run_settings():
+        assert get_current_settings().flows.heartbeat_frequency == default
+    monkeypatch.setenv("PREFECT_API_URL", own)
+    with server.flow_run_settings():
+        assert get_current_settings().flows.heartbeat_frequency is None
+    assert get_current_settings().flows.heartbeat_frequency == default
+    server._SERVER["proc"].wait()

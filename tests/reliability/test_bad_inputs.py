@@ -151,7 +151,7 @@ def _tiff(arr: np.ndarray, mode: str) -> bytes:
 
 
 RUNTIME_CASES = {  # name -> (file bytes or None for special, error substrings)
-    "missing file": (None, ["image_uri: no object at"]),
+    "missing file": (None, ["image_uri: no such file: /"]),
     "text file": (b"hello, not an image", ["is not a readable image", "UnidentifiedImageError"]),
     "zero bytes": (b"", ["is not a readable image", "UnidentifiedImageError"]),
     "truncated png": (scene_png(0)[: len(scene_png(0)) // 2], ["is not a readable image"]),

@@ -29,7 +29,7 @@ def test_a_rerun_redoes_deleted_outputs_of_succeeded_shards_and_keeps_the_rest(
     rows = [row("img:1"), row("img:1", target="a green circle"), row("img:2")]
     run = make_run(root, rows, shard_size=2)  # shard 0: the two edits of img:1; shard 1: img:2
     _run_shards(run, [0, 1])
-    assert shards_to_rerun(run.options, run.run_id, run.plan) == []
+    assert shards_to_rerun(run.options, run.run_id, run.plan) == {}
     first = {**_results(run, 0), **_results(run, 1)}
     assert {r["status"] for r in first.values()} == {"succeeded"}
     image_gone, kept, sidecar_gone = (
@@ -42,7 +42,7 @@ def test_a_rerun_redoes_deleted_outputs_of_succeeded_shards_and_keeps_the_rest(
     run.out.delete(image_key)
     run.out.delete(keys.sidecar_key(sidecar_gone))
 
-    assert shards_to_rerun(run.options, run.run_id, run.plan) == [0, 1]
+    assert shards_to_rerun(run.options, run.run_id, run.plan) == {0: 1, 1: 1}  # one edit each
     marked = {**_results(run, 0), **_results(run, 1)}
     for e in (image_gone, sidecar_gone):
         assert marked[e]["status"] == "failed" and marked[e]["output_uri"] is None
@@ -57,4 +57,4 @@ def test_a_rerun_redoes_deleted_outputs_of_succeeded_shards_and_keeps_the_rest(
     # nothing finished was written again (a rewritten sidecar would hold other timings)
     assert {k: run.out.get(k) for k in kept_files} == kept_files
     assert run.out.get(keys.asset_key(sidecar_gone, "png")) == kept_image
-    assert shards_to_rerun(run.options, run.run_id, run.plan) == []
+    assert shards_to_rerun(run.options, run.run_id, run.plan) == {}

@@ -81,7 +81,10 @@ def test_read_source_names_the_field_and_reason(model, make_run, root):
     data, image = read_source(model, good, run.options)
     assert data == png_bytes(1)
     assert image.mode == "RGB" and image.size == (32, 32)
-    with pytest.raises(shard_mod.RowError, match=r"^image_uri: no object at .*missing-1\.png"):
+    with pytest.raises(
+        shard_mod.RowError,
+        match=r"^image_uri: (no object at s3://|no such file: /).*missing-1\.png",
+    ):
         read_source(model, missing, run.options)
     with pytest.raises(
         shard_mod.RowError, match=r"^image_uri: .*junk-1\.png is not a readable image"
@@ -136,7 +139,8 @@ def test_prepare_sources_fails_bad_sources_alone_and_replaces_a_corrupt_entry(
     todo, cache = run.shard().todo(), cache_of(run)
     first = prepare_sources(model, todo, run.options, cache)
     ok1, missing, junk, ok4 = first.sources
-    assert missing.error.startswith("image_uri: no object at ") and missing.inversion is None
+    assert missing.error.startswith(("image_uri: no object at s3://", "image_uri: no such file: /"))
+    assert missing.inversion is None
     assert "is not a readable image" in junk.error
     assert ok1.error is None and ok4.error is None
     assert first.inversions_computed == 2
@@ -164,7 +168,9 @@ def test_prepare_edits_checks_rows_and_fails_a_bad_sources_rows(model, make_run,
     assert set(edits.failed) == {too_long.edit_id, shard.rows[2].edit_id}
     bad = edits.failed[too_long.edit_id]
     assert bad["status"] == "failed" and bad["error"].startswith("row 1: target_prompt/settings: ")
-    assert edits.failed[shard.rows[2].edit_id]["error"].startswith("row 2: image_uri: no object at")
+    assert edits.failed[shard.rows[2].edit_id]["error"].startswith(
+        ("row 2: image_uri: no object at s3://", "row 2: image_uri: no such file: /")
+    )
     assert [[r.row for r in g.rows] for g in edits.groups] == [[0], [3]]
     for g in edits.groups:
         assert isinstance(g, EditGroup)
