@@ -149,8 +149,11 @@ class JudgeScore:
 
     def as_dict(self) -> dict[str, float]:
         """The gate's metrics by name (what :meth:`Gate.check` reads): ``text``, and for an edit judged
-        with contrast prompts the same margin as ``contrast`` (a gate may give those their own threshold)."""
-        return {"text": self.text, **({"contrast": self.text} if self.contrasts else {})}
+        with a row's contrast prompts the same margin as ``contrast``, for one with derived contrast prompts as
+        ``derived`` (a gate may give each its own threshold)."""
+        if self.contrasts:
+            return {"text": self.text, "contrast": self.text}
+        return {"text": self.text, **({"derived": self.text} if self.derived else {})}
 
 
 def text_margin(errors: torch.Tensor) -> torch.Tensor:

@@ -294,7 +294,7 @@ def test_gate_specs_parse_and_round_trip(spec, rules):
         ("text>=0.1,", "cannot read ''"),
         ("text>=abc", "cannot read 'text>=abc'"),
         ("text>=1e", "'1e' is not a number"),
-        ("clap>=0.2", "unknown metric 'clap'; known: text, contrast, clip"),
+        ("clap>=0.2", "unknown metric 'clap'; known: text, contrast, derived, clip"),
         (None, "non-empty string"),
     ],
 )
@@ -327,6 +327,13 @@ def test_contrast_rules_hold_contrast_judged_edits_and_replace_their_text_rules(
         "text 0.0500 fails text>=0.1"
     ]
     assert parse_gate("contrast>=0.02").check({"text": -1.0}) == []  # only contrast rules
+    # derived contrast prompts (editing.contrasts) have their own rule the same way; a row's own
+    # contrasts come first
+    three = parse_gate("text>=0.1,contrast>=0.02,derived>=-0.1")
+    assert three.check({"text": -0.05, "derived": -0.05}) == []
+    assert three.check({"text": -0.2, "derived": -0.2}) == ["derived -0.2000 fails derived>=-0.1"]
+    assert three.check({"text": 0.05}) == ["text 0.0500 fails text>=0.1"]
+    assert both.check({"text": 0.05, "derived": 0.05}) == ["text 0.0500 fails text>=0.1"]
 
 
 # ----------------------------------------------------------------------------- the CLIP judge
@@ -456,7 +463,7 @@ def test_derived_contrasts_join_the_judge_unless_the_row_gives_its_own(ref_model
     )
     assert swap.prompts == (right, wrong, *derive_contrasts(ref_model, wrong, right, 2))
     assert (swap.derived, swap.contrasts, swap.unet_evals) == (2, 0, 16)
-    assert set(swap.as_dict()) == {"text"}  # judged by the gate's text rules
+    assert swap.as_dict() == {"text": swap.text, "derived": swap.text}  # the gate's derived rules
     assert added.prompts == (restyle, right) and added.derived == 0 and added.unet_evals == 8
     # the row's own contrast prompts (a manifest's qa_contrast) replace the derived ones
     assert given.prompts == (right, wrong, *own)
