@@ -117,7 +117,8 @@ class JudgeConfig:
             "timesteps": list(self.timesteps),
             "seeds": list(self.seeds),
             "max_batch": self.max_batch,
-            "derived_contrasts": self.derived_contrasts,
+            # only when on: the settings of a judge without derivation read as they always have
+            **({"derived_contrasts": self.derived_contrasts} if self.derived_contrasts else {}),
         }
 
     @classmethod

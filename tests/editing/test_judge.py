@@ -238,6 +238,9 @@ def test_judge_config_settings_round_trip():
         "derived_contrasts": 1,
     }
     assert JudgeConfig.from_settings(cfg.to_settings()) == cfg
+    assert (
+        "derived_contrasts" not in JudgeConfig().to_settings()
+    )  # off: as before derivation existed
     with pytest.raises(ValueError, match=r"unknown judge setting\(s\) \['steps'\]"):
         JudgeConfig.from_settings({"steps": 3})
     with pytest.raises(ValueError, match="timesteps must be a non-empty tuple"):
