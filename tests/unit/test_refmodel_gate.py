@@ -193,3 +193,20 @@ def test_derived_margins_are_what_the_judge_computes_with_derived_contrasts(tmp_
         assert direct.derived == n
         got = derived_margins(model, [back], DerivedChoice(n, samples, 0.0))[0]
         assert got == pytest.approx(direct.text, rel=1e-5)
+
+
+def test_judged_edits_with_substitutions_keep_the_attribute_rows_first():
+    """--gate-derived's edits are --gate's (same draws) with the substitutions judged after the rows
+    --gate reads: those rows and their errors are unchanged (2 steps, 1 source: cheap)."""
+    from refmodel.evaluate import judged_edits
+
+    model = load_model(REFERENCE_MODEL_DIR)
+    grid = JudgeConfig(timesteps=(750,), seeds=(0,))
+    plain = judged_edits(model, 1, 2, grid=grid, methods=("pnp",))
+    subs = judged_edits(model, 1, 2, grid=grid, methods=("pnp",), substitutions=True)
+    assert [e.kind for e in subs] == list(EDIT_KINDS)
+    for a, b in zip(plain, subs):
+        rows = b.attribute_rows
+        assert rows == a.errors.shape[0] and (a.kind, a.success) == (b.kind, b.success)
+        np.testing.assert_allclose(b.errors[:rows], a.errors, rtol=1e-5)
+        assert len(b.prompts) == b.errors.shape[0] > rows or b.kind == "style"
