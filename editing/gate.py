@@ -4,8 +4,9 @@ is imported.
 
 ``text`` is the judge's margin of every judged edit; ``contrast`` is the same margin of an edit judged
 with contrast prompts (a manifest's ``qa_contrast``), whose margins are lower (against the closest of
-more alternatives). A gate with ``contrast`` rules holds those edits to them instead of its ``text``
-rules; edits without contrast prompts skip the ``contrast`` rules. ``clip`` is CLIP's directional
+more alternatives); ``derived`` the same of an edit judged with contrast prompts derived from its prompt
+pair (editing.contrasts). A gate with ``contrast`` (``derived``) rules holds those edits to them instead
+of its ``text`` rules; other edits skip them. ``clip`` is CLIP's directional
 similarity of the edit (editing.clip_judge), with ``--qa-model``.
 """
 
@@ -19,7 +20,10 @@ from typing import Any
 
 # the scores a gate rule may name; "clip": CLIP directional similarity (editing.clip_judge), scored only
 # when the run names a CLIP model (--qa-model)
-GATE_METRICS = ("text", "contrast", "clip")
+GATE_METRICS = ("text", "contrast", "derived", "clip")
+# the margins of an edit judged with contrast prompts, by where they came from (a row's own first): an
+# edit that has one of these and a gate with its rules is held to them instead of its text rules
+_PROMPT_SET_METRICS = ("contrast", "derived")
 _OPS = {
     ">=": lambda v, x: v >= x,
     ">": lambda v, x: v > x,
@@ -61,13 +65,13 @@ class Gate:
         metric to value, or an object with ``as_dict()`` (editing.judge.JudgeScore). ``contrast`` rules
         apply to edits that have a ``contrast`` score, and replace the ``text`` rules there."""
         values: Mapping[str, float] = scores.as_dict() if hasattr(scores, "as_dict") else scores
-        contrasted = "contrast" in values and any(r.metric == "contrast" for r in self.rules)
+        ruled = {r.metric for r in self.rules}
+        # the prompt set the edit was judged with whose rules apply: a row's contrasts, else derived ones
+        own = next((m for m in _PROMPT_SET_METRICS if m in values and m in ruled), "text")
         reasons = []
         for rule in self.rules:
-            if rule.metric == "contrast" and "contrast" not in values:
-                continue  # judged without contrast prompts: its text rules apply
-            if rule.metric == "text" and contrasted:
-                continue  # judged with contrast prompts: the contrast rules apply
+            if rule.metric in (*_PROMPT_SET_METRICS, "text") and rule.metric != own:
+                continue  # another prompt set's rule (text: judged against the source prompt alone)
             value = values.get(rule.metric)
             if value is None:
                 reasons.append(f"no {rule.metric} score")

@@ -4,7 +4,8 @@ The judge is the zero-shot diffusion classifier of Li et al. 2023: an image matc
 which the UNet predicts the noise added to it best. Each edited image is VAE-encoded, the same noise
 (fixed seeds) is added at fixed timesteps, and the UNet's noise-prediction error is compared under the
 target prompt and under the other prompts (the source prompt, plus any contrast prompts: e.g. every other
-value of the edited attribute, from a manifest column). The ``text`` margin is positive when the target
+value of the edited attribute, from a manifest column; or, with ``JudgeConfig.derived_contrasts``, derived
+from a word-swap prompt pair by editing.contrasts). The ``text`` margin is positive when the target
 prompt explains the image better than every other prompt (see :func:`text_margin`); an edit judged with
 contrast prompts also reports it as ``contrast``, so that a gate can hold those margins (against more
 alternatives, so lower) to their own threshold (editing.gate).
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from editing.contrasts import derive_contrasts
 from editing.ddim import split_output
 from editing.gate import DEFAULT_GATE, GATE_METRICS, Gate, GateRule, parse_gate
 from editing.model import EditModel
@@ -69,6 +71,16 @@ class JudgeConfig:
     # (16x16 latent, 1 CPU thread) 64 rows ran at 91 ms per 16-evaluation edit, 16 rows at 115, 128 at 93;
     # a large model on a small GPU may need fewer (not measured here).
     max_batch: int = 64
+    # contrast prompts derived from the prompt pair (editing.contrasts) for an edit without its own
+    # (a manifest's qa_contrast): a word swap is also judged against the target prompt with the target
+    # word replaced by its this-many nearest whole-word tokens in the text encoder's embedding table;
+    # other pairs (restyles, additions) against the source prompt alone. Each costs
+    # len(timesteps) x len(seeds) UNet evaluations. 0 (off) by default: on 16 calibration sources of the
+    # bundled model (`python -m refmodel.evaluate --gate-derived 16 16`) the best setting, 1 derived
+    # contrast (12 evaluations per swap, gate rule `derived>=-0.04132`), lifted colour AUC 0.90 -> 0.99
+    # but lost shape failures, and its mean recall of the issue's targets (0.846) did not beat the source
+    # prompt alone (0.855): this toy model's embedding table does not group words by kind (README: Edit QA).
+    derived_contrasts: int = 0
 
     def __post_init__(self) -> None:
         for name in ("timesteps", "seeds"):
@@ -90,6 +102,14 @@ class JudgeConfig:
             or self.max_batch < 1
         ):
             raise ValueError(f"JudgeConfig.max_batch must be an int >= 1, got {self.max_batch!r}")
+        if (
+            not isinstance(self.derived_contrasts, int)
+            or isinstance(self.derived_contrasts, bool)
+            or self.derived_contrasts < 0
+        ):
+            raise ValueError(
+                f"JudgeConfig.derived_contrasts must be an int >= 0, got {self.derived_contrasts!r}"
+            )
 
     def to_settings(self) -> dict[str, Any]:
         """The config as plain JSON values (for a sidecar or a results table's settings)."""
@@ -97,12 +117,14 @@ class JudgeConfig:
             "timesteps": list(self.timesteps),
             "seeds": list(self.seeds),
             "max_batch": self.max_batch,
+            # only when on: the settings of a judge without derivation read as they always have
+            **({"derived_contrasts": self.derived_contrasts} if self.derived_contrasts else {}),
         }
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> JudgeConfig:
         """The config from :meth:`to_settings`' form; unknown keys are refused by name."""
-        known = {"timesteps", "seeds", "max_batch"}
+        known = {"timesteps", "seeds", "max_batch", "derived_contrasts"}
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ValueError(f"unknown judge setting(s) {unknown}; known: {sorted(known)}")
@@ -126,13 +148,18 @@ class JudgeScore:
     prompts: tuple[str, ...]
     errors: tuple[tuple[float, ...], ...]
     unet_evals: int
-    # how many of `prompts` are contrast prompts (neither the target nor the source)
+    # how many of `prompts` are contrast prompts given by the caller (a manifest's qa_contrast)
     contrasts: int = 0
+    # how many of `prompts` are contrast prompts derived from the prompt pair (JudgeConfig.derived_contrasts)
+    derived: int = 0
 
     def as_dict(self) -> dict[str, float]:
         """The gate's metrics by name (what :meth:`Gate.check` reads): ``text``, and for an edit judged
-        with contrast prompts the same margin as ``contrast`` (a gate may give those their own threshold)."""
-        return {"text": self.text, **({"contrast": self.text} if self.contrasts else {})}
+        with a row's contrast prompts the same margin as ``contrast``, for one with derived contrast prompts as
+        ``derived`` (a gate may give each its own threshold)."""
+        if self.contrasts:
+            return {"text": self.text, "contrast": self.text}
+        return {"text": self.text, **({"derived": self.text} if self.derived else {})}
 
 
 def text_margin(errors: torch.Tensor) -> torch.Tensor:
@@ -211,10 +238,16 @@ def judge_latents(
         raise ValueError(
             f"JudgeConfig.timesteps {bad} are beyond this model's {n_train} training timesteps"
         )
-    # target first, then the source, then contrast prompts; a prompt listed twice counts once
+    # target first, then the source, then contrast prompts: the caller's, else derived from the pair;
+    # a prompt listed twice counts once
+    given = [tuple(c) for c in contrast_prompts] if contrast_prompts is not None else [()] * n
+    derived = [
+        () if c else derive_contrasts(model, s, t, config.derived_contrasts)
+        for c, s, t in zip(given, source_prompts, target_prompts)
+    ]
     prompts = [
-        tuple(dict.fromkeys((t, s, *(contrast_prompts[i] if contrast_prompts is not None else ()))))
-        for i, (s, t) in enumerate(zip(source_prompts, target_prompts))
+        tuple(dict.fromkeys((t, s, *c, *d)))
+        for s, t, c, d in zip(source_prompts, target_prompts, given, derived)
     ]
     if not n:
         return []
@@ -254,13 +287,15 @@ def judge_latents(
     for i in range(n):
         e = flat[start : start + len(prompts[i]) * k].view(len(prompts[i]), k)
         start += e.numel()
+        ndrv = len(set(derived[i]) - {source_prompts[i], target_prompts[i]})
         scores.append(
             JudgeScore(  # an edit whose target is its source has nothing to compare: NaN
                 text=float(text_margin(e)) if len(prompts[i]) > 1 else math.nan,
                 prompts=tuple(prompts[i]),
                 errors=tuple(tuple(row) for row in e.tolist()),
                 unet_evals=e.numel(),
-                contrasts=len(prompts[i]) - len({source_prompts[i], target_prompts[i]}),
+                contrasts=len(prompts[i]) - len({source_prompts[i], target_prompts[i]}) - ndrv,
+                derived=ndrv,
             )
         )
     return scores

@@ -39,8 +39,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from editing.configs import P2PConfig, PnPConfig
+from editing.contrasts import derive_contrasts, swap_span, whole_word_tokens
 from editing.inversion import invert_many
-from editing.judge import JudgeConfig, judge_edits, text_margin
+from editing.judge import DEFAULT_GATE, JudgeConfig, judge_edits, parse_gate, text_margin
 from editing.methods import SourceGroup, Target, edit
 from editing.model import EditModel, load_model
 from editing.sampling import denoise, generate
@@ -334,9 +335,14 @@ class JudgedEdit:
     kind: str  # one of EDIT_KINDS
     method: str
     success: bool  # the target attribute is present (pixel scorers)
-    # (P, K) errors: prompts [target, source, every other value of the changed attribute], samples of
-    # JUDGE_GRID timestep-major (JudgeScore.errors)
+    # (P, K) errors: prompts [target, source, every other value of the changed attribute, then (with
+    # substitutions) the target with every whole-word token in place of its word], samples of the grid
+    # judged on, timestep-major (JudgeScore.errors)
     errors: np.ndarray
+    prompts: tuple[str, ...] = ()  # the P prompts (stored with substitutions)
+    attribute_rows: int = (
+        0  # how many rows are target, source and attribute prompts; 0 = all of them
+    )
 
 
 def _attribute_prompts(scene: domain.Scene, kind: str) -> list[str]:
@@ -362,9 +368,13 @@ def judged_edits(
     seed: int = 11,
     grid: JudgeConfig = JUDGE_GRID,
     batch_sources: int = 4,
+    substitutions: bool = False,
 ) -> list[JudgedEdit]:
     """Draw `n_sources` scenes, give each a swap of every kind with each method, score every edit
-    against the ground truth and judge it on `grid` against every value of the changed attribute."""
+    against the ground truth and judge it on `grid` against every value of the changed attribute (and
+    with `substitutions`, a swap also against its target with every whole-word token in place of the
+    target word: what derived contrast prompts pick from). The first sources of a seed are the same
+    edits whatever `n_sources`."""
     all_methods = _methods()
     rng = np.random.default_rng(seed)
     out: list[JudgedEdit] = []
@@ -388,18 +398,27 @@ def judged_edits(
                     wanted.append((kind, m, scene, new_scene))
             groups.append(SourceGroup(inv, targets))
         images = [r.image for res in edit(model, groups, max_batch=64) for r in res]
+        attribute = [_attribute_prompts(new, kind) for kind, _, _, new in wanted]
+        extra = [
+            _substitutions(model, domain.caption(src), domain.caption(new)) if substitutions else []
+            for _, _, src, new in wanted
+        ]
         scores = judge_edits(
             model,
             images,
             [domain.caption(src) for _, _, src, _ in wanted],
             [domain.caption(new) for _, _, _, new in wanted],
             grid,
-            contrast_prompts=[_attribute_prompts(new, kind) for kind, _, _, new in wanted],
+            contrast_prompts=[a + x for a, x in zip(attribute, extra)],
             size_policy="exact",
         )
-        for img, (kind, m, _, new), sc in zip(images, wanted, scores):
+        for img, (kind, m, _, new), sc, a in zip(images, wanted, scores, attribute):
             ok = _succeeded(img, domain.segment(img), new, kind)
-            out.append(JudgedEdit(kind, m, bool(ok), np.asarray(sc.errors)))
+            rows = len(
+                {domain.caption(new), *a}
+            )  # target + attribute prompts (the source among them)
+            out.append(JudgedEdit(kind, m, bool(ok), np.asarray(sc.errors),
+                                  sc.prompts if substitutions else (), rows if substitutions else 0))  # fmt: skip
         logger.info("gate: sources %d/%d judged", first + count, n_sources)
     return out
 
@@ -428,7 +447,7 @@ def gate_margins(edits: list[JudgedEdit], choice: GateChoice) -> np.ndarray:
     cols = choice.samples()
     out = []
     for e in edits:
-        err = e.errors[: 2 if choice.prompts == "source" else None][:, cols]
+        err = e.errors[: 2 if choice.prompts == "source" else (e.attribute_rows or None)][:, cols]
         out.append(float(text_margin(torch.from_numpy(err))))
     return np.asarray(out)
 
@@ -554,12 +573,116 @@ def _mean_evals(edits: list[JudgedEdit], choice: GateChoice) -> dict[str, float]
     out = {}
     for kind in (*EDIT_KINDS, "overall"):
         n = [
-            (2 if choice.prompts == "source" else e.errors.shape[0]) * len(choice.samples())
+            (2 if choice.prompts == "source" else e.attribute_rows or e.errors.shape[0])
+            * len(choice.samples())
             for e in edits
             if kind in ("overall", e.kind)
         ]
         out[kind] = float(np.mean(n)) if n else float("nan")
     return out
+
+
+# ----------------------------------------------------------------------------- edit QA: derived contrasts
+
+
+# the derived contrast counts tried, with the default JudgeConfig's timesteps and 1 or 2 of its seeds,
+# within the issue's 16 UNet evaluations per edit: (2 + n) x samples <= 16
+DERIVED_BUDGET = 16
+
+
+def _substitutions(model: EditModel, source: str, target: str) -> list[str]:
+    """`target` with every whole-word token (editing.contrasts) in place of its swapped span; [] when the
+    pair is not a word swap. Every derived contrast prompt is among them."""
+    span = swap_span(source, target)
+    if span is None:
+        return []
+    start, end, new, old = span
+    words = whole_word_tokens(model.tokenizer)[1]
+    return [target[:start] + w + target[end:] for w in words if w not in (new, old)]
+
+
+@dataclass(frozen=True)
+class DerivedChoice:
+    """A derived-contrast setting: how many, which of the judged samples, the `derived` threshold."""
+
+    n: int
+    samples: tuple[int, ...]  # columns of JudgedEdit.errors (the default timesteps x seeds, judged)
+    threshold: float
+
+
+def derived_margins(model: EditModel, edits: list[JudgedEdit], choice: DerivedChoice) -> np.ndarray:
+    """Each edit's margin against its source prompt and the `choice.n` contrast prompts the judge would
+    derive (editing.contrasts.derive_contrasts), on `choice.samples`: for an edit that is not a word
+    swap (a restyle) its margin against the source prompt alone."""
+    out = []
+    for e in edits:
+        derived = derive_contrasts(model, e.prompts[1], e.prompts[0], choice.n)
+        rows = [0, 1, *(e.prompts.index(p) for p in derived)]
+        out.append(float(text_margin(torch.from_numpy(e.errors[rows][:, list(choice.samples)]))))
+    return np.asarray(out)
+
+
+def _has_derived(edits: list[JudgedEdit]) -> np.ndarray:
+    """Which edits are word swaps (judged with derived contrast prompts)."""
+    return np.asarray([swap_span(e.prompts[1], e.prompts[0]) is not None for e in edits])
+
+
+def _gated(model, edits, choice: DerivedChoice, text_threshold: float) -> np.ndarray:
+    """Margin minus the threshold its rule holds it to: `derived` for swaps, `text` (source prompt, the
+    default samples) for the rest; < 0 = flagged."""
+    m = derived_margins(model, edits, choice)
+    src = derived_margins(model, edits, replace(choice, n=0, samples=(0, 1, 2, 3)))
+    return np.where(_has_derived(edits), m - choice.threshold, src - text_threshold)
+
+
+def evaluate_derived(
+    model: EditModel,
+    cal: list[JudgedEdit],
+    ev: list[JudgedEdit],
+    text_threshold: float,
+    contrast_threshold: float,
+) -> dict[str, Any]:
+    """Choose the derived contrast count and samples (within DERIVED_BUDGET) and the `derived` threshold
+    on the calibration edits `cal` (the highest flagging at most GATE_MAX_FLAGGED of good swaps of
+    colour, background and all kinds; best mean recall of GATE_RECALL_KINDS, then AUC, then fewer
+    evaluations), then score the evaluation edits `ev`. Edits are judged at the default timesteps x
+    seeds (4 samples, seed-minor); restyles keep the `text` rule at `text_threshold`. Beside it, on the
+    same evaluation edits: judged against the source prompt alone (`text_threshold`) and against every
+    other value of the attribute (a filled qa_contrast column, `contrast_threshold`)."""
+    best = None
+    for samples in ((0, 1, 2, 3), (0, 2)):
+        for n in range(1, DERIVED_BUDGET // len(samples) - 1):
+            probe = DerivedChoice(n, samples, 0.0)
+            swaps = _has_derived(cal)
+            m = derived_margins(model, cal, probe)
+            sw = [e for e, ok in zip(cal, swaps) if ok]
+            threshold = float(f"{gate_threshold(sw, m[swaps]):.4g}")
+            choice = replace(probe, threshold=threshold)
+            rates = gate_rates(cal, _gated(model, cal, choice, text_threshold), 0.0)
+            key = (
+                float(np.nanmean([rates[k]["recall"] for k in GATE_RECALL_KINDS])),
+                float(np.nanmean([rates[k]["auc"] for k in GATE_RECALL_KINDS])),
+                -(2 + n) * len(samples),
+            )
+            if best is None or key > best[0]:
+                best = (key, choice, rates)
+    assert best is not None
+    _, choice, cal_rates = best  # everything fixed here, before `ev` is scored
+    every = (0, 1, 2, 3)
+    src = derived_margins(model, ev, DerivedChoice(0, every, 0.0))
+    attr = np.asarray([float(text_margin(torch.from_numpy(e.errors[: e.attribute_rows])))
+                       for e in ev])  # fmt: skip
+    return {
+        "source": gate_rates(ev, src - text_threshold, 0.0),
+        "attribute": gate_rates(ev, attr - contrast_threshold, 0.0),
+        "n": choice.n,
+        "samples": list(choice.samples),
+        "threshold": choice.threshold,
+        "text_threshold": text_threshold,
+        "unet_evals_swap": (2 + choice.n) * len(choice.samples),
+        "calibration": cal_rates,
+        "evaluation": gate_rates(ev, _gated(model, ev, choice, text_threshold), 0.0),
+    }
 
 
 def judge_seconds(
@@ -584,22 +707,38 @@ def judge_seconds(
 def save_judged(path: Path, edits: list[JudgedEdit]) -> None:
     """The judged edits as an .npz (re-analysed by --gate-edits without editing again)."""
     errors = np.empty(len(edits), dtype=object)  # one (P, K) array per edit; P differs by kind
+    prompts = np.empty(len(edits), dtype=object)
     for i, e in enumerate(edits):
         errors[i] = e.errors
+        prompts[i] = np.asarray(e.prompts, dtype=str)
     np.savez_compressed(
         path,
         kind=np.asarray([e.kind for e in edits]),
         method=np.asarray([e.method for e in edits]),
         success=np.asarray([e.success for e in edits]),
         errors=errors,
+        prompts=prompts,
+        attribute_rows=np.asarray([e.attribute_rows for e in edits]),
     )
 
 
 def load_judged(path: Path) -> list[JudgedEdit]:
     z = np.load(path, allow_pickle=True)  # our own file, written by save_judged
+    n = len(z["kind"])
+    prompts = z["prompts"] if "prompts" in z else [()] * n  # files written before prompts were kept
+    rows = z["attribute_rows"] if "attribute_rows" in z else [0] * n
     return [
-        JudgedEdit(str(k), str(m), bool(ok), np.asarray(e, dtype=np.float64))
-        for k, m, ok, e in zip(z["kind"], z["method"], z["success"], z["errors"])
+        JudgedEdit(
+            str(k),
+            str(m),
+            bool(ok),
+            np.asarray(e, dtype=np.float64),
+            tuple(str(x) for x in p),
+            int(r),
+        )  # fmt: skip
+        for k, m, ok, e, p, r in zip(
+            z["kind"], z["method"], z["success"], z["errors"], prompts, rows
+        )
     ]
 
 
@@ -677,6 +816,14 @@ def main(argv: list[str] | None = None) -> None:
         f"scored on EVALUATION other sources (methods {', '.join(GATE_METHODS)}); writes gate.json",
     )
     p.add_argument(
+        "--gate-derived",
+        nargs=2,
+        type=int,
+        metavar=("CALIBRATION", "EVALUATION"),
+        help="instead: measure derived contrast prompts on the first CALIBRATION and EVALUATION sources "
+        "of --gate's (the same edits), at the default judge samples; writes gate_derived.json",
+    )
+    p.add_argument(
         "--gate-edits",
         default=None,
         help="with --gate: re-analyse the judged edits saved in this folder (gate_*.npz) instead",
@@ -696,6 +843,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"judge, default settings ({JudgeConfig().unet_evals()} UNet evaluations per edit): "
               f"{seconds * 1000:.0f} ms per edit on {torch.get_num_threads()} CPU thread(s)")  # fmt: skip
         return None
+    if args.gate_derived:
+        return _main_derived(args)
     if args.gate:
         return _main_gate(args)
     model = load_model(args.model)
@@ -754,6 +903,35 @@ def _main_gate(args: argparse.Namespace) -> None:
         f" on {gate['threads']} CPU thread(s)"
     )
     print(f"wrote {out / 'gate.json'} in {gate['seconds']:.0f}s")
+
+
+def _main_derived(args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model)
+    files = [out / "gate_derived_calibration.npz", out / "gate_derived_evaluation.npz"]
+    if args.gate_edits:
+        cal, ev = (load_judged(Path(args.gate_edits) / f.name) for f in files)
+    else:
+        cal, ev = (
+            judged_edits(model, n, args.steps, seed=seed, grid=JudgeConfig(), substitutions=True)
+            for n, seed in zip(args.gate_derived, (11, 12))
+        )
+        save_judged(files[0], cal)
+        save_judged(files[1], ev)
+    rules = {r.metric: r.threshold for r in parse_gate(DEFAULT_GATE).rules}
+    result = evaluate_derived(model, cal, ev, rules["text"], rules["contrast"])
+    result |= {"calibration_edits": len(cal), "evaluation_edits": len(ev)}
+    result["seconds"] = time.perf_counter() - t0
+    (out / "gate_derived.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"derived contrasts: {result['n']} on samples {result['samples']} (a swap: "
+          f"{result['unet_evals_swap']} UNet evaluations), derived>={result['threshold']:g}; "
+          f"{len(cal)} calibration / {len(ev)} evaluation edits")  # fmt: skip
+    for name in ("source", "evaluation", "attribute"):
+        print(f"  {name:<11}" + "".join(
+            f"{k} {r['recall']:.0%}/{r['flagged_good']:.0%}/{r['auc']:.2f}  "
+            for k, r in result[name].items()))  # fmt: skip
 
 
 if __name__ == "__main__":

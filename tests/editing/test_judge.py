@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from editing import judge as judge_module
+from editing.contrasts import derive_contrasts, swap_span
 from editing.judge import (
     DEFAULT_GATE,
     Gate,
@@ -219,6 +220,8 @@ def test_judge_input_errors_are_clear(ref_model):
         ({"seeds": (0.5,)}, "seeds must be a non-empty tuple"),
         ({"seeds": (True,)}, "seeds must be a non-empty tuple"),
         ({"max_batch": 0}, "max_batch must be an int >= 1"),
+        ({"derived_contrasts": -1}, "derived_contrasts must be an int >= 0"),
+        ({"derived_contrasts": True}, "derived_contrasts must be an int >= 0"),
     ],
 )
 def test_judge_config_is_validated(kwargs, message):
@@ -227,9 +230,17 @@ def test_judge_config_is_validated(kwargs, message):
 
 
 def test_judge_config_settings_round_trip():
-    cfg = JudgeConfig(timesteps=(50, 650), seeds=(3,), max_batch=9)
-    assert cfg.to_settings() == {"timesteps": [50, 650], "seeds": [3], "max_batch": 9}
+    cfg = JudgeConfig(timesteps=(50, 650), seeds=(3,), max_batch=9, derived_contrasts=1)
+    assert cfg.to_settings() == {
+        "timesteps": [50, 650],
+        "seeds": [3],
+        "max_batch": 9,
+        "derived_contrasts": 1,
+    }
     assert JudgeConfig.from_settings(cfg.to_settings()) == cfg
+    assert (
+        "derived_contrasts" not in JudgeConfig().to_settings()
+    )  # off: as before derivation existed
     with pytest.raises(ValueError, match=r"unknown judge setting\(s\) \['steps'\]"):
         JudgeConfig.from_settings({"steps": 3})
     with pytest.raises(ValueError, match="timesteps must be a non-empty tuple"):
@@ -286,7 +297,7 @@ def test_gate_specs_parse_and_round_trip(spec, rules):
         ("text>=0.1,", "cannot read ''"),
         ("text>=abc", "cannot read 'text>=abc'"),
         ("text>=1e", "'1e' is not a number"),
-        ("clap>=0.2", "unknown metric 'clap'; known: text, contrast, clip"),
+        ("clap>=0.2", "unknown metric 'clap'; known: text, contrast, derived, clip"),
         (None, "non-empty string"),
     ],
 )
@@ -319,6 +330,13 @@ def test_contrast_rules_hold_contrast_judged_edits_and_replace_their_text_rules(
         "text 0.0500 fails text>=0.1"
     ]
     assert parse_gate("contrast>=0.02").check({"text": -1.0}) == []  # only contrast rules
+    # derived contrast prompts (editing.contrasts) have their own rule the same way; a row's own
+    # contrasts come first
+    three = parse_gate("text>=0.1,contrast>=0.02,derived>=-0.1")
+    assert three.check({"text": -0.05, "derived": -0.05}) == []
+    assert three.check({"text": -0.2, "derived": -0.2}) == ["derived -0.2000 fails derived>=-0.1"]
+    assert three.check({"text": 0.05}) == ["text 0.0500 fails text>=0.1"]
+    assert both.check({"text": 0.05, "derived": 0.05}) == ["text 0.0500 fails text>=0.1"]
 
 
 # ----------------------------------------------------------------------------- the CLIP judge
@@ -383,3 +401,84 @@ def test_clip_judge_errors_are_clear(tiny_clip, tmp_path):
     assert clip_directional(tiny_clip, [], [], [], []) == []
     with pytest.raises(ValueError, match="cannot load a CLIP model and processor"):
         load_clip(str(tmp_path))  # an empty folder
+
+
+# ----------------------------------------------------------------------------- derived contrast prompts
+
+
+@pytest.mark.parametrize(
+    "source, target, span",
+    [
+        ("a red circle", "a green circle", (2, 7, "green", "red")),
+        ("a Red circle", "a dark green circle", (2, 12, "dark green", "Red")),
+        ("a red circle on gray", "a red circle on white", (16, 21, "white", "gray")),
+        ("a red circle, plain", "a red circle, dotted", (14, 20, "dotted", "plain")),
+        ("a red circle", "a red circle, dotted", None),  # an addition (a restyle)
+        ("a red circle, dotted", "a red circle", None),  # a deletion
+        ("a red circle on gray", "a blue circle on white", None),  # two places
+        ("a red circle", "a big red square", None),  # more than one place, no word inside
+        ("a circle", "a very very big red circle", None),  # longer than a swap
+        ("a red circle", "a red circle", None),
+    ],
+)
+def test_swap_span_finds_the_one_swapped_span(source, target, span):
+    assert swap_span(source, target) == span
+
+
+def test_derived_contrasts_are_the_target_words_nearest_tokens_on_the_bundled_model(ref_model):
+    table = ref_model.text_encoder.get_input_embeddings().weight.detach()
+    vocab = ref_model.tokenizer.get_vocab()
+
+    def cos(a: str, b: str) -> float:
+        va = table[ref_model.tokenizer(a, add_special_tokens=False).input_ids].mean(0)
+        return float(torch.nn.functional.cosine_similarity(va, table[vocab[f"{b}</w>"]], dim=0))
+
+    src, tgt = "a red circle on a gray background", "a green circle on a gray background"
+    # what the toy model's embedding table holds: green's nearest words are the colours white and black
+    assert derive_contrasts(ref_model, src, tgt, 2) == (
+        "a white circle on a gray background",
+        "a black circle on a gray background",
+    )
+    assert cos("green", "white") > cos("green", "black") > cos("green", "purple")
+    # a word of two tokens ("turqu" + "oise"): the mean of its tokens, its own tokens and the source
+    # word left out; nearest first
+    words = [
+        p.split()[1] for p in derive_contrasts(ref_model, "a blue circle", "a turquoise circle", 3)
+    ]
+    assert len(words) == 3 and not {"oise", "blue", "turquoise"} & set(words)
+    assert [cos("turquoise", w) for w in words] == sorted(
+        (cos("turquoise", w) for w in words), reverse=True
+    )
+    # not a single-span swap, or none asked: none
+    assert (
+        derive_contrasts(ref_model, src, src.replace("background", "background, dotted"), 2) == ()
+    )
+    assert derive_contrasts(ref_model, src, tgt, 0) == ()
+
+
+def test_derived_contrasts_join_the_judge_unless_the_row_gives_its_own(ref_model):
+    img, right, wrong = _pairs("colour")[0]  # a red circle: right = red, wrong = green
+    restyle = right + ", dotted"
+    cfg = JudgeConfig(derived_contrasts=2)
+    own = ["a purple circle on a gray background"]
+    swap, added, given = judge_edits(
+        ref_model, [img] * 3, [wrong, right, wrong], [right, restyle, right], cfg, [[], [], own]
+    )
+    assert swap.prompts == (right, wrong, *derive_contrasts(ref_model, wrong, right, 2))
+    assert (swap.derived, swap.contrasts, swap.unet_evals) == (2, 0, 16)
+    assert swap.as_dict() == {"text": swap.text, "derived": swap.text}  # the gate's derived rules
+    assert added.prompts == (restyle, right) and added.derived == 0 and added.unet_evals == 8
+    # the row's own contrast prompts (a manifest's qa_contrast) replace the derived ones
+    assert given.prompts == (right, wrong, *own)
+    assert (given.derived, given.contrasts) == (0, 1) and "contrast" in given.as_dict()
+    # without contrast lists at all, every swap derives its own
+    [alone] = judge_edits(ref_model, [img], [wrong], [right], cfg)
+    assert alone.prompts == swap.prompts
+    np.testing.assert_allclose(alone.errors, swap.errors, rtol=1e-5)
+
+
+def test_the_default_judge_stays_within_the_cost_target():
+    cfg = JudgeConfig()
+    assert (
+        cfg.unet_evals(2 + cfg.derived_contrasts) <= 16
+    )  # the cap, a swap's derived included

@@ -165,3 +165,48 @@ def test_evaluate_gate_fixes_one_setting_and_a_threshold_per_prompt_set():
     assert text["timesteps"] == contrast["timesteps"] and text["seeds"] == contrast["seeds"]
     assert out["gate"] == f"text>={text['threshold']:g},contrast>={contrast['threshold']:g}"
     assert out["evaluation_edits"] == 12 and text["evaluation"]["overall"]["n"] == 12
+
+
+def test_derived_margins_are_what_the_judge_computes_with_derived_contrasts(tmp_path):
+    """The derived-contrast measurement judges once against every substitution of the target word and
+    reads the derived ones; that must equal the judge's own margin with JudgeConfig(derived_contrasts=n),
+    also after the judged edits went through the npz."""
+    from refmodel.evaluate import DerivedChoice, _substitutions, derived_margins
+
+    model = load_model(REFERENCE_MODEL_DIR)
+    img = domain.render(SCENE)[0]
+    target = domain.caption(SCENE)
+    source = domain.caption(domain.Scene("square", "blue", "gray", 16.0, 16.0, 14.0))
+    attribute = _attribute_prompts(SCENE, "colour")
+    subs = _substitutions(model, source, target)
+    assert "a gray square on a gray background" in subs and target not in subs
+    assert _substitutions(model, target, target + ", dotted") == []  # a restyle: not a swap
+    [every] = judge_edits(model, [img], [source], [target], JudgeConfig(), [attribute + subs])
+    rows = 1 + len(attribute)
+    edit = JudgedEdit("colour", "pnp", True, np.asarray(every.errors), every.prompts, rows)
+    save_judged(tmp_path / "d.npz", [edit])
+    [back] = load_judged(tmp_path / "d.npz")
+    assert (back.prompts, back.attribute_rows) == (edit.prompts, rows)
+    for n, samples in ((2, (0, 1, 2, 3)), (4, (0, 2))):
+        config = JudgeConfig(seeds=(0,) if len(samples) == 2 else (0, 1), derived_contrasts=n)
+        [direct] = judge_edits(model, [img], [source], [target], config)
+        assert direct.derived == n
+        got = derived_margins(model, [back], DerivedChoice(n, samples, 0.0))[0]
+        assert got == pytest.approx(direct.text, rel=1e-5)
+
+
+def test_judged_edits_with_substitutions_keep_the_attribute_rows_first():
+    """--gate-derived's edits are --gate's (same draws) with the substitutions judged after the rows
+    --gate reads: those rows and their errors are unchanged (2 steps, 1 source: cheap)."""
+    from refmodel.evaluate import judged_edits
+
+    model = load_model(REFERENCE_MODEL_DIR)
+    grid = JudgeConfig(timesteps=(750,), seeds=(0,))
+    plain = judged_edits(model, 1, 2, grid=grid, methods=("pnp",))
+    subs = judged_edits(model, 1, 2, grid=grid, methods=("pnp",), substitutions=True)
+    assert [e.kind for e in subs] == list(EDIT_KINDS)
+    for a, b in zip(plain, subs):
+        rows = b.attribute_rows
+        assert rows == a.errors.shape[0] and (a.kind, a.success) == (b.kind, b.success)
+        np.testing.assert_allclose(b.errors[:rows], a.errors, rtol=1e-5)
+        assert len(b.prompts) == b.errors.shape[0] > rows or b.kind == "style"
