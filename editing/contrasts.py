@@ -14,6 +14,7 @@ torch only (no Prefect, no storage).
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Any
 
 import torch
@@ -28,8 +29,11 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 SPAN_MAX_WORDS = 3
 # CLIP's BPE marks a token that ends a word with this suffix
 _END_OF_WORD = "</w>"
-# whole-word token ids per tokenizer, found once (a CLIP vocabulary has ~49k tokens)
-_WHOLE_WORDS: dict[int, tuple[list[int], list[str]]] = {}
+# whole-word token ids per tokenizer, found once (a CLIP vocabulary has ~49k tokens); weakly keyed, so that
+# a tokenizer freed and another made at its address never reads its entry
+_WHOLE_WORDS: weakref.WeakKeyDictionary[Any, tuple[list[int], list[str]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def swap_span(source: str, target: str) -> tuple[int, int, str, str] | None:
@@ -57,7 +61,7 @@ def swap_span(source: str, target: str) -> tuple[int, int, str, str] | None:
 def whole_word_tokens(tokenizer: Any) -> tuple[list[int], list[str]]:
     """The ids and words of the tokenizer's whole-word tokens: tokens that are a complete word of two or
     more letters (CLIP BPE's ``word</w>``). Cached per tokenizer."""
-    key = id(tokenizer)
+    key = tokenizer
     if key not in _WHOLE_WORDS:
         ids, words = [], []
         for token, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):

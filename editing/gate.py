@@ -118,3 +118,9 @@ def parse_gate(spec: str) -> Gate:
 # source prompt (text) and against every other value of the changed attribute (contrast) (README: Edit
 # QA; `python -m refmodel.evaluate --gate 48 48`). Another checkpoint needs its own calibration.
 DEFAULT_GATE = "text>=0.1412,contrast>=0.01644"
+
+# The rule for edits judged with contrast prompts derived from their prompt pair (JudgeConfig.derived_contrasts,
+# a run's --qa-derived): 1 derived contrast's threshold chosen on calibration edits of the bundled model
+# (`python -m refmodel.evaluate --gate-derived 16 16`; README: Edit QA). Added to the default gate when a run
+# derives contrasts and gives no gate of its own.
+DERIVED_RULE = "derived>=-0.04132"

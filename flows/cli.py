@@ -125,6 +125,12 @@ def _qa_args(p: argparse.ArgumentParser) -> None:
         help="also score each edit's CLIP directional similarity with this CLIP model (a hub id or a "
         "folder; transformers' CLIPModel): the qa_clip column, gate rules like 'clip>=0.1'",
     )  # fmt: skip
+    p.add_argument(
+        "--qa-derived", dest="qa_derived", type=int, default=0, metavar="N",
+        help="also judge a word-swap edit against N (0-2) prompts with the swapped word replaced by its "
+        "nearest words in the text encoder's vocabulary; the gate's 'derived' rule applies to them "
+        "(default 0; README: Edit QA)",
+    )  # fmt: skip
 
 
 # The options' flags: each dest is the name of a RunOptions field (the CLI builds one from them).

@@ -18,6 +18,9 @@ DEFAULT_SHARD_SIZE = 64  # edits per shard task
 DTYPES = ("float16", "bfloat16", "float32")  # the --dtype choices; None = fp16 on CUDA, fp32 on CPU
 _ACCEPTED_DTYPES = (None, *DTYPES, "float64")  # float64 too, for numerical checks through the API
 OUTPUT_SIZES = ("source", "model")  # the --output-size choices (RunOptions.output_size)
+# derived contrast prompts a run may ask for: at the judge's default 4 samples per prompt, the target, the
+# source and 2 derived prompts keep edit QA within 16 UNet evaluations per edit (issue 22's cost target)
+MAX_QA_DERIVED = 2
 
 
 def default_model() -> str:
@@ -73,13 +76,16 @@ class RunOptions:
     # the CLIP model of edit QA's second score (editing.clip_judge; a hub id or a folder): CLIP directional
     # similarity per edit, the results' qa_clip, gate rules "clip>=X"; None = not scored (no cost)
     qa_model: str | None = None
+    # contrast prompts the judge derives from a word-swap prompt pair (editing.contrasts) for an edit without a
+    # qa_contrast of its own: 4 UNet evaluations each; 0 = none (the default: calibration did not prefer them)
+    qa_derived: int = 0
 
     # torch.compile of the controlled UNet, one of COMPILE_MODES ("reduce-overhead": CUDA graphs, CUDA
     # only); "off" by default: a compile costs minutes and pays off on long GPU runs (README: GPU levers)
     compile: str = "off"
 
     def __post_init__(self) -> None:
-        from editing.gate import DEFAULT_GATE, parse_gate
+        from editing.gate import DEFAULT_GATE, DERIVED_RULE, parse_gate
         from editing.model import SIZE_POLICIES  # here, not at import: editing.model imports torch
         from editing.model_forms import parse_lora
 
@@ -123,8 +129,22 @@ class RunOptions:
         ):
             raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
         # a bad spec: a ValueError that quotes it and says what a spec looks like
-        gate = parse_gate(DEFAULT_GATE if self.qa is None else self.qa)
+        if (
+            not isinstance(self.qa_derived, int)
+            or isinstance(self.qa_derived, bool)
+            or not 0 <= self.qa_derived <= MAX_QA_DERIVED
+        ):
+            raise ValueError(
+                f"qa_derived must be an integer from 0 to {MAX_QA_DERIVED}, got {self.qa_derived!r}"
+            )
+        default = DEFAULT_GATE + ("," + DERIVED_RULE if self.qa_derived else "")
+        gate = parse_gate(default if self.qa is None else self.qa)
         object.__setattr__(self, "qa", gate.spec)
+        if self.qa_derived and gate.enabled and not any(r.metric == "derived" for r in gate.rules):
+            raise ValueError(
+                f"qa_derived={self.qa_derived}: the QA gate {gate.spec!r} has no 'derived' rule for the "
+                f"edits judged with derived contrasts: add one, e.g. {DERIVED_RULE!r} (or leave --qa out)"
+            )
         if self.qa_model is not None and (not isinstance(self.qa_model, str) or not self.qa_model):
             raise ValueError(
                 f"qa_model must be a CLIP model's hub id or folder, got {self.qa_model!r}"

@@ -609,7 +609,7 @@ def edit_sources(
 
 # ---------------------------------------------------------------- 4b. edit QA
 
-# The judge's settings in every run: editing.judge's measured defaults (4 UNet evaluations per edit);
+# The judge's settings in every run: editing.judge's measured defaults (8 UNet evaluations per edit);
 # its UNet rows per call are capped by the run's max_batch (see judge_config)
 JUDGE = JudgeConfig()
 
@@ -618,7 +618,7 @@ def judge_config(options: RunOptions) -> JudgeConfig:
     """:data:`JUDGE` with at most as many UNet rows (and VAE images) per call as the run's own edit
     chunks can have (2 x max_batch target rows + a source row per image), so that a max_batch chosen to
     fit the device fits the judge too."""
-    return replace(JUDGE, max_batch=3 * options.max_batch)
+    return replace(JUDGE, max_batch=3 * options.max_batch, derived_contrasts=options.qa_derived)
 
 
 @dataclass(frozen=True)

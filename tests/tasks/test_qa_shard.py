@@ -122,6 +122,44 @@ def test_a_clip_model_adds_its_score_and_its_gate_rules(make_run, root, tmp_path
 
 
 @pytest.mark.parametrize("root", ["local"], indirect=True)
+def test_a_run_asking_for_derived_contrasts_judges_swaps_with_them(make_run, root, monkeypatch):
+    # --qa-derived 1: the judge derives one contrast prompt for each word swap without a qa_contrast of
+    # its own; a gate no margin passes shows which prompt set's rule each edit was held to
+    own = [None, "a red square", None]
+    rows = [
+        r | {"qa_contrast": c}
+        for r, c in zip([*ROWS[:2], row("img:2", "a red circle at dusk")], own)
+    ]
+    run = make_run(root, rows, qa="text>=100,contrast>=100,derived>=100", qa_derived=1)
+    calls = spy(monkeypatch, "judge_edits")
+    run_shard(run.options, run.run_id, 0)
+    assert calls[0][0][4].derived_contrasts == 1
+    got = read_run_results(run.options, run.run_id).column("qa").to_pylist()
+    # a swap (red -> blue), a row's own contrast, an addition (no single-span swap: the source alone)
+    assert [r.split(" ")[0] for r in got] == ["derived", "contrast", "text"]
+    evals = [
+        read_json(run.out, keys.sidecar_key(r.edit_id))["qa"]["unet_evals"]
+        for r in run.shard().rows
+    ]
+    assert evals == [12, 12, 8]
+
+
+def test_derived_contrasts_are_a_run_option_with_their_own_gate_rule():
+    from editing.gate import DEFAULT_GATE, DERIVED_RULE
+    from tasks.options import RunOptions
+
+    assert RunOptions(out="x").qa_derived == 0
+    assert RunOptions(out="x", qa_derived=2).qa == f"{DEFAULT_GATE},{DERIVED_RULE}"
+    assert RunOptions(out="x", qa_derived=1, qa="off").qa == "off"  # no judging at all
+    with pytest.raises(ValueError, match="has no 'derived' rule"):
+        RunOptions(out="x", qa_derived=1, qa="text>=0.1")
+    for bad in (-1, 3, True, "1"):
+        with pytest.raises(ValueError, match="qa_derived must be an integer from 0 to 2"):
+            RunOptions(out="x", qa_derived=bad)
+    assert RunOptions.from_dict(RunOptions(out="x", qa_derived=1).to_dict()).qa_derived == 1
+
+
+@pytest.mark.parametrize("root", ["local"], indirect=True)
 def test_qa_off_judges_nothing(make_run, root, monkeypatch):
     run = make_run(root, ROWS[:2], qa="off")
     calls = spy(monkeypatch, "judge_edits")
