@@ -167,10 +167,13 @@ def evaluate_edits(
     seed: int = 7,
     sheet_rows: int = 6,
     batch_sources: int = 4,
+    only: set[tuple[str, str]] | None = None,
 ) -> tuple[dict[str, Any], Image.Image]:
     """Reconstruction and swap-edit scores over `n_sources` drawn scenes; returns (metrics, contact sheet).
 
     Sources are processed `batch_sources` at a time: their edits share UNet batches (as in the pipeline).
+    `only`: the (method, kind) edits to run (None: every method on every kind; the others score n = 0,
+    and the sheet, which shows every method's colour edit, stays empty unless they all ran).
     """
     all_methods = _methods()
     names = methods or list(all_methods)
@@ -211,7 +214,7 @@ def evaluate_edits(
             # an unchanged target with the source's corrections: the Direct Inversion reconstruction
             targets, kk = [Target(p, PnPConfig(target_correction=True))], [("recon", None)]
             for kind, (new_scene, old_word, new_word) in sw.items():
-                for m in names:
+                for m in (m for m in names if only is None or (m, kind) in only):
                     targets.append(
                         Target(domain.caption(new_scene), all_methods[m](old_word, new_word))
                     )
@@ -246,7 +249,7 @@ def evaluate_edits(
                 _score(scores[(m, kind)], r.image, src_img, src_mask, sw[kind][0], kind, evals)
                 if kind == "colour":
                     row[m] = r.image
-            if len(sheet) < sheet_rows:
+            if len(sheet) < sheet_rows and all(m in row for m in names):
                 sheet.append([row["source"], row["none"], *[row[m] for m in names]])
         logger.info("sources %d/%d done", first + count, n_sources)
     metrics = {

@@ -34,8 +34,10 @@ def test_bundled_model_is_the_default_and_records_its_layers(ref_model):
 
 @pytest.fixture(scope="module")
 def metrics(ref_model):
+    # only the edits a floor reads (the no-control baseline runs for every kind regardless)
+    only = {(method, kind) for kind, (method, *_) in FLOORS.items()}
     m, _ = evaluate_edits(
-        ref_model, SOURCES, STEPS, methods=sorted({floor[0] for floor in FLOORS.values()})
+        ref_model, SOURCES, STEPS, methods=sorted({m for m, _ in only}), only=only, sheet_rows=0
     )
     return m
 
@@ -63,9 +65,23 @@ FLOORS = {  # kind: (method, success, IoU or None, background PSNR or None)
 def test_recommended_method_meets_its_floors(metrics, kind):
     method, success, iou, bg = FLOORS[kind]
     s = metrics["edits"][f"{method}/{kind}"]
+    assert s["n"] == SOURCES, s
     assert s["success"] >= success, s
     if iou is not None:
         assert s["iou"] >= iou, s
         assert s["iou"] > metrics["edits"][f"none/{kind}"]["iou"] + 0.1, s  # clearly kept structure
     if bg is not None:
         assert s["bg_psnr"] >= bg, s
+
+
+def test_evaluation_runs_only_the_edits_asked_for(ref_model):
+    only = {("pnp", "colour"), ("p2p_swap", "shape")}
+    m, sheet = evaluate_edits(ref_model, 1, 2, methods=["p2p_swap", "pnp"], only=only)
+    ran = {key for key, s in m["edits"].items() if s["n"] > 0}
+    assert ran == {"pnp/colour", "p2p_swap/shape"} | {f"none/{k}" for k in FLOORS}
+    assert sheet.size == (1, 1)  # the sheet shows every method's colour edit: not all ran
+    m, sheet = evaluate_edits(ref_model, 1, 2, methods=["pnp"])
+    assert {key for key, s in m["edits"].items() if s["n"] > 0} == {
+        f"{m}/{k}" for m in ("none", "pnp") for k in FLOORS
+    }
+    assert sheet.size != (1, 1)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import shlex
+import shutil
+import subprocess
 from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +43,67 @@ def prefect_server(tmp_path_factory) -> Iterator[str]:
             url = str(get_current_settings().api.url)
             mp.setenv("PREFECT_API_URL", url)
             yield url
+
+
+@dataclass
+class ReadmeRun:
+    """What running the README's steps left: the scratch checkout, each step's record, the first mismatch."""
+
+    scratch: Path
+    steps: list[dict] = field(
+        default_factory=list
+    )  # {"kind", "command" or "code", "status", "out"}
+    failure: str | None = None
+
+
+@pytest.fixture(scope="session")
+def readme_run(prefect_server, tmp_path_factory) -> ReadmeRun:
+    """Every README step that can run here, run once in README order in a scratch copy of ``manifests/``
+    (convention: tests/flows/test_readme_commands.py); stops at the first command whose exit status is
+    not the README's. Shared by the README test and the restyle demo test (the README's restyle command)."""
+    from tests.flows.test_readme_commands import README, REPO, readme_blocks, runnable
+
+    scratch = tmp_path_factory.mktemp("readme") / "checkout"
+    scratch.mkdir()
+    shutil.copytree(REPO / "manifests", scratch / "manifests")
+    run = ReadmeRun(scratch)
+    from flows.cli import main
+
+    run_id = None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(scratch)
+        mp.setenv("EDITFLOW_THREADS", "1")
+        mp.delenv("EDITFLOW_PROGRESS", raising=False)
+        for kind, step in runnable(readme_blocks(README.read_text())):
+            out = io.StringIO()
+            if kind == "sh":
+                command, expected = step
+                # a trailing "# ..." is a comment, as in bash
+                argv = shlex.split(command, comments=True)
+                if argv[0] == "editflow":
+                    with redirect_stdout(out), redirect_stderr(io.StringIO()):
+                        code = main(argv[1:])
+                    m = re.search(r"^run (\S+): ", out.getvalue(), re.M)
+                    run_id = m.group(1) if m and argv[1] == "run" else run_id
+                    text = out.getvalue()
+                else:
+                    done = subprocess.run(
+                        ["bash", "-c", command], capture_output=True, text=True, timeout=120
+                    )
+                    code, text = done.returncode, done.stdout + done.stderr
+                run.steps.append({"kind": kind, "command": command, "status": code, "out": text})
+                if code != expected:
+                    run.failure = f"README command {command!r} exited {code}, expected {expected}:\n{text[-3000:]}"
+                    break
+            else:
+                code_text = step.replace("RUN_ID", run_id or "RUN_ID")
+                name = f"README python block ({code_text.splitlines()[0]!r}...)"
+                with redirect_stdout(out):
+                    exec(compile(code_text, name, "exec"), {"__name__": "__readme__"})
+                run.steps.append(
+                    {"kind": kind, "code": code_text, "status": 0, "out": out.getvalue()}
+                )
+    return run
 
 
 @pytest.fixture(scope="session")

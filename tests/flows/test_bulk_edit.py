@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 
 import pyarrow.parquet as pq
 import pytest
@@ -28,14 +29,18 @@ def _results(s3_client, out: str, run_id: str):
     return {r["edit_id"]: r for r in rows}
 
 
-@pytest.fixture
-def catalog(s3_bucket, s3_client):
-    images = [f"{s3_bucket}/images/scene-{i}.png" for i in range(3)]
+def _catalog(bucket: str, s3_client) -> dict:
+    images = [f"{bucket}/images/scene-{i}.png" for i in range(3)]
     for i, uri in enumerate(images):
         put(s3_client, uri, scene_png(i))
-    manifest = f"{s3_bucket}/manifests/demo.parquet"
+    manifest = f"{bucket}/manifests/demo.parquet"
     write_manifest(s3_client, manifest, demo_rows(images))
-    return {"bucket": s3_bucket, "images": images, "manifest": manifest, "out": f"{s3_bucket}/out"}
+    return {"bucket": bucket, "images": images, "manifest": manifest, "out": f"{bucket}/out"}
+
+
+@pytest.fixture
+def catalog(s3_bucket, s3_client):
+    return _catalog(s3_bucket, s3_client)
 
 
 def _run(catalog, s3_server, flow_model, **kw):
@@ -45,8 +50,18 @@ def _run(catalog, s3_server, flow_model, **kw):
     return bulk_edit(catalog["manifest"], options)
 
 
-def test_end_to_end_then_nothing_redone(prefect_server, s3_server, s3_client, flow_model, catalog):
-    summary = _run(catalog, s3_server, flow_model)
+@pytest.fixture(scope="module")
+def first_run(prefect_server, s3_server, s3_client, flow_model):
+    """The demo catalog in a bucket of its own, edited once by the local runner: (catalog, summary).
+    Shared by the tests that only read that run's outputs or add runs of the same manifest."""
+    bucket = f"s3://test-{uuid.uuid4().hex[:16]}"
+    s3_client.create_bucket(Bucket=bucket.removeprefix("s3://"))
+    catalog = _catalog(f"{bucket}/prefix", s3_client)
+    return catalog, _run(catalog, s3_server, flow_model)
+
+
+def test_end_to_end_then_nothing_redone(s3_server, s3_client, flow_model, first_run):
+    catalog, summary = first_run
     assert summary["counts"] == {"succeeded": 9, "failed": 0, "skipped": 0}
     assert summary["inversions_computed"] == 3  # one per source image, though 9 edits over 3 shards
     results = _results(s3_client, catalog["out"], summary["run_id"])
@@ -165,12 +180,10 @@ def test_restyle_catalog_times_styles(
     assert child.parameters["options"]["out"] == options.out  # stored as JSON
 
 
-def test_dask_cluster_gives_the_same_results(
-    prefect_server, s3_server, s3_client, flow_model, catalog
-):
-    local = _run(catalog, s3_server, flow_model)
+def test_dask_cluster_gives_the_same_results(s3_server, s3_client, flow_model, first_run):
+    catalog, local = first_run
     runner, gpu = make_task_runner("dask", dask_workers=2)
-    out2 = catalog["out"] + "-dask"
+    out2 = catalog["bucket"] + "/dask-out"  # not under catalog["out"]: that run's keys stay its own
     options = RunOptions(out=out2, model=flow_model, s3_endpoint=s3_server, shard_size=4)
     dask_summary = bulk_edit.with_options(task_runner=runner)(
         catalog["manifest"], options, gpu_resources=gpu

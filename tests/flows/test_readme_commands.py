@@ -11,7 +11,8 @@ Convention (README.md, and any fenced block added to it later):
   replaced by the run id of the last ``editflow run`` before it.
 * Everything runs in README order in one scratch folder holding a copy of ``manifests/`` (the
   commands use paths relative to the repository root), so outputs such as ``out/demo`` never land
-  in the checkout. ``editflow ...`` commands run in this process through ``flows.cli.main``, against
+  in the checkout; once a session (``readme_run`` in tests/flows/conftest.py), whose outputs the
+  restyle demo test scores too. ``editflow ...`` commands run in this process through ``flows.cli.main``, against
   the session's Prefect test server (no temporary server start per command); other commands run
   with ``bash -c``. ``EDITFLOW_THREADS=1`` keeps the runs polite on a shared machine.
 """
@@ -19,9 +20,6 @@ Convention (README.md, and any fenced block added to it later):
 from __future__ import annotations
 
 import re
-import shlex
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +105,7 @@ def test_the_convention_reads_marks_exits_and_continuations():
     ]
 
 
-def test_every_readme_block_that_can_run_here_is_run(prefect_server, tmp_path, monkeypatch, capsys):
+def test_every_readme_block_that_can_run_here_is_run(readme_run):
     steps = runnable(readme_blocks(README.read_text()))
     commands = [s[1][0] for s in steps if s[0] == "sh"]
     # the commands a new user runs first must stay in the runnable set (not silently skipped)
@@ -117,43 +115,11 @@ def test_every_readme_block_that_can_run_here_is_run(prefect_server, tmp_path, m
         "editflow validate manifests/examples/bad.parquet",
     ):
         assert expected in commands, f"{expected!r} is no longer a runnable README command"
-    scratch = tmp_path / "checkout"
-    scratch.mkdir()
-    shutil.copytree(REPO / "manifests", scratch / "manifests")
-    monkeypatch.chdir(scratch)
-    monkeypatch.setenv("EDITFLOW_THREADS", "1")
-    monkeypatch.delenv("EDITFLOW_PROGRESS", raising=False)
-    from flows.cli import main
-
-    run_id = None
-    for kind, step in steps:
-        if kind == "sh":
-            command, expected = step
-            # a trailing "# ..." is a comment, as in bash
-            argv = shlex.split(command, comments=True)
-            if argv[0] == "editflow":
-                code = main(argv[1:])
-                out = capsys.readouterr().out
-                m = re.search(r"^run (\S+): ", out, re.M)
-                run_id = m.group(1) if m and argv[1] == "run" else run_id
-            else:
-                done = subprocess.run(
-                    ["bash", "-c", command], capture_output=True, text=True, timeout=120
-                )
-                code, out = done.returncode, done.stdout + done.stderr
-            assert code == expected, (
-                f"README command {command!r} exited {code}, expected {expected}:\n{out[-3000:]}"
-            )
-        else:
-            code_text = step.replace("RUN_ID", run_id or "RUN_ID")
-            exec(
-                compile(
-                    code_text, f"README python block ({code_text.splitlines()[0]!r}...)", "exec"
-                ),
-                {"__name__": "__readme__"},
-            )
-            capsys.readouterr()
+    # every step ran (the session's `readme_run` stops at the first unexpected exit status)
+    assert readme_run.failure is None, readme_run.failure
+    assert len(readme_run.steps) == len(steps)
     # what the README says those commands leave behind
+    scratch = readme_run.scratch
     assert len(list((scratch / "out" / "demo" / "assets").glob("*.png"))) == 9
     assert (scratch / "out" / "purple.png").is_file()
     assert not (REPO / "purple.png").exists()
