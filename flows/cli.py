@@ -791,7 +791,7 @@ def _check_locations(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 def _check_model(args: argparse.Namespace) -> list:
     """``BadModel`` (one line, exit 2) for a model that cannot be used, found before any work. For `run`,
     `serve` and `validate` an invalid manifest is reported first: then its problems are returned instead."""
-    from tasks.preflight import BadModel, check_model
+    from tasks.preflight import BadModel, check_model, check_qa_model
 
     try:
         forms = ("revision", "download", "loras", "model_config")
@@ -801,6 +801,7 @@ def _check_model(args: argparse.Namespace) -> list:
         )  # fmt: skip
         if commit and hasattr(args, "revision"):
             args.revision = commit  # the run (plan, workers, sidecars) pins the resolved commit
+        check_qa_model(getattr(args, "qa_model", None), download=getattr(args, "download", False))
     except BadModel:
         if args.command in ("run", "serve", "validate"):
             problems = _prepare(args, prompts=False).problems  # no tokenizer: the model is bad

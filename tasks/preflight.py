@@ -12,6 +12,7 @@ __all__ = [
     "BadModel",
     "check_device",
     "check_model",
+    "check_qa_model",
     "finished_rows",
     "probe_location",
 ]
@@ -67,6 +68,26 @@ def check_model(
     except ValueError as exc:
         raise BadModel(str(exc) if str(exc).startswith("--lora") else f"--lora: {exc}") from None
     return commit
+
+
+def check_qa_model(ref: str | None, *, download: bool = False) -> None:
+    """``BadModel`` unless `ref` (a run's ``--qa-model``; None: none) holds a CLIP model's config: a
+    folder, or a hub id in the Hugging Face cache (fetched with `download`). Only the config is read; a bad
+    one found here is one line before the run, not every edit "not judged" in the shards."""
+    if not ref:
+        return
+    if ref.startswith(("/", ".", "~")) and not Path(ref).expanduser().is_dir():
+        raise BadModel(f"--qa-model {ref}: no such folder (a CLIP model's folder or hub id)")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(ref, local_files_only=not download)
+    except (OSError, ValueError) as exc:
+        raise BadModel(f"--qa-model {ref}: no CLIP model there: {exc}") from None
+    if config.model_type != "clip":
+        raise BadModel(
+            f"--qa-model {ref}: a {config.model_type!r} model, not a CLIP model (transformers' CLIPModel)"
+        )
 
 
 def check_device(device: str | None) -> None:

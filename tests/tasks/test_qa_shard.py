@@ -201,3 +201,21 @@ def test_the_gate_is_a_run_option_checked_and_recorded():
         RunOptions(out="x", qa="text>=0.1,clip>=0.2")
     assert RunOptions(out="x", qa="clip>=0.2", qa_model="m").qa_model == "m"
     assert RunOptions(out="x").qa_model is None  # no CLIP score unless asked
+
+
+def test_a_qa_model_that_is_no_clip_model_is_refused_before_the_run(tmp_path, model_dir):
+    from tasks.preflight import BadModel, check_qa_model
+    from tests.editing.test_judge import make_tiny_clip
+
+    check_qa_model(None)  # no CLIP judge asked for
+    check_qa_model(make_tiny_clip(tmp_path / "clip"))
+    with pytest.raises(BadModel, match=r"--qa-model .*nowhere: no such folder"):
+        check_qa_model(str(tmp_path / "nowhere"))
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(BadModel, match="a 'bert' model, not a CLIP model"):
+        check_qa_model(str(tmp_path / "unet"))
+    with pytest.raises(
+        BadModel, match="no CLIP model there"
+    ):  # an SD pipeline folder: no config.json
+        check_qa_model(str(model_dir))
