@@ -14,7 +14,16 @@ __all__ = [
     "RunIncomplete",
     "RunDamaged",
     "StorageUnusable",
+    "rerun_command",
 ]
+
+
+def rerun_command(run_id: str, out: str, s3_endpoint: str | None = None) -> str:
+    """The full command that finishes run `run_id` under `out` (with the endpoint it was reached at)."""
+    import shlex
+
+    endpoint = f" --s3-endpoint {shlex.quote(s3_endpoint)}" if s3_endpoint else ""
+    return f"editflow rerun {shlex.quote(run_id)} --out {shlex.quote(out)}{endpoint}"
 
 
 class RunError(ValueError):
@@ -23,6 +32,14 @@ class RunError(ValueError):
 
 class RunExists(RunError):
     """The run id is already taken under this output root (a run never replaces another's files)."""
+
+    @classmethod
+    def of(cls, run_id: str, out: str, plan_uri: str, s3_endpoint: str | None = None) -> RunExists:
+        """The error for `run_id` under `out`, its hint the full rerun command (with `s3_endpoint`)."""
+        return cls(
+            f"run {run_id} already exists under {out} ({plan_uri}); choose another --run-id, "
+            f"or finish that run with `{rerun_command(run_id, out, s3_endpoint)}`"
+        )
 
 
 class RunNotFound(RunError):

@@ -123,9 +123,10 @@ def pack_shards(group_codes: np.ndarray, shard_size: int) -> np.ndarray:
     return shard_of
 
 
-def claim_run(out, run_id: str, claim: str) -> None:
+def claim_run(out, run_id: str, claim: str, s3_endpoint: str | None = None) -> None:
     """Take `run_id` under `out` by writing a placeholder plan.json first-writer-wins; ``RunExists``
-    if another run has it (a retry of this planning, same `claim` token, may take it again)."""
+    if another run has it (a retry of this planning, same `claim` token, may take it again); its hint
+    names `s3_endpoint` when the run was given one."""
     key = keys.plan_key(run_id)
     placeholder = {
         "run_id": run_id,
@@ -145,10 +146,7 @@ def claim_run(out, run_id: str, claim: str) -> None:
         and existing.get("claim") == claim
     ):
         return
-    raise RunExists(
-        f"run {run_id} already exists under {out.uri()} ({out.uri(key)}); choose another --run-id, "
-        f"or finish that run with `editflow rerun {run_id} --out {out.uri()}`"
-    )
+    raise RunExists.of(run_id, out.uri(), out.uri(key), s3_endpoint)
 
 
 def split_finished(norm: pa.Table, done: FinishedIndex) -> tuple[pa.Table, pa.Table]:
@@ -366,7 +364,7 @@ def plan_run(
     t_validate = time.perf_counter() - t0
     # 3. Claim the run id; the edits finished in earlier runs
     out = open_store(options.out, s3_endpoint=options.s3_endpoint)
-    claim_run(out, run_id, claim or secrets.token_hex(8))
+    claim_run(out, run_id, claim or secrets.token_hex(8), options.s3_endpoint)
     done = finished_assets(out)
     pending = np.ones(source.rows, bool)
     if done:

@@ -66,23 +66,12 @@ def _store(options: RunOptions) -> ObjectStore:
     return open_store(options.out, s3_endpoint=options.s3_endpoint)
 
 
-def rerun_command(run_id: str, out: str, s3_endpoint: str | None = None) -> str:
-    """The full command that finishes run `run_id` under `out` (with the endpoint it was reached at)."""
-    import shlex
-
-    endpoint = f" --s3-endpoint {shlex.quote(s3_endpoint)}" if s3_endpoint else ""
-    return f"editflow rerun {shlex.quote(run_id)} --out {shlex.quote(out)}{endpoint}"
-
-
 def refuse_existing_run(store: ObjectStore, run_id: str, *, s3_endpoint: str | None = None) -> None:
     """``RunExists`` when `run_id` already has a plan under `store` (planning claims ids race-free too);
     its hint is the full rerun command, with `s3_endpoint` when one was given."""
     key = keys.plan_key(run_id)
     if store.exists(key):
-        raise RunExists(
-            f"run {run_id} already exists under {store.uri()} ({store.uri(key)}); choose another --run-id, "
-            f"or finish that run with `{rerun_command(run_id, store.uri(), s3_endpoint)}`"
-        )
+        raise RunExists.of(run_id, store.uri(), store.uri(key), s3_endpoint)
 
 
 def read_plan(store: ObjectStore, run_id: str) -> dict[str, Any]:

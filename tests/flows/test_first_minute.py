@@ -53,3 +53,22 @@ def test_a_taken_run_id_s_hint_is_the_full_command_with_the_endpoint(s3_server, 
     err = capsys.readouterr().err
     assert "run taken already exists" in err
     assert f"`editflow rerun taken --out {out}/ --s3-endpoint {s3_server}`" in err
+
+
+def test_a_run_id_taken_while_planning_s_hint_has_the_endpoint_too(s3_server, s3_bucket):
+    """The race the CLI's early check cannot see: another run claims the id first; planning's claim
+    refuses it with the same full command as the early check."""
+    import pytest
+
+    from storage import keys
+    from storage.uri import open_store
+    from storage.writer import write_json
+    from tasks.errors import RunExists
+    from tasks.planning import claim_run
+
+    out = open_store(f"{s3_bucket}/claim", s3_endpoint=s3_server)
+    write_json(out, keys.plan_key("raced"), {"run_id": "raced", "state": "planning", "claim": "a"})
+    claim_run(out, "raced", "a", s3_server)  # a retry of the same planning takes it again
+    with pytest.raises(RunExists) as err:
+        claim_run(out, "raced", "b", s3_server)
+    assert f"`editflow rerun raced --out {out.uri()} --s3-endpoint {s3_server}`" in str(err.value)
