@@ -38,6 +38,11 @@ _HEADER = struct.Struct("!4sI")
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # argv + cwd + environment; a larger request is refused
 # the commands a warm worker runs: those that import torch (validate: the tokenizer) or Prefect
 WARM_COMMANDS = ("run", "rerun", "restyle", "validate")
+_FORWARDED = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+)  # from a command's client to its process
 _CHILD = {"on": False}  # set in a command's process forked by the worker: never hand over again
 # the modules a run needs, imported once by the worker (the CLI imports them lazily)
 HEAVY_MODULES = (
@@ -94,7 +99,7 @@ def _connect(path: Path, verbose: bool) -> socket.socket | None:
     try:
         info = os.lstat(path)
     except OSError:
-        return None  # no worker: the usual case, said only with -v below
+        return None  # no worker: the usual case, nothing to say
     if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.getuid():
         _say(verbose, f"ignoring {path}: not a socket owned by this user; running here")
         return None
@@ -118,9 +123,19 @@ def hand_over(argv: list[str]) -> int | None:
     path = socket_path()
     sock = _connect(path, verbose)
     if sock is None:
-        if not path.exists():
-            _say(verbose, f"no warm worker at {path}; running here")
         return None
+    # a signal from here on goes to the command's process; one that comes before its pid is held
+    target: dict[str, int] = {}
+    held: list[int] = []
+
+    def forward(signum, frame) -> None:  # noqa: ARG001
+        if "pid" not in target:
+            held.append(signum)
+            return
+        with contextlib.suppress(OSError):
+            os.kill(target["pid"], signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in _FORWARDED}
     with sock:
         body = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
         try:
@@ -129,34 +144,30 @@ def hand_over(argv: list[str]) -> int | None:
             reader = sock.makefile("rb")
             first = reader.readline().split()
         except OSError as exc:  # a closed standard descriptor, a worker that went away
-            _say(
-                verbose, f"the warm worker at {path} did not take the command ({exc}); running here"
-            )
-            return None
+            first, problem = [], f"did not take the command ({exc})"
+        else:
+            problem = "refused the command"
         if len(first) != 3 or first[0] != b"pid":
-            _say(verbose, f"the warm worker at {path} refused the command; running here")
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            if held:  # stopped before anything ran
+                print("editflow: interrupted", file=sys.stderr)
+                return 128 + held[0]
+            _say(verbose, f"the warm worker at {path} {problem}; running here")
             return None
         pid, worker = int(first[1]), int(first[2])
+        target["pid"] = pid
+        for signum in held:
+            forward(signum, None)
         _say(verbose, f"warm worker {worker} at {path} runs this command in process {pid}")
-
-        def forward(signum, frame) -> None:  # noqa: ARG001
-            with contextlib.suppress(OSError):
-                os.kill(pid, signum)
-
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, forward)
-        while True:
-            try:
-                line = reader.readline().split()
-            except InterruptedError:  # pragma: no cover - PEP 475 retries
-                continue
-            if len(line) == 2 and line[0] == b"exit":
-                return int(line[1])
-            print(
-                f"editflow: error: the warm worker {worker} ended before the command (process {pid}) did",
-                file=sys.stderr,
-            )
-            return 1
+        line = reader.readline().split()  # PEP 475: a forwarded signal does not interrupt the wait
+        if len(line) == 2 and line[0] == b"exit":
+            return int(line[1])
+        print(
+            f"editflow: error: the warm worker {worker} ended before the command (process {pid}) did",
+            file=sys.stderr,
+        )
+        return 1
 
 
 # ---------------------------------------------------------------- the worker's side
@@ -223,9 +234,16 @@ def _become_the_command(request: dict, fds: list[int], server_url: str | None) -
         refresh_global_settings_context()  # Prefect's settings from the command's environment
         from flows.cli import main
 
+        signal.pthread_sigmask(
+            signal.SIG_UNBLOCK, _FORWARDED
+        )  # blocked since the fork (see _session)
         code = main()  # as the program: ends the process itself
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt:  # forwarded before the CLI's own handling began
+        code = 130
+        with contextlib.suppress(Exception):
+            print("editflow: interrupted", file=sys.stderr)
     except BaseException as exc:  # noqa: BLE001 - whatever happens, the process must end here
         with contextlib.suppress(Exception):
             print(f"editflow: error: the warm worker's process failed: {exc!r}", file=sys.stderr)
@@ -243,10 +261,13 @@ def _session(conn: socket.socket, server_url: str | None, worker: int) -> None:
     try:
         os.setsid()  # the worker's terminal signals (its Ctrl-C) do not reach the commands it runs
         request, fds = _read_request(conn)
+        # the command's pid goes to its client, which may forward a signal at once: held until the CLI runs
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
         pid = os.fork()
         if pid == 0:
             conn.close()
             _become_the_command(request, fds, server_url)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
         for fd in fds:
             os.close(fd)
         conn.sendall(f"pid {pid} {worker}\n".encode())
@@ -310,7 +331,6 @@ def _bind(path: Path) -> socket.socket:
 def load_heavy_modules() -> None:
     """Import what a command needs (no torch op runs, no thread starts: a fork must find none)."""
     import importlib
-    import threading
 
     for name in HEAVY_MODULES:
         importlib.import_module(name)
@@ -318,10 +338,16 @@ def load_heavy_modules() -> None:
         module = importlib.import_module(name)
         for attribute in attributes:
             getattr(module, attribute)
+    _check_no_threads("importing")
+
+
+def _check_no_threads(during: str) -> None:
+    import threading
+
     extra = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
     if extra:
         raise RuntimeError(
-            f"threads started while importing ({', '.join(extra)}): forking would break them"
+            f"threads started while {during} ({', '.join(extra)}): a fork would break them"
         )
 
 
@@ -346,6 +372,7 @@ def serve(path: Path, *, keep_server: bool = True) -> int:
 
         launch_temporary_server()
         server_url = wait_for_server()
+        _check_no_threads("starting the Prefect server")
     listener = _bind(path)
     inode = os.lstat(path).st_ino
     signal.signal(signal.SIGTERM, _stop)

@@ -65,6 +65,17 @@ def test_a_run_through_the_warm_worker_matches_a_direct_run(prefect_server, flow
         direct, warm = _assets(tmp_path / "direct"), _assets(tmp_path / "warm")
         assert len(direct) == 1 and warm == direct  # the same edit ids and the same pixels
 
+        argv = run_args(manifest, tmp_path / "stopped", flow_model, shard_size=1, run_id="r2")
+        client = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "-v", *argv], env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        first = client.stderr.readline()
+        assert "runs this command in process" in first, first
+        client.send_signal(signal.SIGINT)  # Ctrl-C at the command: forwarded to its process
+        _, err = client.communicate(timeout=120)
+        assert client.returncode == 130 and "editflow: interrupted" in err, first + err
+
         done = _cli(["run", "nosuch.parquet", "--out", str(tmp_path / "x")], env)
         assert done.returncode == 2 and "no manifest file or folder at" in done.stdout + done.stderr
         done = _cli(["-v", "run", "nosuch.parquet", "--out", str(tmp_path / "x")], env | {"EDITFLOW_WARM": "0"})  # fmt: skip
