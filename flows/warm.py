@@ -234,9 +234,8 @@ def _become_the_command(request: dict, fds: list[int], server_url: str | None) -
         refresh_global_settings_context()  # Prefect's settings from the command's environment
         from flows.cli import main
 
-        signal.pthread_sigmask(
-            signal.SIG_UNBLOCK, _FORWARDED
-        )  # blocked since the fork (see _session)
+        # blocked since the fork (see _session)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
         code = main()  # as the program: ends the process itself
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -271,16 +270,21 @@ def _session(conn: socket.socket, server_url: str | None, worker: int) -> None:
         for fd in fds:
             os.close(fd)
         conn.sendall(f"pid {pid} {worker}\n".encode())
-        gone = False
+        # wake when the command ends (its pidfd on Linux, else a poll every 0.1 s) or its client does
+        pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+        watched = [conn] if pidfd is None else [conn, pidfd]
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 break
-            ready, _, _ = select.select([conn], [], [], 0.1)
-            if ready and not gone and not conn.recv(1):  # the command's client ended
-                gone = True
+            ready, _, _ = select.select(watched, [], [], None if pidfd is not None else 0.1)
+            if conn in ready and not conn.recv(
+                1
+            ):  # the command's client ended: so does the command
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGTERM)
+                _, status = os.waitpid(pid, 0)
+                break
         exit_code = os.waitstatus_to_exitcode(status)
         if exit_code < 0:  # killed by a signal: the shell's convention
             exit_code = 128 - exit_code
