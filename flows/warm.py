@@ -120,7 +120,10 @@ def hand_over(argv: list[str]) -> int | None:
         return None
     if _command_name(argv) not in WARM_COMMANDS:
         return None
-    path = socket_path()
+    try:
+        path = socket_path()
+    except RuntimeError:  # no home directory to look in
+        return None
     sock = _connect(path, verbose)
     if sock is None:
         return None
