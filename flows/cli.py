@@ -7,6 +7,7 @@
     editflow runs --out URI                (the runs under URI, newest first; RUN_ID may be `latest`)
     editflow restyle CATALOG --style "in watercolor style" [--style ...] --out URI
     editflow serve MANIFEST --out URI --cron "0 2 * * *"
+    editflow warm                          (a warm worker: later commands run in its forked children)
 
 Exit status: 0 when every edit succeeded (or was already finished), 1 when any failed (`show`: when the
 run has failed edits), 2 for an invalid manifest, bad arguments or a damaged run, 3 for storage
@@ -397,6 +398,17 @@ def _add_serve(sub) -> None:
             action.help = argparse.SUPPRESS
 
 
+def _add_warm(sub) -> None:
+    w = sub.add_parser(
+        "warm",
+        help="keep the heavy modules loaded: run, rerun, restyle, validate run in its forked children",
+    )
+    w.add_argument(
+        "--no-server", dest="keep_server", action="store_false",
+        help="keep no Prefect server for the commands (default: PREFECT_API_URL, else a temporary one)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="editflow",
@@ -415,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_show,
         _add_runs,
         _add_serve,
+        _add_warm,
     ):
         add(sub)
     for (
@@ -655,6 +668,13 @@ def main(argv: list[str] | None = None) -> int:
     interrupted; 1 an unexpected error (``-v`` adds the traceback). As the program, it ends the process
     itself (:func:`_end_process`)."""
     _PROGRAM["on"] = argv is None
+    # a warm worker (`editflow warm`) answering runs the command in its forked child (flows.warm)
+    if _PROGRAM["on"]:
+        from flows.warm import hand_over
+
+        handed = hand_over(sys.argv[1:])
+        if handed is not None:
+            return handed
     _T0[0] = time.monotonic()
     _ARGS.clear()
     verbose = any(a in ("-v", "--verbose") for a in (sys.argv[1:] if argv is None else argv))
@@ -1183,6 +1203,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warm(args: argparse.Namespace) -> int:
+    """`editflow warm`: a warm worker in the foreground (flows.warm)."""
+    from flows.warm import serve, socket_path
+
+    _configure_logging(args)
+    return serve(socket_path(), keep_server=args.keep_server)
+
+
 def _show(args: argparse.Namespace) -> int:
     """`editflow show`: the run's state, counts, failures and report (no Prefect, no model)."""
     from storage import keys
@@ -1277,6 +1305,8 @@ def _main(argv: list[str] | None = None) -> int:
         return _show(args)
     if args.command == "runs":
         return _runs(args)
+    if args.command == "warm":
+        return _warm(args)
     if getattr(args, "dask_address", None):  # before the slow imports: one line, exit 3
         check_scheduler(args.dask_address)
     _configure_logging(args)  # before a server is launched: it inherits the environment
