@@ -193,6 +193,8 @@ class Source:
     cache_hit: bool = False
     error: str | None = None
     size: tuple[int, int] = (0, 0)  # the source image's (width, height), upright
+    # the decoded image, kept only for a CLIP judge (--qa-model: edit QA compares it with each edit)
+    image: Image.Image | None = None
 
 
 @dataclass(frozen=True)
@@ -425,7 +427,8 @@ def prepare_sources(
             finally:
                 seconds["read"] += time.perf_counter() - t0
             sources.append(Source(group, found.content_sha256, found.inversion_key, found.inversion,
-                                  cache_hit=found.inversion is not None, size=image.size))  # fmt: skip
+                                  cache_hit=found.inversion is not None, size=image.size,
+                                  image=image if options.qa_model else None))  # fmt: skip
             if found.inversion is None:
                 key = _batch_key(model, group[0], image, options, len(sources))
                 batch = waiting.setdefault(key, [])
@@ -655,9 +658,8 @@ def judge_results(
     model: EditModel, groups: list[EditGroup], edited: list[Edited], options: RunOptions
 ) -> dict[str, EditQA]:
     """Every succeeded edit judged against its target and source prompts, and its manifest's
-    ``qa_contrast`` prompts if any (editing.judge; one call, so the judge's UNet rows batch across the
-    shard's edits) and checked by the run's gate `options.qa`;
-    by edit id. Nothing (no cost) with ``qa="off"``. The judge reads the edited image as it is stored
+    ``qa_contrast`` prompts if any (editing.judge; one call for the given edits, a finished chunk's in a
+    run, so the judge's UNet rows batch across them) and checked by the run's gate `options.qa`; by edit id. Nothing (no cost) with ``qa="off"``. The judge reads the edited image as it is stored
     (VAE-encoded again): its gate was calibrated on images, and an edit's final latents score differently.
     A judge that fails flags the edits (not judged) and fails none; a row whose contrast prompts the model
     cannot take (too long) flags that edit alone."""
@@ -693,14 +695,11 @@ def judge_results(
         clips: list[float | None] = [None] * len(done)
         if options.qa_model:
             # the CLIP model once per worker process (editing.clip_judge.load_clip caches it); each
-            # source image read again, once per source (the shard keeps only its inversion)
+            # source image as prepare_sources decoded it (kept for this), not read again
             judge = load_clip(options.qa_model, str(model.device))
-            first = {}
-            for eg in groups:
-                first.setdefault(eg.source.rows[0].image_uri, eg.source.rows[0])
-            sources = {uri: read_source(model, r, options)[1] for uri, r in first.items()}
+            image_of = {row.edit_id: eg.source.image for eg in groups for row in eg.rows}
             clips = list(clip_directional(
-                judge, [sources[row.image_uri] for row, _ in done], [res.image for _, res in done],
+                judge, [image_of[row.edit_id] for row, _ in done], [res.image for _, res in done],
                 [row.source_prompt for row, _ in done], [row.target_prompt for row, _ in done],
                 max_batch=config.max_batch,
             ))  # fmt: skip
