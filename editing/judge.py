@@ -241,10 +241,11 @@ def judge_latents(
     # target first, then the source, then contrast prompts: the caller's, else derived from the pair;
     # a prompt listed twice counts once
     given = [tuple(c) for c in contrast_prompts] if contrast_prompts is not None else [()] * n
-    derived = [
-        () if c else derive_contrasts(model, s, t, config.derived_contrasts)
-        for c, s, t in zip(given, source_prompts, target_prompts)
-    ]
+    pairs = {(s, t) for c, s, t in zip(given, source_prompts, target_prompts) if not c}
+    derive = {
+        p: derive_contrasts(model, *p, config.derived_contrasts) for p in pairs
+    }  # once a pair
+    derived = [() if c else derive[s, t] for c, s, t in zip(given, source_prompts, target_prompts)]
     prompts = [
         tuple(dict.fromkeys((t, s, *c, *d)))
         for s, t, c, d in zip(source_prompts, target_prompts, given, derived)

@@ -1227,14 +1227,7 @@ def _show(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    text = format_overview(info, limit=args.limit)
-    if args.s3_endpoint:  # the hint to finish an interrupted run: the full command
-        run_uri = f"{info['out'].rstrip('/')}/runs/{info['run_id']}"
-        text = text.replace(
-            f"editflow rerun {run_uri}",
-            f"editflow rerun {run_uri} --s3-endpoint {_quote(args.s3_endpoint)}",
-        )
-    print(text)
+    print(format_overview(info, limit=args.limit, s3_endpoint=args.s3_endpoint))
     return 1 if info["counts"].get("failed") else 0  # like `run`: 1 while the run has failed edits
 
 

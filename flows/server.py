@@ -163,8 +163,9 @@ REGISTRY_NAME = "editflow-server.json"
 
 
 def _registry() -> Path:
-    home = os.environ.get("PREFECT_HOME") or str(Path.home() / ".prefect")
-    return Path(home).expanduser() / REGISTRY_NAME
+    from flows.warm import prefect_home  # standard library only
+
+    return prefect_home() / REGISTRY_NAME
 
 
 def register_server() -> None:

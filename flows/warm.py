@@ -18,6 +18,7 @@ Nothing here imports torch or Prefect at module level: the client side must stay
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -72,13 +73,18 @@ HEAVY_NAMES = {
 }
 
 
+def prefect_home() -> Path:
+    """Prefect's home folder: ``PREFECT_HOME``, else ~/.prefect (where editflow keeps its machine-wide
+    records: the warm worker's socket, the `editflow serve` server's record)."""
+    return Path(os.environ.get("PREFECT_HOME") or str(Path.home() / ".prefect")).expanduser()
+
+
 def socket_path() -> Path:
     """``EDITFLOW_WARM_SOCKET``, else ``editflow-warm.sock`` in ``PREFECT_HOME`` (default ~/.prefect)."""
     explicit = os.environ.get("EDITFLOW_WARM_SOCKET")
     if explicit:
         return Path(explicit).expanduser()
-    home = os.environ.get("PREFECT_HOME") or str(Path.home() / ".prefect")
-    return Path(home).expanduser() / SOCKET_NAME
+    return prefect_home() / SOCKET_NAME
 
 
 # ---------------------------------------------------------------- the command's side (cheap imports only)
@@ -211,7 +217,12 @@ def _become_the_command(request: dict, fds: list[int], server_url: str | None) -
     as the program (it ends the process itself)."""
     code = 1
     try:
-        for target, fd in enumerate(fds):
+        # each received descriptor moved above 2 first, so that one received as 0-2 (a worker started
+        # with a standard stream closed) is neither closed nor overwritten before it is placed
+        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3) for fd in fds]
+        for fd in fds:
+            os.close(fd)
+        for target, fd in enumerate(moved):
             os.dup2(fd, target)
             os.close(fd)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -235,13 +246,19 @@ def _become_the_command(request: dict, fds: list[int], server_url: str | None) -
         from prefect.context import refresh_global_settings_context
 
         refresh_global_settings_context()  # Prefect's settings from the command's environment
-        from flows.cli import main
+        from flows.cli import EDITFLOW_LOGGERS, main
+
+        # logging as a fresh interpreter has it: the worker's handlers and levels (an `editflow -v warm`)
+        # are not the command's, which configures its own (flows.cli._configure_logging)
+        logging.root.handlers.clear()
+        for name in EDITFLOW_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
 
         # blocked since the fork (see _session)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
         code = main()  # as the program: ends the process itself
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
     except KeyboardInterrupt:  # forwarded before the CLI's own handling began
         code = 130
         with contextlib.suppress(Exception):
@@ -352,6 +369,8 @@ def _check_no_threads(during: str) -> None:
     import threading
 
     extra = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    # (native threads are not counted: pyarrow's jemalloc starts a background thread at import, which
+    # jemalloc itself handles across a fork)
     if extra:
         raise RuntimeError(
             f"threads started while {during} ({', '.join(extra)}): a fork would break them"

@@ -247,8 +247,17 @@ def run_overview(store: ObjectStore, run_id: str) -> dict[str, Any]:
     return info
 
 
-def format_overview(info: dict[str, Any], *, limit: int = 50) -> str:
-    """The text of ``editflow show``: the summary, up to `limit` failures (0: all), the report's location."""
+def format_overview(
+    info: dict[str, Any], *, limit: int = 50, s3_endpoint: str | None = None
+) -> str:
+    """The text of ``editflow show``: the summary, up to `limit` failures (0: all), the report's location;
+    its rerun hints are full commands (with `s3_endpoint` when the run was reached through one)."""
+    import shlex
+
+    run = f"{info['out'].rstrip('/')}/runs/{info['run_id']}"
+    rerun = f"editflow rerun {run}" + (
+        f" --s3-endpoint {shlex.quote(s3_endpoint)}" if s3_endpoint else ""
+    )
     c = info["counts"]
     lines = []
     if info["state"] == "finished":
@@ -280,21 +289,20 @@ def format_overview(info: dict[str, Any], *, limit: int = 50) -> str:
         lines.extend(f"  row {f['row']}  edit {f['edit_id']}  {f['reason']}" for f in shown)
         if len(shown) < len(fails):
             lines.append(f"  ... {len(fails) - len(shown)} more (--limit 0 lists all)")
-    lines.extend(_review_lines(info, limit))
+    lines.extend(_review_lines(info, limit, rerun))
     lines.append(
         f"report: {info['report_uri']}"
         if info.get("report_uri")
         else "report: none yet (written when a run or rerun finishes)"
     )
     if info["state"] != "finished":
-        lines.append(
-            f"finish it with: editflow rerun {info['out'].rstrip('/')}/runs/{info['run_id']}"
-        )
+        lines.append(f"finish it with: {rerun}")
     return "\n".join(lines)
 
 
-def _review_lines(info: dict[str, Any], limit: int) -> list[str]:
-    """``editflow show``'s needs-review list: the succeeded edits the QA gate flagged, worst first."""
+def _review_lines(info: dict[str, Any], limit: int, rerun: str) -> list[str]:
+    """``editflow show``'s needs-review list: the succeeded edits the QA gate flagged, worst first
+    (`rerun`: the command that reruns the run, as format_overview words it)."""
     review = info.get("needs_review") or []
     if not review:
         return []
@@ -304,10 +312,7 @@ def _review_lines(info: dict[str, Any], limit: int) -> list[str]:
     lines += [f"  row {r.get('row')}  edit {r['edit_id']}  {r['qa']}" for r in shown]
     if len(shown) < len(review):
         lines.append(f"  ... {len(review) - len(shown)} more (--limit 0 lists all)")
-    run = f"{info['out'].rstrip('/')}/runs/{info['run_id']}"
-    lines.append(
-        f"re-edit them with other settings: editflow rerun {run} --needs-review --settings JSON"
-    )
+    lines.append(f"re-edit them with other settings: {rerun} --needs-review --settings JSON")
     return lines
 
 

@@ -924,12 +924,10 @@ class ChunkWriter:
         self.failed: dict[str, dict[str, Any]] = {}  # edits the engine failed
         self.qa_seconds = 0.0  # judging
         self.qa_unet_evals = 0
-        self.handoff_seconds = (
-            0.0  # handing edits to the writer threads (a full queue's waits included)
-        )
-        self._writes: list[
-            tuple[str, Future]
-        ] = []  # edit id -> (its UNet evaluations, results row)
+        # handing edits to the writer threads (a full queue's waits included)
+        self.handoff_seconds = 0.0
+        # each handed edit's id and the future of its write (its results row and UNet evaluations)
+        self._writes: list[tuple[str, Future]] = []
         self._features: set[int] = set()  # groups whose features are being cached
 
     def __call__(self, done: ChunkDone) -> None:
@@ -1028,6 +1026,13 @@ def run_shard(options: RunOptions, run_id: str, shard_index: int) -> dict[str, A
             **options.model_args(),
         )
         lock = model_lock(model)
+        if (
+            options.qa_model
+        ):  # the CLIP judge loaded (once per process) before the lock, not under it
+            try:
+                load_clip(options.qa_model, str(model.device))
+            except ValueError as exc:  # judge_results flags the edits "not judged" with this reason
+                logger.warning("edit QA: %s", exc)
         # the model lock is held for model work only; storage and encodes run in these threads
         with Behind(WRITE_THREADS, WRITE_QUEUE, name="shard-write") as behind:
             progress.stage("invert", sources=len(group_sources(todo)))
